@@ -1,0 +1,78 @@
+"""Tiny random Hugging Face models and a tokenizer, built in code (no hub access in tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers as T
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from sae_train.data.sources import stdlib_root
+
+SPECIAL = ["<|bos|>", "<|eos|>", "<|pad|>"]
+VOCAB = 384
+
+
+def tiny_tokenizer() -> T.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a few stdlib files: deterministic and offline."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    corpus = [(stdlib_root() / name).read_text() for name in ("textwrap.py", "colorsys.py", "bisect.py")]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL[0], eos_token=SPECIAL[1], pad_token=SPECIAL[2])
+
+
+def _common(tokenizer: T.PreTrainedTokenizerFast) -> dict:
+    return {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def tiny_config(family: str, tokenizer: T.PreTrainedTokenizerFast, n_layers: int = 3) -> T.PretrainedConfig:
+    ids = _common(tokenizer)
+    llama_like = dict(
+        num_hidden_layers=n_layers, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=128, **ids,
+    )
+    if family == "gpt2":
+        return T.GPT2Config(n_layer=n_layers, n_embd=32, n_head=4, n_positions=128, **ids)
+    if family == "gpt_neox":
+        return T.GPTNeoXConfig(
+            num_hidden_layers=n_layers, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=128, **ids,
+        )
+    if family == "llama":
+        return T.LlamaConfig(**llama_like)
+    if family == "mistral":
+        return T.MistralConfig(**llama_like)
+    if family == "qwen2":
+        return T.Qwen2Config(**llama_like)
+    if family == "gemma":
+        return T.GemmaConfig(head_dim=8, **llama_like)
+    if family == "gemma2":
+        return T.Gemma2Config(head_dim=8, sliding_window=16, **llama_like)
+    raise ValueError(family)
+
+
+FAMILIES = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma2"]
+
+
+def save_tiny_model(directory: Path, family: str, tokenizer: T.PreTrainedTokenizerFast, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(tiny_config(family, tokenizer))
+    # Random init of some families leaves norms at exactly 1/0 and tiny weights; perturb every
+    # parameter so sites carry distinguishable, non-degenerate values.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
