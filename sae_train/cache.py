@@ -1,0 +1,205 @@
+"""The cache stage: run a language model over text and write site activations to a store.
+
+Shard `i` always holds windows [i*W, (i+1)*W) of the packed token stream (W windows per
+shard), whoever writes it. That makes the store independent of how the work was split or
+interrupted: rank r of N writes the shards with i % N == r, a rerun skips the shards the
+manifest already holds, and the result is byte-identical to one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+
+import torch
+from tqdm import tqdm
+
+from sae_train.data import DataConfig, TextConfig, TokenSpec, iter_documents, iter_windows
+from sae_train.errors import UserError
+from sae_train.lm import LanguageModel, ModelConfig, Site
+from sae_train.store import StoreWriter
+
+log = logging.getLogger(__name__)
+
+STORE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass
+class CacheConfig(TextConfig):
+    """`sae-train cache`: which activations to compute and where to store them."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sites: list[str] = field(default_factory=lambda: ["blocks.8.hook_resid_post"])
+    """Activation sites to record in one pass (TransformerLens names or module paths)."""
+    n_tokens: int = 200_000
+    """Tokens to run through the model (window count = n_tokens / context_size, rounded up).
+    Raising it on a finished store extends the store."""
+    out_dir: str = "runs/acts"
+    tokens_per_shard: int = 65_536
+    """Shard size in tokens, rounded down to whole windows: the unit of resume and shuffling."""
+    batch_size: int = 16
+    """Windows per forward pass."""
+    store_dtype: str = "bfloat16"
+    """bfloat16 | float16 | float32. Halving the width halves disk and read bandwidth."""
+    rank: int = -1
+    """This process's rank; -1 = from the environment (torchrun RANK, Slurm array or srun)."""
+    world_size: int = -1
+    """Number of cooperating processes; -1 = from the environment (1 when unset)."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.sites:
+            raise UserError("sites is empty; name at least one activation site, e.g. sites=[blocks.8.hook_resid_post].")
+        if self.store_dtype not in STORE_DTYPES:
+            raise UserError(f"store_dtype='{self.store_dtype}' must be one of {', '.join(STORE_DTYPES)}.")
+        if self.n_tokens <= 0 or self.batch_size <= 0:
+            raise UserError("n_tokens and batch_size must be positive.")
+        if self.tokens_per_shard < self.context_size:
+            raise UserError(
+                f"tokens_per_shard={self.tokens_per_shard} is smaller than one window (context_size="
+                f"{self.context_size}); raise tokens_per_shard."
+            )
+
+
+@dataclass
+class CacheSummary:
+    out_dir: str
+    n_tokens: int
+    """Rows (token activations) in the whole store."""
+    n_shards: int
+    n_bytes: int
+    written_tokens: int
+    """Rows this process computed (0 when everything was already cached)."""
+    seconds: float
+    exhausted: bool
+    """The corpus ended before n_tokens."""
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.written_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def table(self) -> str:
+        lines = [
+            f"store        {self.out_dir}",
+            f"tokens       {self.n_tokens:,} in {self.n_shards} shards ({self.n_bytes / 2**20:,.1f} MiB)",
+            f"this run     {self.written_tokens:,} tokens in {self.seconds:,.1f} s ({self.tokens_per_second:,.0f} tok/s)",
+        ]
+        if self.exhausted:
+            lines.append("note         the corpus ran out before n_tokens; the store holds all of it")
+        return "\n".join(lines)
+
+
+def rank_and_world(cfg_rank: int = -1, cfg_world: int = -1) -> tuple[int, int]:
+    """This process's (rank, world size): config, then torchrun, a Slurm array, or srun."""
+    if cfg_rank >= 0 and cfg_world > 0:
+        return cfg_rank, cfg_world
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    return 0, 1
+
+
+def store_spec(cfg: CacheConfig, lm: LanguageModel, tokens: TokenSpec, windows_per_shard: int) -> dict:
+    """Everything that determines the store's bytes; a resume with a different spec is refused."""
+    return {
+        "model": lm.identity,
+        "data": cfg.data.describe(),
+        "text": asdict(TextConfig(cfg.context_size, cfg.prepend_bos, cfg.exclude_special_tokens)),
+        "tokens": {"bos": tokens.bos, "separator": tokens.separator, "special": list(tokens.special)},
+        "windows_per_shard": windows_per_shard,
+        "store_dtype": cfg.store_dtype,
+    }
+
+
+def _shard_rows(
+    lm: LanguageModel, sites: list[Site], windows: torch.Tensor, batch_size: int, tokens: TokenSpec, exclude_special: bool
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Activations of one shard's windows, one row per kept token."""
+    per_site: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size].to(lm.device)
+        for name, act in lm.capture(sites, batch).items():
+            per_site[name].append(act.flatten(0, 1).cpu())
+    token_ids = windows.flatten()
+    positions = torch.arange(windows.shape[1], dtype=torch.int32).repeat(len(windows))
+    keep = ~torch.isin(token_ids, torch.tensor(tokens.special)) if exclude_special else torch.ones_like(token_ids, dtype=torch.bool)
+    acts = {name: torch.cat(chunks)[keep] for name, chunks in per_site.items()}
+    return acts, token_ids[keep].to(torch.int32), positions[keep]
+
+
+def _shards(windows: Iterator[torch.Tensor], per_shard: int, n_windows: int) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """(shard index, its windows) for the first n_windows windows; the last shard may be short."""
+    index = 0
+    while index * per_shard < n_windows:
+        chunk = list(islice(windows, min(per_shard, n_windows - index * per_shard)))
+        if not chunk:
+            return
+        yield index, chunk
+        index += 1
+
+
+def run(cfg: CacheConfig, lm: LanguageModel | None = None) -> CacheSummary:
+    """Cache activations as `cfg` says (resuming what a previous run left); returns a summary."""
+    rank, world = rank_and_world(cfg.rank, cfg.world_size)
+    lm = lm or LanguageModel.load(cfg.model)
+    sites = [lm.site(name) for name in cfg.sites]
+    tokens = TokenSpec.from_tokenizer(lm.tokenizer, cfg)
+    windows = iter_windows(iter_documents(cfg.data), lm.tokenizer, cfg, tokens)
+    first = next(windows, None)
+    if first is None:
+        raise UserError(
+            f"The {cfg.data.split} split of data source '{cfg.data.source}' {cfg.data.path} holds no text "
+            f"(or less than one window of {cfg.context_size} tokens). Check data.path/data.split, or lower context_size."
+        )
+    windows = _prepend(first, windows)
+
+    per_shard = cfg.tokens_per_shard // cfg.context_size
+    n_windows = math.ceil(cfg.n_tokens / cfg.context_size)
+    widths = {site.name: lm.site_width(site) for site in sites}
+    spec = store_spec(cfg, lm, tokens, per_shard)
+    with StoreWriter(cfg.out_dir, spec, widths, getattr(torch, cfg.store_dtype), rank=rank, world_size=world) as writer:
+        done = writer.done
+        mine = [i for i in range(math.ceil(n_windows / per_shard)) if i % world == rank]
+        todo = sum(1 for i in mine if i not in done)
+        log.info("rank %d/%d: %d of my %d shards to compute", rank, world, todo, len(mine))
+
+        written, seen_windows, started = 0, 0, time.perf_counter()
+        bar = tqdm(total=todo * per_shard * cfg.context_size, unit="tok", unit_scale=True,
+                   disable=not cfg.progress or todo == 0, desc=f"cache r{rank}")
+        for index, chunk in _shards(windows, per_shard, n_windows):
+            seen_windows += len(chunk)
+            if index % world != rank or index in done:
+                continue
+            acts, token_ids, positions = _shard_rows(lm, sites, torch.stack(chunk), cfg.batch_size, tokens,
+                                                     cfg.exclude_special_tokens)
+            writer.write_shard(index, acts, token_ids, positions)
+            written += len(token_ids)
+            bar.update(len(chunk) * cfg.context_size)
+        bar.close()
+        manifest = writer.close()
+    return CacheSummary(
+        out_dir=str(cfg.out_dir),
+        n_tokens=manifest.n_tokens,
+        n_shards=len(manifest.shards),
+        n_bytes=sum(s.n_bytes for s in manifest.shards),
+        written_tokens=written,
+        seconds=time.perf_counter() - started,
+        exhausted=seen_windows < n_windows,
+    )
+
+
+def _prepend(first: torch.Tensor, rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    yield first
+    yield from rest
