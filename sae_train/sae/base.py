@@ -1,0 +1,291 @@
+"""The `SAE` interface shared by every architecture, and its output types.
+
+Math (every architecture): f = sigma((x - b_dec) @ W_enc + b_enc), x_hat = f @ W_dec + b_dec.
+Parameters are fp32 master weights; `compute_dtype` (float32 or bfloat16) is the dtype of the
+encoder/decoder GEMMs only. `forward` has training semantics and returns the losses;
+`encode`/`decode` have inference semantics. A training model works in normalised units (the
+trainer scales inputs to E||x|| = 1); `fold(scale)` turns it into the shipped artifact that
+acts on raw activations with unit-norm decoder rows (DESIGN.md, Contract 2).
+
+Each architecture has two implementations of `forward`: a fast fused CPU path
+(sae_train/sae/ops.py + kernels) and a plain-PyTorch reference (`_forward_torch`), selected per
+call by `_fast_path`; tests pin them together.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from sae_train.errors import UserError
+from sae_train.sae import kernels
+from sae_train.sae.config import SAEConfig
+
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+@dataclass
+class SparseLatents:
+    """Active latents of a batch in CSR form (TopK family).
+
+    Token b owns entries offsets[b]:offsets[b+1] of `indices` (latent ids, ascending) and
+    `values` (fp32, after ReLU; zeros possible when fewer than k pre-activations are
+    positive). TopK has exactly k entries per token, so `values.view(B, k)` works.
+    """
+
+    values: Tensor
+    indices: Tensor
+    offsets: Tensor
+    d_sae: int
+
+    def to_dense(self) -> Tensor:
+        """[B, d_sae] fp32 latents."""
+        n_tokens = self.offsets.numel() - 1
+        rows = torch.repeat_interleave(
+            torch.arange(n_tokens, device=self.offsets.device), self.offsets.diff()
+        )
+        dense = torch.zeros(n_tokens, self.d_sae, dtype=self.values.dtype, device=self.values.device)
+        dense[rows, self.indices] = self.values
+        return dense
+
+
+@dataclass
+class SAEOutput:
+    """Result of `SAE.forward` (training semantics, normalised units)."""
+
+    x_hat: Tensor
+    """[B, d_in] fp32 reconstruction."""
+    losses: dict[str, Tensor]
+    """"loss": the total to backward; plus each term unweighted ("mse", and "l1" | "l0" |
+    "auxk"), so loss = mse + coefficient * term."""
+    l0: Tensor
+    """Scalar: mean number of nonzero latents per token (detached)."""
+    fired: Tensor
+    """bool [d_sae]: latents nonzero on at least one token of the batch (dead-latent tracking)."""
+    latents: Tensor | SparseLatents
+    """Dense [B, d_sae] in compute_dtype (ReLU family) or `SparseLatents` (TopK family);
+    detached."""
+    stats: dict[str, Tensor] = field(default_factory=dict)
+    """Detached per-batch numbers that `after_step` consumes (BatchTopK: "min_kept")."""
+
+
+class SAE(nn.Module):
+    """Base class; subclasses set `architecture` and implement the activation."""
+
+    architecture: ClassVar[str]
+
+    def __init__(self, cfg: SAEConfig, *, compute_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if not cfg.is_resolved:
+            raise UserError(
+                "SAE config has d_in=0 (unknown input width); build the SAE from "
+                "cfg.resolved(d_in) once the activation width is known."
+            )
+        if cfg.architecture != self.architecture:
+            raise ValueError(f"{type(self).__name__} got a config for {cfg.architecture!r}")
+        self.cfg = cfg
+        self.compute_dtype = compute_dtype
+        # "auto": fused kernels where they apply, else PyTorch; "torch": always PyTorch.
+        self.impl = "auto"
+        # An inference copy made by `fold` (or loaded from a checkpoint) acts on raw
+        # activations; normalization_scale is the scale folded into it (x_raw * scale = x_norm).
+        self.folded = False
+        self.normalization_scale = 1.0
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        gen = torch.Generator().manual_seed(cfg.seed)
+        W_dec = torch.randn(d_sae, d_in, generator=gen)
+        W_dec *= self._decoder_init_norm() / W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.t().contiguous())  # row-major: the layout the GEMMs and grads use
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    # ------------------------------------------------------------------ architecture hooks
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        """Whether decoder rows are kept at unit norm during training."""
+        return True
+
+    def _decoder_init_norm(self) -> float:
+        return 1.0
+
+    def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
+        raise NotImplementedError
+
+    def _forward_torch(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
+        raise NotImplementedError
+
+    def _activation(self, z: Tensor) -> Tensor:
+        """Inference activation on fp32 pre-activations [B, d_sae] (dense)."""
+        raise NotImplementedError
+
+    def _fold_extra(self, latent_scale: Tensor) -> None:
+        """Rescale architecture-specific state when latent i is multiplied by latent_scale[i]."""
+
+    # ------------------------------------------------------------------ public API
+
+    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0) -> SAEOutput:
+        """Training step semantics on normalised inputs x [B, d_in]: reconstruction + losses.
+
+        dead_mask (bool [d_sae]) marks latents the trainer considers dead (AuxK uses them);
+        sparsity_scale multiplies the sparsity coefficient (the trainer's warm-up).
+        """
+        x = self._check_input(x)
+        if dead_mask is not None and dead_mask.shape != (self.cfg.d_sae,):
+            raise ValueError(f"dead_mask must be bool [{self.cfg.d_sae}], got {tuple(dead_mask.shape)}")
+        with torch.autocast(x.device.type, enabled=False):  # compute_dtype decides, not autocast
+            if self._fast_path(x):
+                return self._forward_fast(x, dead_mask, sparsity_scale)
+            return self._forward_torch(x, dead_mask, sparsity_scale)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense latents [B, d_sae] (fp32) with inference semantics."""
+        x = self._check_input(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._activation(self._preact(x))
+
+    def decode(self, f: Tensor) -> Tensor:
+        """Reconstruction [B, d_in] (fp32) from dense latents."""
+        with torch.autocast(f.device.type, enabled=False):
+            return self._matmul(f, self.W_dec) + self.b_dec
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """Data-dependent initialisation from a sample x [n, d_in] (normalised units).
+
+        b_dec: geometric median / mean / zeros (cfg.b_dec_init). For unit-norm decoders, W_enc
+        (= W_dec^T at construction) is then scaled by the least-squares factor for the sample:
+        x_hat - b_dec is proportional to that scale (ReLU and top-k are positively homogeneous,
+        b_enc = 0), and with it a ReLU SAE does not start at MSE ~ (d_sae/2d_in + 1)^2.
+        """
+        x = self._check_input(x)
+        if self.cfg.b_dec_init == "geometric_median":
+            self.b_dec.copy_(geometric_median(x))
+        elif self.cfg.b_dec_init == "mean":
+            self.b_dec.copy_(x.mean(0))
+        else:
+            self.b_dec.zero_()
+        if not self.unit_norm_decoder:
+            return
+        r = self.forward(x).x_hat - self.b_dec
+        target = x - self.b_dec
+        denom = (r * r).sum()
+        scale = (r * target).sum() / denom if denom > 0 else torch.ones(())
+        if torch.isfinite(scale) and scale > 0:
+            self.W_enc.mul_(scale)
+
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        """After each optimizer step: unit-norm decoder rows where the architecture needs them."""
+        if self.unit_norm_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def project_grads_(self) -> None:
+        """Before the optimizer step: remove the W_dec gradient along each (unit-norm) row.
+
+        The norm constraint is re-imposed after the step anyway; without this projection Adam
+        would spend the step partly on a direction that constrain_ undoes.
+        """
+        g = self.W_dec.grad
+        if not self.unit_norm_decoder or g is None:
+            return
+        w = self.W_dec
+        coef = (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(1e-12)
+        g.sub_(coef * w)
+
+    @torch.no_grad()
+    def after_step(self, out: SAEOutput) -> None:
+        """After the optimizer step (and constrain_): update non-gradient state. Default: none."""
+
+    @torch.no_grad()
+    def fold(self, scale: float) -> SAE:
+        """Inference copy acting on raw activations (x_raw * scale = x_normalised).
+
+        Exact by positive homogeneity: with f' = f * n / scale (n = decoder-row norms),
+        W_enc' = W_enc * n, b_enc' = b_enc * n / scale, W_dec' = W_dec / n, b_dec' = b_dec /
+        scale reproduce training_model(x_raw * scale).x_hat / scale, and thresholds scale like
+        latents. Rows with zero norm are left as they are (they decode to nothing anyway).
+        """
+        if self.folded:
+            raise ValueError("this SAE is already folded; fold the training model instead")
+        if not scale > 0:
+            raise ValueError(f"normalization scale must be > 0, got {scale}")
+        sae = copy.deepcopy(self)
+        norms = sae.W_dec.norm(dim=1)
+        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+        latent_scale = norms / scale
+        sae.W_enc.mul_(norms)
+        sae.b_enc.mul_(latent_scale)
+        sae.W_dec.div_(norms[:, None])
+        sae.b_dec.div_(scale)
+        sae._fold_extra(latent_scale)
+        sae.folded = True
+        sae.normalization_scale = float(scale)
+        return sae
+
+    # ------------------------------------------------------------------ helpers for subclasses
+
+    def _check_input(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.cfg.d_in:
+            raise UserError(
+                f"SAE input has shape {tuple(x.shape)}; expected [n_tokens, {self.cfg.d_in}] "
+                f"(d_in of this SAE). Feed activations of the site the SAE was built for, "
+                f"flattened to one row per token."
+            )
+        if not x.is_floating_point():
+            raise UserError(f"SAE input has dtype {x.dtype}; expected floating-point activations.")
+        if self.compute_dtype not in _COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {_COMPUTE_DTYPES}, got {self.compute_dtype}")
+        return x.to(self._acc_dtype)
+
+    @property
+    def _acc_dtype(self) -> torch.dtype:
+        """dtype of everything outside the GEMMs: fp32, or fp64 for a float64 model."""
+        return torch.promote_types(self.W_enc.dtype, torch.float32)
+
+    def _fast_path(self, x: Tensor) -> bool:
+        return (
+            self.impl == "auto"
+            and x.device.type == "cpu"
+            and self.compute_dtype in (torch.float32, torch.bfloat16)
+            and self.W_enc.dtype == torch.float32
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and kernels.available()
+        )
+
+    @property
+    def _gemm_dtype(self) -> torch.dtype:
+        """dtype of the dense GEMMs: compute_dtype, widened to fp64 for a float64 model."""
+        return torch.float64 if self.W_enc.dtype == torch.float64 else self.compute_dtype
+
+    def _matmul(self, a: Tensor, w: Tensor) -> Tensor:
+        """a @ w in the GEMM dtype, result in the accumulation dtype."""
+        cd = self._gemm_dtype
+        return (a.to(cd) @ w.to(cd)).to(self._acc_dtype)
+
+    def _preact(self, x: Tensor) -> Tensor:
+        """Pre-activations (x - b_dec) @ W_enc + b_enc: GEMM in compute_dtype, bias in fp32."""
+        return self._matmul(x - self.b_dec, self.W_enc) + self.b_enc
+
+    def _mse(self, x_hat: Tensor, x: Tensor) -> Tensor:
+        return (x_hat - x).pow(2).sum(-1).mean()
+
+
+@torch.no_grad()
+def geometric_median(x: Tensor, *, max_iter: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to rows of x."""
+    guess = x.mean(0, dtype=torch.float64)
+    for _ in range(max_iter):
+        w = 1.0 / (x - guess.to(x.dtype)).norm(dim=1).clamp_min(1e-12)
+        new = (w[:, None] * x).sum(0, dtype=torch.float64) / w.sum(dtype=torch.float64)
+        done = (new - guess).norm() <= tol * new.norm().clamp_min(1e-12)
+        guess = new
+        if done:
+            break
+    return guess.to(x.dtype)

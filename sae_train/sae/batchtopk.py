@@ -1,0 +1,55 @@
+"""BatchTopK SAE (Bussmann et al. 2024): during training the k*B largest ReLU'd
+pre-activations of the whole batch are kept, so L0 averages k per token but adapts per token.
+
+Inference cannot depend on the batch, so it uses f = z * [z > threshold] with one threshold,
+estimated during training as an EMA (factor cfg.batchtopk_threshold_beta) of the smallest
+activation kept per batch (dictionary_learning's estimator), updated in `after_step`. The
+first update sets it (until then it is 0: inference would be a plain ReLU). AuxK and the
+unit-norm decoder are as in TopK.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sae_train.sae.base import SAEOutput, SparseLatents
+from sae_train.sae.config import SAEConfig
+from sae_train.sae.ops import batch_topk_torch
+from sae_train.sae.topk import TopKSAE
+
+
+class BatchTopKSAE(TopKSAE):
+    architecture = "batchtopk"
+
+    def __init__(self, cfg: SAEConfig, *, compute_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(cfg, compute_dtype=compute_dtype)
+        self.register_buffer("threshold", torch.zeros(cfg.d_sae))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
+
+    def _select_torch(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        offsets, idx, _ = batch_topk_torch(z, self.cfg.k * z.shape[0])
+        return offsets, idx
+
+    def _output(self, x: Tensor, x_hat: Tensor, mse: Tensor, auxk: Tensor, latents: SparseLatents) -> SAEOutput:
+        out = super()._output(x, x_hat, mse, auxk, latents)
+        v = latents.values
+        out.stats["min_kept"] = v.min() if v.numel() else v.new_zeros(())
+        return out
+
+    def _activation(self, z: Tensor) -> Tensor:
+        return z * (z > self.threshold).to(z.dtype)
+
+    def _fold_extra(self, latent_scale: Tensor) -> None:
+        self.threshold.mul_(latent_scale)
+
+    @torch.no_grad()
+    def after_step(self, out: SAEOutput) -> None:
+        """Fold this batch's smallest kept activation into the inference threshold (EMA)."""
+        m = out.stats["min_kept"].to(self.threshold)
+        if int(self.threshold_updates) == 0:
+            self.threshold.fill_(m)
+        else:
+            beta = self.cfg.batchtopk_threshold_beta
+            self.threshold.mul_(beta).add_((1 - beta) * m)
+        self.threshold_updates += 1

@@ -1,0 +1,161 @@
+"""SAE hyperparameters: one structured config for every architecture (OmegaConf/Hydra-ready).
+
+Units: the trainer feeds inputs scaled so that E||x||_2 = 1 per token, and the losses are
+`mse = mean_tokens sum_dims (x_hat - x)^2` (about the fraction of variance unexplained, times
+the centred share of ||x||^2) plus a sparsity term. The default coefficients below are chosen
+for that scale, which makes them mean the same on any model and site.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from sae_train.errors import UserError
+
+SPARSITIES = ("l1", "l1_decnorm")
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+
+
+@dataclass
+class SAEConfig:
+    """Architecture and loss hyperparameters of one sparse autoencoder."""
+
+    architecture: str = "topk"
+    """"relu" (L1 penalty), "topk" (k per token, Gao et al. 2024), "batchtopk" (k*B per batch,
+    Bussmann et al. 2024) or "jumprelu" (learned thresholds + L0 penalty, Rajamanoharan et al.
+    2024). See sae_train/sae/registry.py."""
+
+    d_in: int = 0
+    """Input width. 0 = filled in from the data (`resolved(d_in)`)."""
+
+    d_sae: int = 0
+    """Number of latents. 0 = expansion_factor * d_in."""
+
+    expansion_factor: int = 8
+    """d_sae / d_in when d_sae is 0."""
+
+    k: int = 32
+    """topk: active latents per token; batchtopk: the average over a batch."""
+
+    sparsity: str = "l1"
+    """relu only. "l1": lambda * sum_i f_i with unit-norm decoder rows (constrained every
+    step). "l1_decnorm": lambda * sum_i f_i * ||W_dec[i]|| with free decoder norms (Anthropic,
+    April 2024 update)."""
+
+    l1_coefficient: float = 0.1
+    """relu: lambda of the L1 term. With unit-norm rows the optimum soft-thresholds each latent
+    at about lambda/2; on unit-norm inputs a typical active latent carries 0.05-0.2 of the
+    norm, so lambda = 0.1 zeroes the weak candidates and lands L0 in the tens (Anthropic's
+    lambda = 5 at E||x|| = sqrt(d) is 5/sqrt(d) here: 0.2 at d=576). Measured on SmolLM2-135M
+    blocks.8.hook_resid_post (expansion 8, 300 steps of 2048 tokens, Adam 5e-4): 0.1 -> L0 42,
+    0.03 -> L0 270. The trainer warms it up via sparsity_scale."""
+
+    l0_coefficient: float = 0.001
+    """jumprelu: lambda of the L0 term (lambda * mean_tokens #active). An extra active latent
+    is kept when it lowers the MSE by more than lambda; on LM activations at this scale the MSE
+    falls by ~1e-3 per latent around L0 = 50. Measured as above: 0.001 -> L0 47, 0.003 -> 27,
+    0.01 -> 16 after 300 steps (L0 keeps falling slowly with longer training). Synthetic data
+    with few strong features wants more (0.003-0.01)."""
+
+    jumprelu_bandwidth: float = 0.001
+    """jumprelu: width eps of the rectangle kernel in the threshold's straight-through
+    estimator (Gemma Scope's value, also for unit-norm inputs)."""
+
+    jumprelu_init_threshold: float = 0.001
+    """jumprelu: initial threshold theta (Gemma Scope's value): small against typical
+    pre-activations (~0.05), so training starts close to a ReLU SAE."""
+
+    aux_k: int = 0
+    """topk/batchtopk: latents used by the AuxK loss to model the residual from dead latents.
+    0 = d_in // 2 (OpenAI)."""
+
+    aux_coefficient: float = 1 / 32
+    """topk/batchtopk: weight of the AuxK loss (OpenAI, 1/32)."""
+
+    batchtopk_threshold_beta: float = 0.999
+    """batchtopk: EMA factor of the inference threshold, the running mean of the smallest
+    activation kept per batch (dictionary_learning's estimator)."""
+
+    b_dec_init: str = "geometric_median"
+    """Decoder bias from a data sample: "geometric_median" (Weiszfeld; robust to the
+    massive-norm outlier tokens of LMs), "mean" or "zeros"."""
+
+    decoder_init_norm: float = 0.1
+    """relu + l1_decnorm: initial norm of each decoder row (Anthropic, April 2024). The other
+    architectures keep unit-norm rows."""
+
+    seed: int = 0
+    """Seed of the parameter initialisation (independent of the global RNG)."""
+
+    def __post_init__(self) -> None:
+        from sae_train.sae.registry import ARCHITECTURES  # late: the registry imports this module
+
+        def bad(field: str, expected: str, fix: str) -> UserError:
+            return UserError(
+                f"SAE config: {field}={getattr(self, field)!r} is invalid; expected {expected}. {fix}"
+            )
+
+        if self.architecture not in ARCHITECTURES:
+            raise bad("architecture", f"one of {', '.join(sorted(ARCHITECTURES))}", "Set sae.architecture to one of them.")
+        for name in ("d_in", "d_sae", "aux_k", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise bad(name, "an integer >= 0 (0 = automatic)", f"Fix sae.{name}.")
+        if not isinstance(self.expansion_factor, int) or self.expansion_factor < 1:
+            raise bad("expansion_factor", "an integer >= 1", "Set sae.expansion_factor (or sae.d_sae directly).")
+        if self.architecture in ("topk", "batchtopk") and (not isinstance(self.k, int) or self.k <= 0):
+            raise bad("k", "a positive integer", "Set sae.k to the number of active latents per token, e.g. 32.")
+        if self.sparsity not in SPARSITIES:
+            raise bad("sparsity", f"one of {', '.join(SPARSITIES)}", "Fix sae.sparsity.")
+        if self.sparsity != "l1" and self.architecture != "relu":
+            raise bad("sparsity", f"'l1' for architecture {self.architecture!r}", "sae.sparsity applies to the relu architecture only; remove it.")
+        if self.b_dec_init not in B_DEC_INITS:
+            raise bad("b_dec_init", f"one of {', '.join(B_DEC_INITS)}", "Fix sae.b_dec_init.")
+        for name in ("l1_coefficient", "l0_coefficient", "aux_coefficient"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise bad(name, "a finite number >= 0", f"Fix sae.{name}.")
+        for name in ("jumprelu_bandwidth", "jumprelu_init_threshold", "decoder_init_norm"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise bad(name, "a finite number > 0", f"Fix sae.{name}.")
+        if not 0 <= self.batchtopk_threshold_beta < 1:
+            raise bad("batchtopk_threshold_beta", "a number in [0, 1)", "Use e.g. 0.999.")
+        d_sae = self.d_sae or self.expansion_factor * self.d_in
+        if self.d_in and self.architecture in ("topk", "batchtopk") and self.k > d_sae:
+            raise bad("k", f"at most d_sae = {d_sae}", "Lower sae.k or raise sae.d_sae / sae.expansion_factor.")
+
+    @property
+    def is_resolved(self) -> bool:
+        """Whether d_in (hence d_sae and aux_k) are known."""
+        return self.d_in > 0
+
+    def resolved(self, d_in: int) -> SAEConfig:
+        """A copy with d_in, d_sae and aux_k filled in (validated again)."""
+        if self.d_in and self.d_in != d_in:
+            raise UserError(
+                f"SAE config: d_in={self.d_in} but the activations have width {d_in}. "
+                f"Remove sae.d_in (it is read from the data) or point the trainer at the right site."
+            )
+        return dataclasses.replace(
+            self,
+            d_in=d_in,
+            d_sae=self.d_sae or self.expansion_factor * d_in,
+            aux_k=self.aux_k or max(1, d_in // 2),
+        )
+
+    def to_dict(self) -> dict:
+        """Plain dict of the fields (JSON-ready)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "config") -> SAEConfig:
+        """Build from a dict that may hold other keys too (a cfg.json); unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except UserError as exc:
+            raise UserError(f"{source}: {exc}") from exc
+        except TypeError as exc:
+            raise UserError(f"{source}: cannot build an SAE config from it ({exc}).") from exc

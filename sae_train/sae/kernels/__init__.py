@@ -1,0 +1,419 @@
+"""CPU kernels (sae_kernels.c), compiled on first use and called through ctypes.
+
+Why C and not torch ops: a TopK step is one dense GEMM plus work on k of d_sae latents per
+token; `torch.topk`, dense decoding and the elementwise passes of the ReLU family each cost a
+sizeable fraction of that GEMM on CPU. The C file has no torch headers, so it builds with the
+system compiler in about a second:
+
+    cc -O3 -march=native -shared -fPIC sae_kernels.c -o $XDG_CACHE_HOME/sae_train/kernels/<key>.so
+
+The cache key hashes the source, the compiler's identity, the flags and the CPU's feature flags,
+so a home directory shared by a heterogeneous cluster never loads a library built for another
+CPU; builds go to a temporary name and are renamed into place, so concurrent ranks don't
+collide. ctypes releases the GIL. The C code splits work over `torch.get_num_threads()`
+threads of torch's own OpenMP team: the loader finds the OpenMP runtime torch already loaded
+and hands its `GOMP_parallel` entry point to the library (nothing links a second runtime, and
+no extra threads fight torch's spinning workers for cores); plain pthreads otherwise.
+
+`SAE_TRAIN_KERNELS=torch` switches back to plain PyTorch (the slow, obviously-correct path);
+so does a missing compiler (one warning). CUDA tensors always take the PyTorch path (a Triton
+kernel for the TopK family would be the GPU counterpart; not written yet).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sae_train.errors import UserError
+
+ENV_VAR = "SAE_TRAIN_KERNELS"
+_MODES = ("auto", "torch")
+_SOURCE = Path(__file__).with_name("sae_kernels.c")
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+_DT = {torch.float32: 0, torch.bfloat16: 1}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_load_failed = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc recycle freed large buffers instead of unmapping them (process-wide).
+
+    By default glibc returns every buffer above 32 MB to the OS on free, so the next tensor
+    of that size is page-faulted in again: ~10-15 ms per 38 MB activation-sized buffer on a
+    2-core EPYC, a third of the encoder GEMM. Raising the mmap and trim thresholds keeps the
+    memory in the heap for reuse (the process keeps its peak footprint). For the trainer to
+    call once at start-up; returns False where glibc's mallopt is unavailable.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+def mode() -> str:
+    """The kernel mode requested by the environment: "auto" (default) or "torch"."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in _MODES:
+        raise UserError(
+            f"{ENV_VAR}={value!r} is not a kernel mode; expected one of {', '.join(_MODES)}. "
+            f"Unset it (or set 'auto') to use the compiled CPU kernels, 'torch' for plain PyTorch."
+        )
+    return value
+
+
+def available() -> bool:
+    """True when the compiled kernels may be used (mode "auto" and the library built)."""
+    return mode() == "auto" and _library() is not None
+
+
+def supports(t: Tensor) -> bool:
+    """Whether a [B, N] matrix can go through the kernels (CPU, fp32/bf16)."""
+    return t.device.type == "cpu" and t.dtype in _DT
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() + platform.machine()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sae_train" / "kernels"
+
+
+def _build() -> Path:
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler ({cc!r}) on PATH")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(
+        "\0".join([_SOURCE.read_text(), cc, version, " ".join(_FLAGS), _cpu_flags()]).encode()
+    ).hexdigest()[:20]
+    target = _cache_dir() / f"sae_kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
+    os.close(fd)
+    try:
+        cmd = [cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lpthread", "-lm"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()}")
+        os.replace(tmp, target)  # atomic: a concurrent rank sees the old name or the whole file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "sae_set_openmp": (None, [_P, _P, _P]),
+    "sae_topk_rows": (_I32, [_P, _I32, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _I32]),
+    "sae_batch_topk": (_I64, [_P, _I32, _I64, _I64, _I64, _P, _F32, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _I32]),
+    "sae_csr_spmm": (None, [_I64, _P, _P, _P, _P, _P, _I32, _I64, _I64, _P, _I64, _I32, _I32, _I32]),
+    "sae_csr_decode": (None, [_I64, _P, _P, _P, _P, _I32, _I64, _P, _P, _P, _P, _I32]),
+    "sae_decode_backward": (None, [_I64, _P, _P, _P, _P, _P, _F32, _P, _I32, _I64, _P, _P, _I32, _P, _I32]),
+    "sae_csr_transpose": (None, [_I64, _I64, _P, _P, _P, _P, _P]),
+    "sae_act_fwd": (None, [_P, _P, _I32, _I64, _I64, _P, _P, _P, _P, _P, _P, _I32]),
+    "sae_act_bwd": (None, [_P, _P, _I32, _I64, _I64, _P, _P, _F32, _P, _P, _P, _P, _P, _P, _I32]),
+}
+
+
+def _torch_openmp() -> tuple[int, int, int] | None:
+    """Addresses of GOMP_parallel, omp_get_thread_num and omp_get_num_threads in the OpenMP
+    runtime torch loaded (libgomp, or libiomp/libomp, which export the GOMP entry points)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.split()[-1] if line.count("/") else ""
+        if os.path.basename(path).startswith(("libgomp", "libiomp", "libomp")) and ".so" in path:
+            try:
+                rt = ctypes.CDLL(path)  # already loaded: dlopen returns that instance
+                fns = (rt.GOMP_parallel, rt.omp_get_thread_num, rt.omp_get_num_threads)
+            except (OSError, AttributeError):
+                continue
+            return tuple(ctypes.cast(f, ctypes.c_void_p).value for f in fns)  # type: ignore[return-value]
+    return None
+
+
+def _library() -> ctypes.CDLL | None:
+    global _lib, _load_failed
+    if _lib is not None or _load_failed:
+        return _lib
+    with _lock:
+        if _lib is None and not _load_failed:
+            try:
+                lib = ctypes.CDLL(str(_build()))
+                for name, (restype, argtypes) in _SIGNATURES.items():
+                    fn = getattr(lib, name)
+                    fn.restype, fn.argtypes = restype, argtypes
+                omp = _torch_openmp() if torch.backends.openmp.is_available() else None
+                if omp is not None:
+                    lib.sae_set_openmp(*omp)
+                _lib = lib
+            except Exception as exc:  # no compiler, no write access, odd platform...
+                _load_failed = True
+                warnings.warn(
+                    f"sae_train: could not build the CPU kernels ({exc}); falling back to plain "
+                    f"PyTorch, which is correct but slower. Install a C compiler (cc/gcc) or set "
+                    f"{ENV_VAR}=torch to silence this warning.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    return _lib
+
+
+def _lib_or_raise() -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("sae_train CPU kernels are not available")
+    return lib
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(t: Tensor, dtype: torch.dtype | tuple[torch.dtype, ...], name: str) -> None:
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if t.device.type != "cpu" or t.dtype not in dtypes or not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous CPU tensor of {dtypes}, got {t.dtype} {t.device}")
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def topk_rows(z: Tensor, bias: Tensor, k: int, colmask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per row, the k largest of z + bias (only columns with colmask set, when given).
+
+    Returns (indices int64 [B, k] ascending within a row, values fp32 [B, k]). Order: value
+    descending, NaN first, ties to the lower column index — same as `ops.topk_rows_torch`.
+    """
+    _check(z, tuple(_DT), "z")
+    _check(bias, torch.float32, "bias")
+    if colmask is not None:
+        _check(colmask, torch.bool, "colmask")
+    B, N = z.shape
+    if k == N and colmask is None:  # everything is selected
+        return torch.arange(N).expand(B, N).contiguous(), z.float() + bias
+    idx = torch.empty(B, k, dtype=torch.int64)
+    val = torch.empty(B, k, dtype=torch.float32)
+    cm = None if colmask is None else colmask.view(torch.uint8)
+    err = _lib_or_raise().sae_topk_rows(
+        _ptr(z), _DT[z.dtype], B, N, N, _ptr(bias), _ptr(cm), k, _ptr(idx), _ptr(val), _threads()
+    )
+    if err:
+        raise MemoryError("sae_topk_rows: out of memory")
+    return idx, val
+
+
+def batch_topk(z: Tensor, bias: Tensor, n_keep: int, guess: float, expected: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The n_keep largest positive entries of z + bias over the batch, as CSR (row-major).
+
+    guess: a value (>= 0) expected to leave about `expected` >= n_keep entries above it; a
+    guess that leaves too few, or more than the scratch holds, is retried (at 0 / with room
+    for everything). Returns (offsets [B+1], column ids [nnz], values [nnz]) — the same
+    tensors as `ops.batch_topk_torch(z.float() + bias, n_keep)`.
+    """
+    _check(z, tuple(_DT), "z")
+    _check(bias, torch.float32, "bias")
+    B, N = z.shape
+    nt = _threads()
+    cap = expected + N + 4096  # one thread may hold every expected candidate
+    while True:
+        cidx = torch.empty(nt * cap, dtype=torch.int32)
+        cval = torch.empty(nt * cap, dtype=torch.float32)
+        keys = torch.empty(nt * cap, dtype=torch.int32)
+        row_cnt = torch.empty(B, dtype=torch.int64)
+        offsets = torch.empty(B + 1, dtype=torch.int64)
+        idx = torch.empty(n_keep, dtype=torch.int64)
+        val = torch.empty(n_keep, dtype=torch.float32)
+        nnz = _lib_or_raise().sae_batch_topk(
+            _ptr(z), _DT[z.dtype], B, N, N, _ptr(bias), max(0.0, guess), n_keep, cap, _ptr(cidx), _ptr(cval),
+            _ptr(keys), _ptr(row_cnt), _ptr(offsets), _ptr(idx), _ptr(val), nt,
+        )  # fmt: skip
+        if nnz >= 0:
+            return offsets, idx[:nnz], val[:nnz]
+        if nnz == -1:
+            guess = 0.0
+        cap = (B + nt - 1) // nt * N + 16  # room for every entry of a thread's rows
+
+
+# ----------------------------------------------------------------------------- sparse products
+
+
+def csr_spmm(
+    offsets: Tensor,
+    idx: Tensor,
+    val: Tensor,
+    table: Tensor,
+    *,
+    perm: Tensor | None = None,
+    out: Tensor | None = None,
+    transpose_out: bool = False,
+    accumulate: bool = False,
+) -> Tensor:
+    """out[r] = sum_{e in row r} val[perm[e] or e] * table[idx[e]]: CSR [R, T] times table [T, D].
+
+    table may be fp32 or bf16 (accumulation is fp32). With transpose_out the result is
+    written as out[:, r] of a [D, R] matrix (no extra pass); with accumulate it is added to
+    `out` instead of overwriting it.
+    """
+    for t, n in ((offsets, "offsets"), (idx, "idx")):
+        _check(t, torch.int64, n)
+    _check(val, torch.float32, "val")
+    _check(table, tuple(_DT), "table")
+    R, D = offsets.numel() - 1, table.shape[1]
+    if out is None:
+        out = (torch.zeros if accumulate else torch.empty)((D, R) if transpose_out else (R, D))
+    _check(out, torch.float32, "out")
+    if perm is not None:
+        _check(perm, torch.int64, "perm")
+    _lib_or_raise().sae_csr_spmm(
+        R, _ptr(offsets), _ptr(idx), _ptr(val), _ptr(perm), _ptr(table), _DT[table.dtype], D, D,
+        _ptr(out), out.shape[1], int(transpose_out), int(accumulate), _threads(),
+    )  # fmt: skip
+    return out
+
+
+def csr_decode(offsets: Tensor, idx: Tensor, val: Tensor, table: Tensor, bias: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """x_hat = CSR @ table + bias and the per-row squared error ||x_hat - target||^2, in one pass."""
+    _check(val, torch.float32, "val")
+    _check(table, tuple(_DT), "table")
+    _check(bias, torch.float32, "bias")
+    _check(target, torch.float32, "target")
+    R, D = offsets.numel() - 1, table.shape[1]
+    out = torch.empty(R, D)
+    sse = torch.empty(R)
+    _lib_or_raise().sae_csr_decode(
+        R, _ptr(offsets), _ptr(idx), _ptr(val), _ptr(table), _DT[table.dtype], D, _ptr(bias), _ptr(target),
+        _ptr(out), _ptr(sse), _threads(),
+    )  # fmt: skip
+    return out, sse
+
+
+def decode_backward(
+    offsets: Tensor, idx: Tensor, grad: Tensor | None, x_hat: Tensor, target: Tensor, scale: float, table: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of `csr_decode` plus scale * ||x_hat - target||^2 / 2 (the MSE).
+
+    With g = grad + scale * (x_hat - target) (grad may be None), returns (<g[r], table[idx[e]]>
+    per entry [nnz], g in table's dtype [R, D], column sums of g in fp32 [D]).
+    """
+    _check(x_hat, torch.float32, "x_hat")
+    _check(target, torch.float32, "target")
+    _check(table, tuple(_DT), "table")
+    if grad is not None:
+        _check(grad, torch.float32, "grad")
+    R, D = x_hat.shape
+    nt = _threads()
+    out = torch.empty(idx.numel(), dtype=torch.float32)
+    g = torch.empty(R, D, dtype=table.dtype)
+    col = torch.zeros(nt, D, dtype=torch.float32)
+    _lib_or_raise().sae_decode_backward(
+        R, _ptr(offsets), _ptr(idx), _ptr(grad), _ptr(x_hat), _ptr(target), scale, _ptr(table), _DT[table.dtype], D,
+        _ptr(out), _ptr(g), _DT[g.dtype], _ptr(col), nt,
+    )  # fmt: skip
+    return out, g, col.sum(0)
+
+
+def csr_transpose(offsets: Tensor, idx: Tensor, n_cols: int) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR -> CSC: (column offsets [n_cols+1], row ids [nnz], perm [nnz] into the CSR arrays)."""
+    _check(offsets, torch.int64, "offsets")
+    _check(idx, torch.int64, "idx")
+    nnz = idx.numel()
+    coff = torch.empty(n_cols + 1, dtype=torch.int64)
+    crow = torch.empty(nnz, dtype=torch.int64)
+    perm = torch.empty(nnz, dtype=torch.int64)
+    _lib_or_raise().sae_csr_transpose(offsets.numel() - 1, n_cols, _ptr(offsets), _ptr(idx), _ptr(coff), _ptr(crow), _ptr(perm))
+    return coff, crow, perm
+
+
+# ----------------------------------------------------------------------------- dense activations
+
+
+def act_fwd(
+    z: Tensor, out: Tensor, bias: Tensor, thr: Tensor | None, colw: Tensor | None, *, row_sums: bool
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """f = relu(z + bias) (thr None) or JumpReLU (z + bias)*[z + bias > thr], into `out`.
+
+    `out` may be `z` itself. Returns (per-row sum of colw*f or None, per-row count of nonzero
+    f as fp32, per-column count of rows where f != 0 as int32).
+    """
+    _check(z, tuple(_DT), "z")
+    _check(out, z.dtype, "out")
+    B, N = z.shape
+    nt = _threads()
+    wsum = torch.empty(B, dtype=torch.float32) if row_sums else None
+    cnt = torch.empty(B, dtype=torch.float32)
+    col = torch.zeros(nt, N, dtype=torch.int32)
+    _lib_or_raise().sae_act_fwd(
+        _ptr(z), _ptr(out), _DT[z.dtype], B, N, _ptr(bias), _ptr(thr), _ptr(colw), _ptr(wsum), _ptr(cnt), _ptr(col), nt
+    )
+    return wsum, cnt, col.sum(0)
+
+
+def act_bwd(
+    g: Tensor,
+    ref: Tensor,
+    bias: Tensor,
+    *,
+    thr: Tensor | None = None,
+    eps: float = 0.0,
+    row_g: Tensor | None = None,
+    colw: Tensor | None = None,
+    want_colw_grad: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """In place on g: the backward of `act_fwd` (see sae_kernels.c for the formulas).
+
+    Returns per-column sums: (sum of the output gradient, sum of row_g*f (ReLU: grad of colw)
+    or None, sum of K*g and sum of K*row_g (JumpReLU, K the rectangle window) or None).
+    """
+    _check(g, tuple(_DT), "g")
+    _check(ref, g.dtype, "ref")
+    B, N = g.shape
+    nt = _threads()
+    jump = thr is not None
+
+    def acc(flag: bool) -> Tensor | None:
+        return torch.zeros(nt, N, dtype=torch.float32) if flag else None
+
+    col_g, col_w, col_wg, col_wr = acc(True), acc(want_colw_grad), acc(jump), acc(jump and row_g is not None)
+    _lib_or_raise().sae_act_bwd(
+        _ptr(g), _ptr(ref), _DT[g.dtype], B, N, _ptr(bias), _ptr(thr), eps, _ptr(row_g), _ptr(colw),
+        _ptr(col_g), _ptr(col_w), _ptr(col_wg), _ptr(col_wr), nt,
+    )  # fmt: skip
+
+    def total(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.sum(0)
+
+    return total(col_g), total(col_w), total(col_wg), total(col_wr)

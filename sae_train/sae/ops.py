@@ -1,0 +1,262 @@
+"""Selection rules and the fused training step of the SAE family.
+
+Two implementations of everything:
+- plain PyTorch (`topk_rows_torch`, `batch_topk_torch`, and the dense-autograd forward in each
+  architecture module): obviously correct, used on CUDA, without a C compiler, with
+  `SAE_TRAIN_KERNELS=torch`, in float64, and as the reference in tests;
+- the fast CPU path: `SparseSAEFunction` (TopK family: no dense decode, sparse gradients of
+  W_enc/b_enc/W_dec/b_dec) and `DenseSAEFunction` (ReLU family: five GEMMs plus one fused
+  elementwise pass each way), built on sae_train/sae/kernels.
+
+Selection rule (both implementations): value descending, NaN above everything (as
+`torch.topk`, so a broken encoder shows up in the loss), ties to the lower index — per row for
+TopK, in row-major order over the batch for BatchTopK. Selected indices are ascending within
+a row, so both implementations return identical tensors, not just the same sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from sae_train.sae import kernels
+
+
+def _tie_select(v: Tensor, kth: Tensor, n_keep: Tensor | int, dim: int) -> Tensor:
+    """Mask of the entries ranking above `kth`, plus the first ties in index order up to n_keep."""
+    nan = v.isnan()
+    kth_nan = kth.isnan()
+    gt = torch.where(kth_nan, torch.zeros_like(nan), nan | (v > kth))
+    eq = torch.where(kth_nan, nan, v == kth)
+    need = n_keep - gt.sum(dim, keepdim=dim == 1)
+    return gt | (eq & (eq.cumsum(dim) <= need))
+
+
+def topk_rows_torch(v: Tensor, k: int, colmask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per row, the k largest entries of v (among columns with colmask set).
+
+    Returns (indices [B, k] int64 ascending, values [B, k]). Values must be finite or NaN
+    (masked columns are filled with -inf).
+    """
+    if colmask is not None:
+        v = v.masked_fill(~colmask, float("-inf"))
+    kth = v.topk(k, dim=1, sorted=True).values[:, -1:]
+    sel = _tie_select(v, kth, k, dim=1)
+    idx = sel.nonzero()[:, 1].view(v.shape[0], k)
+    return idx, v.gather(1, idx)
+
+
+def _top_of_flat(vals: Tensor, n_keep: int) -> Tensor:
+    """Mask over a 1-D tensor: its n_keep largest entries under the selection rule."""
+    if vals.numel() <= n_keep:
+        return torch.ones_like(vals, dtype=torch.bool)
+    kth = vals.topk(n_keep, sorted=True).values[-1]
+    return _tie_select(vals, kth, n_keep, dim=0)
+
+
+def _csr_from_rows(rows: Tensor, n_rows: int) -> Tensor:
+    offsets = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    offsets[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+    return offsets
+
+
+def batch_topk_torch(v: Tensor, n_keep: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The n_keep largest positive entries of v [B, N] over the whole batch, as CSR.
+
+    Returns (offsets [B+1], column ids [nnz], values [nnz]) in row-major order; nnz = n_keep
+    unless fewer entries are positive (ReLU comes first: zeros are never selected).
+    """
+    flat = v.reshape(-1)
+    cand = ((flat > 0) | flat.isnan()).nonzero().squeeze(1)
+    keep = cand[_top_of_flat(flat[cand], n_keep)]
+    n_cols = v.shape[1]
+    return _csr_from_rows(keep // n_cols, v.shape[0]), keep % n_cols, flat[keep]
+
+
+def batch_topk_kernel(z: Tensor, bias: Tensor, n_keep: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`batch_topk_torch(z.float() + bias, n_keep)` without materialising z + bias.
+
+    A strided sample of the batch (65k entries) picks a cut expected to leave ~1.3*n_keep
+    candidates; one SIMD pass collects them and an exact radix selection runs on those only.
+    """
+    flat = z.view(-1)
+    step = max(1, flat.numel() // 65536) | 1  # odd stride: the sample visits every column
+    pos = torch.arange(0, flat.numel(), step)
+    sample = flat[pos].float() + bias[pos % z.shape[1]]
+    expected = int(1.3 * n_keep) + 64
+    want = min(sample.numel(), max(1, expected * sample.numel() // flat.numel()))
+    guess = float(sample.topk(want, sorted=True).values[-1].nan_to_num(0.0))
+    return kernels.batch_topk(z, bias, n_keep, guess, expected)
+
+
+@dataclass
+class SparseSpec:
+    """Static arguments of `SparseSAEFunction`; forward fills in the selection (CSR)."""
+
+    batch: bool  # BatchTopK (k*B over the batch) instead of TopK (k per token)
+    k: int
+    compute_dtype: torch.dtype
+    dead: Tensor | None = None  # int64 ids of dead latents (ascending): AuxK on, else off
+    aux_k: int = 0
+    offsets: Tensor | None = None  # [B+1]: token b owns entries offsets[b]:offsets[b+1]
+    idx: Tensor | None = None  # [nnz] latent ids, ascending within a token
+
+
+def auxk_ratio(e_hat: Tensor, e: Tensor) -> Tensor:
+    """||e_hat - e||^2 / ||e - mean(e)||^2 over the batch (0 when the residual does not vary)."""
+    num = (e_hat - e).pow(2).sum()
+    den = (e - e.mean(0)).pow(2).sum()
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+
+
+class SparseSAEFunction(torch.autograd.Function):
+    """TopK/BatchTopK encoder + selection + sparse decode + MSE (+ AuxK) in one autograd node.
+
+    Inputs x [B, d_in] (data, no gradient), b_dec, W_enc, b_enc, W_dec; outputs x_hat ([B,
+    d_in] fp32), mse = mean_tokens ||x_hat - x||^2, the AuxK ratio (0 without dead latents)
+    and, non-differentiable, the selected values (after ReLU). Only the encoder GEMM is dense;
+    the decode and every gradient touch the selected entries only (tables in compute_dtype,
+    accumulation in fp32). With g the gradient of x_hat (the MSE's 2 (x_hat - x) / B folded in):
+      dL/dvalue[b,i] = <g[b], W_dec[i]> * [value > 0]   (the ReLU)
+      dL/dW_dec[i]   = sum_b value[b,i] * g[b]
+      dL/dW_enc[:,i] = sum_b gv[b,i] * (x - b_dec)[b],  dL/db_enc = column sums of gv
+      dL/db_dec      = sum_b g[b] - W_enc @ dL/db_enc   (no input gradient needed)
+    AuxK runs densely on the dead columns only (aux_k ~ 10k would make a sparse decode cost
+    more than these [B, n_dead] GEMMs) and adds its gradients in place to those rows/columns.
+    """
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, spec: SparseSpec):  # type: ignore[override]
+        cd = spec.compute_dtype
+        xc = (x - b_dec).to(cd).contiguous()
+        Wc = W_enc.to(cd)
+        z = xc @ Wc
+        B = x.shape[0]
+        if spec.batch:
+            offsets, idx, pre = batch_topk_kernel(z, b_enc, spec.k * B)
+        else:
+            idx, pre = kernels.topk_rows(z, b_enc, spec.k)
+            offsets, idx, pre = torch.arange(0, B * spec.k + 1, spec.k), idx.view(-1), pre.view(-1)
+        del z
+        vals = pre.clamp_min(0)  # NaN stays NaN
+        Wd = W_dec.to(cd)
+        x_hat, row_sse = kernels.csr_decode(offsets, idx, vals, Wd, b_dec.detach(), x)
+        spec.offsets, spec.idx = offsets, idx
+        ctx.spec = spec
+        ctx.aux = None
+        auxk = x_hat.new_zeros(())
+        if spec.dead is not None:
+            dead = spec.dead
+            zd = xc @ Wc[:, dead]  # [B, n_dead] pre-activations of the dead latents
+            a_idx, a_pre = kernels.topk_rows(zd, b_enc[dead].contiguous(), spec.aux_k)
+            F = torch.zeros(zd.shape, dtype=cd).scatter_(1, a_idx, a_pre.clamp_min(0).to(cd))
+            Wd_dead = Wd[dead]
+            # e = x - x_hat is the residual AuxK models (a constant: no gradient to x_hat);
+            # sum_b ||e_b - mean(e)||^2 = sum_b ||e_b||^2 - B ||mean(e)||^2, and the decode
+            # already produced ||e_b||^2 (row_sse): no pass over e needed
+            e_mean = x.mean(0) - x_hat.mean(0)
+            den = float(row_sse.double().sum() - B * e_mean.double().pow(2).sum())
+            diff = (F @ Wd_dead).float().sub_(x).add_(x_hat)  # e_hat - e
+            if den > 0:
+                auxk = torch.dot(diff.view(-1), diff.view(-1)) / den
+                ctx.aux = (F, Wd_dead, a_idx, diff, den)
+        ctx.save_for_backward(x, x_hat, xc, W_enc, Wd, vals)
+        ctx.mark_non_differentiable(vals)
+        ctx.set_materialize_grads(False)
+        return x_hat, row_sse.sum() / B, auxk, vals
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_xhat, g_mse, g_aux, _g_vals):  # type: ignore[override]
+        if g_xhat is None and g_mse is None and g_aux is None:
+            return None, None, None, None, None, None
+        x, x_hat, xc, W_enc, Wd, vals = ctx.saved_tensors
+        spec: SparseSpec = ctx.spec
+        scale = 0.0 if g_mse is None else 2.0 * float(g_mse) / x.shape[0]
+        grad = None if g_xhat is None else g_xhat.contiguous()
+        gv, g, g_colsum = kernels.decode_backward(spec.offsets, spec.idx, grad, x_hat, x, scale, Wd)
+        gv.mul_(vals > 0)
+        coff, crow, perm = kernels.csr_transpose(spec.offsets, spec.idx, W_enc.shape[1])
+        grad_W_dec = kernels.csr_spmm(coff, crow, vals, g, perm=perm)
+        grad_W_enc = kernels.csr_spmm(coff, crow, gv, xc, perm=perm, transpose_out=True)
+        grad_b_enc = torch.zeros(W_enc.shape[1]).index_add_(0, spec.idx, gv)
+        if ctx.aux is not None and g_aux is not None:
+            F, Wd_dead, a_idx, diff, den = ctx.aux
+            dead = spec.dead
+            g_ehat = (diff * (2.0 * float(g_aux) / den)).to(F.dtype)
+            g_z = (g_ehat @ Wd_dead.t()).gather(1, a_idx).float() * (F.gather(1, a_idx) > 0)
+            G = torch.zeros(F.shape, dtype=F.dtype).scatter_(1, a_idx, g_z.to(F.dtype))
+            grad_W_dec.index_add_(0, dead, (F.t() @ g_ehat).float())
+            grad_W_enc.index_add_(1, dead, (xc.t() @ G).float())
+            grad_b_enc.index_add_(0, dead[a_idx.view(-1)], g_z.view(-1))
+        grad_b_dec = g_colsum - W_enc @ grad_b_enc
+        return None, grad_b_dec, grad_W_enc, grad_b_enc, grad_W_dec, None
+
+
+@dataclass
+class DenseSpec:
+    """Static arguments of `DenseSAEFunction`."""
+
+    compute_dtype: torch.dtype
+    jumprelu_bandwidth: float = 0.0  # > 0: JumpReLU (threshold given), else ReLU
+
+
+class DenseSAEFunction(torch.autograd.Function):
+    """ReLU/JumpReLU SAE: encoder GEMM, fused activation pass, decoder GEMM in one node.
+
+    Inputs x (data), b_dec, W_enc, b_enc, W_dec, colw (ReLU: per-latent L1 weights, e.g.
+    decoder norms, or None), threshold (JumpReLU, else None). Outputs dec = f @ W_dec (fp32,
+    without b_dec) and a per-token sparsity statistic (ReLU: sum_i colw_i f_i; JumpReLU: the
+    L0 count, whose gradient reaches only the threshold, through the rectangle-kernel
+    pseudo-derivative), plus non-differentiable f, per-token L0 and per-latent fire counts.
+
+    Backward is GEMM + one fused pass + two GEMMs: g_f = g_dec @ W_dec^T, then in place
+    g_z = (g_f + row_g * colw) * f'(z) with the column sums (b_enc grad) and, for JumpReLU,
+    the window sums for the threshold, then W_dec and W_enc grads. The gradient buffers are
+    created here, so the in-place pass never touches a tensor autograd shares.
+    """
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, colw, threshold, spec: DenseSpec):  # type: ignore[override]
+        cd = spec.compute_dtype
+        xc = (x - b_dec).to(cd).contiguous()
+        z = xc @ W_enc.to(cd)
+        jump = spec.jumprelu_bandwidth > 0
+        f = torch.empty_like(z) if jump else z  # JumpReLU keeps z: the threshold grad needs it
+        row_sum, row_cnt, col_cnt = kernels.act_fwd(z, f, b_enc, threshold if jump else None, colw, row_sums=not jump)
+        Wd = W_dec.to(cd)
+        dec = (f @ Wd).float()
+        ctx.spec = spec
+        ctx.save_for_backward(xc, f, z if jump else None, W_enc, b_enc, Wd, colw, threshold)
+        ctx.mark_non_differentiable(f, row_cnt, col_cnt)
+        ctx.set_materialize_grads(False)
+        return dec, (row_cnt.clone() if jump else row_sum), f, row_cnt, col_cnt
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_dec, g_row, *_):  # type: ignore[override]
+        xc, f, z, W_enc, b_enc, Wd, colw, threshold = ctx.saved_tensors
+        spec: DenseSpec = ctx.spec
+        cd = spec.compute_dtype
+        if g_dec is None:
+            g_dec = torch.zeros(f.shape[0], Wd.shape[1])
+        gc = g_dec.to(cd).contiguous()
+        g = gc @ Wd.t()
+        row_g = None if g_row is None else g_row.float().contiguous()
+        grad_colw = grad_thr = None
+        if spec.jumprelu_bandwidth > 0:
+            eps = spec.jumprelu_bandwidth
+            col_g, _, win_g, win_r = kernels.act_bwd(g, z, b_enc, thr=threshold, eps=eps, row_g=row_g)
+            grad_thr = -(threshold / eps) * win_g
+            if win_r is not None:
+                grad_thr = grad_thr - win_r / eps
+        else:
+            want = colw is not None and ctx.needs_input_grad[5]
+            col_g, grad_colw, _, _ = kernels.act_bwd(g, f, b_enc, row_g=row_g, colw=colw, want_colw_grad=want)
+        grad_W_dec = (f.t() @ gc).float()
+        grad_W_enc = (xc.t() @ g).float()
+        grad_b_dec = -(W_enc @ col_g)
+        return None, grad_b_dec, grad_W_enc, col_g, grad_W_dec, grad_colw, grad_thr, None

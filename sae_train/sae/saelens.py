@@ -1,0 +1,241 @@
+"""Conversion between our inference SAE and the SAELens v6 layout (dicts and tensors only).
+
+SAELens (github.com/decoderesearch/SAELens, read at v6.54) loads a folder holding `cfg.json` and
+`sae_weights.safetensors` (+ optional `sparsity.safetensors`: log10 firing frequencies under
+the key "sparsity") with `SAE.load_from_disk(folder)`, or from a hub repo with
+`SAE.from_pretrained(repo_id, folder)`. Its inference math (sae_lens/saes/*.py) is ours:
+
+    z = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc
+    standard: f = relu(z)                      <- our relu (either sparsity penalty)
+    topk:     f = relu(top-k of z)             <- our topk (rescale_acts_by_decoder_norm false)
+    jumprelu: f = relu(z) * [z > threshold]    <- our jumprelu, and our batchtopk at inference
+    x_hat = f @ W_dec + b_dec
+
+relu(z) * [z > t] equals our z * [z > t] exactly when t >= 0, which our thresholds always are
+(JumpReLU clamps them, BatchTopK's is a mean of kept ReLU outputs); a negative one is refused.
+Our checkpoints are already folded (raw activations, unit-norm decoder rows), so the export
+says normalize_activations "none".
+
+Our own record (the checkpoint's whole cfg.json) rides in `metadata.sae_train`: SAELens keeps
+unknown metadata keys as attributes and ignores them otherwise, and `from_saelens` uses it to
+rebuild exactly the SAE that was exported (BatchTopK included). SAELens SAEs trained elsewhere
+(standard, topk, jumprelu) load too, with identical latents and reconstructions.
+
+`saelens_reference` writes SAELens's inference out in plain torch: the export checks every
+converted SAE against it on a probe batch (no sae_lens import needed), and the tests pin it to
+sae_lens itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sae_train.errors import UserError
+from sae_train.sae.base import SAE
+from sae_train.sae.config import SAEConfig
+from sae_train.sae.registry import create_sae
+
+SAELENS_VERSION = "6.0.0"
+"""The SAELens cfg layout written (checked against sae-lens 6.54): SAELens treats a config
+without `metadata.sae_lens_version` >= 6.0.0 as pre-6 and renames its keys."""
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+METADATA_KEY = "sae_train"
+"""cfg["metadata"][METADATA_KEY] = {"architecture", "checkpoint_cfg", "exported_by"}."""
+
+SAELENS_ARCHITECTURE = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
+"""Our architecture -> the SAELens inference architecture that computes the same."""
+
+TRAINING_ARCHITECTURE = {"relu": "standard", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}
+"""Our architecture -> SAELens's name for it in `metadata.training_architecture` (SAELens's own
+BatchTopK exports are jumprelu with training_architecture "batchtopk", like ours)."""
+
+_FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+LOG_SPARSITY_FLOOR = 1e-10
+"""log10(frequency + floor): SAELens's convention, so dead latents read -10 rather than -inf."""
+
+
+def _tensor_names(architecture: str) -> list[str]:
+    names = ["W_enc", "W_dec", "b_enc", "b_dec"]
+    return names + ["threshold"] if architecture == "jumprelu" else names
+
+
+def to_saelens(sae: SAE, metadata: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(cfg.json dict, sae_weights tensors) of the SAELens v6 SAE that computes what `sae` does.
+
+    `sae` must be an inference SAE (folded: it acts on raw activations). `metadata` becomes
+    cfg["metadata"] after `sae_lens_version`: SAELens's keys (hook_name, model_name,
+    context_size, prepend_bos, dataset_path, ...) and ours (METADATA_KEY).
+    """
+    if not sae.folded:
+        raise ValueError("to_saelens converts inference SAEs (acting on raw activations); pass sae.fold(scale)")
+    ours = sae.cfg.architecture
+    arch = SAELENS_ARCHITECTURE[ours]
+    with torch.no_grad():
+        tensors = {name: getattr(sae, name).detach().to("cpu", torch.float32).clone().contiguous()
+                   for name in _tensor_names(arch)}
+    if "threshold" in tensors and bool((tensors["threshold"] < 0).any()):
+        n = int((tensors["threshold"] < 0).sum())
+        raise UserError(
+            f"This {ours} SAE has {n} negative thresholds; SAELens's JumpReLU applies a ReLU before its "
+            f"threshold, so it cannot represent them. Thresholds trained by sae_train are never negative: "
+            f"the checkpoint was edited or is corrupt."
+        )
+    cfg: dict[str, Any] = {
+        "architecture": arch,
+        "d_in": sae.cfg.d_in,
+        "d_sae": sae.cfg.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+    }
+    if arch == "topk":
+        cfg["k"] = sae.cfg.k
+        cfg["rescale_acts_by_decoder_norm"] = False
+    cfg["metadata"] = {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None,
+                       "training_architecture": TRAINING_ARCHITECTURE[ours], **metadata}
+    return cfg, tensors
+
+
+def log_sparsity(frequency: Tensor) -> Tensor:
+    """The `sparsity` tensor of sparsity.safetensors: log10 of each latent's firing frequency (fp32)."""
+    return torch.log10(frequency.double() + LOG_SPARSITY_FLOOR).float()
+
+
+def _bad(source: str, what: str) -> UserError:
+    return UserError(f"{source}: {what}")
+
+
+def _check_tensors(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    arch, d_in, d_sae = cfg["architecture"], cfg["d_in"], cfg["d_sae"]
+    names = _tensor_names(arch)
+    missing = sorted(set(names) - set(tensors))
+    if missing:
+        raise _bad(source, f"the weights lack {missing} (a SAELens {arch} SAE has {names}).")
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,), "threshold": (d_sae,)}
+    out = {}
+    for name in names:
+        value = tensors[name]
+        if tuple(value.shape) != shapes[name]:
+            raise _bad(source, f"{name} has shape {tuple(value.shape)}; cfg.json (d_in={d_in}, d_sae={d_sae}) "
+                               f"implies {shapes[name]}.")
+        out[name] = value.detach().to("cpu", torch.float32)
+    return out
+
+
+def _check_cfg(cfg: Mapping[str, Any], source: str) -> None:
+    arch = cfg.get("architecture")
+    if arch not in _FROM_SAELENS:
+        raise _bad(source, f"architecture {arch!r} is not one sae_train can run; it loads SAELens "
+                           f"{', '.join(sorted(_FROM_SAELENS))} SAEs. Load this one with sae_lens itself.")
+    for key in ("d_in", "d_sae"):
+        if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
+            raise _bad(source, f"{key}={cfg.get(key)!r}; expected a positive integer.")
+    norm = cfg.get("normalize_activations", "none")
+    if norm not in (None, "none"):
+        raise _bad(source, f"normalize_activations={norm!r}: the SAE expects normalised inputs, and sae_train "
+                           "runs SAEs on raw activations. Fold the normalisation into the weights first "
+                           "(SAELens: fold_activation_norm_scaling_factor) and save it again.")
+    if cfg.get("reshape_activations", "none") not in (None, "none"):
+        raise _bad(source, f"reshape_activations={cfg['reshape_activations']!r} (per-head hook_z input) is not "
+                           "supported; sae_train SAEs take one flat vector per token.")
+    if arch == "topk" and (not isinstance(cfg.get("k"), int) or not 0 < cfg["k"] <= cfg["d_sae"]):
+        raise _bad(source, f"k={cfg.get('k')!r}; a topk SAE needs 0 < k <= d_sae.")
+
+
+def from_saelens(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], *, source: str = "SAELens SAE") -> SAE:
+    """Our inference SAE from a SAELens v6 cfg.json dict and its weights.
+
+    An export of ours (cfg["metadata"]["sae_train"] present) comes back as exactly the SAE that
+    was exported: same architecture (BatchTopK too), config, weights and normalization_scale.
+    Other SAELens SAEs (standard, topk, jumprelu) come back with the same latents and
+    reconstructions as SAELens computes (apply_b_dec_to_input false and
+    rescale_acts_by_decoder_norm true are folded into the weights). `source` names the input in
+    error messages.
+    """
+    _check_cfg(cfg, source)
+    weights = _check_tensors(cfg, tensors, source)
+    metadata = cfg.get("metadata") or {}
+    record = metadata.get(METADATA_KEY) if isinstance(metadata, Mapping) else None
+    if record:
+        return _from_our_export(cfg, weights, record, source)
+    return _from_foreign(cfg, weights, source)
+
+
+def _from_our_export(cfg: Mapping[str, Any], weights: dict[str, Tensor], record: Mapping[str, Any], source: str) -> SAE:
+    meta = record.get("checkpoint_cfg")
+    if not isinstance(meta, Mapping):
+        raise _bad(source, f"metadata.{METADATA_KEY} has no checkpoint_cfg; the export is incomplete. Export it again.")
+    ours = SAEConfig.from_dict(dict(meta), source=f"{source} (metadata.{METADATA_KEY}.checkpoint_cfg)")
+    expected = {"architecture": SAELENS_ARCHITECTURE[ours.architecture], "d_in": ours.d_in, "d_sae": ours.d_sae}
+    if ours.architecture == "topk":
+        expected["k"] = ours.k
+    clash = {k: (cfg.get(k), v) for k, v in expected.items() if cfg.get(k) != v}
+    if clash or cfg.get("apply_b_dec_to_input", True) is not True or cfg.get("rescale_acts_by_decoder_norm", False):
+        raise _bad(source, f"cfg.json disagrees with the sae_train record in its metadata ({clash or 'bias/rescale flags'}); "
+                           "the file was edited after export. Export the checkpoint again.")
+    sae = create_sae(ours)
+    with torch.no_grad():
+        for name, value in weights.items():
+            getattr(sae, name).copy_(value)
+    sae.folded = True
+    sae.normalization_scale = float(meta.get("normalization_scale", 1.0))
+    return sae
+
+
+def _from_foreign(cfg: Mapping[str, Any], weights: dict[str, Tensor], source: str) -> SAE:
+    arch = _FROM_SAELENS[cfg["architecture"]]
+    fields: dict[str, Any] = {"architecture": arch, "d_sae": cfg["d_sae"]}
+    if arch == "topk":
+        fields["k"] = cfg["k"]
+    sae = create_sae(SAEConfig(**fields).resolved(cfg["d_in"]))
+    W_enc, W_dec, b_enc, b_dec = (weights[n].double() for n in ("W_enc", "W_dec", "b_enc", "b_dec"))
+    if not cfg.get("apply_b_dec_to_input", True):
+        # x @ W_enc + b_enc == (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
+        b_enc = b_enc + b_dec @ W_enc
+    if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
+        # SAELens ranks z * n and decodes (f / n) @ W_dec: fold n into the encoder, 1/n into the decoder.
+        n = W_dec.norm(dim=-1)
+        W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
+    with torch.no_grad():
+        for name, value in (("W_enc", W_enc), ("W_dec", W_dec), ("b_enc", b_enc), ("b_dec", b_dec)):
+            getattr(sae, name).copy_(value.float())
+        if arch == "jumprelu":
+            # relu(z) * [z > t] == z * [z > max(t, 0)]
+            sae.threshold.copy_(weights["threshold"].clamp(min=0))
+    sae.folded = True
+    return sae
+
+
+def saelens_reference(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+    """(latents, reconstruction) that SAELens v6 computes for input x [n, d_in] (fp32).
+
+    The plain-torch twin of sae_lens's StandardSAE/TopKSAE/JumpReLUSAE encode and decode
+    (normalize_activations "none"), for checking conversions without importing sae_lens.
+    """
+    arch = cfg["architecture"]
+    W_enc, W_dec, b_enc, b_dec = (tensors[n].float() for n in ("W_enc", "W_dec", "b_enc", "b_dec"))
+    x = x.float()
+    z = (x - b_dec * bool(cfg.get("apply_b_dec_to_input", True))) @ W_enc + b_enc
+    rescale = arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False)
+    if rescale:
+        z = z * W_dec.norm(dim=-1)
+    if arch == "standard":
+        f = torch.relu(z)
+    elif arch == "topk":
+        values, indices = torch.topk(z, k=cfg["k"], dim=-1, sorted=False)
+        f = torch.zeros_like(z).scatter(-1, indices, values.relu())
+    elif arch == "jumprelu":
+        f = torch.relu(z) * (z > tensors["threshold"].float()).to(z.dtype)
+    else:
+        raise ValueError(f"no reference for SAELens architecture {arch!r}")
+    decoded = (f / W_dec.norm(dim=-1) if rescale else f) @ W_dec + b_dec
+    return f, decoded
