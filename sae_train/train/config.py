@@ -1,0 +1,116 @@
+"""`sae-train train` configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sae_train.data import DataConfig, TextConfig
+from sae_train.errors import UserError
+from sae_train.lm import ModelConfig
+from sae_train.sae import SAEConfig
+
+SOURCES = ("store", "live")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging (metrics JSONL is always written)."""
+
+    enabled: bool = False
+    project: str = "sae-train"
+    entity: str = ""
+    mode: str = "auto"
+    """online | offline | auto (offline when no API key is configured)."""
+    name: str = ""
+    """Run name; empty = derived from out_dir."""
+
+
+@dataclass
+class TrainConfig(TextConfig):
+    """Train one or more SAEs on one activation stream."""
+
+    source: str = "store"
+    """store (read `store`) | live (run `model` over `data`; no disk)."""
+    store: str = ""
+    """Activation store directory written by `sae-train cache` (source=store)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """source=live: the model to run."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """source=live: the text to run it on (its train split)."""
+    sites: list[str] = field(default_factory=list)
+    """Sites to train on; empty = every site in the store (source=store)."""
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
+    """One-pass sweep: SAE fields to vary, e.g. {k: [16, 32, 64]}. Every combination, for every
+    site, trains at once on the same activations (read or computed once)."""
+    n_tokens: int = 1_000_000
+    """Training tokens (every SAE sees each one once)."""
+    batch_size: int = 4096
+    """Global batch in tokens (split evenly across DDP ranks)."""
+    lr: float = 0.0
+    """Adam learning rate; 0 = 2e-4 * sqrt(16384 / d_sae) (the TopK scaling law of Gao et al.
+    2024), which suits every architecture on normalised inputs."""
+    lr_warmup: float = 0.05
+    """Fraction of steps of linear LR warm-up."""
+    lr_decay: float = 0.2
+    """Fraction of steps, at the end, of linear LR decay to zero."""
+    sparsity_warmup: float = 0.05
+    """Fraction of steps over which the sparsity coefficient ramps from 0 to its value."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Max global gradient norm per SAE (0 = off)."""
+    dtype: str = "auto"
+    """Matmul dtype: bfloat16 | float32 | auto (bfloat16 where the device computes it natively).
+    Master weights and optimizer state stay float32."""
+    device: str = "auto"
+    """cpu | cuda | auto. Under torchrun each rank takes its LOCAL_RANK GPU."""
+    init_tokens: int = 32_768
+    """Tokens sampled once to set the normalisation constant and b_dec."""
+    dead_after_tokens: int = 250_000
+    """A latent that has not fired for this many tokens counts as dead (AuxK / resampling target)."""
+    resample_every: float = 0.25
+    """ReLU family: resample dead latents at these fractions of the run (0 = never)."""
+    checkpoint_every_tokens: int = 0
+    """Write a checkpoint every N tokens (0 = only at the end and on SIGTERM/SIGINT)."""
+    log_every: int = 10
+    """Steps between metric lines."""
+    shuffle_window: int = 8
+    """source=store: shards shuffled together."""
+    live_buffer_tokens: int = 65_536
+    """source=live: activations computed and shuffled together."""
+    eval_every_tokens: int = 0
+    """Evaluate the SAEs on held-out text every N training tokens and at the end, logged with
+    the training metrics (0 = off). Needs the model: the store's recorded one, or `model`."""
+    eval_tokens: int = 4096
+    """Held-out tokens per periodic eval (the same tokens every time, so numbers compare)."""
+    seed: int = 0
+    out_dir: str = "runs/sae"
+    resume: bool = True
+    """Continue from the checkpoint in out_dir when there is one (same config required)."""
+    progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.source not in SOURCES:
+            raise UserError(f"source='{self.source}' must be one of {', '.join(SOURCES)}.")
+        if self.source == "store" and not self.store:
+            raise UserError("source=store needs store=<directory written by sae-train cache> (or use source=live).")
+        if self.source == "live" and not self.sites:
+            raise UserError("source=live needs sites=[...] (which activations to compute).")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise UserError(f"dtype='{self.dtype}' must be one of {', '.join(COMPUTE_DTYPES)}.")
+        if self.n_tokens < self.batch_size or self.batch_size <= 0:
+            raise UserError(f"n_tokens={self.n_tokens} must be at least one batch (batch_size={self.batch_size}).")
+        for key in self.sweep:
+            if key not in SAEConfig.__dataclass_fields__:
+                raise UserError(f"sweep key '{key}' is not an SAE field; valid: {', '.join(SAEConfig.__dataclass_fields__)}.")
+        if not 0 <= self.lr_warmup + self.lr_decay <= 1 or not 0 <= self.sparsity_warmup <= 1:
+            raise UserError("lr_warmup + lr_decay and sparsity_warmup are fractions of the run in [0, 1].")
+
+    @property
+    def n_steps(self) -> int:
+        return self.n_tokens // self.batch_size

@@ -1,0 +1,62 @@
+"""Distributed data-parallel plumbing: process group set-up and the few collectives used.
+
+Every rank calls every collective the same number of times: the trainer runs a fixed number
+of steps on every rank, and decisions (stop on a signal, stop on a non-finite loss) travel in
+the same per-step all-reduce as the gradients, so no rank ever waits on one that left.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+        return tensor
+
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.world_size > 1:
+            tdist.broadcast(tensor, src=src)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            tdist.barrier()
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join the process group torchrun (or srun + torchrun) describes in the environment; a
+    plain `python`/`sae-train` run is a world of one. NCCL on CUDA, gloo on CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(device=torch.device(device))
+    rank = int(os.environ["RANK"])
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank=rank, world_size=world, device=dev)
+
+
+def shutdown(dist: Dist) -> None:
+    if dist.world_size > 1 and tdist.is_initialized():
+        tdist.destroy_process_group()

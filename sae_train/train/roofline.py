@@ -1,0 +1,54 @@
+"""The machine's own GEMM bound, so throughput is reported as a fraction of what is possible.
+
+An SAE training step is bounded by its dense matrix products: one encoder GEMM for the TopK
+family (decode and backward are sparse), five for ReLU/JumpReLU (encoder forward, decoder
+forward, latent gradient, decoder-weight gradient, encoder-weight gradient). Timing those
+exact products (shapes and transposes) on this device in the compute dtype gives the bound in
+tokens/s that every log line and benchmark compares against.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+_TOPK_FAMILY = ("topk", "batchtopk")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up: allocator, kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def step_gemm_seconds(
+    architecture: str, rows: int, d_in: int, d_sae: int, dtype: torch.dtype, device: torch.device, repeats: int = 3
+) -> float:
+    """Best-of-N time of the dense GEMMs one training step of `architecture` needs."""
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device).to(dtype)
+
+    x, w_enc, w_dec = rand(rows, d_in), rand(d_in, d_sae), rand(d_sae, d_in)
+    f, grad_x = rand(rows, d_sae), rand(rows, d_in)
+    gemms = [lambda: x @ w_enc]  # encoder forward
+    if architecture not in _TOPK_FAMILY:
+        gemms += [
+            lambda: f @ w_dec,  # decoder forward
+            lambda: grad_x @ w_dec.T,  # latent gradient
+            lambda: f.T @ grad_x,  # decoder-weight gradient
+            lambda: x.T @ f,  # encoder-weight gradient
+        ]
+    return sum(best_time(g, device, repeats) for g in gemms)

@@ -1,0 +1,190 @@
+"""Where training activations come from: an activation store or the model itself, live.
+
+Both give the trainer the same thing: an endless stream of this rank's share of each global
+batch ({site: [batch_size / world_size, d_in]}), a `position` to save in checkpoints so a
+resumed run continues with exactly the batches it would have seen, and `sample(n)` rows for
+the one-off initialisation statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict
+from itertools import islice
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from sae_train.data import DataConfig, TextConfig, TokenSpec, iter_documents, iter_windows
+from sae_train.errors import UserError
+from sae_train.lm import LanguageModel
+from sae_train.store import ActivationStore, ShuffledBatches
+from sae_train.train.dist import Dist
+
+
+class ActivationSource(Protocol):
+    sites: list[str]
+    provenance: dict
+    """What produced the activations (model identity, data, context size...), for checkpoints."""
+
+    def d_in(self, site: str) -> int: ...
+
+    def batches(self, position: int) -> Iterator[dict[str, torch.Tensor]]: ...
+
+    @property
+    def position(self) -> int: ...
+
+    def sample(self, n_tokens: int) -> dict[str, torch.Tensor]: ...
+
+
+class StoreSource:
+    """Shuffled batches from an activation store (see `ShuffledBatches` for the exact order)."""
+
+    def __init__(self, path: str, sites: list[str], batch_size: int, dist: Dist, *, seed: int, window_shards: int):
+        self.store = ActivationStore(path)
+        if self.store.n_tokens == 0:
+            raise UserError(f"Activation store {path} holds no tokens yet; run (or finish) `sae-train cache ... out_dir={path}` first.")
+        self.sites = sites or list(self.store.sites)
+        unknown = [s for s in self.sites if s not in self.store.sites]
+        if unknown:
+            raise UserError(f"Store {path} has no site {unknown}; it holds {list(self.store.sites)}. Fix sites=[...].")
+        self.batch_size, self.dist, self.seed, self.window_shards = batch_size, dist, seed, window_shards
+        spec = self.store.manifest.spec
+        self.provenance = {"source": "store", "store": str(path), **{k: spec.get(k) for k in ("model", "data", "text")}}
+        self._reader: ShuffledBatches | None = None
+
+    def d_in(self, site: str) -> int:
+        return self.store.sites[site].d_in
+
+    def batches(self, position: int) -> Iterator[dict[str, torch.Tensor]]:
+        self._reader = ShuffledBatches(
+            self.store, self.sites, self.batch_size, seed=self.seed, rank=self.dist.rank,
+            world_size=self.dist.world_size, window_shards=self.window_shards, position=position, dtype=torch.float32,
+        )
+        return iter(self._reader)
+
+    @property
+    def position(self) -> int:
+        return self._reader.position if self._reader else 0
+
+    def sample(self, n_tokens: int) -> dict[str, torch.Tensor]:
+        """n rows drawn like a single-process run would (independent of the world size)."""
+        n = min(n_tokens, self.store.n_tokens)
+        reader = ShuffledBatches(self.store, self.sites, n, seed=self.seed + 1, window_shards=self.window_shards,
+                                 dtype=torch.float32, prefetch=0)
+        return next(iter(reader))
+
+
+class LiveSource:
+    """Activations computed on the fly, shuffled within blocks of `buffer_tokens` tokens.
+
+    Rank r runs the windows i of the packed corpus with i % world_size == r, in blocks of
+    buffer_tokens / context_size windows, cycling through the corpus. Block b's rows are
+    permuted by a generator seeded by (seed, rank, b); the stream is the blocks one after the
+    other and position counts global rows consumed. A resume recomputes only the block it
+    stopped in.
+    """
+
+    def __init__(self, lm: LanguageModel, sites: list[str], data: DataConfig, text: TextConfig, batch_size: int,
+                 dist: Dist, *, seed: int, buffer_tokens: int):
+        if data.split != "train":
+            raise UserError("source=live trains on data.split=train; eval text must stay held out.")
+        self.lm, self.data, self.text, self.dist, self.seed = lm, data, text, dist, seed
+        self.sites = list(sites)
+        self._sites = [lm.site(s) for s in sites]
+        self._widths = {s.name: lm.site_width(s) for s in self._sites}
+        self._tokens = TokenSpec.from_tokenizer(lm.tokenizer, text)
+        self.local_batch = batch_size // dist.world_size
+        self.windows_per_block = max(1, buffer_tokens // text.context_size)
+        self.provenance = {"source": "live", "model": lm.identity, "data": data.describe(), "text": asdict(text)}
+        self._position = 0
+        if next(self._rank_windows(), None) is None:
+            raise UserError(f"Data source '{data.source}' {data.path} yields no full window of {text.context_size} tokens.")
+
+    def d_in(self, site: str) -> int:
+        return self._widths[site]
+
+    def _corpus_windows(self) -> Iterator[torch.Tensor]:
+        return iter_windows(iter_documents(self.data), self.lm.tokenizer, self.text, self._tokens)
+
+    def _rank_windows(self) -> Iterator[torch.Tensor]:
+        """This rank's windows, cycling through the corpus forever."""
+        rank, world = self.dist.rank, self.dist.world_size
+        while True:
+            produced = False
+            for i, window in enumerate(self._corpus_windows()):
+                if i % world == rank:
+                    produced = True
+                    yield window
+            if not produced:
+                return
+
+    def _block_rows(self, windows: list[torch.Tensor], block: int) -> dict[str, torch.Tensor]:
+        batch = torch.stack(windows)
+        acts: dict[str, list[torch.Tensor]] = {s.name: [] for s in self._sites}
+        for start in range(0, len(batch), 16):
+            for name, act in self.lm.capture(self._sites, batch[start : start + 16].to(self.lm.device)).items():
+                acts[name].append(act.flatten(0, 1).float().cpu())
+        tokens = batch.flatten()
+        keep = ~torch.isin(tokens, torch.tensor(self._tokens.special)) if self.text.exclude_special_tokens else torch.ones_like(tokens, dtype=torch.bool)
+        rng = np.random.default_rng([self.seed, self.dist.rank, block])
+        order = torch.from_numpy(rng.permutation(int(keep.sum())))
+        return {name: torch.cat(parts)[keep][order] for name, parts in acts.items()}
+
+    def _blocks(self, start_block: int) -> Iterator[dict[str, torch.Tensor]]:
+        windows = self._rank_windows()
+        for _ in islice(windows, start_block * self.windows_per_block):
+            pass
+        block = start_block
+        while chunk := list(islice(windows, self.windows_per_block)):
+            yield self._block_rows(chunk, block)
+            block += 1
+
+    def batches(self, position: int) -> Iterator[dict[str, torch.Tensor]]:
+        # Rows per block vary (special tokens are dropped), so the block to restart from is
+        # found by recounting block sizes; only that block's activations are recomputed.
+        local_start = position // self.dist.world_size
+        start_block, skip = self._locate(local_start)
+        self._position = position
+        pending: dict[str, torch.Tensor] | None = None
+        for rows in self._blocks(start_block):
+            if skip:
+                rows = {k: v[skip:] for k, v in rows.items()}
+                skip = 0
+            pending = rows if pending is None else {k: torch.cat([pending[k], rows[k]]) for k in rows}
+            while len(next(iter(pending.values()))) >= self.local_batch:
+                batch = {k: v[: self.local_batch] for k, v in pending.items()}
+                pending = {k: v[self.local_batch :] for k, v in pending.items()}
+                self._position += self.local_batch * self.dist.world_size
+                yield batch
+
+    def _locate(self, local_rows: int) -> tuple[int, int]:
+        """(block, rows to skip in it) for a rank-local row offset, counting kept tokens per block."""
+        if local_rows == 0:
+            return 0, 0
+        special = torch.tensor(self._tokens.special)
+        windows, block = self._rank_windows(), 0
+        while chunk := list(islice(windows, self.windows_per_block)):
+            tokens = torch.stack(chunk).flatten()
+            size = int((~torch.isin(tokens, special)).sum()) if self.text.exclude_special_tokens else len(tokens)
+            if local_rows < size:
+                return block, local_rows
+            local_rows -= size
+            block += 1
+        raise RuntimeError("unreachable: the window stream is endless")
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    def sample(self, n_tokens: int) -> dict[str, torch.Tensor]:
+        rows: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}
+        got = 0
+        for block_rows in self._blocks(0):
+            for k, v in block_rows.items():
+                rows[k].append(v)
+            got += len(next(iter(block_rows.values())))
+            if got >= n_tokens:
+                break
+        return {k: torch.cat(v)[:n_tokens] for k, v in rows.items()}

@@ -1,0 +1,430 @@
+"""The training loop: several SAEs on one activation stream, single process or DDP.
+
+Per step every SAE takes its site's batch (normalised by its own constant), computes its loss
+and gradients; then ONE all-reduce carries all SAEs' gradients, their batch statistics
+(loss terms, FVU sums, L0, which latents fired) and the stop flag. Every rank therefore makes
+the same decisions (clip, step, dead latents, stop on a signal or a non-finite loss) at the
+same step, and the number of collectives never depends on the data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from sae_train.errors import UserError
+from sae_train.lm.model import resolve_dtype
+from sae_train.provenance import provenance
+from sae_train.sae import SAE, SAEOutput, create_sae, save_sae
+from sae_train.sae.kernels import keep_freed_memory
+from sae_train.train import checkpoint as ckpt
+from sae_train.train.config import TrainConfig
+from sae_train.train.dist import Dist
+from sae_train.train.logger import MetricsLogger
+from sae_train.train.resample import resample_dead_
+from sae_train.train.roofline import step_gemm_seconds
+from sae_train.train.schedule import lr_factor, sparsity_factor
+from sae_train.train.signals import Preempted, StopSignals
+from sae_train.train.sources import ActivationSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SAERun:
+    """One SAE under training, with everything that belongs to it alone."""
+
+    tag: str
+    site: str
+    sae: SAE
+    optimizer: torch.optim.Optimizer
+    lr: float
+    directory: Path
+    bound_seconds: float
+    """Time of the dense GEMMs of one step on this machine (the roofline)."""
+    scale: float = 1.0
+    """Normalisation constant: the SAE sees x * scale, which has unit mean L2 norm."""
+    since_fired: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    """Tokens since each latent last fired (dead-latent tracking)."""
+    sums: dict[str, float] = field(default_factory=dict)
+    """Metric sums since the last log line."""
+
+    def dead_mask(self, after_tokens: int) -> torch.Tensor:
+        return self.since_fired >= after_tokens
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.sae.parameters() if p.requires_grad]
+
+
+@dataclass
+class StepInfo:
+    """What callbacks see after each optimizer step."""
+
+    step: int
+    n_steps: int
+    tokens: int
+    runs: list[SAERun]
+    is_main: bool
+    """Rank 0 (or the only process): where work like periodic eval belongs."""
+
+
+Callback = Callable[[StepInfo], dict[str, dict[str, float]] | None]
+"""Called after every step on every rank; may return {sae tag: metrics} to log (e.g. a
+periodic eval). It must make the same collective calls on every rank, or none."""
+
+
+@dataclass
+class TrainSummary:
+    out_dir: str
+    steps: int
+    new_steps: int
+    """Steps trained by this call (0: the run had already finished and was reused)."""
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    bound_fraction: float
+    saes: dict[str, dict[str, Any]]
+    """Per SAE: checkpoint directory and the last logged metrics."""
+
+    def table(self) -> str:
+        if self.new_steps:
+            lines = [f"trained      {self.tokens:,} tokens in {self.steps} steps, {self.seconds:,.1f} s "
+                     f"({self.tokens_per_second:,.0f} tok/s, {self.bound_fraction:.0%} of the GEMM bound)"]
+        else:
+            lines = [f"finished     {self.tokens:,} tokens in {self.steps} steps (an earlier run; nothing to do)"]
+        for tag, info in self.saes.items():
+            m = info["metrics"]
+            lines.append(f"{tag:36s} fvu {m.get('fvu', float('nan')):.4f}  l0 {m.get('l0', float('nan')):7.1f}  "
+                         f"dead {m.get('dead_fraction', float('nan')):.1%}  -> {info['checkpoint']}")
+        return "\n".join(lines)
+
+
+def default_lr(d_sae: int) -> float:
+    """Gao et al. (2024): lr = 2e-4 / sqrt(d_sae / 2^14)."""
+    return 2e-4 * math.sqrt(2**14 / d_sae)
+
+
+def sae_plan(cfg: TrainConfig, sites: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(tag, site, SAE-field overrides) for every SAE of the run: sites x sweep combinations."""
+    keys = sorted(cfg.sweep)
+    plan = []
+    for site in sites:
+        for values in itertools.product(*(cfg.sweep[k] for k in keys)):
+            overrides = dict(zip(keys, values))
+            suffix = "-".join(f"{k}={v}" for k, v in overrides.items())
+            plan.append((f"{site}/{suffix}" if suffix else site, site, overrides))
+    return plan
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, source: ActivationSource, dist: Dist, callbacks: Sequence[Callback] = ()):
+        self.cfg, self.source, self.dist, self.callbacks = cfg, source, dist, list(callbacks)
+        keep_freed_memory()  # reuse the step's big buffers instead of page-faulting them in every step
+        self.out_dir = Path(cfg.out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise UserError(f"out_dir={self.out_dir} is a file; choose a directory path.")
+        self.n_steps = cfg.n_steps
+        self.compute_dtype = resolve_dtype(cfg.dtype, dist.device)
+        self.local_batch = cfg.batch_size // dist.world_size
+        if cfg.batch_size % dist.world_size:
+            raise UserError(f"batch_size={cfg.batch_size} must divide evenly across {dist.world_size} ranks.")
+        self.runs = [self._build_run(tag, site, overrides) for tag, site, overrides in sae_plan(cfg, source.sites)]
+        self.step = self.tokens = self.position = 0
+        self.wandb_id = ""
+        self.config_dict = asdict(cfg)
+        if not (cfg.resume and self._restore()):
+            self._initialise()
+        self.logger = MetricsLogger(self.out_dir, dist.is_main, cfg.wandb, self.config_dict, self.wandb_id)
+        self.wandb_id = self.logger.run_id
+
+    # ---- set-up -------------------------------------------------------------------------
+    def _build_run(self, tag: str, site: str, overrides: dict[str, Any]) -> SAERun:
+        d_in = self.source.d_in(site)
+        sae_cfg = replace(self.cfg.sae, **overrides)
+        if sae_cfg.d_in not in (0, d_in):
+            raise UserError(
+                f"sae.d_in={sae_cfg.d_in} does not match site {site} of the data, whose activations have "
+                f"d_in={d_in}. Remove sae.d_in (it is read from the data) or pick the matching site."
+            )
+        sae = create_sae(sae_cfg.resolved(d_in), compute_dtype=self.compute_dtype).to(self.dist.device)
+        lr = self.cfg.lr or default_lr(sae.cfg.d_sae)
+        beta1, beta2 = self.cfg.adam_betas
+        optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(beta1, beta2), eps=self.cfg.adam_eps)
+        bound = step_gemm_seconds(sae.cfg.architecture, self.local_batch, d_in, sae.cfg.d_sae,
+                                  self.compute_dtype, self.dist.device)
+        return SAERun(tag=tag, site=site, sae=sae, optimizer=optimizer, lr=lr, directory=self.out_dir / tag,
+                      bound_seconds=bound, since_fired=torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.dist.device))
+
+    @torch.no_grad()
+    def _initialise(self) -> None:
+        """Normalisation constants and data-dependent init (b_dec) from one sample, made on
+        rank 0 and broadcast so every rank starts from identical weights."""
+        sample = self.source.sample(self.cfg.init_tokens) if self.dist.is_main else None
+        for run in self.runs:
+            scale = torch.zeros(1, dtype=torch.float64, device=self.dist.device)
+            if sample is not None:
+                x = sample[run.site].to(self.dist.device, torch.float32)
+                mean_norm = float(x.norm(dim=1).mean())
+                if not math.isfinite(mean_norm) or mean_norm == 0.0:
+                    raise UserError(f"Activations of {run.site} have mean norm {mean_norm}; the data is degenerate (all zero or non-finite).")
+                scale[0] = 1.0 / mean_norm
+                run.sae.init_from_data(x * scale.item())
+            run.scale = float(self.dist.broadcast_(scale).item())
+            for tensor in itertools.chain(run.sae.parameters(), run.sae.buffers()):
+                self.dist.broadcast_(tensor.data)
+
+    def _restore(self) -> bool:
+        state = ckpt.read_run_state(self.out_dir)
+        if state is None:
+            return False
+        saved, now = ckpt.comparable(state["config"]), ckpt.comparable(self.config_dict)
+        if saved != now:
+            diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+            raise UserError(
+                f"{self.out_dir} holds a training run with a different config ({'; '.join(diffs)}). Use the original "
+                "settings to resume it, a new out_dir, or resume=false to start over in this directory."
+            )
+        for run in self.runs:
+            directory = ckpt.restore_committed(run.directory, state["step"])
+            tensors, optimizer, sae_state = ckpt.read_training_state(directory)
+            run.since_fired = tensors.pop("since_fired").to(self.dist.device)
+            run.sae.load_state_dict({k: v.to(self.dist.device) for k, v in tensors.items()})
+            run.optimizer.load_state_dict(optimizer)
+            run.scale = sae_state["scale"]
+        self.step, self.tokens, self.position = state["step"], state["tokens"], state["position"]
+        self.wandb_id = state.get("wandb_id", "")
+        log.info("resumed %s at step %d (%d tokens)", self.out_dir, self.step, self.tokens)
+        return True
+
+    # ---- the loop -------------------------------------------------------------------------
+    def fit(self) -> TrainSummary:
+        started, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
+        bar = tqdm(total=self.n_steps * self.cfg.batch_size, initial=self.tokens, unit="tok", unit_scale=True,
+                   disable=not (self.cfg.progress and self.dist.is_main), desc="train")
+        first_step, last = self.step, {}
+        batches: Iterator[dict[str, torch.Tensor]] = self.source.batches(self.position) if self.step < self.n_steps else iter(())
+        try:
+            with StopSignals() as signals:
+                while self.step < self.n_steps:
+                    batch = next(batches)
+                    stop = self.train_step(batch, signals.received)
+                    self.position = self.source.position
+                    bar.update(self.cfg.batch_size)
+                    window_steps += 1
+                    extra = self._callbacks()
+                    if self.step % self.cfg.log_every == 0 or self.step == self.n_steps or extra or stop:
+                        elapsed = time.perf_counter() - window_start
+                        last = self._log(window_steps, elapsed, extra)
+                        bar.set_postfix(tok_s=f"{window_steps * self.cfg.batch_size / elapsed:,.0f}")
+                        window_start, window_steps = time.perf_counter(), 0
+                    if stop:
+                        self.save()
+                        raise Preempted(stop, self.step)
+                    if self._checkpoint_due():
+                        self.save()
+        finally:
+            bar.close()
+            self.logger.close()
+        if first_step < self.n_steps:
+            self.save()
+        return self._summary(time.perf_counter() - started, self.step - first_step, last)
+
+    def train_step(self, batch: dict[str, torch.Tensor], signal_received: int) -> int:
+        """One optimizer step of every SAE; returns the signal number if the run must stop."""
+        sparsity = sparsity_factor(self.step, self.n_steps, self.cfg.sparsity_warmup)
+        stats, outs = [], []
+        for run in self.runs:
+            x = batch[run.site].to(self.dist.device, non_blocking=True) * run.scale
+            out = run.sae(x, dead_mask=run.dead_mask(self.cfg.dead_after_tokens), sparsity_scale=sparsity)
+            out.losses["loss"].backward()
+            stats.append(self._batch_stats(x, out))
+            outs.append(out)
+        stats, stop = self._all_reduce(stats, outs, signal_received)
+        lr_scale = lr_factor(self.step, self.n_steps, self.cfg.lr_warmup, self.cfg.lr_decay)
+        for run, out, (losses, sums, fired) in zip(self.runs, outs, stats):
+            if not all(math.isfinite(v) for v in losses.values()):
+                raise UserError(
+                    f"Non-finite loss for SAE {run.tag} at step {self.step} ({losses}). Training stopped; the last "
+                    "checkpoint was left untouched. Lower lr, use dtype=float32, or check the activations."
+                )
+            run.sae.project_grads_()
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(run.params, self.cfg.grad_clip)
+            for group in run.optimizer.param_groups:
+                group["lr"] = run.lr * lr_scale
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.sae.constrain_()
+            run.sae.after_step(out)
+            run.since_fired += self.cfg.batch_size
+            run.since_fired[fired] = 0
+            self._accumulate(run, losses, sums, lr_scale)
+        self.step += 1
+        self.tokens += self.cfg.batch_size
+        self._maybe_resample()
+        return stop
+
+    def _batch_stats(self, x: torch.Tensor, out: SAEOutput) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            err = (out.x_hat - x).pow(2).sum()
+            var = (x - x.mean(0)).pow(2).sum()
+            sums = torch.stack([err, var, out.l0 * x.shape[0], torch.tensor(float(x.shape[0]), device=x.device)])
+            losses = {k: v.detach() for k, v in out.losses.items()}
+        return losses, sums.double(), out.fired
+
+    def _all_reduce(self, stats: list, outs: list[SAEOutput], signal_received: int) -> tuple[list[tuple[dict[str, float], list[float], torch.Tensor]], int]:
+        """Average gradients and sum statistics over ranks in one collective.
+
+        The SAEs' own per-batch statistics (`out.stats`, e.g. BatchTopK's smallest kept
+        activation) are averaged in place, so state updated from them stays identical on
+        every rank.
+        """
+        world = self.dist.world_size
+        if world > 1:
+            parts: list[torch.Tensor] = []
+            for run, out, (losses, sums, fired) in zip(self.runs, outs, stats):
+                for p in run.params:
+                    parts.append((p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double())
+                parts += [torch.stack([v.double() for v in losses.values()]), sums, fired.double()]
+                parts += [v.double().flatten() for v in out.stats.values()]
+            # One flag per signal: summing signal numbers across ranks would invent other signals.
+            parts.append(torch.tensor([float(signal_received == sig) for sig in StopSignals.SIGNALS],
+                                      dtype=torch.float64, device=self.dist.device))
+            flat = self.dist.all_reduce_sum_(torch.cat(parts))
+            offset = 0
+
+            def take(n: int) -> torch.Tensor:
+                nonlocal offset
+                offset += n
+                return flat[offset - n : offset]
+
+            reduced = []
+            for run, out, (losses, sums, fired) in zip(self.runs, outs, stats):
+                for p in run.params:
+                    g = take(p.numel()).view_as(p).to(p.dtype) / world
+                    if p.grad is None:
+                        p.grad = g
+                    else:
+                        p.grad.copy_(g)
+                loss_values = take(len(losses)) / world
+                losses = dict(zip(losses, loss_values.tolist()))
+                sums = take(4)
+                fired = take(fired.numel()) > 0
+                for key, value in out.stats.items():
+                    out.stats[key] = (take(value.numel()) / world).view_as(value).to(value.dtype)
+                reduced.append((losses, sums.tolist(), fired))
+            flags = take(len(StopSignals.SIGNALS)).tolist()
+            signal_received = next((int(sig) for sig, flag in zip(StopSignals.SIGNALS, flags) if flag > 0), 0)
+            return reduced, signal_received
+        return [({k: float(v) for k, v in losses.items()}, sums.tolist(), fired) for losses, sums, fired in stats], signal_received
+
+    def _accumulate(self, run: SAERun, losses: dict[str, float], sums: list[float], lr_scale: float) -> None:
+        err, var, l0_sum, n = sums
+        for key, value in {**losses, "err": err, "var": var, "l0": l0_sum / n}.items():
+            run.sums[key] = run.sums.get(key, 0.0) + value
+        run.sums["lr"] = run.lr * lr_scale
+
+    def _maybe_resample(self) -> None:
+        every = self.cfg.resample_every
+        if every <= 0:
+            return
+        boundary = max(1, round(every * self.n_steps))
+        if self.step % boundary or self.step >= self.n_steps:
+            return
+        for run in self.runs:
+            if run.sae.cfg.architecture == "relu":
+                count = resample_dead_(run.sae, run.optimizer, run.dead_mask(self.cfg.dead_after_tokens),
+                                       self.source.sample, self.dist, run.site, run.scale)
+                if count:
+                    log.info("%s: resampled %d dead latents at step %d", run.tag, count, self.step)
+
+    def _callbacks(self) -> dict[str, dict[str, float]]:
+        info = StepInfo(step=self.step, n_steps=self.n_steps, tokens=self.tokens, runs=self.runs, is_main=self.dist.is_main)
+        merged: dict[str, dict[str, float]] = {}
+        for callback in self.callbacks:
+            for tag, metrics in (callback(info) or {}).items():
+                merged.setdefault(tag, {}).update(metrics)
+        return merged
+
+    def _log(self, steps: int, seconds: float, extra: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        tokens_per_s = steps * self.cfg.batch_size / seconds
+        bound = sum(r.bound_seconds for r in self.runs) * steps
+        last = {}
+        for run in self.runs:
+            sums = run.sums
+            metrics = {k: v / steps for k, v in sums.items() if k not in ("err", "var", "lr")}
+            metrics.update(
+                fvu=sums.get("err", 0.0) / max(sums.get("var", 0.0), 1e-30),
+                dead_fraction=float(run.dead_mask(self.cfg.dead_after_tokens).float().mean()),
+                lr=sums.get("lr", 0.0),
+                tokens_per_s=tokens_per_s,
+                bound_fraction=bound / seconds,
+                **extra.get(run.tag, {}),
+            )
+            self.logger.log(self.step, self.tokens, run.tag, metrics)
+            run.sums = {}
+            last[run.tag] = metrics
+        return last
+
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg.checkpoint_every_tokens
+        return every > 0 and self.step < self.n_steps and self.tokens // every != (self.tokens - self.cfg.batch_size) // every
+
+    # ---- saving -----------------------------------------------------------------------------
+    def save(self) -> None:
+        """Checkpoint every SAE (rank 0 writes; every rank waits so none runs ahead)."""
+        if self.dist.is_main:
+            for run in self.runs:
+                staging = ckpt.staging_dir(run.directory)
+                save_sae(run.sae.fold(run.scale), staging, self._inference_metadata(run))
+                state = {"step": self.step, "tokens": self.tokens, "scale": run.scale, "tag": run.tag, "site": run.site,
+                         "sae": asdict(run.sae.cfg)}
+                ckpt.write_training_state(staging, {**run.sae.state_dict(), "since_fired": run.since_fired},
+                                          run.optimizer.state_dict(), state)
+            ckpt.commit(self.out_dir, [r.directory for r in self.runs], {
+                "step": self.step, "tokens": self.tokens, "position": self.position, "n_steps": self.n_steps,
+                "config": self.config_dict, "saes": [r.tag for r in self.runs], "wandb_id": self.wandb_id,
+                "world_size": self.dist.world_size,
+                "provenance": provenance(),
+            })
+        self.dist.barrier()
+
+    def _inference_metadata(self, run: SAERun) -> dict[str, Any]:
+        return {
+            "site": run.site,
+            "tag": run.tag,
+            "normalization_scale": run.scale,
+            "tokens_trained": self.tokens,
+            "source": self.source.provenance,
+            "provenance": provenance(),
+            "train": {k: self.config_dict[k] for k in ("batch_size", "lr", "seed", "n_tokens", "dtype")} | {"lr_used": run.lr},
+        }
+
+    def _last_logged(self, tag: str) -> dict[str, float]:
+        """The last metrics line of an SAE in metrics.jsonl (a run that had already finished)."""
+        path = self.out_dir / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        mine = [row for row in rows if row.get("sae") == tag]
+        return {k: v for k, v in mine[-1].items() if k not in ("step", "tokens", "sae")} if mine else {}
+
+    def _summary(self, seconds: float, steps: int, last: dict[str, dict[str, float]]) -> TrainSummary:
+        tokens = steps * self.cfg.batch_size
+        bound = sum(r.bound_seconds for r in self.runs) * steps
+        last = {tag: metrics or self._last_logged(tag) for tag, metrics in ((r.tag, last.get(r.tag, {})) for r in self.runs)}
+        return TrainSummary(
+            out_dir=str(self.out_dir), steps=self.step, new_steps=steps, tokens=self.tokens, seconds=seconds,
+            tokens_per_second=tokens / seconds if seconds else 0.0,
+            bound_fraction=bound / seconds if seconds else 0.0,
+            saes={r.tag: {"checkpoint": str(r.directory), "site": r.site, "metrics": last.get(r.tag, {})} for r in self.runs},
+        )

@@ -1,0 +1,205 @@
+"""The trainer: ground-truth recovery, resume, folding, sweeps, live source and bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae_train.errors import UserError
+from sae_train.lm import ModelConfig
+from sae_train.sae import SAEConfig, create_sae, load_sae
+from sae_train.store import StoreWriter
+from sae_train.train import Preempted, StepInfo, TrainConfig, run
+from sae_train.train.checkpoint import RUN_STATE, WEIGHTS
+from tests.synthetic import recovered_fraction, true_directions, write_store
+
+SITE = "synthetic"
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    dirs = true_directions(64, 32)
+    return dirs, write_store(tmp_path_factory.mktemp("syn") / "store", dirs, 65_536)
+
+
+def cfg(store: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(store=str(store), out_dir=str(out), n_tokens=65_536, batch_size=512, dtype="float32",
+                progress=False, log_every=16, sae=SAEConfig(architecture="topk", k=4, expansion_factor=4))
+    return TrainConfig(**(base | kw))
+
+
+RECOVERY = {
+    "topk": SAEConfig(architecture="topk", k=4, expansion_factor=4),
+    "batchtopk": SAEConfig(architecture="batchtopk", k=4, expansion_factor=4),
+    "relu-l1": SAEConfig(architecture="relu", l1_coefficient=0.05, expansion_factor=4),
+    "relu-l1_decnorm": SAEConfig(architecture="relu", sparsity="l1_decnorm", l1_coefficient=0.05, expansion_factor=4),
+    "jumprelu": SAEConfig(architecture="jumprelu", l0_coefficient=0.01, expansion_factor=4),
+}
+
+
+@pytest.mark.parametrize("name", RECOVERY)
+def test_recovers_ground_truth_directions(synthetic, tmp_path, name):
+    dirs, store = synthetic
+    summary = run(cfg(store, tmp_path, sae=RECOVERY[name], n_tokens=196_608))
+    sae = load_sae(summary.saes[SITE]["checkpoint"])
+    assert recovered_fraction(sae.W_dec, dirs, 0.9) >= 0.9
+    assert summary.saes[SITE]["metrics"]["dead_fraction"] < 0.1
+
+
+def _sigterm_at(step: int):
+    def callback(info: StepInfo) -> None:
+        if info.step == step:
+            signal.raise_signal(signal.SIGTERM)
+    return callback
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu"])
+def test_resume_after_sigterm_equals_uninterrupted(synthetic, tmp_path, arch):
+    _, store = synthetic
+    sae = SAEConfig(architecture=arch, k=4, expansion_factor=4, l1_coefficient=0.05, l0_coefficient=0.01)
+    whole = run(cfg(store, tmp_path / "whole", sae=sae, n_tokens=32_768))
+    with pytest.raises(Preempted) as stop:
+        run(cfg(store, tmp_path / "split", sae=sae, n_tokens=32_768), callbacks=[_sigterm_at(30)])
+    assert stop.value.exit_code == 128 + signal.SIGTERM
+    # Signals travel with the next step's all-reduce: every rank stops after step 31.
+    assert json.loads((tmp_path / "split" / RUN_STATE).read_text())["step"] == 31
+    resumed = run(cfg(store, tmp_path / "split", sae=sae, n_tokens=32_768))
+    assert resumed.steps == whole.steps == 64
+    a = load_file(str(Path(whole.saes[SITE]["checkpoint"]) / WEIGHTS))
+    b = load_file(str(Path(resumed.saes[SITE]["checkpoint"]) / WEIGHTS))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_finished_run_is_reused(synthetic, tmp_path):
+    _, store = synthetic
+    first = run(cfg(store, tmp_path, n_tokens=8192))
+    before = (Path(first.saes[SITE]["checkpoint"]) / "sae.safetensors").read_bytes()
+    again = run(cfg(store, tmp_path, n_tokens=8192))
+    assert again.steps == first.steps and again.seconds < first.seconds
+    assert (Path(first.saes[SITE]["checkpoint"]) / "sae.safetensors").read_bytes() == before
+
+
+def test_changed_config_on_resume_is_refused(synthetic, tmp_path):
+    _, store = synthetic
+    run(cfg(store, tmp_path, n_tokens=8192))
+    with pytest.raises(UserError, match="different config.*batch_size"):
+        run(cfg(store, tmp_path, n_tokens=8192, batch_size=256))
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_checkpoint_acts_on_raw_activations(synthetic, tmp_path, arch):
+    """The shipped SAE on raw x equals the training SAE on normalised x, rescaled (1e-5)."""
+    _, store = synthetic
+    summary = run(cfg(store, tmp_path, sae=SAEConfig(architecture=arch, k=4, expansion_factor=4), n_tokens=8192))
+    directory = Path(summary.saes[SITE]["checkpoint"])
+    shipped = load_sae(directory)
+    meta = json.loads((directory / "cfg.json").read_text())
+    training = create_sae(SAEConfig.from_dict(json.loads((directory / "trainer_state.json").read_text())["sae"]))
+    weights = load_file(str(directory / WEIGHTS))
+    weights.pop("since_fired")
+    training.load_state_dict(weights)
+    training.eval()
+    x = torch.randn(256, 32) * 3 + 1
+    scale = meta["normalization_scale"]
+    with torch.no_grad():
+        expect = training.decode(training.encode(x * scale)) / scale
+        got = shipped.decode(shipped.encode(x))
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shipped.W_dec.norm(dim=1), torch.ones(shipped.cfg.d_sae), rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(synthetic, tmp_path):
+    _, store = synthetic
+
+    def poison(info: StepInfo) -> None:
+        if info.step == 12:
+            with torch.no_grad():
+                info.runs[0].sae.W_enc[0, 0] = float("nan")
+
+    config = cfg(store, tmp_path, n_tokens=16_384, checkpoint_every_tokens=4096)
+    with pytest.raises(UserError, match="Non-finite loss.*step 12"):
+        run(config, callbacks=[poison])
+    state = json.loads((tmp_path / RUN_STATE).read_text())
+    assert state["step"] == 8
+    weights = load_file(str(tmp_path / SITE / WEIGHTS))
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())
+
+
+def test_one_pass_sweep_over_sites_and_k(tmp_path):
+    dirs = true_directions(16, 8)
+    gen = torch.Generator().manual_seed(0)
+    from tests.synthetic import sample
+
+    with StoreWriter(tmp_path / "store", {"two": 1}, {"a": 8, "b": 8}, torch.float32) as writer:
+        x = sample(4096, dirs, 0.1, 0.01, gen)
+        writer.write_shard(0, {"a": x, "b": -x}, torch.arange(4096, dtype=torch.int32), torch.zeros(4096, dtype=torch.int32))
+        writer.close()
+    summary = run(TrainConfig(store=str(tmp_path / "store"), out_dir=str(tmp_path / "out"), n_tokens=4096, batch_size=512,
+                              sae=SAEConfig(architecture="topk"), sweep={"k": [2, 4]}, progress=False))
+    assert sorted(summary.saes) == ["a/k=2", "a/k=4", "b/k=2", "b/k=4"]
+    for tag, info in summary.saes.items():
+        shipped = load_sae(info["checkpoint"])
+        assert shipped.cfg.k == int(tag[-1])
+        assert json.loads((Path(info["checkpoint"]) / "cfg.json").read_text())["site"] == tag[0]
+
+
+def test_live_source_trains_and_resumes(tiny_model_dir, tmp_path):
+    def live(out: Path) -> TrainConfig:
+        return TrainConfig(source="live", model=ModelConfig(name=str(tiny_model_dir("llama")), dtype="float32", device="cpu"),
+                           sites=["blocks.1.hook_resid_post"], context_size=32, live_buffer_tokens=1024, n_tokens=4096,
+                           batch_size=256, out_dir=str(out), progress=False, dtype="float32",
+                           sae=SAEConfig(architecture="topk", k=4, expansion_factor=2))
+    whole = run(live(tmp_path / "whole"))
+    with pytest.raises(Preempted):
+        run(live(tmp_path / "split"), callbacks=[_sigterm_at(7)])
+    resumed = run(live(tmp_path / "split"))
+    site = "blocks.1.hook_resid_post"
+    a = load_file(str(Path(whole.saes[site]["checkpoint"]) / WEIGHTS))
+    b = load_file(str(Path(resumed.saes[site]["checkpoint"]) / WEIGHTS))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    provenance = json.loads((Path(whole.saes[site]["checkpoint"]) / "cfg.json").read_text())["source"]
+    assert provenance["source"] == "live" and provenance["data"]["split"] == "train"
+
+
+def test_bad_input(synthetic, tmp_path):
+    _, store = synthetic
+    with pytest.raises(UserError, match="d_in=16.*d_in=32"):
+        run(cfg(store, tmp_path / "a", sae=SAEConfig(architecture="topk", k=4, d_in=16)))
+    with pytest.raises(UserError, match="k"):
+        run(cfg(store, tmp_path / "b", sae=SAEConfig(architecture="topk", k=1000, expansion_factor=4)))
+    with pytest.raises(UserError, match="architecture"):
+        SAEConfig(architecture="gated")
+    empty = tmp_path / "empty"
+    with StoreWriter(empty, {"x": 1}, {SITE: 32}, torch.float32) as writer:
+        writer.close()
+    with pytest.raises(UserError, match="no tokens"):
+        run(cfg(empty, tmp_path / "c"))
+    with pytest.raises(UserError, match="no site"):
+        run(cfg(store, tmp_path / "d", sites=["blocks.0.hook_resid_post"]))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        run(cfg(store, tmp_path / "file"))
+
+
+def test_wandb_offline_logs_metrics_and_resume_keeps_the_run(synthetic, tmp_path):
+    from sae_train.train import WandbConfig
+    from tests.wandb_records import history, run_ids
+
+    _, store = synthetic
+    config = cfg(store, tmp_path, n_tokens=16_384, log_every=4, wandb=WandbConfig(enabled=True, mode="offline"))
+    with pytest.raises(Preempted):
+        run(config, callbacks=[_sigterm_at(10)])
+    run(config)
+    assert len(run_ids(tmp_path / "wandb")) == 1
+    rows = history(tmp_path / "wandb")
+    logged_steps = [row["_step"] for row in rows]
+    assert logged_steps == [4, 8, 11, 12, 16, 20, 24, 28, 32]
+    assert all(0 < row[f"{SITE}/fvu"] < 2 and row[f"{SITE}/l0"] == 4 for row in rows)
