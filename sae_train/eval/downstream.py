@@ -1,0 +1,136 @@
+"""Every number of the SAEs at one site, batch by batch, with the model's shared layers run once.
+
+Per batch, `SharedPrefix` runs the clean forward once; each condition — every SAE at the
+site, zero ablation, mean ablation — then reruns only the layers from the site on (the lm
+tests pin this to a full spliced forward, bit for bit). The SAE's reconstruction is computed
+once and serves both the reconstruction metrics and the splice. Logits are [B, T, vocab]: each
+condition's are reduced to CE and KL at once and dropped; only the clean log-probs of the
+scored predictions live for the whole batch, because every KL needs them.
+
+Mean ablation replaces the site by its mean over the batch's counted tokens: an extra pass to
+get the mean over all eval tokens would cost a forward per batch, and over B x T tokens the
+batch mean is already that mean to within noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from sae_train.eval.metrics import LossStats, ReconstructionStats, ce_recovered
+from sae_train.lm import LanguageModel, Site
+from sae_train.lm.hooks import SpliceFn
+from sae_train.sae import SAE
+
+ABLATIONS = ("zero", "mean")
+
+
+def layer_forwards(n_layers: int, resume_layer: int, n_conditions: int) -> dict[str, int]:
+    """Decoder-layer forwards of one eval batch at one site, shared vs one full forward per condition.
+
+    n_conditions counts the clean run. Shared: the clean forward runs all n_layers, each other
+    condition only layers resume_layer..n_layers-1, so shared = n_layers + (n_conditions - 1) *
+    (n_layers - resume_layer); naive = n_conditions * n_layers. The embeddings and the LM head run
+    once per condition either way and are not counted.
+    """
+    shared = n_layers + (n_conditions - 1) * (n_layers - resume_layer)
+    return {"shared": shared, "naive": n_conditions * n_layers}
+
+
+def next_token_log_probs(logits: Tensor, scored: Tensor) -> Tensor:
+    """fp32 log-probs [N, vocab] of the scored predictions; scored is bool [B, T-1] (target counted)."""
+    return torch.log_softmax(logits[:, :-1][scored].float(), dim=-1)
+
+
+def _replace_at(counted: Tensor, values: Tensor) -> SpliceFn:
+    """Splice function: values at the counted positions, the clean activation elsewhere."""
+
+    def replace(activation: Tensor) -> Tensor:
+        out = activation.clone()
+        out[counted] = values.to(activation.dtype)
+        return out
+
+    return replace
+
+
+class SiteEvaluator:
+    """Accumulates reconstruction, sparsity and (with `downstream`) loss numbers of the SAEs at one site.
+
+    `saes` maps a name to an inference SAE (folded: it acts on raw activations) on the model's
+    device; `ablations` names the reference conditions to run besides clean ("zero", "mean").
+    """
+
+    def __init__(self, site: Site, saes: Mapping[str, SAE], *, downstream: bool = True,
+                 ablations: Sequence[str] = ABLATIONS):
+        unknown = set(ablations) - set(ABLATIONS)
+        if unknown:
+            raise ValueError(f"unknown ablations {sorted(unknown)}; use {ABLATIONS}")
+        self.site, self.saes, self.downstream, self.ablations = site, dict(saes), downstream, tuple(ablations)
+        self.recon = {
+            name: ReconstructionStats(sae.cfg.d_in, sae.cfg.d_sae, sae.W_dec.device) for name, sae in self.saes.items()
+        }
+        self.reference = {name: LossStats() for name in ("clean", *self.ablations)}
+        self.spliced = {name: LossStats() for name in self.saes}
+
+    @property
+    def n_conditions(self) -> int:
+        """Downstream forwards per batch: clean, each SAE, each ablation."""
+        return 1 + len(self.saes) + len(self.ablations)
+
+    @torch.no_grad()
+    def add_batch(self, lm: LanguageModel, input_ids: Tensor, counted: Tensor) -> None:
+        """Evaluate one batch of windows [B, T] (on lm's device); counted is bool [B, T]."""
+        if not self.downstream:
+            activation = lm.capture([self.site], input_ids)[self.site.name]
+            x = activation[counted].float()
+            for name, sae in self.saes.items():
+                latents = sae.encode(x)
+                self.recon[name].update(x, sae.decode(latents), latents)
+            return
+
+        prefix = lm.shared_prefix(self.site, input_ids)
+        x = prefix.activation[counted].float()
+        scored = counted[:, 1:]
+        targets = input_ids[:, 1:][scored]
+        clean = next_token_log_probs(prefix.clean.logits, scored)
+        prefix.clean = None  # drop the [B, T, vocab] clean logits: only `clean` is needed from here on
+        self.reference["clean"].update(clean, clean, targets)
+
+        def score(stats: LossStats, values: Tensor) -> None:
+            logits = prefix.run(_replace_at(counted, values)).logits
+            stats.update(next_token_log_probs(logits, scored), clean, targets)
+
+        for name, sae in self.saes.items():
+            latents = sae.encode(x)
+            x_hat = sae.decode(latents)
+            self.recon[name].update(x, x_hat, latents)
+            score(self.spliced[name], x_hat)
+        for ablation in self.ablations:
+            score(self.reference[ablation], x.new_zeros(()) if ablation == "zero" else x.mean(0))
+
+    def results(self, dense_threshold: float) -> dict[str, dict[str, float]]:
+        """Per SAE name: its metrics (see sae_train/eval/metrics.py and the report's Definitions)."""
+        results = {}
+        for name in self.saes:
+            metrics = self.recon[name].metrics(dense_threshold)
+            if self.downstream:
+                metrics |= self._loss_metrics(self.spliced[name])
+            results[name] = metrics
+        return results
+
+    def _loss_metrics(self, sae: LossStats) -> dict[str, float]:
+        clean = self.reference["clean"].mean_ce
+        metrics = {"ce_clean": clean, "ce_sae": sae.mean_ce, "kl": sae.mean_kl, "n_predictions": sae.n}
+        for ablation in self.ablations:
+            ref = self.reference[ablation]
+            metrics[f"ce_{ablation}"] = ref.mean_ce
+            metrics[f"kl_{ablation}"] = ref.mean_kl
+        if "zero" in self.ablations:
+            metrics["ce_recovered"] = ce_recovered(clean, sae.mean_ce, metrics["ce_zero"])
+            kl_zero = metrics["kl_zero"]
+            metrics["kl_score"] = (kl_zero - sae.mean_kl) / kl_zero if kl_zero else float("nan")
+        if "mean" in self.ablations:
+            metrics["ce_recovered_mean"] = ce_recovered(clean, sae.mean_ce, metrics["ce_mean"])
+        return metrics

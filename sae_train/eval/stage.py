@@ -1,0 +1,136 @@
+"""The eval stage: `sae-train eval checkpoint=... n_tokens=20000 out_dir=runs/eval`.
+
+Loads every checkpoint found, the model and held-out text they recorded (unless overridden),
+evaluates the SAEs site by site on the same windows, and writes eval.json, eval.md and
+density.png to out_dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import asdict, replace
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from sae_train.data import DataConfig, TextConfig
+from sae_train.errors import UserError
+from sae_train.eval.checkpoints import Checkpoint, group_by_site, load_checkpoints, recorded
+from sae_train.eval.config import EvalConfig
+from sae_train.eval.downstream import SiteEvaluator, layer_forwards
+from sae_train.eval.metrics import density_histogram
+from sae_train.eval.report import EvalSummary, write_report
+from sae_train.eval.tokens import counted_mask, held_out_windows, uncounted_ids
+from sae_train.lm import LanguageModel, ModelConfig
+from sae_train.provenance import provenance
+
+log = logging.getLogger(__name__)
+
+
+def model_config(cfg: EvalConfig, model: dict[str, Any] | None) -> ModelConfig:
+    """cfg.model, or (name "") the model the checkpoints recorded."""
+    if cfg.model.name:
+        return cfg.model
+    if not model or not model.get("name"):
+        raise UserError("The checkpoints record no model; pass model.name=<the model the SAEs were trained on>.")
+    revision = model.get("revision") or "main"
+    return replace(
+        cfg.model,
+        name=model["name"],
+        hub_id=model.get("hub_id") or "",
+        # Local files and directories record a content fingerprint, not a hub revision.
+        revision="main" if revision.startswith("sha256:") else revision,
+        dtype=(model.get("dtype") or "auto") if cfg.model.dtype == "auto" else cfg.model.dtype,
+    )
+
+
+def data_config(cfg: EvalConfig, data: dict[str, Any] | None) -> DataConfig:
+    """The eval split of cfg.data, or of the data source the checkpoints recorded."""
+    if cfg.data is not None:
+        return replace(cfg.data, split="eval")
+    if not data:
+        raise UserError("The checkpoints record no data source; pass data=... (e.g. data=python-stdlib).")
+    fields = {f.name for f in dataclasses.fields(DataConfig)}
+    return DataConfig(**{k: v for k, v in data.items() if k in fields and k != "split"}, split="eval")
+
+
+def text_config(cfg: EvalConfig, text: dict[str, Any] | None) -> TextConfig:
+    """The checkpoints' text settings (TextConfig defaults where none recorded), with cfg.context_size if set."""
+    fields = {f.name for f in dataclasses.fields(TextConfig)}
+    resolved = TextConfig(**{k: v for k, v in (text or {}).items() if k in fields})
+    return replace(resolved, context_size=cfg.context_size) if cfg.context_size else resolved
+
+
+def _check_model(lm: LanguageModel, model: dict[str, Any] | None) -> None:
+    if model and model.get("revision") != lm.identity.get("revision"):
+        log.warning("the checkpoints were trained on %s (revision %s); evaluating with %s (revision %s)",
+                    model.get("name"), model.get("revision"), lm.identity.get("name"), lm.identity.get("revision"))
+
+
+def _sae_entry(c: Checkpoint, site: str, metrics: dict[str, float], density: dict[str, list]) -> dict[str, Any]:
+    cfg = c.sae.cfg
+    return {
+        "checkpoint": str(c.path),
+        "site": site,
+        "architecture": cfg.architecture,
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "metrics": metrics,
+        "density": density,
+        "checkpoint_cfg": c.meta,
+    }
+
+
+def run(cfg: EvalConfig, lm: LanguageModel | None = None) -> EvalSummary:
+    """Evaluate the checkpoint(s) at cfg.checkpoint; writes the report to cfg.out_dir and returns
+    it (the CLI prints `summary.table()`). Pass `lm` to reuse a loaded model."""
+    checkpoints = load_checkpoints(cfg.checkpoint)
+    recorded_model = recorded(checkpoints, "model")
+    lm = lm or LanguageModel.load(model_config(cfg, recorded_model))
+    _check_model(lm, recorded_model)
+    data = data_config(cfg, None if cfg.data is not None else recorded(checkpoints, "data"))
+    text = text_config(cfg, recorded(checkpoints, "text"))
+    groups = group_by_site(checkpoints, lm)  # before reading any text: a wrong site fails fast
+    windows = held_out_windows(lm.tokenizer, data, text, cfg.n_tokens)
+    uncounted = uncounted_ids(lm.tokenizer, text)
+
+    evaluators = [SiteEvaluator(site, saes, downstream=cfg.downstream) for site, saes in groups]
+    counted_tokens = predictions = 0
+    for batch in tqdm(windows.split(cfg.batch_size), desc="eval", unit="batch", disable=not cfg.progress):
+        input_ids = batch.to(lm.device)
+        counted = counted_mask(input_ids, uncounted)
+        for evaluator in evaluators:
+            evaluator.add_batch(lm, input_ids, counted)
+        counted_tokens += int(counted.sum())
+        predictions += int(counted[:, 1:].sum())
+
+    by_name = {c.name: c for c in checkpoints}
+    entries: dict[str, dict[str, Any]] = {}
+    frequencies: dict[str, torch.Tensor] = {}
+    cost: dict[str, dict[str, int]] = {}
+    for evaluator in evaluators:
+        site = evaluator.site
+        for name, metrics in evaluator.results(cfg.dense_threshold).items():
+            stats = evaluator.recon[name]
+            frequencies[name] = stats.frequency
+            entries[name] = _sae_entry(by_name[name], site.name, metrics, density_histogram(stats.frequency, stats.n))
+        if cfg.downstream:
+            cost[site.name] = {"n_layers": lm.n_layers, "resume_layer": site.resume_layer,
+                               "conditions": evaluator.n_conditions,
+                               **layer_forwards(lm.n_layers, site.resume_layer, evaluator.n_conditions)}
+    payload = {
+        "config": asdict(cfg),
+        "provenance": provenance(),
+        "model": lm.identity,
+        "data": data.describe(),
+        "text": asdict(text),
+        "tokens": {"windows": len(windows), "context_size": text.context_size, "run": windows.numel(),
+                   "counted": counted_tokens, "predictions": predictions if cfg.downstream else 0},
+        "cost": cost,
+        "saes": {c.name: entries[c.name] for c in checkpoints},
+    }
+    summary = EvalSummary(out_dir=cfg.out_dir, payload=payload, frequencies=frequencies)
+    write_report(summary)
+    return summary
