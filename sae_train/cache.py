@@ -104,8 +104,16 @@ def rank_and_world(cfg_rank: int = -1, cfg_world: int = -1) -> tuple[int, int]:
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"])
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
+        offset = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        step = int(env.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
+        rank, world = offset // step, int(env["SLURM_ARRAY_TASK_COUNT"])
+        if offset % step or not 0 <= rank < world:
+            raise UserError(
+                f"Slurm array task {env['SLURM_ARRAY_TASK_ID']} is not rank {rank} of an evenly spaced array of {world} "
+                "tasks, so some shards would never be computed. Submit --array=0-N (or min-max:step), or pass "
+                "rank= and world_size= explicitly (slurm/cache_array.sbatch does)."
+            )
+        return rank, world
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
     return 0, 1
