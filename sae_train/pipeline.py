@@ -1,0 +1,180 @@
+"""The stages that own more than one room: `pipeline` (cache -> train -> eval -> export) and
+`train` with periodic evaluation.
+
+train/ knows nothing of eval (DESIGN.md); evaluation during training is a trainer callback,
+wired here. The pipeline loads the model once, hands it to every stage, and reuses what an
+earlier run finished: cache and train resume from their own on-disk state (a finished store
+or run costs nothing), and eval/export are skipped when their inputs and settings are
+unchanged — a fingerprint of both is kept in `<out_dir>/pipeline_state.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from sae_train import cache, export
+from sae_train import eval as eval_stage
+from sae_train import train
+from sae_train.data import DataConfig, TextConfig
+from sae_train.errors import UserError
+from sae_train.lm import LanguageModel, ModelConfig
+from sae_train.store import ActivationStore
+from sae_train.train.checkpoint import write_json
+
+STATE_FILE = "pipeline_state.json"
+
+
+# ---- train with periodic eval ---------------------------------------------------------------
+
+def _recorded_model_and_text(cfg: train.TrainConfig) -> tuple[ModelConfig, DataConfig, TextConfig]:
+    """The model, data and text settings behind the training activations."""
+    if cfg.source == "live":
+        return cfg.model, cfg.data, TextConfig(cfg.context_size, cfg.prepend_bos, cfg.exclude_special_tokens)
+    spec = ActivationStore(cfg.store).manifest.spec
+    if "model" not in spec or "data" not in spec:
+        raise UserError(f"eval_every_tokens needs a store written by `sae-train cache`; {cfg.store} records no model/data.")
+    model = spec["model"]
+    return (ModelConfig(name=model["name"], hub_id=model.get("hub_id", ""), dtype=model["dtype"]),
+            DataConfig(**spec["data"]), TextConfig(**spec["text"]))
+
+
+def periodic_eval(cfg: train.TrainConfig, lm: LanguageModel | None = None) -> train.Callback:
+    """A trainer callback evaluating every SAE on the same held-out tokens every
+    `eval_every_tokens` tokens and at the end (rank 0 only; it makes no collective calls)."""
+    model, data, text = _recorded_model_and_text(cfg)
+    lm = lm or LanguageModel.load(model)
+    periodic = eval_stage.PeriodicEval.from_data(lm, data, text, n_tokens=cfg.eval_tokens)
+    every = max(1, cfg.eval_every_tokens // cfg.batch_size)
+
+    def callback(info: train.StepInfo) -> dict[str, dict[str, float]] | None:
+        if not info.is_main or (info.step % every and info.step != info.n_steps):
+            return None
+        return periodic({run.tag: (run.site, run.sae.fold(run.scale)) for run in info.runs})
+
+    return callback
+
+
+def train_stage(cfg: train.TrainConfig, lm: LanguageModel | None = None) -> train.TrainSummary:
+    """`sae-train train`: the trainer, plus periodic eval when eval_every_tokens > 0."""
+    callbacks = [periodic_eval(cfg, lm)] if cfg.eval_every_tokens > 0 else []
+    return train.run(cfg, callbacks, lm=lm if cfg.source == "live" else None)
+
+
+# ---- the pipeline ------------------------------------------------------------------------------
+
+@dataclass
+class PipelineConfig:
+    """`sae-train pipeline`: every stage on one model; each stage's settings are overridable
+    (cache.n_tokens=..., train.sae.k=..., eval.n_tokens=..., export.push_to_hub=true ...)."""
+
+    out_dir: str = "runs/demo"
+    """Root of every artifact: acts/ (store), sae/ (checkpoints), eval/, export/."""
+    site: str = "blocks.8.hook_resid_post"
+    """The activation site cached and trained on (conf/pipeline.yaml passes it to the stages)."""
+    n_tokens: int = 1_000_000
+    """Tokens cached and trained on (conf/pipeline.yaml passes it to the stages)."""
+    cache: cache.CacheConfig = field(default_factory=cache.CacheConfig)
+    train: train.TrainConfig = field(default_factory=lambda: train.TrainConfig(store="runs/demo/acts"))
+    eval: eval_stage.EvalConfig = field(default_factory=lambda: eval_stage.EvalConfig(checkpoint="runs/demo/sae"))
+    export: export.ExportConfig = field(default_factory=lambda: export.ExportConfig(checkpoint="runs/demo/sae"))
+
+
+@dataclass
+class PipelineSummary:
+    out_dir: str
+    seconds: float
+    cache: cache.CacheSummary
+    train: train.TrainSummary
+    eval: eval_stage.EvalSummary
+    export: export.ExportSummary | ReusedExport
+    reused: list[str]
+
+    def table(self) -> str:
+        sections = [
+            ("cache", self.cache.table()),
+            ("train", self.train.table()),
+            ("eval", self.eval.table()),
+            ("export", self.export.table()),
+        ]
+        lines = []
+        for name, text in sections:
+            lines += [f"== {name}{' (reused)' if name in self.reused else ''} ==", text, ""]
+        lines += [
+            "== artifacts ==",
+            f"activation store   {self.cache.out_dir}",
+            *(f"checkpoint         {info['checkpoint']}" for info in self.train.saes.values()),
+            f"metrics            {Path(self.train.out_dir) / 'metrics.jsonl'}",
+            f"eval report        {Path(self.eval.out_dir) / 'eval.md'} (eval.json, density.png)",
+            f"SAELens export     {self.export.out_dir} (README.md model card)",
+            f"pipeline finished in {self.seconds / 60:.1f} min",
+        ]
+        return "\n".join(lines)
+
+
+def _fingerprint(settings: dict, root: str) -> str:
+    """Hash of a stage's settings and of every checkpoint file it reads below `root`."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for path in sorted(Path(root).rglob("*")):
+        if path.name in ("sae.safetensors", "cfg.json") and not any(p.endswith((".tmp", ".prev")) for p in path.parts):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _reusable(state: dict, stage: str, fingerprint: str, output: Path) -> bool:
+    return state.get(stage, {}).get("fingerprint") == fingerprint and output.exists()
+
+
+@dataclass
+class ReusedExport:
+    """An export a previous run wrote from the same inputs."""
+
+    out_dir: str
+    text: str
+
+    def table(self) -> str:
+        return self.text
+
+
+def run(cfg: PipelineConfig) -> PipelineSummary:
+    started = time.perf_counter()
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out_dir={out} is a file; choose a directory.")
+    state_path = out / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    reused: list[str] = []
+
+    lm = LanguageModel.load(cfg.cache.model)
+    cache_summary = cache.run(cfg.cache, lm)
+    if cache_summary.written_tokens == 0:
+        reused.append("cache")
+    train_summary = train_stage(cfg.train, lm)
+    if train_summary.new_steps == 0:
+        reused.append("train")
+
+    eval_key = _fingerprint(asdict(cfg.eval), cfg.eval.checkpoint)
+    eval_json = Path(cfg.eval.out_dir) / "eval.json"
+    if _reusable(state, "eval", eval_key, eval_json):
+        eval_summary = eval_stage.EvalSummary(out_dir=cfg.eval.out_dir, payload=json.loads(eval_json.read_text()))
+        reused.append("eval")
+    else:
+        eval_summary = eval_stage.run(cfg.eval, lm)
+        state["eval"] = {"fingerprint": eval_key}
+        write_json(state_path, state)
+
+    export_key = _fingerprint(asdict(cfg.export) | {"eval": eval_key}, cfg.export.checkpoint)
+    export_summary: export.ExportSummary | ReusedExport
+    if _reusable(state, "export", export_key, Path(cfg.export.out_dir) / "README.md") and not cfg.export.push_to_hub:
+        export_summary = ReusedExport(cfg.export.out_dir, state["export"]["table"])
+        reused.append("export")
+    else:
+        export_summary = export.run(cfg.export)
+        state["export"] = {"fingerprint": export_key, "table": export_summary.table()}
+        write_json(state_path, state)
+
+    return PipelineSummary(out_dir=str(out), seconds=time.perf_counter() - started, cache=cache_summary,
+                           train=train_summary, eval=eval_summary, export=export_summary, reused=reused)
