@@ -33,12 +33,13 @@ def cfg(store: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**(base | kw))
 
 
+# As many latents as true features (64): every latent has a feature to find, so none may die.
 RECOVERY = {
-    "topk": SAEConfig(architecture="topk", k=4, expansion_factor=4),
-    "batchtopk": SAEConfig(architecture="batchtopk", k=4, expansion_factor=4),
-    "relu-l1": SAEConfig(architecture="relu", l1_coefficient=0.05, expansion_factor=4),
-    "relu-l1_decnorm": SAEConfig(architecture="relu", sparsity="l1_decnorm", l1_coefficient=0.05, expansion_factor=4),
-    "jumprelu": SAEConfig(architecture="jumprelu", l0_coefficient=0.01, expansion_factor=4),
+    "topk": SAEConfig(architecture="topk", k=4, expansion_factor=2),
+    "batchtopk": SAEConfig(architecture="batchtopk", k=4, expansion_factor=2),
+    "relu-l1": SAEConfig(architecture="relu", l1_coefficient=0.05, expansion_factor=2),
+    "relu-l1_decnorm": SAEConfig(architecture="relu", sparsity="l1_decnorm", l1_coefficient=0.05, expansion_factor=2),
+    "jumprelu": SAEConfig(architecture="jumprelu", l0_coefficient=0.01, expansion_factor=2),
 }
 
 
@@ -202,4 +203,4 @@ def test_wandb_offline_logs_metrics_and_resume_keeps_the_run(synthetic, tmp_path
     rows = history(tmp_path / "wandb")
     logged_steps = [row["_step"] for row in rows]
     assert logged_steps == [4, 8, 11, 12, 16, 20, 24, 28, 32]
-    assert all(0 < row[f"{SITE}/fvu"] < 2 and row[f"{SITE}/l0"] == 4 for row in rows)
+    assert all(0 < row[f"{SITE}/fvu"] < 2 and 0 < row[f"{SITE}/l0"] <= 4 for row in rows)

@@ -7,6 +7,7 @@ protobuf `Record`s; history records carry the logged metrics.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,4 +50,6 @@ def history(run_dir: Path) -> list[dict]:
 
 
 def run_ids(run_dir: Path) -> set[str]:
-    return {p.name.rsplit("-", 1)[-1] for p in run_dir.glob("offline-run-*")}
+    """Run ids of the offline run directories: offline-run-<date>_<time>-<id>[-<n>] (wandb adds
+    -<n> when two segments of a run start within the same second)."""
+    return {re.match(r"offline-run-\d+_\d+-([^-]+)", p.name).group(1) for p in run_dir.glob("offline-run-*")}

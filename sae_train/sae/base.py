@@ -196,8 +196,9 @@ class SAE(nn.Module):
         if not self.unit_norm_decoder or g is None:
             return
         w = self.W_dec
-        coef = (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(1e-12)
-        g.sub_(coef * w)
+        # Two fused passes, no [d_sae, d_in] temporaries (this runs every step).
+        coef = torch.linalg.vecdot(g, w, dim=1) / torch.linalg.vecdot(w, w, dim=1).clamp_min(1e-12)
+        g.addcmul_(coef.unsqueeze(1), w, value=-1.0)
 
     @torch.no_grad()
     def after_step(self, out: SAEOutput) -> None:

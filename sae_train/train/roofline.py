@@ -23,7 +23,8 @@ def _sync(device: torch.device) -> None:
 
 
 def best_time(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up: allocator, kernel selection
+    for _ in range(2):  # warm-up: allocator, kernel selection, first-touch page faults
+        fn()
     best = float("inf")
     for _ in range(repeats):
         _sync(device)
@@ -35,7 +36,7 @@ def best_time(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int
 
 
 def step_gemm_seconds(
-    architecture: str, rows: int, d_in: int, d_sae: int, dtype: torch.dtype, device: torch.device, repeats: int = 3
+    architecture: str, rows: int, d_in: int, d_sae: int, dtype: torch.dtype, device: torch.device, repeats: int = 5
 ) -> float:
     """Best-of-N time of the dense GEMMs one training step of `architecture` needs."""
     def rand(*shape: int) -> torch.Tensor:

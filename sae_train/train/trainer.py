@@ -110,9 +110,19 @@ class TrainSummary:
         return "\n".join(lines)
 
 
-def default_lr(d_sae: int) -> float:
-    """Gao et al. (2024): lr = 2e-4 / sqrt(d_sae / 2^14)."""
-    return 2e-4 * math.sqrt(2**14 / d_sae)
+RESAMPLED = ("relu",)
+"""Architectures whose dead latents are resampled (the TopK family uses AuxK; for JumpReLU,
+resampling measurably hurt: re-opened latents close again and disturb the rest)."""
+
+
+def default_lr(architecture: str, d_sae: int) -> float:
+    """Adam lr that works untuned: base * sqrt(2^14 / d_sae), the width scaling of Gao et al.
+    (2024) with a base 8x theirs (5.5x for JumpReLU, whose thresholds close latents for good
+    at higher rates). Chosen on SmolLM2-135M at the reference budget (1M tokens, batch 4096:
+    244 steps), where their 2e-4 leaves FVU at 0.14 against 0.075; the decay at the end of
+    the schedule keeps it safe for long runs."""
+    base = 1.1e-3 if architecture == "jumprelu" else 1.6e-3
+    return base * math.sqrt(2**14 / d_sae)
 
 
 def sae_plan(cfg: TrainConfig, sites: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -151,6 +161,8 @@ class Trainer:
     # ---- set-up -------------------------------------------------------------------------
     def _build_run(self, tag: str, site: str, overrides: dict[str, Any]) -> SAERun:
         d_in = self.source.d_in(site)
+        overrides = dict(overrides)
+        lr = overrides.pop("lr", self.cfg.lr)
         sae_cfg = replace(self.cfg.sae, **overrides)
         if sae_cfg.d_in not in (0, d_in):
             raise UserError(
@@ -158,9 +170,12 @@ class Trainer:
                 f"d_in={d_in}. Remove sae.d_in (it is read from the data) or pick the matching site."
             )
         sae = create_sae(sae_cfg.resolved(d_in), compute_dtype=self.compute_dtype).to(self.dist.device)
-        lr = self.cfg.lr or default_lr(sae.cfg.d_sae)
+        lr = lr or default_lr(sae.cfg.architecture, sae.cfg.d_sae)
         beta1, beta2 = self.cfg.adam_betas
-        optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(beta1, beta2), eps=self.cfg.adam_eps)
+        # The fused kernel is ~3x faster than the default multi-tensor Adam on CPU (one pass over
+        # parameter, gradient and both moments): a sixth of a TopK step at the reference size.
+        optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(beta1, beta2), eps=self.cfg.adam_eps,
+                                     fused=self.dist.device.type in ("cpu", "cuda"))
         bound = step_gemm_seconds(sae.cfg.architecture, self.local_batch, d_in, sae.cfg.d_sae,
                                   self.compute_dtype, self.dist.device)
         return SAERun(tag=tag, site=site, sae=sae, optimizer=optimizer, lr=lr, directory=self.out_dir / tag,
@@ -277,9 +292,10 @@ class Trainer:
 
     def _batch_stats(self, x: torch.Tensor, out: SAEOutput) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            err = (out.x_hat - x).pow(2).sum()
-            var = (x - x.mean(0)).pow(2).sum()
-            sums = torch.stack([err, var, out.l0 * x.shape[0], torch.tensor(float(x.shape[0]), device=x.device)])
+            n = x.shape[0]
+            err = out.losses["mse"].detach() * n  # mse: mean over tokens of the squared error summed over dims
+            var = x.pow(2).sum() - n * x.mean(0).pow(2).sum()
+            sums = torch.stack([err, var, out.l0 * n, torch.tensor(float(n), device=x.device)])
             losses = {k: v.detach() for k, v in out.losses.items()}
         return losses, sums.double(), out.fired
 
@@ -343,7 +359,7 @@ class Trainer:
         if self.step % boundary or self.step >= self.n_steps:
             return
         for run in self.runs:
-            if run.sae.cfg.architecture == "relu":
+            if run.sae.cfg.architecture in RESAMPLED:
                 count = resample_dead_(run.sae, run.optimizer, run.dead_mask(self.cfg.dead_after_tokens),
                                        self.source.sample, self.dist, run.site, run.scale)
                 if count:
