@@ -20,9 +20,11 @@ from sae_train import eval as eval_stage
 from sae_train import train
 from sae_train.data import DataConfig, TextConfig
 from sae_train.errors import UserError
+from sae_train.hub import resolve_token
 from sae_train.lm import LanguageModel, ModelConfig
 from sae_train.store import ActivationStore
-from sae_train.train.checkpoint import write_json
+from sae_train.train.checkpoint import read_run_state, write_json
+from sae_train.train.logger import MetricsLogger
 
 STATE_FILE = "pipeline_state.json"
 
@@ -55,6 +57,22 @@ def periodic_eval(cfg: train.TrainConfig, lm: LanguageModel | None = None) -> tr
         return periodic({run.tag: (run.site, run.sae.fold(run.scale)) for run in info.runs})
 
     return callback
+
+
+def log_eval_to_wandb(cfg: train.TrainConfig, evaluation: eval_stage.EvalSummary) -> None:
+    """Add the eval table and density plot to the training run's W&B run (same run id)."""
+    state = read_run_state(Path(cfg.out_dir))
+    if not cfg.wandb.enabled or not state or not state.get("wandb_id"):
+        return
+    logger = MetricsLogger(Path(cfg.out_dir), True, cfg.wandb, state["config"], run_id=state["wandb_id"])
+    try:
+        rows = [{"sae": name, "site": info["site"], "architecture": info["architecture"], **info["metrics"]}
+                for name, info in evaluation.saes.items()]
+        summary = {f"{row['sae']}/eval/{key}": value for row in rows for key, value in row.items()
+                   if isinstance(value, (int, float))}
+        logger.log_results(summary, {"eval/table": rows}, {"eval/density": Path(evaluation.out_dir) / "density.png"})
+    finally:
+        logger.close()
 
 
 def train_stage(cfg: train.TrainConfig, lm: LanguageModel | None = None) -> train.TrainSummary:
@@ -144,6 +162,8 @@ def run(cfg: PipelineConfig) -> PipelineSummary:
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"out_dir={out} is a file; choose a directory.")
+    if cfg.export.push_to_hub:
+        resolve_token()  # a missing hub token fails now, not after caching and training
     state_path = out / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     reused: list[str] = []
@@ -163,6 +183,7 @@ def run(cfg: PipelineConfig) -> PipelineSummary:
         reused.append("eval")
     else:
         eval_summary = eval_stage.run(cfg.eval, lm)
+        log_eval_to_wandb(cfg.train, eval_summary)
         state["eval"] = {"fingerprint": eval_key}
         write_json(state_path, state)
 

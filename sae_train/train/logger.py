@@ -67,15 +67,20 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({f"{tag}/{k}": v for k, v in metrics.items()} | {"tokens": tokens}, step=step)
 
-    def log_summary(self, data: dict[str, Any], files: dict[str, Path] | None = None) -> None:
-        """Final numbers (e.g. an eval table) and images, into the W&B run summary."""
+    def log_results(self, summary: dict[str, Any], tables: dict[str, list[dict[str, Any]]],
+                    images: dict[str, Path]) -> None:
+        """Results computed after training (an eval): numbers into the W&B run summary, rows as
+        W&B tables, PNGs as images. No-op without W&B."""
         if self._wandb is None:
             return
         import wandb
 
-        self._wandb.summary.update(data)
-        for name, path in (files or {}).items():
-            self._wandb.log({name: wandb.Image(str(path))})
+        self._wandb.summary.update(summary)
+        logged: dict[str, Any] = {name: wandb.Image(str(path)) for name, path in images.items()}
+        for name, rows in tables.items():
+            columns = list(rows[0]) if rows else []
+            logged[name] = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+        self._wandb.log(logged)
 
     def close(self) -> None:
         if self._wandb is not None:

@@ -1,0 +1,92 @@
+"""The pipeline and the command line, end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SITE = "blocks.1.hook_resid_post"
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sae_train.cli", *args], capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"} | (env or {}))
+
+
+def pipeline_args(model: Path, out: Path) -> list[str]:
+    return ["pipeline", f"out_dir={out}", f"site={SITE}", "n_tokens=8192", f"cache.model.name={model}",
+            "cache.model.dtype=float32", "cache.context_size=32", "cache.tokens_per_shard=2048", "cache.progress=false",
+            "train.batch_size=512", "train.progress=false", "train.sae.k=4", "train.sae.expansion_factor=2",
+            "eval.n_tokens=1024", "eval.progress=false"]
+
+
+def test_pipeline_runs_every_stage_then_reuses_them(tiny_model_dir, tmp_path):
+    out = tmp_path / "demo"
+    first = cli(*pipeline_args(tiny_model_dir("llama"), out))
+    assert first.returncode == 0, first.stderr[-3000:]
+    for section in ("== cache ==", "== train ==", "== eval ==", "== export ==", "== artifacts =="):
+        assert section in first.stdout
+    assert "CE recovered" in first.stdout
+    for artifact in ("acts/manifest.json", f"sae/{SITE}/sae.safetensors", "eval/eval.md", "eval/density.png",
+                     f"export/{SITE}/sae_weights.safetensors", "export/README.md"):
+        assert (out / artifact).exists(), artifact
+    eval_json = (out / "eval" / "eval.json").read_bytes()
+
+    again = cli(*pipeline_args(tiny_model_dir("llama"), out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in ("cache", "train", "eval", "export"):
+        assert f"== {stage} (reused) ==" in again.stdout
+    assert (out / "eval" / "eval.json").read_bytes() == eval_json
+
+    # Changing the eval budget redoes eval (and export, which shows its numbers), nothing else.
+    third = cli(*pipeline_args(tiny_model_dir("llama"), out), "eval.n_tokens=2048")
+    assert "== eval ==" in third.stdout and "== export ==" in third.stdout and "== train (reused) ==" in third.stdout
+    assert json.loads((out / "eval" / "eval.json").read_text())["config"]["n_tokens"] == 2048
+
+
+def test_bad_configuration_fails_before_any_work(tiny_model_dir, tmp_path):
+    out = tmp_path / "demo"
+    wrong_key = cli(*pipeline_args(tiny_model_dir("llama"), out), "train.sae.kk=3")
+    assert wrong_key.returncode == 1 and "kk" in wrong_key.stderr
+    wrong_type = cli(*pipeline_args(tiny_model_dir("llama"), out), "train.batch_size=big")
+    assert wrong_type.returncode == 1 and "batch_size" in wrong_type.stderr
+    no_repo = cli(*pipeline_args(tiny_model_dir("llama"), out), "export.push_to_hub=true")
+    assert no_repo.returncode == 1 and "repo_id" in no_repo.stderr
+    no_token = cli(*pipeline_args(tiny_model_dir("llama"), out), "export.push_to_hub=true", "export.repo_id=me/saes",
+                   env={"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf-home")})
+    assert no_token.returncode == 1 and "HF_TOKEN" in no_token.stderr and "Traceback" not in no_token.stderr
+    assert not out.exists()
+
+
+def test_usage_and_unknown_stage():
+    assert cli("--help").returncode == 0
+    result = cli("fly")
+    assert result.returncode == 2 and "stages:" in result.stderr
+
+
+def test_wandb_gets_training_metrics_and_the_eval_in_one_run(tiny_model_dir, tmp_path):
+    from tests.wandb_records import records, run_ids
+
+    out = tmp_path / "demo"
+    result = cli(*pipeline_args(tiny_model_dir("llama"), out), "train.wandb.enabled=true", "train.wandb.mode=offline")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = out / "sae" / "wandb"
+    assert len(run_ids(runs)) == 1  # the eval went into the training's run
+    kinds: dict[str, set[str]] = {}
+    for path in runs.glob("offline-run-*/run-*.wandb"):
+        for record in records(path):
+            kind = record.WhichOneof("record_type")
+            if kind in ("history", "summary"):
+                items = record.history.item if kind == "history" else record.summary.update
+                kinds.setdefault(kind, set()).update(i.key or "/".join(i.nested_key) for i in items)
+    def logged(kind: str, key: str) -> bool:  # media (tables, images) are logged as nested keys below their name
+        return any(k == key or k.startswith(key + "/") for k in kinds[kind])
+
+    assert logged("history", f"{SITE}/fvu") and logged("history", "eval/table") and logged("history", "eval/density")
+    assert logged("summary", f"{SITE}/eval/ce_recovered")
+    assert list(runs.glob("offline-run-*/files/media/images/eval/density*.png"))
