@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -131,6 +130,14 @@ def _load_hf(cfg: ModelConfig, path: str, dtype: torch.dtype) -> tuple[nn.Module
     else:
         location, common["revision"] = path, cfg.revision
         revision = cfg.revision
+    from transformers.utils import logging as hf_logging
+
+    # The stages' own bars report the real work. transformers' GGUF warning that float32 would
+    # be faster does not apply: these weights load dequantized into plain Linear layers, where
+    # bf16 is the fast dtype on CPUs that have it.
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **common)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **common)
@@ -140,6 +147,10 @@ def _load_hf(cfg: ModelConfig, path: str, dtype: torch.dtype) -> tuple[nn.Module
             "network (offline machines need a cached copy and HF_HUB_OFFLINE=1); otherwise pass a "
             "local directory or a .gguf file as model.name."
         ) from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     revision = getattr(model.config, "_commit_hash", None) or revision
     return model, tokenizer, revision
 
@@ -192,6 +203,3 @@ class LanguageModel:
 
     def shared_prefix(self, site: Site, input_ids: torch.Tensor) -> hooks.SharedPrefix:
         return hooks.SharedPrefix(self.model, self.layers, site, input_ids)
-
-    def describe(self) -> str:
-        return json.dumps(self.identity, sort_keys=True)
