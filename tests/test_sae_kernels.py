@@ -156,6 +156,138 @@ def test_activation_passes_match_torch(dtype):
     assert torch.allclose(win_r, (window * row_g[:, None]).sum(0), **tol)
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """Run a test with 1 and with 2 threads (the suite defaults to 1): exercises the splits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _csr(B, N, seed, batch=False):
+    """A TopK-like (k per row) or BatchTopK-like (ragged, some rows empty) selection."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, N, generator=g)
+    if batch:
+        return ops.batch_topk_torch(z * torch.rand(B, 1, generator=g) * 2, 3 * B)
+    idx, val = kernels.topk_rows(z, torch.zeros(N), 6)
+    return torch.arange(0, 6 * B + 1, 6), idx.view(-1), val.view(-1).relu()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_rows_reference_shape(dtype, threads):
+    """The training shape (N a multiple of 16, k = 32: 64 group maxima and ~50 candidates,
+    both selected by the sorting network) and a ragged one, on both thread splits."""
+    for B, N, k, seed in [(64, 4608, 32, 7), (17, 1000, 24, 8)]:
+        z, bias = _rows(B, N, dtype, False, seed=seed)
+        idx, val = kernels.topk_rows(z, bias, k)
+        ref_idx, ref_val = ops.topk_rows_torch(z.float() + bias, k)
+        assert torch.equal(idx, ref_idx) and torch.equal(val, ref_val)
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_csr_transpose_is_a_stable_sort_by_column(batch, threads):
+    offsets, idx, val = _csr(53, 90, seed=9, batch=batch)
+    coff, crow, perm = kernels.csr_transpose(offsets, idx, 90)
+    rows = torch.repeat_interleave(torch.arange(53), offsets.diff())
+    ref_perm = torch.sort(idx, stable=True).indices
+    assert torch.equal(perm, ref_perm) and torch.equal(crow, rows[ref_perm])
+    assert torch.equal(coff, torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(idx, minlength=90).cumsum(0)]))
+    # a CSC pass can also sum each column's values: what index_add_ over the CSR entries gives
+    col_sum, W = torch.empty(90), torch.randn(8, 90)
+    kernels.csr_spmm(coff, crow, val, torch.randn(53, 8), perm=perm, transpose_out=True, val_sum=col_sum)
+    assert torch.equal(col_sum, torch.zeros(90).index_add_(0, idx, val))
+    assert torch.allclose(kernels.gemv(W, col_sum), W @ col_sum, rtol=1e-5, atol=1e-5)  # b_dec's share of it
+
+
+@pytest.mark.parametrize("table_dtype", DTYPES)
+@pytest.mark.parametrize("batch", [False, True])
+def test_decode_train_is_decode_plus_backward(table_dtype, batch, threads):
+    """The training decode does the backward's residual work early: scaled by s, its outputs
+    are what decode_backward(grad=None, scale=s) returns."""
+    B, N, D = 45, 120, 300
+    offsets, idx, val = _csr(B, N, seed=10, batch=batch)
+    g = torch.Generator().manual_seed(11)
+    T = torch.randn(N, D, generator=g).to(table_dtype)
+    bias, target = torch.randn(D, generator=g), torch.randn(B, D, generator=g)
+    x_hat, sse, dots, res, colsum = kernels.decode_train(offsets, idx, val, T, bias, target)
+    ref_x_hat, ref_sse = kernels.csr_decode(offsets, idx, val, T, bias, target)
+    assert torch.equal(x_hat, ref_x_hat) and torch.equal(sse, ref_sse)
+    s = 0.37
+    gv, g_out, g_col = kernels.decode_backward(offsets, idx, None, x_hat, target, s, T)
+    tol = dict(rtol=1e-5, atol=1e-4)  # sums of O(10) terms of O(10): rounding ~1e-5
+    assert torch.allclose(s * dots, gv, **tol) and torch.allclose(s * colsum, g_col, **tol)
+    assert torch.equal(res, (x_hat - target).to(table_dtype))
+    assert torch.allclose(s * res.float(), g_out.float(), rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_elementwise_passes_match_torch(dtype, threads):
+    g = torch.Generator().manual_seed(12)
+    x, b = torch.randn(33, 70, generator=g), torch.randn(70, generator=g)
+    assert torch.equal(kernels.center_cast(x, b, dtype), (x - b).to(dtype))
+    y, var = kernels.scale_moments(x + 3.0, 0.7)
+    assert torch.equal(y, (x + 3.0) * 0.7)
+    yd = y.double()
+    assert var == pytest.approx(float((yd - yd.mean(0)).pow(2).sum()), rel=1e-6)  # fp32 row sums
+    ehat, x_hat = torch.randn(33, 70, generator=g).to(dtype), torch.randn(33, 70, generator=g)
+    diff, sq = kernels.auxk_residual(ehat, x, x_hat)
+    ref = (ehat.float() - x) + x_hat
+    assert torch.equal(diff, ref.to(dtype)) and sq == pytest.approx(float(ref.double().pow(2).sum()), rel=1e-6)
+
+
+def test_batch_topk_reference_shape(threads):
+    """The sampled starting cut on a realistic batch: same answer as the twin."""
+    z, bias = _rows(512, 2304, torch.bfloat16, False, seed=13)
+    n_keep = 32 * 512
+    got = ops.batch_topk_kernel(z, bias, n_keep)
+    ref = ops.batch_topk_torch(z.float() + bias, n_keep)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    guess = kernels.batch_topk_guess(z, bias, int(1.3 * n_keep))
+    assert 0 < guess < float(got[2].min())  # a cut below the answer: no retry needed
+
+
+def test_optimizer_step_kernels_match_torch(threads):
+    """Pass 1 (projected gradient norm) against project_grads_'s formula; pass 2 (Adam on
+    rows, then renormalise, then the bf16 copy) against torch's fused Adam and constrain_."""
+    g = torch.Generator().manual_seed(14)
+    w = torch.randn(37, 100, generator=g)
+    w /= w.norm(dim=1, keepdim=True)
+    grad = torch.randn(37, 100, generator=g)
+    sq, coef = kernels.rows_sqnorm(grad, w)
+    ref_coef = (grad * w).sum(1) / (w * w).sum(1)
+    assert torch.allclose(coef, ref_coef, rtol=1e-5, atol=1e-7)
+    assert sq == pytest.approx(float((grad - ref_coef[:, None] * w).pow(2).sum()), rel=1e-5)
+    assert kernels.rows_sqnorm(grad)[0] == pytest.approx(float(grad.pow(2).sum()), rel=1e-6)
+    for shape, project in [((37, 100), True), ((37, 100), False), ((4608,), False), ((45,), False)]:
+        p0 = torch.randn(shape, generator=g)
+        if project:
+            p0 /= p0.norm(dim=1, keepdim=True)
+        ref = torch.nn.Parameter(p0.clone())
+        opt = torch.optim.Adam([ref], lr=1e-2, betas=(0.9, 0.99), eps=1e-6, fused=True)
+        p, m, v = p0.clone(), torch.zeros(shape), torch.zeros(shape)
+        shadow = torch.empty(shape, dtype=torch.bfloat16)
+        for step in range(1, 5):
+            grad = torch.randn(shape, generator=g)
+            clip = 0.5 if step % 2 else 1.0
+            coef = kernels.rows_sqnorm(grad, p)[1] if project else None
+            # the reference: project, clip, torch's fused Adam, renormalise
+            gr = grad - coef[:, None] * ref.detach() if project else grad.clone()
+            ref.grad = gr * clip
+            opt.step()
+            if project:
+                with torch.no_grad():
+                    ref.div_(ref.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            kernels.adam_rows(p, grad, m, v, step=float(step), lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-6,
+                              clip=clip, coef=coef, normalize=project, shadow=shadow)
+            st = opt.state[ref]
+            tol = dict(rtol=1e-6, atol=1e-7)
+            assert torch.allclose(m, st["exp_avg"], **tol) and torch.allclose(v, st["exp_avg_sq"], **tol)
+            assert torch.allclose(p, ref.detach(), **tol), (shape, project, step)
+            assert torch.equal(shadow, p.to(torch.bfloat16))
+
+
 def test_environment_switch(monkeypatch):
     monkeypatch.setenv(kernels.ENV_VAR, "torch")
     assert not kernels.available()

@@ -156,7 +156,8 @@ def run(sae: SAE, x: torch.Tensor, dead=None, scale=1.0):
     return out, {n: t.grad.detach().clone() for n, t in sae.named_parameters()}
 
 
-CASES = [("relu", {}), ("relu", {"sparsity": "l1_decnorm"}), ("topk", {}), ("batchtopk", {}), ("jumprelu", {})]
+CASES = [("relu", {}), ("relu", {"sparsity": "l1_decnorm"}), ("topk", {}), ("batchtopk", {}), ("jumprelu", {}),
+         ("topk", {"aux_k": 1000})]  # aux_k > n_dead: every dead latent joins AuxK (no selection)
 
 
 def _dead(sae):

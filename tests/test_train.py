@@ -204,3 +204,86 @@ def test_wandb_offline_logs_metrics_and_resume_keeps_the_run(synthetic, tmp_path
     logged_steps = [row["_step"] for row in rows]
     assert logged_steps == [4, 8, 11, 12, 16, 20, 24, 28, 32]
     assert all(0 < row[f"{SITE}/fvu"] < 2 and 0 < row[f"{SITE}/l0"] <= 4 for row in rows)
+
+
+# ----------------------------------------------------------------------------- the optimizer step
+
+
+def _twin_saes(arch: str, compute: torch.dtype, seed: int = 1234):
+    """Two identical SAEs, each with its own fused-kernel Adam, and a stream of gradients."""
+    architecture, _, variant = arch.partition("-")  # relu-decnorm: ReLU with free decoder norms
+    sae_cfg = SAEConfig(architecture=architecture, k=4, expansion_factor=4, l1_coefficient=0.05, l0_coefficient=0.01,
+                        sparsity="l1_decnorm" if variant == "decnorm" else "l1").resolved(24)
+    saes = [create_sae(sae_cfg, compute_dtype=compute) for _ in range(2)]
+    opts = [torch.optim.Adam(s.parameters(), lr=3e-2, betas=(0.9, 0.999), eps=1e-8, fused=True) for s in saes]
+    gen = torch.Generator().manual_seed(seed)
+
+    def grads(scale: float) -> dict[str, torch.Tensor]:
+        return {n: scale * torch.randn(p.shape, generator=gen) for n, p in saes[0].named_parameters()}
+
+    return saes, opts, grads
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu-decnorm", "jumprelu"])
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_fused_update_matches_reference_update(arch, grad_clip):
+    """The two-pass optimizer step against project_grads_ + clip_grad_norm_ + Adam + constrain_,
+    with clipping off, inactive (small gradients) and active (large ones)."""
+    from sae_train.train.update import fused_supported, fused_update, reference_update
+
+    (ref, fused), (opt_ref, opt_fused), grads = _twin_saes(arch, torch.bfloat16)
+    for step, scale in enumerate([1e-3, 10.0, 1e-2, 3.0]):
+        g = grads(scale)
+        for sae in (ref, fused):
+            for name, p in sae.named_parameters():
+                p.grad = g[name].clone()
+        assert fused_supported(fused, opt_fused)
+        reference_update(ref, opt_ref, grad_clip)
+        fused_update(fused, opt_fused, grad_clip)
+        for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (name, step)
+            for key in ("exp_avg", "exp_avg_sq"):
+                sa, sb = opt_ref.state[a][key], opt_fused.state[b][key]
+                assert torch.allclose(sa, sb, rtol=1e-5, atol=1e-6 * float(sa.abs().max())), (name, key, step)
+            assert torch.equal(opt_ref.state[a]["step"], opt_fused.state[b]["step"])
+        # the bf16 copies for the next forward are the parameters, cast
+        for name in ("W_enc", "W_dec"):
+            assert torch.equal(fused.gemm_weight(name), getattr(fused, name).detach().to(torch.bfloat16))
+    assert opt_fused.state_dict()["state"].keys() == opt_ref.state_dict()["state"].keys()
+
+
+def test_gemm_weight_copies_retire_when_the_weights_change():
+    from sae_train.train.update import fused_update
+
+    (sae, _), (opt, _), grads = _twin_saes("topk", torch.bfloat16)
+    for name, p in sae.named_parameters():
+        p.grad = grads(0.1)[name]
+    fused_update(sae, opt, 1.0)
+    copy = sae.gemm_weight("W_enc")
+    assert sae.gemm_weight("W_enc") is copy  # the optimizer's copy serves the forward
+    with torch.no_grad():
+        sae.W_enc.mul_(2.0)  # any in-place change bumps the version counter
+    assert sae.gemm_weight("W_enc") is not copy
+    assert torch.equal(sae.gemm_weight("W_enc"), sae.W_enc.detach().to(torch.bfloat16))
+    assert not copy.equal(sae.gemm_weight("W_enc"))
+    sae.load_state_dict(sae.state_dict())  # copy_ in place, too
+    assert sae.gemm_weight("W_dec").data_ptr() != copy.data_ptr()
+    folded = sae.fold(2.0)  # deep copies never carry the cache
+    assert not folded._gemm_copies
+
+
+def test_training_with_the_reference_update_agrees(synthetic, tmp_path, monkeypatch):
+    """End to end: a run with the plain optimizer step lands where the fused one does."""
+    import sae_train.train.trainer as trainer
+    from sae_train.train.update import reference_update
+
+    _, store = synthetic
+    sae = SAEConfig(architecture="topk", k=4, expansion_factor=4)
+    fused = run(cfg(store, tmp_path / "fused", sae=sae, n_tokens=16_384, dtype="bfloat16"))
+    monkeypatch.setattr(trainer, "update", reference_update)
+    plain = run(cfg(store, tmp_path / "plain", sae=sae, n_tokens=16_384, dtype="bfloat16"))
+    a = load_file(str(Path(fused.saes[SITE]["checkpoint"]) / WEIGHTS))
+    b = load_file(str(Path(plain.saes[SITE]["checkpoint"]) / WEIGHTS))
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-4), key
+    assert fused.saes[SITE]["metrics"]["fvu"] == pytest.approx(plain.saes[SITE]["metrics"]["fvu"], rel=1e-3)

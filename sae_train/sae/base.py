@@ -28,6 +28,14 @@ from sae_train.sae.config import SAEConfig
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
 
+class _GemmCopies(dict):
+    """name -> ((data_ptr, version) of the parameter, its copy in the GEMM dtype). A cache:
+    never copied with the module (deepcopy, e.g. `fold`) and not part of the state dict."""
+
+    def __deepcopy__(self, memo: dict) -> _GemmCopies:
+        return _GemmCopies()
+
+
 @dataclass
 class SparseLatents:
     """Active latents of a batch in CSR form (TopK family).
@@ -103,6 +111,7 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(W_dec.t().contiguous())  # row-major: the layout the GEMMs and grads use
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self._gemm_copies = _GemmCopies()  # see gemm_weight
 
     # ------------------------------------------------------------------ architecture hooks
 
@@ -181,9 +190,36 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def constrain_(self) -> None:
-        """After each optimizer step: unit-norm decoder rows where the architecture needs them."""
+        """After each optimizer step: unit-norm decoder rows where the architecture needs them,
+        then `constrain_extra_`."""
         if self.unit_norm_decoder:
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        self.constrain_extra_()
+
+    @torch.no_grad()
+    def constrain_extra_(self) -> None:
+        """Architecture-specific constraints besides the decoder norm (which the fused optimizer
+        step imposes itself, row by row, before calling this). Default: none."""
+
+    def gemm_weight(self, name: str) -> Tensor:
+        """Parameter `name` (W_enc or W_dec) in the GEMM dtype, detached.
+
+        The fused optimizer step (sae_train/train/update.py) writes bf16 copies of the weights
+        as it updates them, which saves the next forward two casts; they are used while the
+        parameter is unchanged since (same storage, same version counter, so any in-place
+        change made elsewhere, e.g. load_state_dict or resampling, retires the copy). Otherwise
+        a fresh cast.
+        """
+        p = getattr(self, name)
+        entry = self._gemm_copies.get(name)
+        if entry is not None and entry[0] == (p.data_ptr(), p._version) and entry[1].dtype == self._gemm_dtype:
+            return entry[1]
+        return p.detach().to(self._gemm_dtype)
+
+    def set_gemm_weight(self, name: str, copy: Tensor) -> None:
+        """Record `copy` as parameter `name` in the GEMM dtype, valid until the parameter changes."""
+        p = getattr(self, name)
+        self._gemm_copies[name] = ((p.data_ptr(), p._version), copy)
 
     @torch.no_grad()
     def project_grads_(self) -> None:

@@ -72,8 +72,7 @@ class JumpReLUSAE(SAE):
         self.threshold.mul_(latent_scale)
 
     @torch.no_grad()
-    def constrain_(self) -> None:
-        super().constrain_()
+    def constrain_extra_(self) -> None:
         self.threshold.clamp_(min=0.0)  # a negative threshold would let negative z through
 
     def _output(self, x: Tensor, x_hat: Tensor, l0: Tensor, f: Tensor, n_active: Tensor, fired: Tensor, scale: float) -> SAEOutput:
@@ -91,7 +90,8 @@ class JumpReLUSAE(SAE):
         return self._output(x, x_hat, l0, f, active.sum(-1).float().mean(), active.any(0), sparsity_scale)
 
     def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
-        spec = DenseSpec(self.compute_dtype, jumprelu_bandwidth=self.cfg.jumprelu_bandwidth)
+        spec = DenseSpec(self.compute_dtype, jumprelu_bandwidth=self.cfg.jumprelu_bandwidth,
+                         weights=(self.gemm_weight("W_enc"), self.gemm_weight("W_dec")))
         dec, row_l0, f, n_active, col_fired = DenseSAEFunction.apply(
             x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, None, self.threshold, spec
         )

@@ -79,17 +79,11 @@ def batch_topk_torch(v: Tensor, n_keep: int) -> tuple[Tensor, Tensor, Tensor]:
 def batch_topk_kernel(z: Tensor, bias: Tensor, n_keep: int) -> tuple[Tensor, Tensor, Tensor]:
     """`batch_topk_torch(z.float() + bias, n_keep)` without materialising z + bias.
 
-    A strided sample of the batch (65k entries) picks a cut expected to leave ~1.3*n_keep
-    candidates; one SIMD pass collects them and an exact radix selection runs on those only.
+    A sample of the batch (~64k entries) picks a cut expected to leave ~1.3*n_keep
+    candidates; one SIMD pass collects them and an exact selection runs on those only.
     """
-    flat = z.view(-1)
-    step = max(1, flat.numel() // 65536) | 1  # odd stride: the sample visits every column
-    pos = torch.arange(0, flat.numel(), step)
-    sample = flat[pos].float() + bias[pos % z.shape[1]]
     expected = int(1.3 * n_keep) + 64
-    want = min(sample.numel(), max(1, expected * sample.numel() // flat.numel()))
-    guess = float(sample.topk(want, sorted=True).values[-1].nan_to_num(0.0))
-    return kernels.batch_topk(z, bias, n_keep, guess, expected)
+    return kernels.batch_topk(z, bias, n_keep, kernels.batch_topk_guess(z, bias, expected), expected)
 
 
 @dataclass
@@ -101,6 +95,7 @@ class SparseSpec:
     compute_dtype: torch.dtype
     dead: Tensor | None = None  # int64 ids of dead latents (ascending): AuxK on, else off
     aux_k: int = 0
+    weights: tuple[Tensor, Tensor] | None = None  # W_enc, W_dec in compute_dtype (SAE.gemm_weight), else cast here
     offsets: Tensor | None = None  # [B+1]: token b owns entries offsets[b]:offsets[b+1]
     idx: Tensor | None = None  # [nnz] latent ids, ascending within a token
 
@@ -131,8 +126,8 @@ class SparseSAEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, spec: SparseSpec):  # type: ignore[override]
         cd = spec.compute_dtype
-        xc = (x - b_dec).to(cd).contiguous()
-        Wc = W_enc.to(cd)
+        xc = kernels.center_cast(x.contiguous(), b_dec.detach(), cd)  # (x - b_dec).to(cd)
+        Wc, Wd = spec.weights or (W_enc.to(cd), W_dec.to(cd))
         z = xc @ Wc
         B = x.shape[0]
         if spec.batch:
@@ -140,28 +135,37 @@ class SparseSAEFunction(torch.autograd.Function):
         else:
             idx, pre = kernels.topk_rows(z, b_enc, spec.k)
             offsets, idx, pre = torch.arange(0, B * spec.k + 1, spec.k), idx.view(-1), pre.view(-1)
+        # AuxK's pre-activations: the dead latents' columns of the encoder GEMM just done
+        zd = None if spec.dead is None else z.index_select(1, spec.dead)  # [B, n_dead]
         del z
         vals = pre.clamp_min(0)  # NaN stays NaN
-        Wd = W_dec.to(cd)
-        x_hat, row_sse = kernels.csr_decode(offsets, idx, vals, Wd, b_dec.detach(), x)
+        ctx.resid = None
+        if any(ctx.needs_input_grad):
+            # the residual-side work of the backward, while the decoder rows are in cache
+            x_hat, row_sse, *ctx.resid = kernels.decode_train(offsets, idx, vals, Wd, b_dec.detach(), x)
+        else:
+            x_hat, row_sse = kernels.csr_decode(offsets, idx, vals, Wd, b_dec.detach(), x)
         spec.offsets, spec.idx = offsets, idx
         ctx.spec = spec
         ctx.aux = None
         auxk = x_hat.new_zeros(())
         if spec.dead is not None:
             dead = spec.dead
-            zd = xc @ Wc[:, dead]  # [B, n_dead] pre-activations of the dead latents
-            a_idx, a_pre = kernels.topk_rows(zd, b_enc[dead].contiguous(), spec.aux_k)
-            F = torch.zeros(zd.shape, dtype=cd).scatter_(1, a_idx, a_pre.clamp_min(0).to(cd))
+            if spec.aux_k >= dead.numel():  # every dead latent takes part: no selection
+                a_idx, F = None, (zd.float() + b_enc[dead]).clamp_min_(0).to(cd)
+            else:
+                a_idx, a_pre = kernels.topk_rows(zd, b_enc[dead].contiguous(), spec.aux_k)
+                F = torch.zeros(zd.shape, dtype=cd).scatter_(1, a_idx, a_pre.clamp_min(0).to(cd))
             Wd_dead = Wd[dead]
             # e = x - x_hat is the residual AuxK models (a constant: no gradient to x_hat);
             # sum_b ||e_b - mean(e)||^2 = sum_b ||e_b||^2 - B ||mean(e)||^2, and the decode
             # already produced ||e_b||^2 (row_sse): no pass over e needed
-            e_mean = x.mean(0) - x_hat.mean(0)
+            # (the training decode summed x_hat - x over tokens already)
+            e_mean = -ctx.resid[2] / B if ctx.resid is not None else x.mean(0) - x_hat.mean(0)
             den = float(row_sse.double().sum() - B * e_mean.double().pow(2).sum())
-            diff = (F @ Wd_dead).float().sub_(x).add_(x_hat)  # e_hat - e
+            diff, sq = kernels.auxk_residual((F @ Wd_dead).contiguous(), x, x_hat)  # e_hat - e, in cd
             if den > 0:
-                auxk = torch.dot(diff.view(-1), diff.view(-1)) / den
+                auxk = x_hat.new_tensor(sq / den)
                 ctx.aux = (F, Wd_dead, a_idx, diff, den)
         ctx.save_for_backward(x, x_hat, xc, W_enc, Wd, vals)
         ctx.mark_non_differentiable(vals)
@@ -176,23 +180,35 @@ class SparseSAEFunction(torch.autograd.Function):
         x, x_hat, xc, W_enc, Wd, vals = ctx.saved_tensors
         spec: SparseSpec = ctx.spec
         scale = 0.0 if g_mse is None else 2.0 * float(g_mse) / x.shape[0]
-        grad = None if g_xhat is None else g_xhat.contiguous()
-        gv, g, g_colsum = kernels.decode_backward(spec.offsets, spec.idx, grad, x_hat, x, scale, Wd)
-        gv.mul_(vals > 0)
         coff, crow, perm = kernels.csr_transpose(spec.offsets, spec.idx, W_enc.shape[1])
-        grad_W_dec = kernels.csr_spmm(coff, crow, vals, g, perm=perm)
-        grad_W_enc = kernels.csr_spmm(coff, crow, gv, xc, perm=perm, transpose_out=True)
-        grad_b_enc = torch.zeros(W_enc.shape[1]).index_add_(0, spec.idx, gv)
+        if g_xhat is None and ctx.resid is not None:  # g = scale * res: scale what the forward prepared
+            dots, res, res_colsum = ctx.resid
+            gv, g_colsum = dots * scale, res_colsum * scale  # not in place: backward may run again
+            grad_W_dec = kernels.csr_spmm(coff, crow, vals * scale, res, perm=perm)
+        else:
+            grad = None if g_xhat is None else g_xhat.contiguous()
+            gv, g, g_colsum = kernels.decode_backward(spec.offsets, spec.idx, grad, x_hat, x, scale, Wd)
+            grad_W_dec = kernels.csr_spmm(coff, crow, vals, g, perm=perm)
+        gv.mul_(vals > 0)
+        grad_b_enc = torch.empty(W_enc.shape[1])  # column sums of gv, from the same pass
+        grad_W_enc = kernels.csr_spmm(coff, crow, gv, xc, perm=perm, transpose_out=True, val_sum=grad_b_enc)
         if ctx.aux is not None and g_aux is not None:
             F, Wd_dead, a_idx, diff, den = ctx.aux
             dead = spec.dead
-            g_ehat = (diff * (2.0 * float(g_aux) / den)).to(F.dtype)
-            g_z = (g_ehat @ Wd_dead.t()).gather(1, a_idx).float() * (F.gather(1, a_idx) > 0)
-            G = torch.zeros(F.shape, dtype=F.dtype).scatter_(1, a_idx, g_z.to(F.dtype))
-            grad_W_dec.index_add_(0, dead, (F.t() @ g_ehat).float())
-            grad_W_enc.index_add_(1, dead, (xc.t() @ G).float())
-            grad_b_enc.index_add_(0, dead[a_idx.view(-1)], g_z.view(-1))
-        grad_b_dec = g_colsum - W_enc @ grad_b_enc
+            c = 2.0 * float(g_aux) / den  # the gradient of e_hat is c * diff; c is applied after the GEMMs
+            g_all = diff @ Wd_dead.t()  # [B, n_dead]
+            if a_idx is None:  # every dead latent took part
+                g_z = g_all.float().mul_(c).mul_(F > 0)
+                G = g_z.to(F.dtype)
+                g_b = g_z.sum(0)  # [n_dead]
+            else:
+                g_z = g_all.gather(1, a_idx).float().mul_(c) * (F.gather(1, a_idx) > 0)
+                G = torch.zeros(F.shape, dtype=F.dtype).scatter_(1, a_idx, g_z.to(F.dtype))
+                g_b = torch.zeros(dead.numel()).index_add_(0, a_idx.view(-1), g_z.view(-1))
+            grad_b_enc.index_add_(0, dead, g_b)
+            grad_W_dec.index_add_(0, dead, (F.t() @ diff).float().mul_(c))
+            grad_W_enc.index_add_(1, dead, (G.t() @ xc).float().t())
+        grad_b_dec = g_colsum - kernels.gemv(W_enc.detach(), grad_b_enc)
         return None, grad_b_dec, grad_W_enc, grad_b_enc, grad_W_dec, None
 
 
@@ -202,6 +218,7 @@ class DenseSpec:
 
     compute_dtype: torch.dtype
     jumprelu_bandwidth: float = 0.0  # > 0: JumpReLU (threshold given), else ReLU
+    weights: tuple[Tensor, Tensor] | None = None  # W_enc, W_dec in compute_dtype (SAE.gemm_weight), else cast here
 
 
 class DenseSAEFunction(torch.autograd.Function):
@@ -222,12 +239,12 @@ class DenseSAEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, colw, threshold, spec: DenseSpec):  # type: ignore[override]
         cd = spec.compute_dtype
-        xc = (x - b_dec).to(cd).contiguous()
-        z = xc @ W_enc.to(cd)
+        xc = kernels.center_cast(x.contiguous(), b_dec.detach(), cd)  # (x - b_dec).to(cd)
+        Wc, Wd = spec.weights or (W_enc.to(cd), W_dec.to(cd))
+        z = xc @ Wc
         jump = spec.jumprelu_bandwidth > 0
         f = torch.empty_like(z) if jump else z  # JumpReLU keeps z: the threshold grad needs it
         row_sum, row_cnt, col_cnt = kernels.act_fwd(z, f, b_enc, threshold if jump else None, colw, row_sums=not jump)
-        Wd = W_dec.to(cd)
         dec = (f @ Wd).float()
         ctx.spec = spec
         ctx.save_for_backward(xc, f, z if jump else None, W_enc, b_enc, Wd, colw, threshold)

@@ -46,8 +46,9 @@ class ReLUSAE(SAE):
         return self._output(x, x_hat, l1, f, active.sum(-1).float().mean(), active.any(0), sparsity_scale)
 
     def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
+        spec = DenseSpec(self.compute_dtype, weights=(self.gemm_weight("W_enc"), self.gemm_weight("W_dec")))
         dec, row_l1, f, row_l0, col_fired = DenseSAEFunction.apply(
-            x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, self._l1_weights(), None, DenseSpec(self.compute_dtype)
+            x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, self._l1_weights(), None, spec
         )
         x_hat = dec + self.b_dec
         return self._output(x, x_hat, row_l1.mean(), f, row_l0.mean(), col_fired > 0, sparsity_scale)

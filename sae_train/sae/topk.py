@@ -79,6 +79,7 @@ class TopKSAE(SAE):
     def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
         dead = self._dead_ids(dead_mask)
         aux_k = 0 if dead is None else min(self.cfg.aux_k, dead.numel())
-        spec = SparseSpec(self.architecture == "batchtopk", self.cfg.k, self.compute_dtype, dead, aux_k)
+        spec = SparseSpec(self.architecture == "batchtopk", self.cfg.k, self.compute_dtype, dead, aux_k,
+                          weights=(self.gemm_weight("W_enc"), self.gemm_weight("W_dec")))
         x_hat, mse, auxk, vals = SparseSAEFunction.apply(x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, spec)
         return self._output(x, x_hat, mse, auxk, SparseLatents(vals, spec.idx, spec.offsets, self.cfg.d_sae))

@@ -40,6 +40,8 @@ def resample_dead_(sae: SAE, optimizer: torch.optim.Optimizer, dead: torch.Tenso
             sae.b_enc[dead_idx] = 0.0
     for tensor in (sae.W_dec, sae.W_enc, sae.b_enc):
         dist.broadcast_(tensor.data)
+        # writes through .data bypass the version counter, which retires SAE.gemm_weight's copies
+        torch.autograd.graph.increment_version(tensor)
     _reset_adam_rows(optimizer, sae, dead_idx)
     return int(dead_idx.numel())
 

@@ -35,21 +35,27 @@ def best_time(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int
     return best
 
 
-def step_gemm_seconds(
-    architecture: str, rows: int, d_in: int, d_sae: int, dtype: torch.dtype, device: torch.device, repeats: int = 5
-) -> float:
-    """Best-of-N time of the dense GEMMs one training step of `architecture` needs."""
+def step_gemms(architecture: str, rows: int, d_in: int, d_sae: int, dtype: torch.dtype,
+               device: torch.device) -> list[Callable[[], torch.Tensor]]:
+    """The dense GEMMs one training step of `architecture` needs, as callables on random data."""
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device=device).to(dtype)
 
     x, w_enc, w_dec = rand(rows, d_in), rand(d_in, d_sae), rand(d_sae, d_in)
-    f, grad_x = rand(rows, d_sae), rand(rows, d_in)
     gemms = [lambda: x @ w_enc]  # encoder forward
     if architecture not in _TOPK_FAMILY:
+        f, grad_x = rand(rows, d_sae), rand(rows, d_in)
         gemms += [
             lambda: f @ w_dec,  # decoder forward
             lambda: grad_x @ w_dec.T,  # latent gradient
             lambda: f.T @ grad_x,  # decoder-weight gradient
             lambda: x.T @ f,  # encoder-weight gradient
         ]
-    return sum(best_time(g, device, repeats) for g in gemms)
+    return gemms
+
+
+def step_gemm_seconds(
+    architecture: str, rows: int, d_in: int, d_sae: int, dtype: torch.dtype, device: torch.device, repeats: int = 5
+) -> float:
+    """Best-of-N time of the dense GEMMs one training step of `architecture` needs."""
+    return sum(best_time(g, device, repeats) for g in step_gemms(architecture, rows, d_in, d_sae, dtype, device))

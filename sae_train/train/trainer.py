@@ -25,7 +25,7 @@ from tqdm import tqdm
 from sae_train.errors import UserError
 from sae_train.lm.model import resolve_dtype
 from sae_train.provenance import provenance
-from sae_train.sae import SAE, SAEOutput, create_sae, save_sae
+from sae_train.sae import SAE, SAEOutput, create_sae, kernels, save_sae
 from sae_train.sae.kernels import keep_freed_memory
 from sae_train.train import checkpoint as ckpt
 from sae_train.train.config import TrainConfig
@@ -35,6 +35,7 @@ from sae_train.train.resample import resample_dead_
 from sae_train.train.roofline import step_gemm_seconds
 from sae_train.train.schedule import lr_factor, sparsity_factor
 from sae_train.train.signals import Preempted, StopSignals
+from sae_train.train.update import update
 from sae_train.train.sources import ActivationSource
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,7 @@ class Trainer:
             run.scale = float(self.dist.broadcast_(scale).item())
             for tensor in itertools.chain(run.sae.parameters(), run.sae.buffers()):
                 self.dist.broadcast_(tensor.data)
+                torch.autograd.graph.increment_version(tensor)  # .data writes skip the version counter
 
     def _restore(self) -> bool:
         state = ckpt.read_run_state(self.out_dir)
@@ -260,10 +262,10 @@ class Trainer:
         sparsity = sparsity_factor(self.step, self.n_steps, self.cfg.sparsity_warmup)
         stats, outs = [], []
         for run in self.runs:
-            x = batch[run.site].to(self.dist.device, non_blocking=True) * run.scale
+            x, var = self._normalised(batch[run.site].to(self.dist.device, non_blocking=True), run.scale)
             out = run.sae(x, dead_mask=run.dead_mask(self.cfg.dead_after_tokens), sparsity_scale=sparsity)
             out.losses["loss"].backward()
-            stats.append(self._batch_stats(x, out))
+            stats.append(self._batch_stats(x.shape[0], var, out))
             outs.append(out)
         stats, stop = self._all_reduce(stats, outs, signal_received)
         lr_scale = lr_factor(self.step, self.n_steps, self.cfg.lr_warmup, self.cfg.lr_decay)
@@ -273,14 +275,10 @@ class Trainer:
                     f"Non-finite loss for SAE {run.tag} at step {self.step} ({losses}). Training stopped; the last "
                     "checkpoint was left untouched. Lower lr, use dtype=float32, or check the activations."
                 )
-            run.sae.project_grads_()
-            if self.cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(run.params, self.cfg.grad_clip)
             for group in run.optimizer.param_groups:
                 group["lr"] = run.lr * lr_scale
-            run.optimizer.step()
+            update(run.sae, run.optimizer, self.cfg.grad_clip)  # projection, clipping, Adam, constraint
             run.optimizer.zero_grad(set_to_none=True)
-            run.sae.constrain_()
             run.sae.after_step(out)
             run.since_fired += self.cfg.batch_size
             run.since_fired[fired] = 0
@@ -290,12 +288,21 @@ class Trainer:
         self._maybe_resample()
         return stop
 
-    def _batch_stats(self, x: torch.Tensor, out: SAEOutput) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    @staticmethod
+    @torch.no_grad()
+    def _normalised(raw: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The SAE input x = raw * scale and sum_b ||x_b - mean(x)||^2 (the FVU denominator):
+        in one pass over the batch on CPU (`kernels.scale_moments`), else the plain way."""
+        if raw.device.type == "cpu" and raw.dtype == torch.float32 and raw.dim() == 2 and kernels.available():
+            x, var = kernels.scale_moments(raw.contiguous(), scale)
+            return x, torch.tensor(var, dtype=torch.float64)
+        x = raw * scale
+        return x, x.pow(2).sum() - x.shape[0] * x.mean(0).pow(2).sum()
+
+    def _batch_stats(self, n: int, var: torch.Tensor, out: SAEOutput) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            n = x.shape[0]
             err = out.losses["mse"].detach() * n  # mse: mean over tokens of the squared error summed over dims
-            var = x.pow(2).sum() - n * x.mean(0).pow(2).sum()
-            sums = torch.stack([err, var, out.l0 * n, torch.tensor(float(n), device=x.device)])
+            sums = torch.stack([err.double(), var.double(), (out.l0 * n).double(), torch.tensor(float(n), dtype=torch.float64, device=var.device)])
             losses = {k: v.detach() for k, v in out.losses.items()}
         return losses, sums.double(), out.fired
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -132,11 +133,19 @@ _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 _SIGNATURES = {
     "sae_set_openmp": (None, [_P, _P, _P]),
     "sae_topk_rows": (_I32, [_P, _I32, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _I32]),
+    "sae_batch_topk_guess": (_F32, [_P, _I32, _I64, _I64, _I64, _P, _I64]),
     "sae_batch_topk": (_I64, [_P, _I32, _I64, _I64, _I64, _P, _F32, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _I32]),
-    "sae_csr_spmm": (None, [_I64, _P, _P, _P, _P, _P, _I32, _I64, _I64, _P, _I64, _I32, _I32, _I32]),
+    "sae_csr_spmm": (None, [_I64, _P, _P, _P, _P, _P, _I32, _I64, _I64, _P, _I64, _I32, _I32, _P, _I32]),
+    "sae_gemv": (None, [_P, _P, _P, _I64, _I64, _I32]),
     "sae_csr_decode": (None, [_I64, _P, _P, _P, _P, _I32, _I64, _P, _P, _P, _P, _I32]),
     "sae_decode_backward": (None, [_I64, _P, _P, _P, _P, _P, _F32, _P, _I32, _I64, _P, _P, _I32, _P, _I32]),
-    "sae_csr_transpose": (None, [_I64, _I64, _P, _P, _P, _P, _P]),
+    "sae_decode_train": (None, [_I64, _P, _P, _P, _P, _I32, _I64, _P, _P, _P, _P, _P, _P, _I32, _P, _I32]),
+    "sae_csr_transpose": (None, [_I64, _I64, _P, _P, _P, _P, _P, _P, _I32]),
+    "sae_auxk_residual": (None, [_P, _P, _P, _P, _I32, _I64, _I64, _P, _I32]),
+    "sae_scale_moments": (None, [_P, _F32, _P, _I64, _I64, _P, _P, _P, _I32]),
+    "sae_center_cast": (None, [_P, _P, _P, _I32, _I64, _I64, _I32]),
+    "sae_rows_sqnorm": (None, [_I64, _I64, _P, _P, _P, _P, _I32]),
+    "sae_adam_rows": (None, [_I64, _I64, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _F32, _F32, _F32, _I32, _P, _I32]),
     "sae_act_fwd": (None, [_P, _P, _I32, _I64, _I64, _P, _P, _P, _P, _P, _P, _I32]),
     "sae_act_bwd": (None, [_P, _P, _I32, _I64, _I64, _P, _P, _F32, _P, _P, _P, _P, _P, _P, _I32]),
 }
@@ -236,6 +245,15 @@ def topk_rows(z: Tensor, bias: Tensor, k: int, colmask: Tensor | None = None) ->
     return idx, val
 
 
+def batch_topk_guess(z: Tensor, bias: Tensor, expected: int) -> float:
+    """A cut (>= 0) that about `expected` entries of z + bias exceed, estimated from a ~64k-entry
+    sample (runs of consecutive columns in evenly spaced rows): `batch_topk`'s starting guess."""
+    _check(z, tuple(_DT), "z")
+    _check(bias, torch.float32, "bias")
+    B, N = z.shape
+    return float(_lib_or_raise().sae_batch_topk_guess(_ptr(z), _DT[z.dtype], B, N, N, _ptr(bias), expected))
+
+
 def batch_topk(z: Tensor, bias: Tensor, n_keep: int, guess: float, expected: int) -> tuple[Tensor, Tensor, Tensor]:
     """The n_keep largest positive entries of z + bias over the batch, as CSR (row-major).
 
@@ -263,6 +281,8 @@ def batch_topk(z: Tensor, bias: Tensor, n_keep: int, guess: float, expected: int
         )  # fmt: skip
         if nnz >= 0:
             return offsets, idx[:nnz], val[:nnz]
+        if nnz == -3:
+            raise MemoryError("sae_batch_topk: out of memory")
         if nnz == -1:
             guess = 0.0
         cap = (B + nt - 1) // nt * N + 16  # room for every entry of a thread's rows
@@ -281,12 +301,15 @@ def csr_spmm(
     out: Tensor | None = None,
     transpose_out: bool = False,
     accumulate: bool = False,
+    val_sum: Tensor | None = None,
 ) -> Tensor:
     """out[r] = sum_{e in row r} val[perm[e] or e] * table[idx[e]]: CSR [R, T] times table [T, D].
 
     table may be fp32 or bf16 (accumulation is fp32). With transpose_out the result is
     written as out[:, r] of a [D, R] matrix (no extra pass); with accumulate it is added to
-    `out` instead of overwriting it.
+    `out` instead of overwriting it. val_sum [R] fp32, when given, receives each row's sum of
+    values in entry order (for a CSC from `csr_transpose`, exactly what index_add_ over the
+    CSR entries computes).
     """
     for t, n in ((offsets, "offsets"), (idx, "idx")):
         _check(t, torch.int64, n)
@@ -298,11 +321,26 @@ def csr_spmm(
     _check(out, torch.float32, "out")
     if perm is not None:
         _check(perm, torch.int64, "perm")
+    if val_sum is not None:
+        _check(val_sum, torch.float32, "val_sum")
+        if val_sum.numel() != R:
+            raise ValueError(f"val_sum: expected {R} values, got {val_sum.numel()}")
     _lib_or_raise().sae_csr_spmm(
         R, _ptr(offsets), _ptr(idx), _ptr(val), _ptr(perm), _ptr(table), _DT[table.dtype], D, D,
-        _ptr(out), out.shape[1], int(transpose_out), int(accumulate), _threads(),
+        _ptr(out), out.shape[1], int(transpose_out), int(accumulate), _ptr(val_sum), _threads(),
     )  # fmt: skip
     return out
+
+
+def gemv(A: Tensor, x: Tensor) -> Tensor:
+    """A @ x for A [R, C] and x [C], fp32: one streaming pass over A."""
+    _check(A, torch.float32, "A")
+    _check(x, torch.float32, "x")
+    if A.dim() != 2 or x.shape != (A.shape[1],):
+        raise ValueError(f"gemv: A {tuple(A.shape)} and x {tuple(x.shape)} do not match")
+    y = torch.empty(A.shape[0])
+    _lib_or_raise().sae_gemv(_ptr(A), _ptr(x), _ptr(y), A.shape[0], A.shape[1], _threads())
+    return y
 
 
 def csr_decode(offsets: Tensor, idx: Tensor, val: Tensor, table: Tensor, bias: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -346,6 +384,79 @@ def decode_backward(
     return out, g, col.sum(0)
 
 
+def scale_moments(x: Tensor, scale: float) -> tuple[Tensor, float]:
+    """`(x * scale, var)` for x [B, D] fp32, var = sum_b ||y_b - mean(y)||^2 of y = x * scale,
+    in one pass (the product rounds as torch's `x * scale` does; the sums are in double)."""
+    _check(x, torch.float32, "x")
+    if x.dim() != 2:
+        raise ValueError(f"x: expected [B, D], got {tuple(x.shape)}")
+    B, D = x.shape
+    nt = _threads()
+    out = torch.empty_like(x)
+    partial = torch.empty(nt, dtype=torch.float64)
+    colsum = torch.empty(nt, D, dtype=torch.float64)
+    scratch = torch.empty(nt, D, dtype=torch.float32)
+    _lib_or_raise().sae_scale_moments(_ptr(x), scale, _ptr(out), B, D, _ptr(partial), _ptr(colsum), _ptr(scratch), nt)
+    col = colsum.sum(0)
+    return out, float(partial.sum()) - float(col.dot(col)) / max(B, 1)
+
+
+def center_cast(x: Tensor, bias: Tensor, dtype: torch.dtype) -> Tensor:
+    """`(x - bias).to(dtype)` in one pass (x [B, D] fp32, bias [D] fp32; dtype fp32 or bf16)."""
+    _check(x, torch.float32, "x")
+    _check(bias, torch.float32, "bias")
+    if x.dim() != 2 or bias.shape != (x.shape[1],):
+        raise ValueError(f"x {tuple(x.shape)} and bias {tuple(bias.shape)}: expected [B, D] and [D]")
+    out = torch.empty(x.shape, dtype=dtype)
+    _check(out, tuple(_DT), "out")
+    _lib_or_raise().sae_center_cast(_ptr(x), _ptr(bias), _ptr(out), _DT[dtype], x.shape[0], x.shape[1], _threads())
+    return out
+
+
+def auxk_residual(ehat: Tensor, x: Tensor, x_hat: Tensor) -> tuple[Tensor, float]:
+    """AuxK's `(ehat.float() - x + x_hat)` in ehat's dtype (fp32 or bf16), and its squared norm
+    (of the fp32 values, summed in double), in one pass. ehat, x, x_hat: [B, D]."""
+    _check(ehat, tuple(_DT), "ehat")
+    _check(x, torch.float32, "x")
+    _check(x_hat, torch.float32, "x_hat")
+    if not (ehat.shape == x.shape == x_hat.shape) or ehat.dim() != 2:
+        raise ValueError(f"auxk_residual: shapes {tuple(ehat.shape)}, {tuple(x.shape)}, {tuple(x_hat.shape)} differ")
+    out = torch.empty_like(ehat)
+    nt = _threads()
+    partial = torch.empty(nt, dtype=torch.float64)
+    _lib_or_raise().sae_auxk_residual(
+        _ptr(ehat), _ptr(x), _ptr(x_hat), _ptr(out), _DT[ehat.dtype], x.shape[0], x.shape[1], _ptr(partial), nt
+    )
+    return out, float(partial.sum())
+
+
+def decode_train(
+    offsets: Tensor, idx: Tensor, val: Tensor, table: Tensor, bias: Tensor, target: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`csr_decode` plus the residual-side work of `decode_backward`, done while each token's
+    table rows are still in cache. With res = x_hat - target, returns (x_hat, per-row
+    ||res||^2, <res[r], table[idx[e]]> per entry [nnz], res in table's dtype [R, D], column
+    sums of res in fp32 [D]): `decode_backward(..., grad=None, scale=s)` is then (s * dots,
+    s * res, s * colsum) up to rounding, with no second pass over the table.
+    """
+    _check(val, torch.float32, "val")
+    _check(table, tuple(_DT), "table")
+    _check(bias, torch.float32, "bias")
+    _check(target, torch.float32, "target")
+    R, D = offsets.numel() - 1, table.shape[1]
+    nt = _threads()
+    out = torch.empty(R, D)
+    sse = torch.empty(R)
+    dots = torch.empty(idx.numel(), dtype=torch.float32)
+    res = torch.empty(R, D, dtype=table.dtype)
+    col = torch.zeros(nt, D, dtype=torch.float32)
+    _lib_or_raise().sae_decode_train(
+        R, _ptr(offsets), _ptr(idx), _ptr(val), _ptr(table), _DT[table.dtype], D, _ptr(bias), _ptr(target),
+        _ptr(out), _ptr(sse), _ptr(dots), _ptr(res), _DT[res.dtype], _ptr(col), nt,
+    )  # fmt: skip
+    return out, sse, dots, res, col.sum(0)
+
+
 def csr_transpose(offsets: Tensor, idx: Tensor, n_cols: int) -> tuple[Tensor, Tensor, Tensor]:
     """CSR -> CSC: (column offsets [n_cols+1], row ids [nnz], perm [nnz] into the CSR arrays)."""
     _check(offsets, torch.int64, "offsets")
@@ -354,7 +465,11 @@ def csr_transpose(offsets: Tensor, idx: Tensor, n_cols: int) -> tuple[Tensor, Te
     coff = torch.empty(n_cols + 1, dtype=torch.int64)
     crow = torch.empty(nnz, dtype=torch.int64)
     perm = torch.empty(nnz, dtype=torch.int64)
-    _lib_or_raise().sae_csr_transpose(offsets.numel() - 1, n_cols, _ptr(offsets), _ptr(idx), _ptr(coff), _ptr(crow), _ptr(perm))
+    nt = _threads()
+    counts = torch.empty(nt, n_cols, dtype=torch.int64)  # scratch: per-thread column counts
+    _lib_or_raise().sae_csr_transpose(
+        offsets.numel() - 1, n_cols, _ptr(offsets), _ptr(idx), _ptr(coff), _ptr(crow), _ptr(perm), _ptr(counts), nt
+    )
     return coff, crow, perm
 
 
@@ -417,3 +532,75 @@ def act_bwd(
         return None if t is None else t.sum(0)
 
     return total(col_g), total(col_w), total(col_wg), total(col_wr)
+
+
+# ----------------------------------------------------------------------------- optimizer step
+
+
+def _rows(t: Tensor) -> tuple[int, int]:
+    """A parameter as [R, D] rows (1-D: one row)."""
+    return (1, t.numel()) if t.dim() < 2 else (t.shape[0], t[0].numel())
+
+
+def rows_sqnorm(g: Tensor, w: Tensor | None = None) -> tuple[float, Tensor | None]:
+    """Squared norm of a gradient, with w: of its projection off the rows of w.
+
+    With w [R, D] (same shape as g) returns (sum_r ||g_r - c_r w_r||^2, c) where c_r =
+    <g_r, w_r> / max(||w_r||^2, 1e-12) is what `SAE.project_grads_` removes; without w,
+    (||g||^2, None). Accumulated in fp32 per row, in double across rows.
+    """
+    _check(g, torch.float32, "g")
+    R, D = _rows(g)
+    coef = None
+    if w is not None:
+        _check(w, torch.float32, "w")
+        if w.shape != g.shape:
+            raise ValueError(f"w {tuple(w.shape)} and g {tuple(g.shape)} differ")
+        coef = torch.empty(R, dtype=torch.float32)
+    nt = _threads()
+    partial = torch.empty(nt, dtype=torch.float64)
+    _lib_or_raise().sae_rows_sqnorm(R, D, _ptr(g), _ptr(w), _ptr(coef), _ptr(partial), nt)
+    return float(partial.sum()), coef
+
+
+def adam_rows(
+    p: Tensor,
+    g: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    clip: float = 1.0,
+    coef: Tensor | None = None,
+    normalize: bool = False,
+    shadow: Tensor | None = None,
+) -> None:
+    """One Adam step on p in place, as `torch._fused_adam_` computes it (amsgrad, maximize and
+    weight decay off; `step` already incremented), on the gradient clip * (g - coef[:, None] *
+    p) (coef None: clip * g); then, with normalize, every row of p divided by its norm
+    (clamped at 1e-12), and with shadow, p rounded to bf16 written there. g is not modified.
+    """
+    for t, n in ((p, "p"), (g, "g"), (exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")):
+        _check(t, torch.float32, n)
+        if t.shape != p.shape:
+            raise ValueError(f"{n}: shape {tuple(t.shape)} differs from the parameter's {tuple(p.shape)}")
+    R, D = _rows(p)
+    if coef is not None:
+        _check(coef, torch.float32, "coef")
+        if coef.numel() != R:
+            raise ValueError(f"coef: expected {R} values, got {coef.numel()}")
+    if shadow is not None:
+        _check(shadow, torch.bfloat16, "shadow")
+        if shadow.shape != p.shape:
+            raise ValueError(f"shadow: shape {tuple(shadow.shape)} differs from the parameter's {tuple(p.shape)}")
+    # the constants exactly as torch's fused CPU Adam forms them (double, then float)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    _lib_or_raise().sae_adam_rows(
+        R, D, _ptr(p), _ptr(g), _ptr(exp_avg), _ptr(exp_avg_sq), _ptr(coef), clip, -(lr / bias_correction1),
+        1 - beta1, beta2, 1 - beta2, math.sqrt(bias_correction2), eps, int(normalize), _ptr(shadow), _threads(),
+    )  # fmt: skip
