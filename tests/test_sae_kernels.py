@@ -305,3 +305,24 @@ def test_build_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
     mtime = first.stat().st_mtime_ns
     assert kernels._build() == first and first.stat().st_mtime_ns == mtime  # reused, not rebuilt
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left behind
+
+
+@pytest.mark.skipif("avx512f" not in kernels._cpu_flags(), reason="this CPU already runs the portable path")
+def test_portable_build_passes_this_suite(tmp_path):
+    """CPUs without AVX-512 (most laptops, ARM) compile the portable C path: build it here with
+    -mno-avx512f and run every other test of this file against it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, kernels.CFLAGS_VAR: "-mno-avx512f", "XDG_CACHE_HOME": str(tmp_path)}
+    width = subprocess.run(
+        [sys.executable, "-c", "from sae_train.sae import kernels; print(kernels._lib_or_raise().sae_vector_width())"],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert width == "1" and kernels._lib_or_raise().sae_vector_width() == 16
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not portable_build"],
+        env=env, capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]

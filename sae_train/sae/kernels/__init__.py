@@ -7,7 +7,10 @@ system compiler in about a second:
 
     cc -O3 -march=native -shared -fPIC sae_kernels.c -o $XDG_CACHE_HOME/sae_train/kernels/<key>.so
 
-The cache key hashes the source, the compiler's identity, the flags and the CPU's feature flags,
+`SAE_TRAIN_CFLAGS` appends compiler flags: `-mno-avx512f` builds the portable path that CPUs
+without AVX-512 get (tests/test_sae_kernels.py runs the suite against it), `-march=x86-64-v3`
+one library for a mixed cluster. The cache key hashes the source, the compiler's identity, the
+flags and the CPU's feature flags,
 so a home directory shared by a heterogeneous cluster never loads a library built for another
 CPU; builds go to a temporary name and are renamed into place, so concurrent ranks don't
 collide. ctypes releases the GIL. The C code splits work over `torch.get_num_threads()`
@@ -27,6 +30,7 @@ import hashlib
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -40,6 +44,7 @@ from torch import Tensor
 from sae_train.errors import UserError
 
 ENV_VAR = "SAE_TRAIN_KERNELS"
+CFLAGS_VAR = "SAE_TRAIN_CFLAGS"
 _MODES = ("auto", "torch")
 _SOURCE = Path(__file__).with_name("sae_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
@@ -108,8 +113,9 @@ def _build() -> Path:
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r}) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    flags = [*_FLAGS, *shlex.split(os.environ.get(CFLAGS_VAR, ""))]
     key = hashlib.sha256(
-        "\0".join([_SOURCE.read_text(), cc, version, " ".join(_FLAGS), _cpu_flags()]).encode()
+        "\0".join([_SOURCE.read_text(), cc, version, " ".join(flags), _cpu_flags()]).encode()
     ).hexdigest()[:20]
     target = _cache_dir() / f"sae_kernels-{key}.so"
     if target.exists():
@@ -118,7 +124,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
     os.close(fd)
     try:
-        cmd = [cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lpthread", "-lm"]
+        cmd = [cc, *flags, str(_SOURCE), "-o", tmp, "-lpthread", "-lm"]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()}")
@@ -131,6 +137,7 @@ def _build() -> Path:
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
+    "sae_vector_width": (_I32, []),
     "sae_set_openmp": (None, [_P, _P, _P]),
     "sae_topk_rows": (_I32, [_P, _I32, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _I32]),
     "sae_batch_topk_guess": (_F32, [_P, _I32, _I64, _I64, _I64, _P, _I64]),

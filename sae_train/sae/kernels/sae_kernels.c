@@ -34,6 +34,15 @@
 #define DT_F32 0
 #define DT_BF16 1
 
+/* Floats per vector of the path this build took: 16 (AVX-512) or 1 (portable C). */
+int sae_vector_width(void) {
+#ifdef SAE_AVX512
+    return 16;
+#else
+    return 1;
+#endif
+}
+
 /* ------------------------------------------------------------------ threading */
 
 typedef void (*range_fn)(void *ctx, int64_t lo, int64_t hi, int tid);
