@@ -8,10 +8,9 @@ system compiler in about a second:
     cc -O3 -march=native -shared -fPIC sae_kernels.c -o $XDG_CACHE_HOME/sae_train/kernels/<key>.so
 
 `SAE_TRAIN_CFLAGS` appends compiler flags: `-mno-avx512f` builds the portable path that CPUs
-without AVX-512 get (tests/test_sae_kernels.py runs the suite against it), `-march=x86-64-v3`
-one library for a mixed cluster. The cache key hashes the source, the compiler's identity, the
-flags and the CPU's feature flags,
-so a home directory shared by a heterogeneous cluster never loads a library built for another
+without AVX-512 get (tests/test_sae_kernels.py runs the suite against it). The cache key
+hashes the source, the compiler's identity, the flags and the CPU's feature flags, so a home
+directory shared by a heterogeneous cluster never loads a library built for another
 CPU; builds go to a temporary name and are renamed into place, so concurrent ranks don't
 collide. ctypes releases the GIL. The C code splits work over `torch.get_num_threads()`
 threads of torch's own OpenMP team: the loader finds the OpenMP runtime torch already loaded
