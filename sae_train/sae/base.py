@@ -14,6 +14,7 @@ call by `_fast_path`; tests pin them together.
 
 from __future__ import annotations
 
+import abc
 import copy
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -81,8 +82,8 @@ class SAEOutput:
     """Detached per-batch numbers that `after_step` consumes (BatchTopK: "min_kept")."""
 
 
-class SAE(nn.Module):
-    """Base class; subclasses set `architecture` and implement the activation."""
+class SAE(nn.Module, abc.ABC):
+    """Base class; subclasses set `architecture` and implement the three abstract hooks."""
 
     architecture: ClassVar[str]
 
@@ -123,15 +124,17 @@ class SAE(nn.Module):
     def _decoder_init_norm(self) -> float:
         return 1.0
 
+    @abc.abstractmethod
     def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
-        raise NotImplementedError
+        """Training forward through the fused kernels (sae/ops.py); autograd-compatible."""
 
+    @abc.abstractmethod
     def _forward_torch(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
-        raise NotImplementedError
+        """The same training forward in plain PyTorch: the reference the fused path is tested against."""
 
+    @abc.abstractmethod
     def _activation(self, z: Tensor) -> Tensor:
         """Inference activation on fp32 pre-activations [B, d_sae] (dense)."""
-        raise NotImplementedError
 
     def _fold_extra(self, latent_scale: Tensor) -> None:
         """Rescale architecture-specific state when latent i is multiplied by latent_scale[i]."""

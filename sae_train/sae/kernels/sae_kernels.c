@@ -1574,18 +1574,8 @@ static void act_fwd_range(void *p, int64_t lo, int64_t hi, int tid) {
 
 void sae_act_fwd(void *z, void *out, int dtype, int64_t B, int64_t N, const float *bias, const float *thr,
                  const float *colw, float *row_wsum, float *row_cnt, int32_t *col_cnt, int nthreads) {
-    act_ctx c;
-    memset(&c, 0, sizeof c);
-    c.z = z;
-    c.out = out;
-    c.dtype = dtype;
-    c.N = N;
-    c.bias = bias;
-    c.thr = thr;
-    c.colw = colw;
-    c.row_wsum = row_wsum;
-    c.row_cnt = row_cnt;
-    c.col_cnt = col_cnt;
+    act_ctx c = {.z = z, .out = out, .dtype = dtype, .N = N, .bias = bias, .thr = thr, .colw = colw,
+                 .row_wsum = row_wsum, .row_cnt = row_cnt, .col_cnt = col_cnt}; /* the rest zero */
     run_even(act_fwd_range, &c, B, nthreads, 1);
 }
 
@@ -1666,21 +1656,9 @@ static void act_bwd_range(void *p, int64_t lo, int64_t hi, int tid) {
 void sae_act_bwd(void *g, const void *ref, int dtype, int64_t B, int64_t N, const float *bias, const float *thr,
                  float eps, const float *row_g, const float *colw, float *col_g, float *col_w, float *col_wg,
                  float *col_wr, int nthreads) {
-    act_ctx c;
-    memset(&c, 0, sizeof c);
-    c.z = g;
-    c.ref = ref;
-    c.dtype = dtype;
-    c.N = N;
-    c.bias = bias;
-    c.thr = thr;
-    c.eps = eps;
-    c.row_g = row_g;
-    c.colw = colw;
-    c.col_g = col_g;
-    c.col_w = col_w;
-    c.col_wg = col_wg;
-    c.col_wr = col_wr;
+    act_ctx c = {.z = g, .ref = ref, .dtype = dtype, .N = N, .bias = bias, .thr = thr, .eps = eps,
+                 .row_g = row_g, .colw = colw, .col_g = col_g, .col_w = col_w, .col_wg = col_wg,
+                 .col_wr = col_wr}; /* the rest zero */
     run_even(act_bwd_range, &c, B, nthreads, 1);
 }
 
