@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sae_train import __version__
+from sae_train.atomic import write_text_atomic
 from sae_train.errors import UserError
 from sae_train.provenance import provenance
 from sae_train.sae import SAE, load_sae, load_sae_cfg
@@ -51,9 +52,6 @@ from sae_train.sae.saelens import (
 
 log = logging.getLogger(__name__)
 
-# Training-only files beside a checkpoint (sae_train/train/checkpoint.py; not imported: that
-# package pulls in the model side). None of them is exported.
-# A trainer's half-written next save and the copy it replaces; neither is a checkpoint.
 EXPORT_FILES = (CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE)
 README = "README.md"
 EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
@@ -341,11 +339,6 @@ def _write_folder(target: Path, cfg: dict[str, Any], tensors: dict[str, torch.Te
     return sorted(names)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
 
 
 def _export_one(plan: _Plan, out: Path, results: EvalResults | None) -> ExportedSAE:
@@ -497,7 +490,7 @@ def run(cfg: ExportConfig) -> ExportSummary:
     out.mkdir(parents=True, exist_ok=True)
     saes = [_export_one(plan, out, results) for plan in plans]
     readme = out / README
-    _write_text(readme, model_card(saes, [p.meta for p in plans], results, cfg.repo_id))
+    write_text_atomic(readme, model_card(saes, [p.meta for p in plans], results, cfg.repo_id))
     summary = ExportSummary(out_dir=str(out), saes=saes, readme=str(readme), repo_id=cfg.repo_id)
     if cfg.push_to_hub:
         from sae_train.hub import push

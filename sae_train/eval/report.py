@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from sae_train.atomic import write_atomic, write_text_atomic
 
 # (header, metric, format); downstream columns are left out when the eval ran without them.
 _COLUMNS = [
@@ -137,12 +138,6 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def markdown(summary: EvalSummary) -> str:
     p = summary.payload
     model, data, tokens = p["model"], p["data"], p["tokens"]
@@ -186,9 +181,9 @@ def write_report(summary: EvalSummary) -> None:
     out = Path(summary.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_finite(summary.payload), indent=2) + "\n"
-    _write_atomic(out / "eval.json", lambda tmp: tmp.write_text(text))
-    _write_atomic(out / "eval.md", lambda tmp: tmp.write_text(markdown(summary)))
-    _write_atomic(out / "density.png", lambda tmp: plot_density(tmp, summary.saes))
+    write_text_atomic(out / "eval.json", text)
+    write_text_atomic(out / "eval.md", markdown(summary))
+    write_atomic(out / "density.png", lambda tmp: plot_density(tmp, summary.saes))
     if summary.frequencies:
         tensors = {name: f.float().contiguous().cpu() for name, f in summary.frequencies.items()}
-        _write_atomic(out / FREQUENCY_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        write_atomic(out / FREQUENCY_FILE, lambda tmp: save_file(tensors, str(tmp)))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sae_train import __version__
+from sae_train.atomic import write_atomic, write_text_atomic
 from sae_train.errors import UserError
 from sae_train.sae.base import SAE
 from sae_train.sae.config import SAEConfig
@@ -36,25 +36,11 @@ TRAINING_WEIGHTS_FILE = "training_weights.safetensors"
 TRAINING_FILES = (TRAINER_STATE_FILE, OPTIMIZER_FILE, TRAINING_WEIGHTS_FILE)
 # A trainer's half-written next save and the copy it replaces: never checkpoints to read.
 STAGING_SUFFIXES = (".tmp", ".prev")
-_RESERVED = ("normalization_scale", "sae_train_version")
 
 
 def _tensor_names(sae: SAE) -> list[str]:
     names = ["W_enc", "W_dec", "b_enc", "b_dec"]
     return names + ["threshold"] if hasattr(sae, "threshold") else names
-
-
-def _atomic(target: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_sae(sae: SAE, path: str | os.PathLike, cfg_extra: dict[str, Any] | None = None) -> None:
@@ -83,8 +69,8 @@ def save_sae(sae: SAE, path: str | os.PathLike, cfg_extra: dict[str, Any] | None
     tensors = {n: getattr(sae, n).detach().to("cpu", torch.float32).contiguous() for n in _tensor_names(sae)}
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic(directory / CFG_FILE, lambda tmp: Path(tmp).write_text(text))
+    write_atomic(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_text_atomic(directory / CFG_FILE, text)
 
 
 def load_sae_cfg(path: str | os.PathLike) -> dict[str, Any]:

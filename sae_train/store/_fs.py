@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from sae_train.atomic import fsync_dir
 from sae_train.errors import UserError
 
 
@@ -23,18 +24,6 @@ def write_all(fd: int, data: memoryview | bytes) -> None:
     view = memoryview(data).cast("B")
     while view:
         view = view[os.write(fd, view) :]
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno != errno.EINVAL:  # some network filesystems cannot fsync a directory
-            raise
-    finally:
-        os.close(fd)
 
 
 def publish(final: Path, tmp: Path, chunks: Iterable[memoryview | bytes]) -> None:

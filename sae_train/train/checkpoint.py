@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae_train.atomic import fsync_dir, write_text_atomic
 from sae_train.errors import UserError
 from sae_train.sae.io import OPTIMIZER_FILE, TRAINER_STATE_FILE, TRAINING_WEIGHTS_FILE
 
@@ -31,22 +32,8 @@ SAE_STATE, WEIGHTS, OPTIMIZER = TRAINER_STATE_FILE, TRAINING_WEIGHTS_FILE, OPTIM
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Atomic, durable JSON write (temp file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Atomic JSON write (temp file, fsync, rename)."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _prev(directory: Path) -> Path:
@@ -75,9 +62,9 @@ def commit(out_dir: Path, sae_dirs: list[Path], run_state: dict) -> None:
                 shutil.rmtree(_prev(directory))
             os.replace(directory, _prev(directory))
         os.replace(_tmp(directory), directory)
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
     write_json(out_dir / RUN_STATE, run_state)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     for directory in sae_dirs:
         if _prev(directory).exists():
             shutil.rmtree(_prev(directory))
