@@ -22,6 +22,7 @@ from sae_train.data import DataConfig, TextConfig
 from sae_train.errors import UserError
 from sae_train.hub import resolve_token
 from sae_train.lm import LanguageModel, ModelConfig
+from sae_train.sae.io import CFG_FILE, WEIGHTS_FILE, find_checkpoints
 from sae_train.store import ActivationStore
 from sae_train.train.checkpoint import read_run_state, write_json
 from sae_train.train.logger import MetricsLogger
@@ -132,14 +133,20 @@ class PipelineSummary:
         return "\n".join(lines)
 
 
-def _fingerprint(settings: dict, root: str) -> str:
-    """Hash of a stage's settings and of every checkpoint file it reads below `root`."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    for path in sorted(Path(root).rglob("*")):
-        if path.name in ("sae.safetensors", "cfg.json") and not any(p.endswith((".tmp", ".prev")) for p in path.parts):
-            digest.update(str(path.relative_to(root)).encode())
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
+def _checkpoint_digest(root: str) -> str:
+    """Hash of the files eval and export read: every checkpoint's weights and cfg below `root`."""
+    base, directories = find_checkpoints(root)
+    digest = hashlib.sha256()
+    for directory in directories:
+        for name in (CFG_FILE, WEIGHTS_FILE):
+            digest.update(str((directory / name).relative_to(base)).encode())
+            digest.update(hashlib.sha256((directory / name).read_bytes()).digest())
     return digest.hexdigest()
+
+
+def _fingerprint(settings: dict, checkpoints: str) -> str:
+    """Hash of a stage's settings and of the checkpoints it reads (a `_checkpoint_digest`)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode() + checkpoints.encode()).hexdigest()
 
 
 def _reusable(state: dict, stage: str, fingerprint: str, output: Path) -> bool:
@@ -176,7 +183,9 @@ def run(cfg: PipelineConfig) -> PipelineSummary:
     if train_summary.new_steps == 0:
         reused.append("train")
 
-    eval_key = _fingerprint(asdict(cfg.eval), cfg.eval.checkpoint)
+    # eval and export read the same checkpoints unless configured otherwise: hash each tree once
+    digests = {root: _checkpoint_digest(root) for root in {cfg.eval.checkpoint, cfg.export.checkpoint}}
+    eval_key = _fingerprint(asdict(cfg.eval), digests[cfg.eval.checkpoint])
     eval_json = Path(cfg.eval.out_dir) / "eval.json"
     if _reusable(state, "eval", eval_key, eval_json):
         eval_summary = eval_stage.EvalSummary(out_dir=cfg.eval.out_dir, payload=json.loads(eval_json.read_text()))
@@ -187,7 +196,7 @@ def run(cfg: PipelineConfig) -> PipelineSummary:
         state["eval"] = {"fingerprint": eval_key}
         write_json(state_path, state)
 
-    export_key = _fingerprint(asdict(cfg.export) | {"eval": eval_key}, cfg.export.checkpoint)
+    export_key = _fingerprint(asdict(cfg.export) | {"eval": eval_key}, digests[cfg.export.checkpoint])
     export_summary: export.ExportSummary | ReusedExport
     if _reusable(state, "export", export_key, Path(cfg.export.out_dir) / "README.md") and not cfg.export.push_to_hub:
         export_summary = ReusedExport(cfg.export.out_dir, state["export"]["table"])

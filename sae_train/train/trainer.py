@@ -9,6 +9,7 @@ same step, and the number of collectives never depends on the data.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -111,6 +112,8 @@ class TrainSummary:
         return "\n".join(lines)
 
 
+_step_gemm_seconds = functools.cache(step_gemm_seconds)  # timed once per shape, not once per SAE of a sweep
+
 RESAMPLED = ("relu",)
 """Architectures whose dead latents are resampled (the TopK family uses AuxK; for JumpReLU,
 resampling measurably hurt: re-opened latents close again and disturb the rest)."""
@@ -177,8 +180,8 @@ class Trainer:
         # parameter, gradient and both moments): a sixth of a TopK step at the reference size.
         optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(beta1, beta2), eps=self.cfg.adam_eps,
                                      fused=self.dist.device.type in ("cpu", "cuda"))
-        bound = step_gemm_seconds(sae.cfg.architecture, self.local_batch, d_in, sae.cfg.d_sae,
-                                  self.compute_dtype, self.dist.device)
+        bound = _step_gemm_seconds(sae.cfg.architecture, self.local_batch, d_in, sae.cfg.d_sae,
+                                   self.compute_dtype, self.dist.device)
         return SAERun(tag=tag, site=site, sae=sae, optimizer=optimizer, lr=lr, directory=self.out_dir / tag,
                       bound_seconds=bound, since_fired=torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.dist.device))
 
@@ -365,10 +368,11 @@ class Trainer:
         boundary = max(1, round(every * self.n_steps))
         if self.step % boundary or self.step >= self.n_steps:
             return
+        sample = functools.cache(self.source.sample)  # one read (or forward) for every SAE resampled now
         for run in self.runs:
             if run.sae.cfg.architecture in RESAMPLED:
                 count = resample_dead_(run.sae, run.optimizer, run.dead_mask(self.cfg.dead_after_tokens),
-                                       self.source.sample, self.dist, run.site, run.scale)
+                                       sample, self.dist, run.site, run.scale)
                 if count:
                     log.info("%s: resampled %d dead latents at step %d", run.tag, count, self.step)
 
