@@ -27,7 +27,7 @@ import torch
 from sae_train import cache
 from sae_train.cache import CacheConfig
 from sae_train.data import TokenSpec, iter_documents, iter_windows
-from sae_train.lm import LanguageModel, ModelConfig
+from sae_train.lm import LanguageModel
 from sae_train.train.roofline import best_time
 
 SITE = "blocks.8.hook_resid_post"

@@ -35,14 +35,15 @@ def _write_corpus(tmp_path):
 
 
 def test_local_files_file_level_split(tmp_path):
-    _write_corpus(tmp_path)
+    rows = _write_corpus(tmp_path)
     train = list(iter_documents(DataConfig(source="files", path=str(tmp_path), eval_fraction=0.3)))
     eval_ = list(iter_documents(DataConfig(source="files", path=str(tmp_path), split="eval", eval_fraction=0.3)))
     assert len(train) + len(eval_) == 46
     assert not set(train) & set(eval_)
-    # Whole files go one way: both jsonl documents from one file are on the same side.
-    first_a, last_a = "doc 0: word ", None
-    assert (first_a in train) != (first_a in eval_)
+    # Whole files go one way: every document of a.jsonl (and of b.jsonl) is on the same side.
+    for file_rows in (rows[:20], rows[20:]):
+        sides = {doc in train for doc in file_rows}
+        assert len(sides) == 1 and all((doc in train) != (doc in eval_) for doc in file_rows)
 
 
 def test_single_file_needs_document_split(tmp_path):

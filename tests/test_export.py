@@ -210,7 +210,7 @@ def test_load_exported_needs_a_folder_when_several(exported):
 def test_foreign_saelens_sae_loads_with_same_outputs(tmp_path, arch):
     """A SAELens SAE trained elsewhere (b_dec not subtracted, decoder-norm-rescaled TopK, negative
     thresholds, free decoder norms) loads with SAELens's latents and reconstruction."""
-    sae_lens = pytest.importorskip("sae_lens")
+    pytest.importorskip("sae_lens")
     from sae_lens.registry import get_sae_class
 
     sae_cls, cfg_cls = get_sae_class(arch)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 SITE = "blocks.1.hook_resid_post"
 
