@@ -20,13 +20,15 @@ import torch
 from tqdm import tqdm
 
 from sae_train.data import DataConfig, TextConfig, TokenSpec, iter_documents, iter_windows
+from sae_train.data.packing import keep_mask
 from sae_train.errors import UserError
 from sae_train.lm import LanguageModel, ModelConfig, Site
 from sae_train.store import StoreWriter
+from sae_train.store.manifest import DTYPES
 
 log = logging.getLogger(__name__)
 
-STORE_DTYPES = ("bfloat16", "float16", "float32")
+STORE_DTYPES = tuple(DTYPES)
 
 
 @dataclass
@@ -135,15 +137,11 @@ def _shard_rows(
     lm: LanguageModel, sites: list[Site], windows: torch.Tensor, batch_size: int, tokens: TokenSpec, exclude_special: bool
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Activations of one shard's windows, one row per kept token."""
-    per_site: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start : start + batch_size].to(lm.device)
-        for name, act in lm.capture(sites, batch).items():
-            per_site[name].append(act.flatten(0, 1).cpu())
+    rows = lm.capture_rows(sites, windows, batch_size)
     token_ids = windows.flatten()
     positions = torch.arange(windows.shape[1], dtype=torch.int32).repeat(len(windows))
-    keep = ~torch.isin(token_ids, torch.tensor(tokens.special)) if exclude_special else torch.ones_like(token_ids, dtype=torch.bool)
-    acts = {name: torch.cat(chunks)[keep] for name, chunks in per_site.items()}
+    keep = keep_mask(token_ids, tokens, exclude_special)
+    acts = {name: site_rows[keep] for name, site_rows in rows.items()}
     return acts, token_ids[keep].to(torch.int32), positions[keep]
 
 
@@ -177,7 +175,7 @@ def run(cfg: CacheConfig, lm: LanguageModel | None = None) -> CacheSummary:
     n_windows = math.ceil(cfg.n_tokens / cfg.context_size)
     widths = {site.name: lm.site_width(site) for site in sites}
     spec = store_spec(cfg, lm, tokens, per_shard)
-    with StoreWriter(cfg.out_dir, spec, widths, getattr(torch, cfg.store_dtype), rank=rank, world_size=world) as writer:
+    with StoreWriter(cfg.out_dir, spec, widths, DTYPES[cfg.store_dtype], rank=rank, world_size=world) as writer:
         done = writer.done
         mine = [i for i in range(math.ceil(n_windows / per_shard)) if i % world == rank]
         todo = sum(1 for i in mine if i not in done)
@@ -200,8 +198,8 @@ def run(cfg: CacheConfig, lm: LanguageModel | None = None) -> CacheSummary:
     return CacheSummary(
         out_dir=str(cfg.out_dir),
         n_tokens=manifest.n_tokens,
-        n_shards=len(manifest.shards),
-        n_bytes=sum(s.n_bytes for s in manifest.shards),
+        n_shards=manifest.n_shards,
+        n_bytes=manifest.n_bytes,
         written_tokens=written,
         seconds=time.perf_counter() - started,
         exhausted=seen_windows < n_windows,

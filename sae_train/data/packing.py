@@ -57,6 +57,13 @@ class TokenSpec:
         return cls(bos=bos if text.prepend_bos else None, separator=separator, special=special)
 
 
+def keep_mask(token_ids: torch.Tensor, spec: TokenSpec, exclude: bool) -> torch.Tensor:
+    """Which tokens' activations to keep: all of them, or all but the special tokens if `exclude`."""
+    if not exclude:
+        return torch.ones_like(token_ids, dtype=torch.bool)
+    return ~torch.isin(token_ids, torch.tensor(spec.special))
+
+
 def _token_stream(documents: Iterable[str], tokenizer: Any, separator: int, batch_docs: int) -> Iterator[list[int]]:
     docs = iter(documents)
     while batch := list(islice(docs, batch_docs)):

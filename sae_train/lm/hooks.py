@@ -61,17 +61,12 @@ def _site_hook(model: nn.Module, site: Site, fn: Callable[[torch.Tensor], torch.
         handle.remove()
 
 
-def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Any:
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+def _forward(model: nn.Module, input_ids: torch.Tensor) -> Any:
+    return model(input_ids=input_ids, use_cache=False)
 
 
 @torch.no_grad()
-def capture(
-    model: nn.Module,
-    sites: Sequence[Site],
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
+def capture(model: nn.Module, sites: Sequence[Site], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Site activations [batch, seq, d] for `input_ids`, without running layers past the last site."""
     acts: dict[str, torch.Tensor] = {}
 
@@ -88,7 +83,7 @@ def capture(
         for site in sites:
             stack.enter_context(_site_hook(model, site, recorder(site.name)))
         try:
-            _forward(model, input_ids, attention_mask)
+            _forward(model, input_ids)
         except _StopForward:
             pass
     missing = [s.name for s in sites if s.name not in acts]
@@ -133,16 +128,8 @@ class SharedPrefix:
     computing only layers >= site.resume_layer (plus embeddings and the head).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        layers: nn.ModuleList,
-        site: Site,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-    ):
-        self.model, self.layers, self.site = model, layers, site
-        self.input_ids, self.attention_mask = input_ids, attention_mask
+    def __init__(self, model: nn.Module, layers: nn.ModuleList, site: Site, input_ids: torch.Tensor):
+        self.model, self.layers, self.site, self.input_ids = model, layers, site, input_ids
         captured: dict[str, Any] = {}
 
         def keep_activation(x: torch.Tensor) -> None:
@@ -155,11 +142,11 @@ class SharedPrefix:
             if site.resume_layer > 0:
                 handle = layers[site.resume_layer - 1].register_forward_hook(keep_layer_output)
                 stack.callback(handle.remove)
-            self.clean = _forward(model, input_ids, attention_mask)
+            self.clean = _forward(model, input_ids)
         self.activation: torch.Tensor = captured["activation"]
         self._resume_input = captured.get("resume_input")
 
     @torch.no_grad()
     def run(self, fn: SpliceFn) -> Any:
         with _stub_layers(self.layers, self.site.resume_layer, self._resume_input), splice(self.model, self.site, fn):
-            return _forward(self.model, self.input_ids, self.attention_mask)
+            return _forward(self.model, self.input_ids)

@@ -198,6 +198,14 @@ class LanguageModel:
     def capture(self, sites: Sequence[Site], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return hooks.capture(self.model, sites, input_ids)
 
+    def capture_rows(self, sites: Sequence[Site], windows: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+        """Site activations for windows [n, seq] as CPU rows [n * seq, d], `batch_size` windows per forward."""
+        chunks: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+        for start in range(0, len(windows), batch_size):
+            for name, act in self.capture(sites, windows[start : start + batch_size].to(self.device)).items():
+                chunks[name].append(act.flatten(0, 1).cpu())
+        return {name: torch.cat(parts) for name, parts in chunks.items()}
+
     def splice(self, site: Site, fn: hooks.SpliceFn) -> AbstractContextManager[None]:
         return hooks.splice(self.model, site, fn)
 

@@ -185,19 +185,22 @@ def merge_manifests(root: str | Path) -> Manifest:
         if not parts:
             raise UserError(f"{root}/{PARTS_DIR} holds no rank parts: no writer ever opened this store.")
         first_path, first = parts[0]
-        claims: dict[int, list[ShardInfo]] = {}
-        for path, part in parts:
-            listed = Manifest.from_json(part, path).shards  # checks the fields first
-            lines = diff(header(first), header(part))
+        meta = Manifest.from_json(first, first_path)  # checks the fields before header() reads them
+        first_header = header(first)
+        shard_lists = [meta.shards]
+        for path, part in parts[1:]:
+            shard_lists.append(Manifest.from_json(part, path).shards)
+            lines = diff(first_header, header(part))
             if lines:
                 raise UserError(
                     f"Manifest parts {first_path} and {path} disagree ({'; '.join(lines)}): two "
                     f"different cache runs wrote into {root}. Remove the store and recreate it."
                 )
-            for s in listed:
+        claims: dict[int, list[ShardInfo]] = {}
+        for part_shards in shard_lists:
+            for s in part_shards:
                 claims.setdefault(s.index, []).append(s)
         shards = tuple(_pick(root, claims[i]) for i in sorted(claims))
-        meta = Manifest.from_json(first, first_path)
         manifest = Manifest(meta.spec, meta.sites, shards)
         data = dumps(manifest.to_json())
         target = root / MANIFEST

@@ -55,12 +55,12 @@ class ActivationStore:
 
     def verify(self, checksums: bool = False) -> None:
         """Check every shard's size, header, tensor names, shapes and dtypes; sha256 if asked."""
+        expected = {name: (s.d_in, s.torch_dtype) for name, s in self.sites.items()}
+        expected.update({name: (None, torch.int32) for name in RESERVED})
         for info in self.manifest.shards:
             path = self.root / info.file
             self._check_size(info)
             entries = shardfile.read_header(path)
-            expected = {name: (s.d_in, s.torch_dtype) for name, s in self.sites.items()}
-            expected.update({name: (None, torch.int32) for name in RESERVED})
             if set(entries) != set(expected):
                 raise _mismatch(path, f"it holds tensors {sorted(entries)}, the manifest expects {sorted(expected)}")
             for name, (d_in, dtype) in expected.items():

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from sae_train.lm.model import resolve_device
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -42,13 +44,11 @@ class Dist:
 def init_distributed(device: str = "auto") -> Dist:
     """Join the process group torchrun (or srun + torchrun) describes in the environment; a
     plain `python`/`sae-train` run is a world of one. NCCL on CUDA, gloo on CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist(device=torch.device(device))
+        return Dist(device=dev)
     rank = int(os.environ["RANK"])
-    dev = torch.device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)

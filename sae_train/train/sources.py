@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from sae_train.data import DataConfig, TextConfig, TokenSpec, iter_documents, iter_windows
+from sae_train.data.packing import keep_mask
 from sae_train.errors import UserError
 from sae_train.lm import LanguageModel
 from sae_train.store import ActivationStore, ShuffledBatches
@@ -122,15 +123,11 @@ class LiveSource:
 
     def _block_rows(self, windows: list[torch.Tensor], block: int) -> dict[str, torch.Tensor]:
         batch = torch.stack(windows)
-        acts: dict[str, list[torch.Tensor]] = {s.name: [] for s in self._sites}
-        for start in range(0, len(batch), 16):
-            for name, act in self.lm.capture(self._sites, batch[start : start + 16].to(self.lm.device)).items():
-                acts[name].append(act.flatten(0, 1).float().cpu())
-        tokens = batch.flatten()
-        keep = ~torch.isin(tokens, torch.tensor(self._tokens.special)) if self.text.exclude_special_tokens else torch.ones_like(tokens, dtype=torch.bool)
+        rows = self.lm.capture_rows(self._sites, batch, 16)
+        keep = keep_mask(batch.flatten(), self._tokens, self.text.exclude_special_tokens)
         rng = np.random.default_rng([self.seed, self.dist.rank, block])
         order = torch.from_numpy(rng.permutation(int(keep.sum())))
-        return {name: torch.cat(parts)[keep][order] for name, parts in acts.items()}
+        return {name: site_rows[keep][order].float() for name, site_rows in rows.items()}
 
     def _blocks(self, start_block: int) -> Iterator[dict[str, torch.Tensor]]:
         windows = self._rank_windows()
@@ -163,11 +160,10 @@ class LiveSource:
         """(block, rows to skip in it) for a rank-local row offset, counting kept tokens per block."""
         if local_rows == 0:
             return 0, 0
-        special = torch.tensor(self._tokens.special)
         windows, block = self._rank_windows(), 0
         while chunk := list(islice(windows, self.windows_per_block)):
             tokens = torch.stack(chunk).flatten()
-            size = int((~torch.isin(tokens, special)).sum()) if self.text.exclude_special_tokens else len(tokens)
+            size = int(keep_mask(tokens, self._tokens, self.text.exclude_special_tokens).sum())
             if local_rows < size:
                 return block, local_rows
             local_rows -= size
