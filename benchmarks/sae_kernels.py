@@ -29,6 +29,7 @@ import time
 import torch
 
 from sae_train.sae import SAEConfig, create_sae, kernels
+from sae_train.train.roofline import step_gemms
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -68,18 +69,6 @@ def main() -> None:
     x /= x.norm(dim=1).mean()
     for dname in args.dtype:
         cd = DTYPES[dname]
-        xc = x.to(cd)
-        W = torch.randn(d_in, d_sae, generator=gen).to(cd)
-        Wd = torch.randn(d_sae, d_in, generator=gen).to(cd)
-        f = torch.relu(xc @ W)
-        g = torch.randn(B, d_in, generator=gen).to(cd)
-        gemms = {
-            "enc": lambda: xc @ W,
-            "dec": lambda: f @ Wd,
-            "lat_grad": lambda: g @ Wd.t(),
-            "Wdec_grad": lambda: f.t() @ g,
-            "Wenc_grad": lambda: xc.t() @ f,
-        }
         for arch in args.arch:
             cfg = SAEConfig(architecture=arch, k=args.k).resolved(d_in)
             sae = create_sae(cfg, compute_dtype=cd)
@@ -94,15 +83,17 @@ def main() -> None:
                 sae(x, dead_mask=dead).losses["loss"].backward()
 
             impls = ["auto", "torch"] if args.torch else ["auto"]
-            sparse = arch in ("topk", "batchtopk")
-            best: dict[str, float] = {}
+            # encoder; for the ReLU family also decoder, latent grad, W_dec grad, W_enc grad
+            gemms = dict(enumerate(step_gemms(arch, B, d_in, d_sae, cd, x.device)))
+            best: dict[int | str, float] = {}
             for rep in range(args.reps + 1):  # rep 0 warms up
-                times = {name: timed(fn) for name, fn in gemms.items() if not sparse or name == "enc"}
+                times: dict[int | str, float] = {n: timed(fn) for n, fn in gemms.items()}
                 times.update({impl: timed(lambda: step(impl)) for impl in impls})
                 if rep:
                     best = {n: min(best.get(n, float("inf")), t) for n, t in times.items()}
-            roof = best["enc"] if sparse else sum(best[n] for n in gemms)
-            what = "encoder GEMM" if sparse else "5 GEMMs (" + " + ".join(f"{best[n] * 1e3:.1f}" for n in gemms) + ")"
+            roof = sum(best[n] for n in gemms)
+            what = "encoder GEMM" if len(gemms) == 1 else (
+                f"{len(gemms)} GEMMs (" + " + ".join(f"{best[n] * 1e3:.1f}" for n in gemms) + ")")
             print(f"{arch:9s} {dname}: roofline {what} = {roof * 1e3:.1f} ms")
             for impl in impls:
                 t = best[impl]

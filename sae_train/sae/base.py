@@ -219,6 +219,10 @@ class SAE(nn.Module, abc.ABC):
             return entry[1]
         return p.detach().to(self._gemm_dtype)
 
+    def gemm_weights(self) -> tuple[Tensor, Tensor]:
+        """(W_enc, W_dec) in the GEMM dtype, detached: the `weights` of the fused ops' specs."""
+        return self.gemm_weight("W_enc"), self.gemm_weight("W_dec")
+
     def set_gemm_weight(self, name: str, copy: Tensor) -> None:
         """Record `copy` as parameter `name` in the GEMM dtype, valid until the parameter changes."""
         p = getattr(self, name)

@@ -21,6 +21,7 @@ from sae_train.sae.topk import TopKSAE
 
 class BatchTopKSAE(TopKSAE):
     architecture = "batchtopk"
+    batch_selection = True
 
     def __init__(self, cfg: SAEConfig, *, compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__(cfg, compute_dtype=compute_dtype)

@@ -90,8 +90,7 @@ class JumpReLUSAE(SAE):
         return self._output(x, x_hat, l0, f, active.sum(-1).float().mean(), active.any(0), sparsity_scale)
 
     def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
-        spec = DenseSpec(self.compute_dtype, jumprelu_bandwidth=self.cfg.jumprelu_bandwidth,
-                         weights=(self.gemm_weight("W_enc"), self.gemm_weight("W_dec")))
+        spec = DenseSpec(self.gemm_weights(), jumprelu_bandwidth=self.cfg.jumprelu_bandwidth)
         dec, row_l0, f, n_active, col_fired = DenseSAEFunction.apply(
             x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, None, self.threshold, spec
         )

@@ -92,10 +92,9 @@ class SparseSpec:
 
     batch: bool  # BatchTopK (k*B over the batch) instead of TopK (k per token)
     k: int
-    compute_dtype: torch.dtype
+    weights: tuple[Tensor, Tensor]  # W_enc, W_dec in the compute dtype (SAE.gemm_weights)
     dead: Tensor | None = None  # int64 ids of dead latents (ascending): AuxK on, else off
     aux_k: int = 0
-    weights: tuple[Tensor, Tensor] | None = None  # W_enc, W_dec in compute_dtype (SAE.gemm_weight), else cast here
     offsets: Tensor | None = None  # [B+1]: token b owns entries offsets[b]:offsets[b+1]
     idx: Tensor | None = None  # [nnz] latent ids, ascending within a token
 
@@ -125,9 +124,9 @@ class SparseSAEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, spec: SparseSpec):  # type: ignore[override]
-        cd = spec.compute_dtype
+        Wc, Wd = spec.weights
+        cd = Wc.dtype
         xc = kernels.center_cast(x.contiguous(), b_dec.detach(), cd)  # (x - b_dec).to(cd)
-        Wc, Wd = spec.weights or (W_enc.to(cd), W_dec.to(cd))
         z = xc @ Wc
         B = x.shape[0]
         if spec.batch:
@@ -216,9 +215,8 @@ class SparseSAEFunction(torch.autograd.Function):
 class DenseSpec:
     """Static arguments of `DenseSAEFunction`."""
 
-    compute_dtype: torch.dtype
+    weights: tuple[Tensor, Tensor]  # W_enc, W_dec in the compute dtype (SAE.gemm_weights)
     jumprelu_bandwidth: float = 0.0  # > 0: JumpReLU (threshold given), else ReLU
-    weights: tuple[Tensor, Tensor] | None = None  # W_enc, W_dec in compute_dtype (SAE.gemm_weight), else cast here
 
 
 class DenseSAEFunction(torch.autograd.Function):
@@ -238,9 +236,8 @@ class DenseSAEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, colw, threshold, spec: DenseSpec):  # type: ignore[override]
-        cd = spec.compute_dtype
-        xc = kernels.center_cast(x.contiguous(), b_dec.detach(), cd)  # (x - b_dec).to(cd)
-        Wc, Wd = spec.weights or (W_enc.to(cd), W_dec.to(cd))
+        Wc, Wd = spec.weights
+        xc = kernels.center_cast(x.contiguous(), b_dec.detach(), Wc.dtype)  # (x - b_dec).to(compute dtype)
         z = xc @ Wc
         jump = spec.jumprelu_bandwidth > 0
         f = torch.empty_like(z) if jump else z  # JumpReLU keeps z: the threshold grad needs it
@@ -257,10 +254,9 @@ class DenseSAEFunction(torch.autograd.Function):
     def backward(ctx, g_dec, g_row, *_):  # type: ignore[override]
         xc, f, z, W_enc, b_enc, Wd, colw, threshold = ctx.saved_tensors
         spec: DenseSpec = ctx.spec
-        cd = spec.compute_dtype
         if g_dec is None:
             g_dec = torch.zeros(f.shape[0], Wd.shape[1])
-        gc = g_dec.to(cd).contiguous()
+        gc = g_dec.to(Wd.dtype).contiguous()
         g = gc @ Wd.t()
         row_g = None if g_row is None else g_row.float().contiguous()
         grad_colw = grad_thr = None

@@ -46,7 +46,7 @@ class ReLUSAE(SAE):
         return self._output(x, x_hat, l1, f, active.sum(-1).float().mean(), active.any(0), sparsity_scale)
 
     def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
-        spec = DenseSpec(self.compute_dtype, weights=(self.gemm_weight("W_enc"), self.gemm_weight("W_dec")))
+        spec = DenseSpec(self.gemm_weights())
         dec, row_l1, f, row_l0, col_fired = DenseSAEFunction.apply(
             x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, self._l1_weights(), None, spec
         )

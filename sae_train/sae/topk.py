@@ -14,6 +14,8 @@ W_dec[dead]): aux_k is ~10x k, so a sparse decode of it would cost more than the
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -24,6 +26,7 @@ from sae_train.sae.ops import SparseSAEFunction, SparseSpec, auxk_ratio, topk_ro
 
 class TopKSAE(SAE):
     architecture = "topk"
+    batch_selection: ClassVar[bool] = False  # k*B over the batch (BatchTopK) instead of k per token
 
     # ------------------------------------------------------------------ selection (torch twin)
 
@@ -79,7 +82,6 @@ class TopKSAE(SAE):
     def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
         dead = self._dead_ids(dead_mask)
         aux_k = 0 if dead is None else min(self.cfg.aux_k, dead.numel())
-        spec = SparseSpec(self.architecture == "batchtopk", self.cfg.k, self.compute_dtype, dead, aux_k,
-                          weights=(self.gemm_weight("W_enc"), self.gemm_weight("W_dec")))
+        spec = SparseSpec(self.batch_selection, self.cfg.k, self.gemm_weights(), dead, aux_k)
         x_hat, mse, auxk, vals = SparseSAEFunction.apply(x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, spec)
         return self._output(x, x_hat, mse, auxk, SparseLatents(vals, spec.idx, spec.offsets, self.cfg.d_sae))

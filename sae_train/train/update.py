@@ -73,7 +73,7 @@ def _adam_state(optimizer: torch.optim.Adam, group: dict, p: torch.nn.Parameter)
 def fused_update(sae: SAE, optimizer: torch.optim.Adam, grad_clip: float) -> None:
     """`reference_update` in two passes over the weights (see the module docstring); only
     where `fused_supported`. The gradients are left as they are (unprojected, unclipped)."""
-    project = sae.unit_norm_decoder and sae.W_dec.grad is not None
+    project = sae.unit_norm_decoder  # W_dec.grad exists (fused_supported)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     # pass 1: projection coefficients and the squared norm of the gradient Adam will see
     coefs: dict[int, torch.Tensor] = {}
@@ -88,7 +88,7 @@ def fused_update(sae: SAE, optimizer: torch.optim.Adam, grad_clip: float) -> Non
     # clip_grad_norm_'s coefficient, clamped at 1 (NaN when the norm is not finite, as there)
     clip = min(grad_clip / (math.sqrt(total) + 1e-6), 1.0) if grad_clip > 0 else 1.0
     # pass 2: Adam (+ decoder renormalisation, + bf16 copies for the next forward's GEMMs)
-    shadow_dtype = sae.compute_dtype if sae.compute_dtype != torch.float32 else None
+    bf16_copies = sae.compute_dtype == torch.bfloat16
     names = {id(getattr(sae, n)): n for n in _SHADOWED}
     for group in optimizer.param_groups:
         beta1, beta2 = group["betas"]
@@ -96,7 +96,7 @@ def fused_update(sae: SAE, optimizer: torch.optim.Adam, grad_clip: float) -> Non
             state = _adam_state(optimizer, group, p)
             state["step"] += 1
             name = names.get(id(p))
-            shadow = torch.empty_like(p, dtype=shadow_dtype) if name and shadow_dtype == torch.bfloat16 else None
+            shadow = torch.empty_like(p, dtype=torch.bfloat16) if name and bf16_copies else None
             kernels.adam_rows(
                 p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"], step=float(state["step"]),
                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], clip=clip, coef=coefs.get(id(p)),

@@ -523,23 +523,18 @@ static void topk_range(void *p, int64_t lo, int64_t hi, int tid) {
                 topk_row_fast(row, DT_F32, N, c->bias, k, nb, g, gkey, ck, cv, ci, ti, tv, vq, c->out_idx + r * k, c->out_val + r * k, next);
             continue;
         }
+        /* with a column mask: every vector is loaded under the mask of its selectable columns */
         const __m512 ninf = _mm512_set1_ps(-INFINITY);
         for (int64_t b = 0; b < nb; b++) {
             __m512 m = ninf;
             for (int64_t t = 0; t < g; t++) {
                 int64_t i = (b * g + t) * 16;
                 if (i >= N) break;
-                if (i + 16 <= N && !c->colmask) {
-                    m = _mm512_max_ps(_mm512_add_ps(load16u(row, c->dtype, i), _mm512_loadu_ps(c->bias + i)), m);
-                    continue; /* NaN in v: max keeps m */
-                }
                 __mmask16 tm = tail_mask(N - i);
-                if (c->colmask) {
-                    __m128i cm = _mm_maskz_loadu_epi8(tm, c->colmask + i);
-                    tm &= _mm_test_epi8_mask(cm, cm);
-                }
+                __m128i cm = _mm_maskz_loadu_epi8(tm, c->colmask + i);
+                tm &= _mm_test_epi8_mask(cm, cm);
                 __m512 v = _mm512_add_ps(load16(row, c->dtype, i, tm), _mm512_maskz_loadu_ps(tm, c->bias + i));
-                m = _mm512_max_ps(_mm512_mask_mov_ps(ninf, tm, v), m);
+                m = _mm512_max_ps(_mm512_mask_mov_ps(ninf, tm, v), m); /* NaN in v: max keeps m */
             }
             _mm512_storeu_si512(gkey + 16 * b, fkey16(m));
         }
@@ -552,18 +547,11 @@ static void topk_range(void *p, int64_t lo, int64_t hi, int tid) {
         for (int64_t q = 0; q < nv; q++) {
             int64_t i = 16 * q;
             if (next && (i & 31) == 0) _mm_prefetch(next + i * esz, _MM_HINT_T0);
-            if (i + 16 <= N && !c->colmask) {
-                __m512 v = _mm512_add_ps(load16u(row, c->dtype, i), _mm512_loadu_ps(c->bias + i));
-                vmask[q] = _mm512_cmp_ps_mask(v, vb, _CMP_NLT_UQ); /* v >= bound or NaN */
-                continue;
-            }
             __mmask16 tm = tail_mask(N - i);
-            if (c->colmask) {
-                __m128i cm = _mm_maskz_loadu_epi8(tm, c->colmask + i);
-                tm &= _mm_test_epi8_mask(cm, cm);
-            }
+            __m128i cm = _mm_maskz_loadu_epi8(tm, c->colmask + i);
+            tm &= _mm_test_epi8_mask(cm, cm);
             __m512 v = _mm512_add_ps(load16(row, c->dtype, i, tm), _mm512_maskz_loadu_ps(tm, c->bias + i));
-            vmask[q] = _mm512_mask_cmp_ps_mask(tm, v, vb, _CMP_NLT_UQ);
+            vmask[q] = _mm512_mask_cmp_ps_mask(tm, v, vb, _CMP_NLT_UQ); /* v >= bound or NaN */
         }
         vmask[nv] = vmask[nv + 1] = vmask[nv + 2] = vmask[nv + 3] = 0;
         for (int64_t q = 0; q < nv; q += 4) {
@@ -1061,8 +1049,9 @@ static void spmm_t_range(void *p, int64_t lo, int64_t hi, int tid) {
 void sae_csr_spmm(int64_t R, const int64_t *off, const int64_t *idx, const float *val, const int64_t *perm,
                   const void *T, int tdtype, int64_t D, int64_t ldt, float *out, int64_t ldo, int transpose_out,
                   int accumulate, float *val_sum, int nthreads) {
-    spmm_ctx c = {off, idx, perm, val, T, tdtype, D, ldt, out, ldo, accumulate, NULL, NULL, NULL, val_sum,
-                  !accumulate && D % 16 == 0 && ldo % 16 == 0};
+    spmm_ctx c = {.off = off, .idx = idx, .perm = perm, .val = val, .T = T, .tdtype = tdtype, .D = D, .ldt = ldt,
+                  .out = out, .ldo = ldo, .accumulate = accumulate, .val_sum = val_sum,
+                  .stream_out = !accumulate && D % 16 == 0 && ldo % 16 == 0}; /* bias NULL: not a decode */
     if (transpose_out)
         run_by_nnz(spmm_t_range, &c, R, off, nthreads, 16);
     else
@@ -1073,7 +1062,8 @@ void sae_csr_spmm(int64_t R, const int64_t *off, const int64_t *idx, const float
  * row_sse[r] = ||out[r] - target[r]||^2 (the reconstruction error) in the same pass. */
 void sae_csr_decode(int64_t R, const int64_t *off, const int64_t *idx, const float *val, const void *T, int tdtype,
                     int64_t D, const float *bias, const float *target, float *out, float *row_sse, int nthreads) {
-    spmm_ctx c = {off, idx, NULL, val, T, tdtype, D, D, out, D, 0, bias, target, row_sse, NULL, 0};
+    spmm_ctx c = {.off = off, .idx = idx, .val = val, .T = T, .tdtype = tdtype, .D = D, .ldt = D, .out = out,
+                  .ldo = D, .bias = bias, .target = target, .row_sse = row_sse}; /* the rest zero */
     run_by_nnz(spmm_range, &c, R, off, nthreads, 1);
 }
 
@@ -1229,7 +1219,8 @@ static void sddmm_range(void *p, int64_t lo, int64_t hi, int tid) {
 void sae_decode_backward(int64_t R, const int64_t *off, const int64_t *idx, const float *G, const float *xh,
                          const float *x, float s, const void *T, int tdtype, int64_t D, float *out, void *gout,
                          int gdtype, float *col_g, int nthreads) {
-    sddmm_ctx c = {off, idx, G, T, tdtype, D, D, D, out, xh, x, s, gout, gdtype, col_g};
+    sddmm_ctx c = {.off = off, .idx = idx, .G = G, .T = T, .tdtype = tdtype, .ldg = D, .ldt = D, .D = D, .out = out,
+                   .xh = xh, .x = x, .s = s, .gout = gout, .gdtype = gdtype, .col_g = col_g};
     run_by_nnz(sddmm_range, &c, R, off, nthreads, 1);
 }
 
@@ -1294,8 +1285,12 @@ static void decode_train_range(void *p, int64_t lo, int64_t hi, int tid) {
 void sae_decode_train(int64_t R, const int64_t *off, const int64_t *idx, const float *val, const void *T, int tdtype,
                       int64_t D, const float *bias, const float *target, float *out, float *row_sse, float *dots,
                       void *rout, int rdtype, float *col, int nthreads) {
-    dtrain_ctx c = {{off, idx, NULL, val, T, tdtype, D, D, out, D, 0, bias, target, row_sse, NULL, 0},
-                    {off, idx, NULL, T, tdtype, D, D, D, dots, out, target, 1.0f, rout, rdtype, col}};
+    /* only the fields decode_train_range reads: it hands the helpers the output row, accumulate
+     * = 0 and g = the residual itself (no ldo/accumulate, no G/ldg/xh/x/s) */
+    dtrain_ctx c = {.sp = {.off = off, .idx = idx, .val = val, .T = T, .tdtype = tdtype, .D = D, .ldt = D,
+                           .out = out, .bias = bias, .target = target, .row_sse = row_sse},
+                    .sd = {.off = off, .idx = idx, .T = T, .tdtype = tdtype, .ldt = D, .D = D, .out = dots,
+                           .gout = rout, .gdtype = rdtype, .col_g = col}};
     run_by_nnz(decode_train_range, &c, R, off, nthreads, 1);
 }
 
@@ -1851,7 +1846,9 @@ static void adam_range(void *p, int64_t lo, int64_t hi, int tid) {
 void sae_adam_rows(int64_t R, int64_t D, float *p, const float *g, float *m, float *v, const float *coef, float clip,
                    float neg_step, float lerp_w, float beta2, float sq_w, float bc2_sqrt, float eps, int normalize,
                    uint16_t *shadow, int nthreads) {
-    adam_ctx c = {R, D, p, g, m, v, coef, clip, neg_step, lerp_w, beta2, sq_w, bc2_sqrt, eps, normalize, shadow};
+    adam_ctx c = {.R = R, .D = D, .p = p, .g = g, .m = m, .v = v, .coef = coef, .clip = clip, .neg_step = neg_step,
+                  .lerp_w = lerp_w, .beta2 = beta2, .sq_w = sq_w, .bc2_sqrt = bc2_sqrt, .eps = eps,
+                  .normalize = normalize, .shadow = shadow};
     run_even(adam_range, &c, R, nthreads, 1);
 }
 
