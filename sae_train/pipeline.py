@@ -20,6 +20,7 @@ from sae_train import eval as eval_stage
 from sae_train import train
 from sae_train.data import DataConfig, TextConfig
 from sae_train.errors import UserError
+from sae_train.eval.stage import data_config, model_config, text_config
 from sae_train.hub import resolve_token
 from sae_train.lm import LanguageModel, ModelConfig
 from sae_train.sae.io import CFG_FILE, WEIGHTS_FILE, find_checkpoints
@@ -39,9 +40,9 @@ def _recorded_model_and_text(cfg: train.TrainConfig) -> tuple[ModelConfig, DataC
     spec = ActivationStore(cfg.store).manifest.spec
     if "model" not in spec or "data" not in spec:
         raise UserError(f"eval_every_tokens needs a store written by `sae-train cache`; {cfg.store} records no model/data.")
-    model = spec["model"]
-    return (ModelConfig(name=model["name"], hub_id=model.get("hub_id", ""), dtype=model["dtype"]),
-            DataConfig(**spec["data"]), TextConfig(**spec["text"]))
+    recorded = eval_stage.EvalConfig()  # no overrides: everything as the store recorded it
+    return (model_config(recorded, spec["model"]), data_config(recorded, spec["data"]),
+            text_config(recorded, spec.get("text")))
 
 
 def periodic_eval(cfg: train.TrainConfig, lm: LanguageModel | None = None) -> train.Callback:
