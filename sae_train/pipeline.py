@@ -40,9 +40,7 @@ def _recorded_model_and_text(cfg: train.TrainConfig) -> tuple[ModelConfig, DataC
     spec = ActivationStore(cfg.store).manifest.spec
     if "model" not in spec or "data" not in spec:
         raise UserError(f"eval_every_tokens needs a store written by `sae-train cache`; {cfg.store} records no model/data.")
-    recorded = eval_stage.EvalConfig()  # no overrides: everything as the store recorded it
-    return (model_config(recorded, spec["model"]), data_config(recorded, spec["data"]),
-            text_config(recorded, spec.get("text")))
+    return model_config(spec["model"]), data_config(spec["data"]), text_config(spec.get("text"))
 
 
 def periodic_eval(cfg: train.TrainConfig, lm: LanguageModel | None = None) -> train.Callback:

@@ -178,13 +178,12 @@ def test_shared_prefix_numbers_equal_full_forward_numbers(tiny_model_dir, corpus
 
 def test_eval_split_shares_no_document_with_the_checkpoints_training_split(lm, corpus, tmp_path):
     save_checkpoint(tmp_path / "sae", lm, corpus, "blocks.1.hook_resid_post")
-    cfg = EvalConfig(checkpoint=str(tmp_path / "sae"))
-    held_out = data_config(cfg, recorded(load_checkpoints(cfg.checkpoint), "data"))
+    held_out = data_config(recorded(load_checkpoints(str(tmp_path / "sae")), "data"))
     assert held_out.split == "eval" and held_out.path == corpus.path
     train, evaluated = set(iter_documents(corpus)), set(iter_documents(held_out))
     assert train and evaluated and not train & evaluated
     # An explicit data= override is read on its eval split too, whatever its split says.
-    assert data_config(EvalConfig(checkpoint="x", data=corpus), None).split == "eval"
+    assert data_config(None, corpus).split == "eval"
 
 
 def eval_config(checkpoint: Path, out: Path, **kw) -> EvalConfig:
