@@ -91,9 +91,9 @@ class PipelineConfig:
     out_dir: str = "runs/demo"
     """Root of every artifact: acts/ (store), sae/ (checkpoints), eval/, export/."""
     site: str = "blocks.8.hook_resid_post"
-    """The activation site cached and trained on (conf/pipeline.yaml passes it to the stages)."""
+    """The activation site cached and trained on (sae_train/conf/pipeline.yaml passes it to the stages)."""
     n_tokens: int = 1_000_000
-    """Tokens cached and trained on (conf/pipeline.yaml passes it to the stages)."""
+    """Tokens cached and trained on (sae_train/conf/pipeline.yaml passes it to the stages)."""
     cache: cache.CacheConfig = field(default_factory=cache.CacheConfig)
     train: train.TrainConfig = field(default_factory=lambda: train.TrainConfig(store="runs/demo/acts"))
     eval: eval_stage.EvalConfig = field(default_factory=lambda: eval_stage.EvalConfig(checkpoint="runs/demo/sae"))
