@@ -16,7 +16,8 @@ SITE = "blocks.1.hook_resid_post"
 
 
 def run(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+                            check=False)
     assert result.returncode == 0, f"{args}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -28,8 +29,8 @@ def build_wheel(tmp_path: Path) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
     shutil.copytree(REPO / "sae_train", source / "sae_train", ignore=shutil.ignore_patterns("__pycache__"))
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", tmp_path / "dist",
-        source, cwd=tmp_path)
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+        "-w", tmp_path / "dist", source, cwd=tmp_path)
     (wheel,) = (tmp_path / "dist").glob("sae_train-*.whl")
     return wheel
 
@@ -63,9 +64,10 @@ def test_wheel_installs_and_runs_outside_the_repository(tiny_model_dir, tmp_path
 
     sae_train = venv / "bin" / "sae-train"
     run(sae_train, "cache", f"model.name={tiny_model_dir('llama')}", "model.dtype=float32", f"sites=[{SITE}]",
-        "n_tokens=2048", "context_size=32", "tokens_per_shard=1024", "out_dir=acts", "progress=false", cwd=work, env=env)
+        "n_tokens=2048", "context_size=32", "tokens_per_shard=1024", "out_dir=acts", "progress=false",
+        cwd=work, env=env)
     assert (work / "acts" / "manifest.json").exists()
-    trained = run(sae_train, "train", "store=acts", "n_tokens=2048", "batch_size=512", "sae.k=4", "sae.expansion_factor=2",
-                  "out_dir=sae", "progress=false", cwd=work, env=env)
+    trained = run(sae_train, "train", "store=acts", "n_tokens=2048", "batch_size=512", "sae.k=4",
+                  "sae.expansion_factor=2", "out_dir=sae", "progress=false", cwd=work, env=env)
     assert "fvu" in trained.stdout
     assert (work / "sae" / SITE / "sae.safetensors").exists() and (work / "sae" / SITE / "cfg.json").exists()
