@@ -40,7 +40,9 @@ def _recorded_model_and_text(cfg: train.TrainConfig) -> tuple[ModelConfig, DataC
     spec = ActivationStore(cfg.store).manifest.spec
     if "model" not in spec or "data" not in spec:
         raise UserError(f"eval_every_tokens needs a store written by `sae-train cache`; {cfg.store} records no model/data.")
-    return model_config(spec["model"]), data_config(spec["data"]), text_config(spec.get("text"))
+    # The recorded model (name, revision, dtype) on the device training runs on.
+    model = model_config(spec["model"], ModelConfig(name="", device=cfg.device))
+    return model, data_config(spec["data"]), text_config(spec.get("text"))
 
 
 def periodic_eval(cfg: train.TrainConfig, lm: LanguageModel | None = None) -> train.Callback:
