@@ -43,7 +43,8 @@ def fresh_venv(root: Path) -> Path:
     python = root / "bin" / "python"
     purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True).stdout.strip()
-    ours = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"]])
+    user = [site.getusersitepackages()] if site.ENABLE_USER_SITE else []
+    ours = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"], *user])
     Path(purelib, "_dependencies.pth").write_text("\n".join(ours) + "\n")
     return root
 
