@@ -17,7 +17,7 @@ from typing import Any
 
 from sae_train.errors import UserError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package (package data)
 USAGE = """usage: sae-train [-m] <stage> [key=value ...]
 
 stages:

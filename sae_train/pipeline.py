@@ -40,9 +40,9 @@ def _recorded_model_and_text(cfg: train.TrainConfig) -> tuple[ModelConfig, DataC
     spec = ActivationStore(cfg.store).manifest.spec
     if "model" not in spec or "data" not in spec:
         raise UserError(f"eval_every_tokens needs a store written by `sae-train cache`; {cfg.store} records no model/data.")
-    recorded = eval_stage.EvalConfig()  # no overrides: everything as the store recorded it
-    return (model_config(recorded, spec["model"]), data_config(recorded, spec["data"]),
-            text_config(recorded, spec.get("text")))
+    # The recorded model (name, revision, dtype) on the device training runs on.
+    model = model_config(spec["model"], ModelConfig(name="", device=cfg.device))
+    return model, data_config(spec["data"]), text_config(spec.get("text"))
 
 
 def periodic_eval(cfg: train.TrainConfig, lm: LanguageModel | None = None) -> train.Callback:
@@ -93,9 +93,9 @@ class PipelineConfig:
     out_dir: str = "runs/demo"
     """Root of every artifact: acts/ (store), sae/ (checkpoints), eval/, export/."""
     site: str = "blocks.8.hook_resid_post"
-    """The activation site cached and trained on (conf/pipeline.yaml passes it to the stages)."""
+    """The activation site cached and trained on (sae_train/conf/pipeline.yaml passes it to the stages)."""
     n_tokens: int = 1_000_000
-    """Tokens cached and trained on (conf/pipeline.yaml passes it to the stages)."""
+    """Tokens cached and trained on (sae_train/conf/pipeline.yaml passes it to the stages)."""
     cache: cache.CacheConfig = field(default_factory=cache.CacheConfig)
     train: train.TrainConfig = field(default_factory=lambda: train.TrainConfig(store="runs/demo/acts"))
     eval: eval_stage.EvalConfig = field(default_factory=lambda: eval_stage.EvalConfig(checkpoint="runs/demo/sae"))

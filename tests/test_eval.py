@@ -4,7 +4,6 @@ sweeps, outputs, the held-out split, bad input and the periodic-eval callback.""
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,9 +20,9 @@ from sae_train.eval.stage import data_config
 from sae_train.eval.tokens import counted_mask, held_out_windows, uncounted_ids
 from sae_train.lm import LanguageModel, ModelConfig
 from sae_train.sae import ARCHITECTURES, SAEConfig, create_sae, load_sae, save_sae
+from tests.tiny import write_corpus
 
 TEXT = TextConfig(context_size=32)
-WORDS = "alpha beta gamma delta import def return class self value None True print list dict".split()
 
 
 def load(path: Path) -> LanguageModel:
@@ -38,11 +37,7 @@ def lm(tiny_model_dir) -> LanguageModel:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> DataConfig:
     """30 text files of pseudo-code; a file-level split holds out about a third of them."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for i in range(30):
-        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(120)))
-    return DataConfig(source="files", path=str(root), eval_fraction=0.35)
+    return DataConfig(source="files", path=str(write_corpus(tmp_path_factory.mktemp("corpus"))), eval_fraction=0.35)
 
 
 def save_checkpoint(directory: Path, lm: LanguageModel, data: DataConfig, site: str, arch: str = "topk",
@@ -178,13 +173,12 @@ def test_shared_prefix_numbers_equal_full_forward_numbers(tiny_model_dir, corpus
 
 def test_eval_split_shares_no_document_with_the_checkpoints_training_split(lm, corpus, tmp_path):
     save_checkpoint(tmp_path / "sae", lm, corpus, "blocks.1.hook_resid_post")
-    cfg = EvalConfig(checkpoint=str(tmp_path / "sae"))
-    held_out = data_config(cfg, recorded(load_checkpoints(cfg.checkpoint), "data"))
+    held_out = data_config(recorded(load_checkpoints(str(tmp_path / "sae")), "data"))
     assert held_out.split == "eval" and held_out.path == corpus.path
     train, evaluated = set(iter_documents(corpus)), set(iter_documents(held_out))
     assert train and evaluated and not train & evaluated
     # An explicit data= override is read on its eval split too, whatever its split says.
-    assert data_config(EvalConfig(checkpoint="x", data=corpus), None).split == "eval"
+    assert data_config(None, corpus).split == "eval"
 
 
 def eval_config(checkpoint: Path, out: Path, **kw) -> EvalConfig:

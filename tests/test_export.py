@@ -378,7 +378,7 @@ def test_same_tag_twice_is_refused(sweep, tmp_path):
 
 
 def test_hydra_config():
-    """conf/export.yaml composes into ExportConfig; a wrong key fails before any work."""
+    """sae_train/conf/export.yaml composes into ExportConfig; a wrong key fails before any work."""
     from hydra import compose, initialize_config_dir
     from hydra.core.config_store import ConfigStore
     from hydra.errors import ConfigCompositionException

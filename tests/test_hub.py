@@ -3,9 +3,6 @@ pulls from local folders and from the hub cache offline."""
 
 from __future__ import annotations
 
-import base64
-import importlib
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -19,18 +16,12 @@ from sae_train.hub import load_exported, pull, push
 from sae_train.sae import SAEConfig, load_sae
 from sae_train.train import TrainConfig
 from sae_train.train import run as train
+from tests.fake_hub import FakeHub, _http, httpx
 from tests.synthetic import true_directions, write_store
 
 TOKEN = "hf_sEcReT0123456789abcdefTOKEN"
 REPO = "test-org/sae-test"
 TAG = "synthetic"
-
-_http = importlib.import_module("huggingface_hub.utils._http")
-if not hasattr(_http, "set_client_factory"):
-    pytest.skip("huggingface_hub < 1.0 sends requests with `requests`; the mock below needs its httpx client",
-                allow_module_level=True)
-# The HTTP client package huggingface_hub uses (httpx in 1.x, its fork httpx2 in 2.x).
-httpx = importlib.import_module(type(_http.default_client_factory()).__module__.split(".")[0])
 
 
 @pytest.fixture(scope="module")
@@ -42,43 +33,6 @@ def checkpoint(tmp_path_factory) -> Path:
     return Path(summary.saes[TAG]["checkpoint"])
 
 
-class FakeHub:
-    """Answers the hub API calls of create_repo + create_commit and records every request."""
-
-    def __init__(self, fail_status: int | None = None):
-        self.requests: list[httpx.Request] = []
-        self.fail_status = fail_status
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        path = request.url.path
-        if self.fail_status:
-            return httpx.Response(self.fail_status, json={"error": "Invalid credentials in Authorization header"})
-        if path == "/api/repos/create":
-            return httpx.Response(200, json={"url": f"https://huggingface.co/{REPO}", "name": REPO})
-        if path == "/api/validate-yaml":
-            return httpx.Response(200, json={"errors": [], "warnings": []})
-        if path.endswith("/preupload/main"):
-            files = json.loads(request.content)["files"]
-            return httpx.Response(200, json={"files": [
-                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files]})
-        if path.endswith("/commit/main"):
-            return httpx.Response(200, json={"commitUrl": f"https://huggingface.co/{REPO}/commit/{'0' * 40}",
-                                             "commitOid": "0" * 40, "success": True})
-        return httpx.Response(404, json={"error": f"unexpected {request.method} {path}"})
-
-    def json_of(self, path_suffix: str) -> dict:
-        (request,) = [r for r in self.requests if r.url.path.endswith(path_suffix)]
-        return json.loads(request.content)
-
-    def committed_files(self) -> dict[str, bytes]:
-        (request,) = [r for r in self.requests if r.url.path.endswith("/commit/main")]
-        lines = [json.loads(line) for line in request.content.decode().splitlines()]
-        assert lines[0]["key"] == "header"
-        return {item["value"]["path"]: base64.b64decode(item["value"]["content"]) for item in lines[1:]
-                if item["key"] == "file"}
-
-
 @pytest.fixture
 def hub(monkeypatch):
     """A FakeHub behind huggingface_hub's own client (its request hook included), token in HF_TOKEN."""
@@ -86,7 +40,7 @@ def hub(monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest keeps the suite offline
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    fake = FakeHub()
+    fake = FakeHub(REPO)
 
     def factory():
         return httpx.Client(transport=httpx.MockTransport(fake), event_hooks={"request": [_http.hf_request_event_hook]})

@@ -89,3 +89,32 @@ def test_wandb_gets_training_metrics_and_the_eval_in_one_run(tiny_model_dir, tmp
     assert logged("history", f"{SITE}/fvu") and logged("history", "eval/table") and logged("history", "eval/density")
     assert logged("summary", f"{SITE}/eval/ce_recovered")
     assert list(runs.glob("offline-run-*/files/media/images/eval/density*.png"))
+
+
+def eval_rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if "eval/fvu" in row]
+
+
+def test_periodic_eval_from_a_store_and_live(tiny_model_dir, tmp_path):
+    """`train eval_every_tokens=N` evaluates every N tokens and at the end, reading the model, data
+    and text settings from the store's manifest (source=store) or from its own config (live)."""
+    from sae_train import cache, pipeline
+    from sae_train.cache import CacheConfig
+    from sae_train.lm import ModelConfig
+    from sae_train.sae import SAEConfig
+    from sae_train.train import TrainConfig
+
+    model = ModelConfig(name=str(tiny_model_dir("llama")), dtype="float32", device="cpu")
+    cache.run(CacheConfig(model=model, sites=[SITE], n_tokens=4096, context_size=32, tokens_per_shard=2048,
+                          out_dir=str(tmp_path / "acts"), progress=False))
+    common = dict(n_tokens=3072, batch_size=512, eval_every_tokens=1024, eval_tokens=128, dtype="float32", device="cpu",
+                  progress=False, sae=SAEConfig(k=4, expansion_factor=2))
+    runs = {"store": TrainConfig(store=str(tmp_path / "acts"), out_dir=str(tmp_path / "from-store"), **common),
+            "live": TrainConfig(source="live", model=model, sites=[SITE], context_size=32, live_buffer_tokens=1024,
+                                out_dir=str(tmp_path / "live"), **common)}
+    for name, cfg in runs.items():
+        pipeline.train_stage(cfg)
+        rows = eval_rows(Path(cfg.out_dir))
+        assert [row["step"] for row in rows] == [2, 4, 6], name
+        assert all(0 < row["eval/fvu"] < 10 and row["eval/l0"] > 0 for row in rows), rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from sae_train.data.sources import stdlib_root
 
 SPECIAL = ["<|bos|>", "<|eos|>", "<|pad|>"]
 VOCAB = 384
+WORDS = "alpha beta gamma delta import def return class self value None True print list dict".split()
 
 
 def tiny_tokenizer() -> T.PreTrainedTokenizerFast:
@@ -75,4 +77,13 @@ def save_tiny_model(directory: Path, family: str, tokenizer: T.PreTrainedTokeniz
             param.add_(torch.randn_like(param) * 0.05)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_corpus(directory: Path, n_files: int = 30, n_words: int = 120, seed: int = 0) -> Path:
+    """n_files text files of pseudo-code words: local text for `data.source=files`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(n_files):
+        (directory / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(n_words)))
     return directory

@@ -29,38 +29,40 @@ from sae_train.provenance import provenance
 log = logging.getLogger(__name__)
 
 
-def model_config(cfg: EvalConfig, model: dict[str, Any] | None) -> ModelConfig:
-    """cfg.model, or (name "") the model the checkpoints recorded."""
-    if cfg.model.name:
-        return cfg.model
-    if not model or not model.get("name"):
+def model_config(recorded: dict[str, Any] | None, requested: ModelConfig | None = None) -> ModelConfig:
+    """`requested` when it names a model; else the model recorded (name, hub id, revision) with
+    requested's settings, its dtype "auto" meaning the recorded dtype. None = as recorded."""
+    requested = requested or ModelConfig(name="")
+    if requested.name:
+        return requested
+    if not recorded or not recorded.get("name"):
         raise UserError("The checkpoints record no model; pass model.name=<the model the SAEs were trained on>.")
-    revision = model.get("revision") or "main"
+    revision = recorded.get("revision") or "main"
     return replace(
-        cfg.model,
-        name=model["name"],
-        hub_id=model.get("hub_id") or "",
+        requested,
+        name=recorded["name"],
+        hub_id=recorded.get("hub_id") or "",
         # Local files and directories record a content fingerprint, not a hub revision.
         revision="main" if revision.startswith("sha256:") else revision,
-        dtype=(model.get("dtype") or "auto") if cfg.model.dtype == "auto" else cfg.model.dtype,
+        dtype=(recorded.get("dtype") or "auto") if requested.dtype == "auto" else requested.dtype,
     )
 
 
-def data_config(cfg: EvalConfig, data: dict[str, Any] | None) -> DataConfig:
-    """The eval split of cfg.data, or of the data source the checkpoints recorded."""
-    if cfg.data is not None:
-        return replace(cfg.data, split="eval")
-    if not data:
+def data_config(recorded: dict[str, Any] | None, requested: DataConfig | None = None) -> DataConfig:
+    """The eval split of `requested`, or (None) of the data source recorded."""
+    if requested is not None:
+        return replace(requested, split="eval")
+    if not recorded:
         raise UserError("The checkpoints record no data source; pass data=... (e.g. data=python-stdlib).")
     fields = {f.name for f in dataclasses.fields(DataConfig)}
-    return DataConfig(**{k: v for k, v in data.items() if k in fields and k != "split"}, split="eval")
+    return DataConfig(**{k: v for k, v in recorded.items() if k in fields and k != "split"}, split="eval")
 
 
-def text_config(cfg: EvalConfig, text: dict[str, Any] | None) -> TextConfig:
-    """The checkpoints' text settings (TextConfig defaults where none recorded), with cfg.context_size if set."""
+def text_config(recorded: dict[str, Any] | None, context_size: int = 0) -> TextConfig:
+    """The text settings recorded (TextConfig defaults where none are), with `context_size` if set."""
     fields = {f.name for f in dataclasses.fields(TextConfig)}
-    resolved = TextConfig(**{k: v for k, v in (text or {}).items() if k in fields})
-    return replace(resolved, context_size=cfg.context_size) if cfg.context_size else resolved
+    resolved = TextConfig(**{k: v for k, v in (recorded or {}).items() if k in fields})
+    return replace(resolved, context_size=context_size) if context_size else resolved
 
 
 def _check_model(lm: LanguageModel, model: dict[str, Any] | None) -> None:
@@ -88,10 +90,10 @@ def run(cfg: EvalConfig, lm: LanguageModel | None = None) -> EvalSummary:
     it (the CLI prints `summary.table()`). Pass `lm` to reuse a loaded model."""
     checkpoints = load_checkpoints(cfg.checkpoint)
     recorded_model = recorded(checkpoints, "model")
-    lm = lm or LanguageModel.load(model_config(cfg, recorded_model))
+    lm = lm or LanguageModel.load(model_config(recorded_model, cfg.model))
     _check_model(lm, recorded_model)
-    data = data_config(cfg, None if cfg.data is not None else recorded(checkpoints, "data"))
-    text = text_config(cfg, recorded(checkpoints, "text"))
+    data = data_config(None if cfg.data is not None else recorded(checkpoints, "data"), cfg.data)
+    text = text_config(recorded(checkpoints, "text"), cfg.context_size)
     groups = group_by_site(checkpoints, lm)  # before reading any text: a wrong site fails fast
     windows = held_out_windows(lm.tokenizer, data, text, cfg.n_tokens)
     uncounted = uncounted_ids(lm.tokenizer, text)
