@@ -42,7 +42,6 @@ from sae_train.sae.io import find_checkpoints
 from sae_train.sae.saelens import (
     CFG_FILE,
     METADATA_KEY,
-    SAELENS_ARCHITECTURE,
     SPARSITY_FILE,
     WEIGHTS_FILE,
     log_sparsity,
@@ -107,7 +106,7 @@ class ExportedSAE:
     checkpoint: str
     site: str
     architecture: str
-    """Ours (relu, topk, batchtopk, jumprelu)."""
+    """Ours (`sae.architecture`)."""
     saelens_architecture: str
     d_in: int
     d_sae: int
@@ -358,8 +357,8 @@ def _export_one(plan: _Plan, out: Path, results: EvalResults | None) -> Exported
     arch = sae.cfg.architecture
     return ExportedSAE(
         name=plan.name, checkpoint=str(plan.directory), site=plan.meta["site"], architecture=arch,
-        saelens_architecture=SAELENS_ARCHITECTURE[arch], d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae,
-        k=sae.cfg.k if arch in ("topk", "batchtopk") else None, tokens_trained=plan.meta.get("tokens_trained"),
+        saelens_architecture=sae.saelens_architecture, d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae,
+        k=sae.cfg.k if "k" in sae.config_fields else None, tokens_trained=plan.meta.get("tokens_trained"),
         files=[f"{plan.name}/{n}" for n in names], eval_name=eval_name,
         metrics=dict(results.entries[eval_name].get("metrics") or {}) if eval_name is not None else {},
     )
@@ -437,8 +436,9 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
         "Every SAE acts on raw activations of its site (TransformerLens hook names): "
         "`f = σ((x − b_dec) W_enc + b_enc)`, `x̂ = f W_dec + b_dec`, with the training-time input "
         "normalisation folded into the weights (`normalize_activations: none`) and unit-norm decoder rows. "
-        "BatchTopK SAEs are stored as JumpReLU SAEs with their inference threshold, which is exactly how "
-        "BatchTopK runs at inference; ReLU SAEs are SAELens `standard` SAEs.", "",
+        "Where the table names a SAELens architecture, the SAE is stored as that SAELens architecture, "
+        "which computes exactly what it computes at inference (a BatchTopK SAE, for instance, as a JumpReLU "
+        "SAE with its inference threshold).", "",
         "## Usage", "",
         "With [SAELens](https://github.com/decoderesearch/SAELens) (>= 6):", "",
         "```python",

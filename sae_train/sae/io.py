@@ -23,7 +23,7 @@ from sae_train.atomic import write_atomic, write_text_atomic
 from sae_train.errors import UserError
 from sae_train.sae.base import SAE
 from sae_train.sae.config import SAEConfig
-from sae_train.sae.registry import ARCHITECTURES, create_sae
+from sae_train.sae.registry import ARCHITECTURES, load_folded
 from sae_train.sae.saelens import WEIGHTS_FILE as SAELENS_WEIGHTS_FILE
 
 
@@ -36,11 +36,6 @@ TRAINING_WEIGHTS_FILE = "training_weights.safetensors"
 TRAINING_FILES = (TRAINER_STATE_FILE, OPTIMIZER_FILE, TRAINING_WEIGHTS_FILE)
 # A trainer's half-written next save and the copy it replaces: never checkpoints to read.
 STAGING_SUFFIXES = (".tmp", ".prev")
-
-
-def _tensor_names(sae: SAE) -> list[str]:
-    names = ["W_enc", "W_dec", "b_enc", "b_dec"]
-    return names + ["threshold"] if hasattr(sae, "threshold") else names
 
 
 def save_sae(sae: SAE, path: str | os.PathLike, cfg_extra: dict[str, Any] | None = None) -> None:
@@ -66,7 +61,7 @@ def save_sae(sae: SAE, path: str | os.PathLike, cfg_extra: dict[str, Any] | None
         )
     meta = {**cfg, **extra, "normalization_scale": sae.normalization_scale, "sae_train_version": __version__}
     text = json.dumps(meta, sort_keys=True, indent=2) + "\n"
-    tensors = {n: getattr(sae, n).detach().to("cpu", torch.float32).contiguous() for n in _tensor_names(sae)}
+    tensors = {n: getattr(sae, n).detach().to("cpu", torch.float32).contiguous() for n in sae.inference_tensors}
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
@@ -102,33 +97,14 @@ def load_sae(path: str | os.PathLike, *, compute_dtype: torch.dtype = torch.floa
             f"knows {', '.join(sorted(ARCHITECTURES))}. Upgrade sae_train or fix the file."
         )
     cfg = SAEConfig.from_dict(meta, source=str(cfg_file))
-    if not cfg.is_resolved:
-        raise UserError(f"SAE checkpoint: {cfg_file} has no d_in; the file is incomplete.")
     try:
         tensors = load_file(weights_file)
     except FileNotFoundError:
         raise UserError(f"SAE checkpoint: {weights_file} does not exist (the directory is incomplete).") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"SAE checkpoint: {weights_file} is corrupt or not a safetensors file ({exc}).") from exc
-    sae = create_sae(cfg, compute_dtype=compute_dtype)
-    names = _tensor_names(sae)
-    if set(tensors) != set(names):
-        raise UserError(
-            f"SAE checkpoint: {weights_file} holds tensors {sorted(tensors)}; a {arch} SAE needs "
-            f"exactly {sorted(names)}."
-        )
-    with torch.no_grad():
-        for name in names:
-            param, value = getattr(sae, name), tensors[name]
-            if value.shape != param.shape:
-                raise UserError(
-                    f"SAE checkpoint: {weights_file} has {name} of shape {tuple(value.shape)}, but "
-                    f"{cfg_file} (d_in={cfg.d_in}, d_sae={cfg.d_sae}) implies {tuple(param.shape)}."
-                )
-            param.copy_(value)
-    sae.folded = True
-    sae.normalization_scale = float(meta.get("normalization_scale", 1.0))
-    return sae
+    return load_folded(cfg, tensors, normalization_scale=meta.get("normalization_scale", 1.0),
+                       compute_dtype=compute_dtype, source=f"SAE checkpoint: {weights_file}")
 
 
 # ---------------------------------------------------------------------------------- discovery
