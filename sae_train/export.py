@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +32,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sae_train import __version__
-from sae_train.atomic import write_text_atomic
+from sae_train.atomic import drop_previous, staging_dir, swap_dir, write_text_atomic
 from sae_train.errors import UserError
 from sae_train.provenance import provenance
 from sae_train.sae import SAE, load_sae, load_sae_cfg
-from sae_train.sae.io import CFG_FILE as CHECKPOINT_CFG
-from sae_train.sae.io import find_checkpoints
+from sae_train.sae.checkpoint import CFG_FILE as CHECKPOINT_CFG
+from sae_train.sae.checkpoint import find_checkpoints
 from sae_train.sae.saelens import (
     CFG_FILE,
     METADATA_KEY,
@@ -303,20 +302,9 @@ def verify(sae: SAE, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], *, n
         )
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
 def _write_folder(target: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], sparsity: torch.Tensor | None) -> list[str]:
     """Write one SAE folder complete under a temporary name, then swap it in; returns its file names."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.export-tmp")
-    previous = target.with_name(f".{target.name}.export-prev")
-    for leftover in (staging, previous):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    staging.mkdir()
+    staging = staging_dir(target)
     try:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         names = [WEIGHTS_FILE]
@@ -325,19 +313,12 @@ def _write_folder(target: Path, cfg: dict[str, Any], tensors: dict[str, torch.Te
             names.append(SPARSITY_FILE)
         (staging / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         names.append(CFG_FILE)
-        for name in names:
-            _fsync(staging / name)
-        if target.exists():
-            os.replace(target, previous)
-        os.replace(staging, target)
+        swap_dir(target)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    if previous.exists():
-        shutil.rmtree(previous)
+    drop_previous(target)
     return sorted(names)
-
-
 
 
 def _export_one(plan: _Plan, out: Path, results: EvalResults | None) -> ExportedSAE:

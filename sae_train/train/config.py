@@ -119,3 +119,9 @@ class TrainConfig(TextConfig):
     @property
     def n_steps(self) -> int:
         return self.n_tokens // self.batch_size
+
+
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a TrainConfig dict that a resumed run must share with the original (the rest may change)."""
+    free = {"progress", "log_every", "checkpoint_every_tokens", "wandb", "resume", "out_dir", "device"}
+    return {k: v for k, v in config.items() if k not in free}

@@ -27,9 +27,9 @@ from sae_train.errors import UserError
 from sae_train.lm.model import resolve_dtype
 from sae_train.provenance import provenance
 from sae_train.sae import SAE, SAEOutput, create_sae, kernels, load_weights, save_sae
+from sae_train.sae import checkpoint as ckpt
 from sae_train.sae.kernels import keep_freed_memory
-from sae_train.train import checkpoint as ckpt
-from sae_train.train.config import TrainConfig
+from sae_train.train.config import TrainConfig, comparable
 from sae_train.train.dist import Dist
 from sae_train.train.logger import MetricsLogger
 from sae_train.train.resample import resample_dead_
@@ -193,7 +193,7 @@ class Trainer:
         state = ckpt.read_run_state(self.out_dir)
         if state is None:
             return False
-        saved, now = ckpt.comparable(state["config"]), ckpt.comparable(self.config_dict)
+        saved, now = comparable(state["config"]), comparable(self.config_dict)
         if saved != now:
             diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
             raise UserError(
