@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from sae_train.errors import UserError
 from sae_train.atomic import previous
@@ -126,6 +126,18 @@ def test_crash_between_swap_and_commit_resumes_from_the_previous_copy(synthetic,
     resumed = run(cfg(store, tmp_path / "split", n_tokens=16_384))
     assert resumed.new_steps == whole.steps - 8 and not previous(sae_dir).exists()
     _same_training_weights(whole.saes[SITE]["checkpoint"], resumed.saes[SITE]["checkpoint"])
+
+
+def test_damaged_training_weights_on_resume_name_the_file(synthetic, tmp_path):
+    _, store = synthetic
+    with pytest.raises(Preempted):
+        run(cfg(store, tmp_path, n_tokens=16_384), callbacks=[_sigterm_at(4)])
+    path = tmp_path / SITE / TRAINING_WEIGHTS_FILE
+    weights = load_file(str(path))
+    weights["W_enc"] = weights["W_enc"][:, :-1].contiguous()
+    save_file(weights, str(path))
+    with pytest.raises(UserError, match=f"Training checkpoint {tmp_path / SITE} has W_enc of shape"):
+        run(cfg(store, tmp_path, n_tokens=16_384))
 
 
 def test_finished_run_is_reused(synthetic, tmp_path):

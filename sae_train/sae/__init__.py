@@ -10,8 +10,8 @@ Imports nothing from the other rooms of sae_train.
 """
 
 from sae_train.sae.base import SAE, SAEOutput, SparseLatents, geometric_median
-from sae_train.sae.config import SAEConfig
 from sae_train.sae.checkpoint import load_sae, load_sae_cfg, save_sae
+from sae_train.sae.config import SAEConfig
 from sae_train.sae.registry import ARCHITECTURES, create_sae, load_folded, load_weights, register
 
 __all__ = [

@@ -32,9 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sae_train import __version__
-from sae_train.atomic import (
-    drop_previous, previous, staging_dir, swap_dir, write_atomic, write_json_atomic, write_text_atomic,
-)
+from sae_train.atomic import drop_previous, previous, swap_dir, write_atomic, write_json_atomic, write_text_atomic
 from sae_train.errors import UserError
 from sae_train.sae.base import SAE
 from sae_train.sae.config import SAEConfig

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from sae_train.atomic import staging_dir
 from sae_train.errors import UserError
 from sae_train.lm.model import resolve_dtype
 from sae_train.provenance import provenance
@@ -398,7 +399,7 @@ class Trainer:
         """Checkpoint every SAE (rank 0 writes; every rank waits so none runs ahead)."""
         if self.dist.is_main:
             for run in self.runs:
-                staging = ckpt.staging_dir(run.directory)
+                staging = staging_dir(run.directory)
                 save_sae(run.sae.fold(run.scale), staging, self._inference_metadata(run))
                 state = {"step": self.step, "tokens": self.tokens, "scale": run.scale, "tag": run.tag, "site": run.site,
                          "sae": asdict(run.sae.cfg)}
