@@ -61,7 +61,8 @@ def _tensor_names(saelens_architecture: str) -> list[str]:
 
 def _loadable() -> list[str]:
     """The SAELens architectures that load as one of ours."""
-    return sorted({c.saelens_architecture for c in ARCHITECTURES.values() if for_saelens(c.saelens_architecture)})
+    return sorted({c.saelens_architecture for c in ARCHITECTURES.values()
+                   if c.saelens_architecture == c.saelens_training_architecture})
 
 
 def to_saelens(sae: SAE, metadata: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
