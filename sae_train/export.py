@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,16 +32,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sae_train import __version__
-from sae_train.atomic import write_text_atomic
+from sae_train.atomic import drop_previous, staging_dir, swap_dir, write_text_atomic
 from sae_train.errors import UserError
 from sae_train.provenance import provenance
 from sae_train.sae import SAE, load_sae, load_sae_cfg
-from sae_train.sae.io import CFG_FILE as CHECKPOINT_CFG
-from sae_train.sae.io import find_checkpoints
+from sae_train.sae.checkpoint import CFG_FILE as CHECKPOINT_CFG
+from sae_train.sae.checkpoint import find_checkpoints
 from sae_train.sae.saelens import (
     CFG_FILE,
     METADATA_KEY,
-    SAELENS_ARCHITECTURE,
     SPARSITY_FILE,
     WEIGHTS_FILE,
     log_sparsity,
@@ -107,7 +105,7 @@ class ExportedSAE:
     checkpoint: str
     site: str
     architecture: str
-    """Ours (relu, topk, batchtopk, jumprelu)."""
+    """Ours (`sae.architecture`)."""
     saelens_architecture: str
     d_in: int
     d_sae: int
@@ -304,20 +302,9 @@ def verify(sae: SAE, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], *, n
         )
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
 def _write_folder(target: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], sparsity: torch.Tensor | None) -> list[str]:
     """Write one SAE folder complete under a temporary name, then swap it in; returns its file names."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.export-tmp")
-    previous = target.with_name(f".{target.name}.export-prev")
-    for leftover in (staging, previous):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    staging.mkdir()
+    staging = staging_dir(target)
     try:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         names = [WEIGHTS_FILE]
@@ -326,19 +313,12 @@ def _write_folder(target: Path, cfg: dict[str, Any], tensors: dict[str, torch.Te
             names.append(SPARSITY_FILE)
         (staging / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         names.append(CFG_FILE)
-        for name in names:
-            _fsync(staging / name)
-        if target.exists():
-            os.replace(target, previous)
-        os.replace(staging, target)
+        swap_dir(target)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    if previous.exists():
-        shutil.rmtree(previous)
+    drop_previous(target)
     return sorted(names)
-
-
 
 
 def _export_one(plan: _Plan, out: Path, results: EvalResults | None) -> ExportedSAE:
@@ -358,8 +338,8 @@ def _export_one(plan: _Plan, out: Path, results: EvalResults | None) -> Exported
     arch = sae.cfg.architecture
     return ExportedSAE(
         name=plan.name, checkpoint=str(plan.directory), site=plan.meta["site"], architecture=arch,
-        saelens_architecture=SAELENS_ARCHITECTURE[arch], d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae,
-        k=sae.cfg.k if arch in ("topk", "batchtopk") else None, tokens_trained=plan.meta.get("tokens_trained"),
+        saelens_architecture=sae.saelens_architecture, d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae,
+        k=sae.cfg.k if "k" in sae.config_fields else None, tokens_trained=plan.meta.get("tokens_trained"),
         files=[f"{plan.name}/{n}" for n in names], eval_name=eval_name,
         metrics=dict(results.entries[eval_name].get("metrics") or {}) if eval_name is not None else {},
     )
@@ -437,8 +417,9 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
         "Every SAE acts on raw activations of its site (TransformerLens hook names): "
         "`f = σ((x − b_dec) W_enc + b_enc)`, `x̂ = f W_dec + b_dec`, with the training-time input "
         "normalisation folded into the weights (`normalize_activations: none`) and unit-norm decoder rows. "
-        "BatchTopK SAEs are stored as JumpReLU SAEs with their inference threshold, which is exactly how "
-        "BatchTopK runs at inference; ReLU SAEs are SAELens `standard` SAEs.", "",
+        "Where the table names a SAELens architecture, the SAE is stored as that SAELens architecture, "
+        "which computes exactly what it computes at inference (a BatchTopK SAE, for instance, as a JumpReLU "
+        "SAE with its inference threshold).", "",
         "## Usage", "",
         "With [SAELens](https://github.com/decoderesearch/SAELens) (>= 6):", "",
         "```python",

@@ -225,7 +225,7 @@ def load_exported(
     path_or_repo_id: an export directory, one SAE folder in it, or a hub repo id. folder: the SAE
     folder inside it (e.g. "blocks.8.hook_resid_post"); may be left out when there is only one.
     Exports of sae_train come back exactly (architecture, config, weights, normalization_scale);
-    other SAELens v6 standard/topk/jumprelu SAEs load too.
+    other SAELens v6 SAEs load too where one of our architectures computes the same.
     """
     local = Path(path_or_repo_id)
     if local.exists():

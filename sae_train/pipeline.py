@@ -18,14 +18,14 @@ from pathlib import Path
 from sae_train import cache, export
 from sae_train import eval as eval_stage
 from sae_train import train
+from sae_train.atomic import write_json_atomic
 from sae_train.data import DataConfig, TextConfig
 from sae_train.errors import UserError
 from sae_train.eval.stage import data_config, model_config, text_config
 from sae_train.hub import resolve_token
 from sae_train.lm import LanguageModel, ModelConfig
-from sae_train.sae.io import CFG_FILE, WEIGHTS_FILE, find_checkpoints
+from sae_train.sae.checkpoint import CFG_FILE, WEIGHTS_FILE, find_checkpoints, read_run_state
 from sae_train.store import ActivationStore
-from sae_train.train.checkpoint import read_run_state, write_json
 from sae_train.train.logger import MetricsLogger
 
 STATE_FILE = "pipeline_state.json"
@@ -195,7 +195,7 @@ def run(cfg: PipelineConfig) -> PipelineSummary:
         eval_summary = eval_stage.run(cfg.eval, lm)
         log_eval_to_wandb(cfg.train, eval_summary)
         state["eval"] = {"fingerprint": eval_key}
-        write_json(state_path, state)
+        write_json_atomic(state_path, state)
 
     export_key = _fingerprint(asdict(cfg.export) | {"eval": eval_key}, digests[cfg.export.checkpoint])
     export_summary: export.ExportSummary | ReusedExport
@@ -205,7 +205,7 @@ def run(cfg: PipelineConfig) -> PipelineSummary:
     else:
         export_summary = export.run(cfg.export)
         state["export"] = {"fingerprint": export_key, "table": export_summary.table()}
-        write_json(state_path, state)
+        write_json_atomic(state_path, state)
 
     return PipelineSummary(out_dir=str(out), seconds=time.perf_counter() - started, cache=cache_summary,
                            train=train_summary, eval=eval_summary, export=export_summary, reused=reused)

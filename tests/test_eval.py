@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sae_train.atomic import temporary
 from sae_train.data import DataConfig, TextConfig, iter_documents
 from sae_train.errors import UserError
 from sae_train.eval import EvalConfig, PeriodicEval, SiteEvaluator, layer_forwards, run
@@ -192,7 +193,7 @@ def test_sweep_at_two_sites_in_one_call(lm, corpus, tmp_path):
     for i, arch in enumerate(sorted(ARCHITECTURES)):
         save_checkpoint(run_dir / resid / f"arch={arch}", lm, corpus, resid, arch, seed=i)
     save_checkpoint(run_dir / mlp, lm, corpus, mlp, "topk", seed=9)
-    save_checkpoint(run_dir / f"{mlp}.tmp", lm, corpus, mlp, "topk", seed=10)  # a trainer's half-done save
+    save_checkpoint(temporary(run_dir / mlp), lm, corpus, mlp, "topk", seed=10)  # a trainer's half-done save
     out = tmp_path / "eval"
 
     summary = run(eval_config(run_dir, out))  # the model comes from the checkpoints' record

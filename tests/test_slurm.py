@@ -60,7 +60,7 @@ def job_env(**extra: str) -> dict[str, str]:
 
 
 def run_state(out: Path) -> dict:
-    return json.loads((out / "train_state.json").read_text())
+    return json.loads((out / "run_state.json").read_text())
 
 
 def test_train_ddp_two_agents_rendezvous_and_checkpoint(cluster, store, tmp_path):
@@ -144,7 +144,7 @@ def test_hydra_multirun_submits_one_slurm_job_per_sweep_point(cluster, store, tm
         pytest.fail(f"the sweep did not finish in 180 s:\n{(err.stderr or b'')[-3000:]!r}\n{_submitit_logs(out)}")
     assert done.returncode == 0, f"{done.stderr[-3000:]}\n{_submitit_logs(out)}"
 
-    runs = sorted(p for p in out.iterdir() if (p / "train_state.json").exists())
+    runs = sorted(p for p in out.iterdir() if (p / "run_state.json").exists())
     assert [p.name.rsplit("sae.k=", 1)[1] for p in runs] == ["4", "8"], [p.name for p in out.iterdir()]
     for run in runs:
         assert run_state(run)["step"] == 8

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from sae_train.errors import UserError
+from sae_train.atomic import previous
 from sae_train.lm import ModelConfig
 from sae_train.sae import SAEConfig, create_sae, load_sae
+from sae_train.sae import checkpoint as ckpt
+from sae_train.sae.checkpoint import LEGACY_RUN_STATE_FILE, RUN_STATE_FILE, TRAINING_WEIGHTS_FILE
 from sae_train.store import StoreWriter
 from sae_train.train import Preempted, StepInfo, TrainConfig, run
-from sae_train.train.checkpoint import RUN_STATE, WEIGHTS
 from tests.synthetic import recovered_fraction, true_directions, write_store
 
 SITE = "synthetic"
@@ -68,14 +70,74 @@ def test_resume_after_sigterm_equals_uninterrupted(synthetic, tmp_path, arch):
         run(cfg(store, tmp_path / "split", sae=sae, n_tokens=32_768), callbacks=[_sigterm_at(30)])
     assert stop.value.exit_code == 128 + signal.SIGTERM
     # Signals travel with the next step's all-reduce: every rank stops after step 31.
-    assert json.loads((tmp_path / "split" / RUN_STATE).read_text())["step"] == 31
+    assert json.loads((tmp_path / "split" / RUN_STATE_FILE).read_text())["step"] == 31
     resumed = run(cfg(store, tmp_path / "split", sae=sae, n_tokens=32_768))
     assert resumed.steps == whole.steps == 64
-    a = load_file(str(Path(whole.saes[SITE]["checkpoint"]) / WEIGHTS))
-    b = load_file(str(Path(resumed.saes[SITE]["checkpoint"]) / WEIGHTS))
+    a = load_file(str(Path(whole.saes[SITE]["checkpoint"]) / TRAINING_WEIGHTS_FILE))
+    b = load_file(str(Path(resumed.saes[SITE]["checkpoint"]) / TRAINING_WEIGHTS_FILE))
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def _same_training_weights(a_dir: str, b_dir: str) -> None:
+    a = load_file(str(Path(a_dir) / TRAINING_WEIGHTS_FILE))
+    b = load_file(str(Path(b_dir) / TRAINING_WEIGHTS_FILE))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_run_written_under_the_old_run_state_name_resumes(synthetic, tmp_path):
+    _, store = synthetic
+    whole = run(cfg(store, tmp_path / "whole", n_tokens=16_384))
+    with pytest.raises(Preempted):
+        run(cfg(store, tmp_path / "split", n_tokens=16_384), callbacks=[_sigterm_at(10)])
+    (tmp_path / "split" / RUN_STATE_FILE).rename(tmp_path / "split" / LEGACY_RUN_STATE_FILE)
+    resumed = run(cfg(store, tmp_path / "split", n_tokens=16_384))
+    assert resumed.new_steps == whole.steps - 11
+    _same_training_weights(whole.saes[SITE]["checkpoint"], resumed.saes[SITE]["checkpoint"])
+    assert (tmp_path / "split" / RUN_STATE_FILE).is_file()
+    assert not (tmp_path / "split" / LEGACY_RUN_STATE_FILE).exists()  # the commit replaced it
+
+
+def test_crash_between_swap_and_commit_resumes_from_the_previous_copy(synthetic, tmp_path, monkeypatch):
+    """The second save swaps the SAE directory in, then dies before committing the run state:
+    the committed copy is the kept previous one, and resuming from it matches an uninterrupted run."""
+    _, store = synthetic
+    whole = run(cfg(store, tmp_path / "whole", n_tokens=16_384))
+    real, commits = ckpt.write_json_atomic, []
+
+    def dies_at_second_commit(target: Path, data: dict) -> None:
+        if target.name == RUN_STATE_FILE:
+            commits.append(data["step"])
+            if len(commits) == 2:
+                raise OSError("killed")
+        real(target, data)
+
+    monkeypatch.setattr(ckpt, "write_json_atomic", dies_at_second_commit)
+    with pytest.raises(OSError, match="killed"):
+        run(cfg(store, tmp_path / "split", n_tokens=16_384, checkpoint_every_tokens=4096))
+    monkeypatch.undo()
+    sae_dir = tmp_path / "split" / SITE
+    assert json.loads((tmp_path / "split" / RUN_STATE_FILE).read_text())["step"] == commits[0] == 8
+    assert json.loads((previous(sae_dir) / "trainer_state.json").read_text())["step"] == 8
+    assert json.loads((sae_dir / "trainer_state.json").read_text())["step"] == 16
+    resumed = run(cfg(store, tmp_path / "split", n_tokens=16_384))
+    assert resumed.new_steps == whole.steps - 8 and not previous(sae_dir).exists()
+    _same_training_weights(whole.saes[SITE]["checkpoint"], resumed.saes[SITE]["checkpoint"])
+
+
+def test_damaged_training_weights_on_resume_name_the_file(synthetic, tmp_path):
+    _, store = synthetic
+    with pytest.raises(Preempted):
+        run(cfg(store, tmp_path, n_tokens=16_384), callbacks=[_sigterm_at(4)])
+    path = tmp_path / SITE / TRAINING_WEIGHTS_FILE
+    weights = load_file(str(path))
+    weights["W_enc"] = weights["W_enc"][:, :-1].contiguous()
+    save_file(weights, str(path))
+    with pytest.raises(UserError, match=f"Training checkpoint {tmp_path / SITE} has W_enc of shape"):
+        run(cfg(store, tmp_path, n_tokens=16_384))
 
 
 def test_finished_run_is_reused(synthetic, tmp_path):
@@ -103,7 +165,7 @@ def test_checkpoint_acts_on_raw_activations(synthetic, tmp_path, arch):
     shipped = load_sae(directory)
     meta = json.loads((directory / "cfg.json").read_text())
     training = create_sae(SAEConfig.from_dict(json.loads((directory / "trainer_state.json").read_text())["sae"]))
-    weights = load_file(str(directory / WEIGHTS))
+    weights = load_file(str(directory / TRAINING_WEIGHTS_FILE))
     weights.pop("since_fired")
     training.load_state_dict(weights)
     training.eval()
@@ -127,9 +189,9 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(synthetic, tmp_path):
     config = cfg(store, tmp_path, n_tokens=16_384, checkpoint_every_tokens=4096)
     with pytest.raises(UserError, match="Non-finite loss.*step 12"):
         run(config, callbacks=[poison])
-    state = json.loads((tmp_path / RUN_STATE).read_text())
+    state = json.loads((tmp_path / RUN_STATE_FILE).read_text())
     assert state["step"] == 8
-    weights = load_file(str(tmp_path / SITE / WEIGHTS))
+    weights = load_file(str(tmp_path / SITE / TRAINING_WEIGHTS_FILE))
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
 
 
@@ -162,8 +224,8 @@ def test_live_source_trains_and_resumes(tiny_model_dir, tmp_path):
         run(live(tmp_path / "split"), callbacks=[_sigterm_at(7)])
     resumed = run(live(tmp_path / "split"))
     site = "blocks.1.hook_resid_post"
-    a = load_file(str(Path(whole.saes[site]["checkpoint"]) / WEIGHTS))
-    b = load_file(str(Path(resumed.saes[site]["checkpoint"]) / WEIGHTS))
+    a = load_file(str(Path(whole.saes[site]["checkpoint"]) / TRAINING_WEIGHTS_FILE))
+    b = load_file(str(Path(resumed.saes[site]["checkpoint"]) / TRAINING_WEIGHTS_FILE))
     for key in a:
         assert torch.equal(a[key], b[key]), key
     provenance = json.loads((Path(whole.saes[site]["checkpoint"]) / "cfg.json").read_text())["source"]
@@ -282,8 +344,8 @@ def test_training_with_the_reference_update_agrees(synthetic, tmp_path, monkeypa
     fused = run(cfg(store, tmp_path / "fused", sae=sae, n_tokens=16_384, dtype="bfloat16"))
     monkeypatch.setattr(trainer, "update", reference_update)
     plain = run(cfg(store, tmp_path / "plain", sae=sae, n_tokens=16_384, dtype="bfloat16"))
-    a = load_file(str(Path(fused.saes[SITE]["checkpoint"]) / WEIGHTS))
-    b = load_file(str(Path(plain.saes[SITE]["checkpoint"]) / WEIGHTS))
+    a = load_file(str(Path(fused.saes[SITE]["checkpoint"]) / TRAINING_WEIGHTS_FILE))
+    b = load_file(str(Path(plain.saes[SITE]["checkpoint"]) / TRAINING_WEIGHTS_FILE))
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-4), key
     assert fused.saes[SITE]["metrics"]["fvu"] == pytest.approx(plain.saes[SITE]["metrics"]["fvu"], rel=1e-3)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from sae_train.store import StoreWriter
-from sae_train.train.checkpoint import RUN_STATE, WEIGHTS
+from sae_train.sae.checkpoint import RUN_STATE_FILE, TRAINING_WEIGHTS_FILE
 from tests.synthetic import sample, true_directions, write_store
 
 SITE = "synthetic"
@@ -29,7 +29,7 @@ def train_cmd(store: Path, out: Path, *extra: str, ranks: int = 1) -> list[str]:
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / SITE / WEIGHTS))
+    return load_file(str(out / SITE / TRAINING_WEIGHTS_FILE))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_uneven_shards_across_ranks_do_not_hang(tmp_path):
     result = subprocess.run(train_cmd(tmp_path / "store", tmp_path / "out", "n_tokens=20480", "batch_size=256", ranks=2),
                             env=ENV, capture_output=True, timeout=300, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads((tmp_path / "out" / RUN_STATE).read_text())["step"] == 80
+    assert json.loads((tmp_path / "out" / RUN_STATE_FILE).read_text())["step"] == 80
 
 
 @pytest.mark.parametrize("targets", ["one rank", "every rank"])
@@ -82,8 +82,8 @@ def test_sigterm_leaves_a_resumable_checkpoint(store, tmp_path, targets):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "stopped by SIGTERM" in stderr and "SIGPWR" not in stderr
-    state = json.loads((tmp_path / "out" / RUN_STATE).read_text())
+    state = json.loads((tmp_path / "out" / RUN_STATE_FILE).read_text())
     assert 0 < state["step"] < 1600
     done = subprocess.run(cmd, env=ENV, capture_output=True, timeout=600, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((tmp_path / "out" / RUN_STATE).read_text())["step"] == 1600
+    assert json.loads((tmp_path / "out" / RUN_STATE_FILE).read_text())["step"] == 1600

@@ -15,7 +15,7 @@ from typing import Any
 from sae_train.errors import UserError
 from sae_train.lm import LanguageModel, Site
 from sae_train.sae import SAE, load_sae, load_sae_cfg
-from sae_train.sae.io import CFG_FILE, find_checkpoints
+from sae_train.sae.checkpoint import CFG_FILE, find_checkpoints
 
 
 

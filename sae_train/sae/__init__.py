@@ -10,9 +10,9 @@ Imports nothing from the other rooms of sae_train.
 """
 
 from sae_train.sae.base import SAE, SAEOutput, SparseLatents, geometric_median
+from sae_train.sae.checkpoint import load_sae, load_sae_cfg, save_sae
 from sae_train.sae.config import SAEConfig
-from sae_train.sae.io import load_sae, load_sae_cfg, save_sae
-from sae_train.sae.registry import ARCHITECTURES, create_sae
+from sae_train.sae.registry import ARCHITECTURES, create_sae, load_folded, load_weights, register
 
 __all__ = [
     "ARCHITECTURES",
@@ -22,7 +22,10 @@ __all__ = [
     "SparseLatents",
     "create_sae",
     "geometric_median",
+    "load_folded",
     "load_sae",
     "load_sae_cfg",
+    "load_weights",
+    "register",
     "save_sae",
 ]

@@ -9,15 +9,16 @@ acts on raw activations with unit-norm decoder rows (DESIGN.md, Contract 2).
 
 Each architecture has two implementations of `forward`: a fast fused CPU path
 (sae_train/sae/ops.py + kernels) and a plain-PyTorch reference (`_forward_torch`), selected per
-call by `_fast_path`; tests pin them together.
+call by `_fast_path`; tests pin them together. (One without kernels has only the reference.)
 """
 
 from __future__ import annotations
 
 import abc
 import copy
+import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,13 @@ from sae_train.sae import kernels
 from sae_train.sae.config import SAEConfig
 
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+Revival = Literal["auxk", "resample", "none"]
+
+DENSE_STEP_GEMMS = ("encoder", "decoder", "latent_grad", "decoder_grad", "encoder_grad")
+"""The five dense GEMMs of a step whose latents are dense: encoder forward x @ W_enc, decoder
+forward f @ W_dec, latent gradient, decoder- and encoder-weight gradients (train/roofline.py
+times them by these names)."""
 
 
 class _GemmCopies(dict):
@@ -83,9 +91,32 @@ class SAEOutput:
 
 
 class SAE(nn.Module, abc.ABC):
-    """Base class; subclasses set `architecture` and implement the three abstract hooks."""
+    """Base class; subclasses set `architecture` and their traits and implement the abstract hooks.
+
+    The traits are everything the rest of sae_train knows about an architecture (read through
+    the registry, sae/registry.py): no other room branches on an architecture's name.
+    """
 
     architecture: ClassVar[str]
+    """Its name in configs and cfg.json (`sae.architecture`)."""
+    config_fields: ClassVar[frozenset[str]] = frozenset()
+    """The architecture-specific SAEConfig fields it reads (k, l1_coefficient, ...); the
+    generic ones (d_in, d_sae, b_dec_init, seed, ...) apply to every architecture."""
+    revival: ClassVar[Revival] = "none"
+    """How dead latents come back: "auxk" (the forward's auxiliary loss trains the latents in
+    `dead_mask`), "resample" (the trainer re-points them, train/resample.py) or "none"."""
+    step_gemms: ClassVar[tuple[str, ...]] = DENSE_STEP_GEMMS
+    """The dense GEMMs one training step cannot avoid (the roofline, train/roofline.py)."""
+    base_lr: ClassVar[float] = 1.6e-3
+    """Adam lr at d_sae = 2**14 (see `default_lr`)."""
+    inference_tensors: ClassVar[tuple[str, ...]] = ("W_enc", "W_dec", "b_enc", "b_dec")
+    """The tensors of the folded checkpoint (Contract 2) and of its SAELens export."""
+    saelens_architecture: ClassVar[str] = "standard"
+    """The SAELens v6 inference architecture that computes what the folded SAE computes
+    (sae/saelens.py)."""
+    saelens_training_architecture: ClassVar[str] = "standard"
+    """SAELens's name for how it was trained (`metadata.training_architecture`). Where it equals
+    `saelens_architecture`, SAELens SAEs of that architecture load as this one."""
 
     def __init__(self, cfg: SAEConfig, *, compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -124,9 +155,22 @@ class SAE(nn.Module, abc.ABC):
     def _decoder_init_norm(self) -> float:
         return 1.0
 
-    @abc.abstractmethod
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Raise a UserError (`config_error`) for settings this architecture cannot train with."""
+
+    def default_lr(self) -> float:
+        """Adam lr that works untuned: base_lr * sqrt(2^14 / d_sae), the width scaling of Gao et
+        al. (2024) with a base 8x theirs (1.6e-3; lower where an architecture needs it). Chosen
+        on SmolLM2-135M at the reference budget (1M tokens, batch 4096: 244 steps), where their
+        2e-4 leaves FVU at 0.14 against 0.075; the decay at the end of the schedule keeps it
+        safe for long runs."""
+        return self.base_lr * math.sqrt(2**14 / self.cfg.d_sae)
+
     def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
-        """Training forward through the fused kernels (sae/ops.py); autograd-compatible."""
+        """Training forward through the fused kernels (sae/ops.py); autograd-compatible. An
+        architecture without kernels runs its reference forward everywhere."""
+        return self._forward_torch(x, dead_mask, sparsity_scale)
 
     @abc.abstractmethod
     def _forward_torch(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:

@@ -21,6 +21,10 @@ from sae_train.sae.topk import TopKSAE
 
 class BatchTopKSAE(TopKSAE):
     architecture = "batchtopk"
+    config_fields = TopKSAE.config_fields | {"batchtopk_threshold_beta"}
+    inference_tensors = (*TopKSAE.inference_tensors, "threshold")
+    # at inference z * [z > threshold]: SAELens's JumpReLU (as SAELens exports its own BatchTopK)
+    saelens_architecture, saelens_training_architecture = "jumprelu", "batchtopk"
     batch_selection = True
 
     def __init__(self, cfg: SAEConfig, *, compute_dtype: torch.dtype = torch.float32) -> None:

@@ -18,6 +18,11 @@ SPARSITIES = ("l1", "l1_decnorm")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 
 
+def config_error(cfg: SAEConfig, field: str, expected: str, fix: str) -> UserError:
+    """The error for a bad field: names it, its value, what was expected and the fix."""
+    return UserError(f"SAE config: {field}={getattr(cfg, field)!r} is invalid; expected {expected}. {fix}")
+
+
 @dataclass
 class SAEConfig:
     """Architecture and loss hyperparameters of one sparse autoencoder."""
@@ -94,9 +99,7 @@ class SAEConfig:
         from sae_train.sae.registry import ARCHITECTURES  # late: the registry imports this module
 
         def bad(field: str, expected: str, fix: str) -> UserError:
-            return UserError(
-                f"SAE config: {field}={getattr(self, field)!r} is invalid; expected {expected}. {fix}"
-            )
+            return config_error(self, field, expected, fix)
 
         if self.architecture not in ARCHITECTURES:
             raise bad("architecture", f"one of {', '.join(sorted(ARCHITECTURES))}", "Set sae.architecture to one of them.")
@@ -105,12 +108,12 @@ class SAEConfig:
                 raise bad(name, "an integer >= 0 (0 = automatic)", f"Fix sae.{name}.")
         if not isinstance(self.expansion_factor, int) or self.expansion_factor < 1:
             raise bad("expansion_factor", "an integer >= 1", "Set sae.expansion_factor (or sae.d_sae directly).")
-        if self.architecture in ("topk", "batchtopk") and (not isinstance(self.k, int) or self.k <= 0):
-            raise bad("k", "a positive integer", "Set sae.k to the number of active latents per token, e.g. 32.")
         if self.sparsity not in SPARSITIES:
             raise bad("sparsity", f"one of {', '.join(SPARSITIES)}", "Fix sae.sparsity.")
-        if self.sparsity != "l1" and self.architecture != "relu":
-            raise bad("sparsity", f"'l1' for architecture {self.architecture!r}", "sae.sparsity applies to the relu architecture only; remove it.")
+        if self.sparsity != "l1" and "sparsity" not in ARCHITECTURES[self.architecture].config_fields:
+            users = sorted(name for name, cls in ARCHITECTURES.items() if "sparsity" in cls.config_fields)
+            raise bad("sparsity", f"'l1' for architecture {self.architecture!r}",
+                      f"sae.sparsity applies to the {', '.join(users)} architecture only; remove it.")
         if self.b_dec_init not in B_DEC_INITS:
             raise bad("b_dec_init", f"one of {', '.join(B_DEC_INITS)}", "Fix sae.b_dec_init.")
         for name in ("l1_coefficient", "l0_coefficient", "aux_coefficient"):
@@ -123,9 +126,7 @@ class SAEConfig:
                 raise bad(name, "a finite number > 0", f"Fix sae.{name}.")
         if not 0 <= self.batchtopk_threshold_beta < 1:
             raise bad("batchtopk_threshold_beta", "a number in [0, 1)", "Use e.g. 0.999.")
-        d_sae = self.d_sae or self.expansion_factor * self.d_in
-        if self.d_in and self.architecture in ("topk", "batchtopk") and self.k > d_sae:
-            raise bad("k", f"at most d_sae = {d_sae}", "Lower sae.k or raise sae.d_sae / sae.expansion_factor.")
+        ARCHITECTURES[self.architecture].check_config(self)
 
     @property
     def is_resolved(self) -> bool:

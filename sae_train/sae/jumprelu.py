@@ -60,6 +60,12 @@ class StepFunction(torch.autograd.Function):
 
 class JumpReLUSAE(SAE):
     architecture = "jumprelu"
+    config_fields = frozenset({"l0_coefficient", "jumprelu_bandwidth", "jumprelu_init_threshold"})
+    # resampling measurably hurt: re-opened latents close again and disturb the rest
+    revival = "none"
+    base_lr = 1.1e-3  # 5.5x Gao et al.'s: the thresholds close latents for good at higher rates
+    inference_tensors = (*SAE.inference_tensors, "threshold")
+    saelens_architecture = saelens_training_architecture = "jumprelu"
 
     def __init__(self, cfg: SAEConfig, *, compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__(cfg, compute_dtype=compute_dtype)

@@ -17,6 +17,11 @@ from sae_train.sae.ops import DenseSAEFunction, DenseSpec
 
 class ReLUSAE(SAE):
     architecture = "relu"
+    config_fields = frozenset({"sparsity", "l1_coefficient", "decoder_init_norm"})
+    # AuxK needs a fixed number of active latents to model the residual with; ReLU SAEs
+    # re-point dead latents at badly reconstructed inputs instead (Anthropic 2023)
+    revival = "resample"
+    saelens_architecture = saelens_training_architecture = "standard"
 
     @property
     def unit_norm_decoder(self) -> bool:

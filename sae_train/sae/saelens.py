@@ -37,7 +37,7 @@ from torch import Tensor
 from sae_train.errors import UserError
 from sae_train.sae.base import SAE
 from sae_train.sae.config import SAEConfig
-from sae_train.sae.registry import create_sae
+from sae_train.sae.registry import ARCHITECTURES, for_saelens, load_folded
 
 SAELENS_VERSION = "6.0.0"
 """The SAELens cfg layout written (checked against sae-lens 6.54): SAELens treats a config
@@ -49,21 +49,20 @@ SPARSITY_FILE = "sparsity.safetensors"
 METADATA_KEY = "sae_train"
 """cfg["metadata"][METADATA_KEY] = {"architecture", "checkpoint_cfg", "exported_by"}."""
 
-SAELENS_ARCHITECTURE = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
-"""Our architecture -> the SAELens inference architecture that computes the same."""
-
-TRAINING_ARCHITECTURE = {"relu": "standard", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}
-"""Our architecture -> SAELens's name for it in `metadata.training_architecture` (SAELens's own
-BatchTopK exports are jumprelu with training_architecture "batchtopk", like ours)."""
-
-_FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 LOG_SPARSITY_FLOOR = 1e-10
 """log10(frequency + floor): SAELens's convention, so dead latents read -10 rather than -inf."""
 
 
-def _tensor_names(architecture: str) -> list[str]:
+def _tensor_names(saelens_architecture: str) -> list[str]:
+    """The weights of a SAELens SAE of this inference architecture."""
     names = ["W_enc", "W_dec", "b_enc", "b_dec"]
-    return names + ["threshold"] if architecture == "jumprelu" else names
+    return names + ["threshold"] if saelens_architecture == "jumprelu" else names
+
+
+def _loadable() -> list[str]:
+    """The SAELens architectures that load as one of ours."""
+    return sorted({c.saelens_architecture for c in ARCHITECTURES.values()
+                   if c.saelens_architecture == c.saelens_training_architecture})
 
 
 def to_saelens(sae: SAE, metadata: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -75,8 +74,10 @@ def to_saelens(sae: SAE, metadata: Mapping[str, Any]) -> tuple[dict[str, Any], d
     """
     if not sae.folded:
         raise ValueError("to_saelens converts inference SAEs (acting on raw activations); pass sae.fold(scale)")
-    ours = sae.cfg.architecture
-    arch = SAELENS_ARCHITECTURE[ours]
+    ours, arch = sae.cfg.architecture, sae.saelens_architecture
+    if sorted(sae.inference_tensors) != sorted(_tensor_names(arch)):
+        raise ValueError(f"architecture {ours!r} has tensors {list(sae.inference_tensors)} but exports as a "
+                         f"SAELens {arch!r} SAE, which has {_tensor_names(arch)}: fix its saelens_architecture")
     with torch.no_grad():
         tensors = {name: getattr(sae, name).detach().to("cpu", torch.float32).clone().contiguous()
                    for name in _tensor_names(arch)}
@@ -101,7 +102,7 @@ def to_saelens(sae: SAE, metadata: Mapping[str, Any]) -> tuple[dict[str, Any], d
         cfg["k"] = sae.cfg.k
         cfg["rescale_acts_by_decoder_norm"] = False
     cfg["metadata"] = {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None,
-                       "training_architecture": TRAINING_ARCHITECTURE[ours], **metadata}
+                       "training_architecture": sae.saelens_training_architecture, **metadata}
     return cfg, tensors
 
 
@@ -114,28 +115,16 @@ def _bad(source: str, what: str) -> UserError:
     return UserError(f"{source}: {what}")
 
 
-def _check_tensors(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
-    arch, d_in, d_sae = cfg["architecture"], cfg["d_in"], cfg["d_sae"]
-    names = _tensor_names(arch)
-    missing = sorted(set(names) - set(tensors))
-    if missing:
-        raise _bad(source, f"the weights lack {missing} (a SAELens {arch} SAE has {names}).")
-    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,), "threshold": (d_sae,)}
-    out = {}
-    for name in names:
-        value = tensors[name]
-        if tuple(value.shape) != shapes[name]:
-            raise _bad(source, f"{name} has shape {tuple(value.shape)}; cfg.json (d_in={d_in}, d_sae={d_sae}) "
-                               f"implies {shapes[name]}.")
-        out[name] = value.detach().to("cpu", torch.float32)
-    return out
+def _weights(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors SAELens's architecture reads (others in the file are ignored), fp32 on CPU."""
+    return {n: tensors[n].detach().to("cpu", torch.float32) for n in _tensor_names(cfg["architecture"]) if n in tensors}
 
 
 def _check_cfg(cfg: Mapping[str, Any], source: str) -> None:
     arch = cfg.get("architecture")
-    if arch not in _FROM_SAELENS:
+    if not isinstance(arch, str) or for_saelens(arch) is None:
         raise _bad(source, f"architecture {arch!r} is not one sae_train can run; it loads SAELens "
-                           f"{', '.join(sorted(_FROM_SAELENS))} SAEs. Load this one with sae_lens itself.")
+                           f"{', '.join(_loadable())} SAEs. Load this one with sae_lens itself.")
     for key in ("d_in", "d_sae"):
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
             raise _bad(source, f"{key}={cfg.get(key)!r}; expected a positive integer.")
@@ -162,7 +151,7 @@ def from_saelens(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], *, sourc
     error messages.
     """
     _check_cfg(cfg, source)
-    weights = _check_tensors(cfg, tensors, source)
+    weights = _weights(cfg, tensors)
     metadata = cfg.get("metadata") or {}
     record = metadata.get(METADATA_KEY) if isinstance(metadata, Mapping) else None
     if record:
@@ -175,43 +164,36 @@ def _from_our_export(cfg: Mapping[str, Any], weights: dict[str, Tensor], record:
     if not isinstance(meta, Mapping):
         raise _bad(source, f"metadata.{METADATA_KEY} has no checkpoint_cfg; the export is incomplete. Export it again.")
     ours = SAEConfig.from_dict(dict(meta), source=f"{source} (metadata.{METADATA_KEY}.checkpoint_cfg)")
-    expected = {"architecture": SAELENS_ARCHITECTURE[ours.architecture], "d_in": ours.d_in, "d_sae": ours.d_sae}
-    if ours.architecture == "topk":
+    expected = {"architecture": ARCHITECTURES[ours.architecture].saelens_architecture, "d_in": ours.d_in, "d_sae": ours.d_sae}
+    if expected["architecture"] == "topk":
         expected["k"] = ours.k
     clash = {k: (cfg.get(k), v) for k, v in expected.items() if cfg.get(k) != v}
     if clash or cfg.get("apply_b_dec_to_input", True) is not True or cfg.get("rescale_acts_by_decoder_norm", False):
         raise _bad(source, f"cfg.json disagrees with the sae_train record in its metadata ({clash or 'bias/rescale flags'}); "
                            "the file was edited after export. Export the checkpoint again.")
-    sae = create_sae(ours)
-    with torch.no_grad():
-        for name, value in weights.items():
-            getattr(sae, name).copy_(value)
-    sae.folded = True
-    sae.normalization_scale = float(meta.get("normalization_scale", 1.0))
-    return sae
+    return load_folded(ours, weights, normalization_scale=meta.get("normalization_scale", 1.0), source=source)
 
 
 def _from_foreign(cfg: Mapping[str, Any], weights: dict[str, Tensor], source: str) -> SAE:
-    arch = _FROM_SAELENS[cfg["architecture"]]
-    fields: dict[str, Any] = {"architecture": arch, "d_sae": cfg["d_sae"]}
+    arch = cfg["architecture"]
+    fields: dict[str, Any] = {"architecture": for_saelens(arch).architecture, "d_sae": cfg["d_sae"]}
     if arch == "topk":
         fields["k"] = cfg["k"]
-    sae = create_sae(SAEConfig(**fields).resolved(cfg["d_in"]))
-    W_enc, W_dec, b_enc, b_dec = (weights[n].double() for n in ("W_enc", "W_dec", "b_enc", "b_dec"))
-    if not cfg.get("apply_b_dec_to_input", True):
-        # x @ W_enc + b_enc == (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
-        b_enc = b_enc + b_dec @ W_enc
-    if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
-        # SAELens ranks z * n and decodes (f / n) @ W_dec: fold n into the encoder, 1/n into the decoder.
-        n = W_dec.norm(dim=-1)
-        W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
+    sae = load_folded(SAEConfig(**fields).resolved(cfg["d_in"]), weights, source=source)
     with torch.no_grad():
-        for name, value in (("W_enc", W_enc), ("W_dec", W_dec), ("b_enc", b_enc), ("b_dec", b_dec)):
+        W_enc, W_dec, b_enc, b_dec = (getattr(sae, n).double() for n in ("W_enc", "W_dec", "b_enc", "b_dec"))
+        if not cfg.get("apply_b_dec_to_input", True):
+            # x @ W_enc + b_enc == (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
+            b_enc = b_enc + b_dec @ W_enc
+        if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
+            # SAELens ranks z * n and decodes (f / n) @ W_dec: fold n into the encoder, 1/n into the decoder.
+            n = W_dec.norm(dim=-1)
+            W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
+        for name, value in (("W_enc", W_enc), ("W_dec", W_dec), ("b_enc", b_enc)):
             getattr(sae, name).copy_(value.float())
-        if arch == "jumprelu":
+        if "threshold" in sae.inference_tensors:
             # relu(z) * [z > t] == z * [z > max(t, 0)]
-            sae.threshold.copy_(weights["threshold"].clamp(min=0))
-    sae.folded = True
+            sae.threshold.clamp_(min=0)
     return sae
 
 

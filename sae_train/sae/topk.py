@@ -21,12 +21,25 @@ from torch import Tensor
 
 from sae_train.sae import kernels
 from sae_train.sae.base import SAE, SAEOutput, SparseLatents
+from sae_train.sae.config import SAEConfig, config_error
 from sae_train.sae.ops import SparseSAEFunction, SparseSpec, auxk_ratio, topk_rows_torch
 
 
 class TopKSAE(SAE):
     architecture = "topk"
+    config_fields = frozenset({"k", "aux_k", "aux_coefficient"})
+    revival = "auxk"
+    step_gemms = ("encoder",)  # decode and backward are sparse
+    saelens_architecture = saelens_training_architecture = "topk"
     batch_selection: ClassVar[bool] = False  # k*B over the batch (BatchTopK) instead of k per token
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        if not isinstance(cfg.k, int) or cfg.k <= 0:
+            raise config_error(cfg, "k", "a positive integer", "Set sae.k to the number of active latents per token, e.g. 32.")
+        d_sae = cfg.d_sae or cfg.expansion_factor * cfg.d_in
+        if cfg.d_in and cfg.k > d_sae:
+            raise config_error(cfg, "k", f"at most d_sae = {d_sae}", "Lower sae.k or raise sae.d_sae / sae.expansion_factor.")
 
     # ------------------------------------------------------------------ selection (torch twin)
 

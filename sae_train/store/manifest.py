@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from sae_train import __version__
+from sae_train.atomic import write_bytes_atomic
 from sae_train.errors import UserError
-from sae_train.store import _fs
+from sae_train.store import locks
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -180,7 +181,7 @@ def merge_manifests(root: str | Path) -> Manifest:
     root = Path(root)
     if not (root / PARTS_DIR).is_dir():
         raise UserError(f"{root} has no {PARTS_DIR}/ directory: it is not a store written by StoreWriter.")
-    with _fs.locked(root / PARTS_DIR / LOCK):
+    with locks.locked(root / PARTS_DIR / LOCK):
         parts = read_parts(root)
         if not parts:
             raise UserError(f"{root}/{PARTS_DIR} holds no rank parts: no writer ever opened this store.")
@@ -205,7 +206,7 @@ def merge_manifests(root: str | Path) -> Manifest:
         data = dumps(manifest.to_json())
         target = root / MANIFEST
         if not target.is_file() or target.read_bytes() != data:
-            _fs.publish(target, root / f".{MANIFEST}.tmp", [data])
+            write_bytes_atomic(target, [data])
         return manifest
 
 

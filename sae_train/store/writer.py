@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from sae_train.atomic import temporary, write_bytes_atomic
 from sae_train.errors import UserError
-from sae_train.store import _fs, shardfile
+from sae_train.store import locks, shardfile
 from sae_train.store.manifest import (
     DTYPES, FORMAT_VERSION, LOCK, MANIFEST, PARTS_DIR, RESERVED, Manifest, ShardInfo, SiteInfo,
     diff, dumps, header, is_intact, load_json, merge_manifests, read_parts,
@@ -61,7 +62,7 @@ class StoreWriter:
         self._rank_lock: int | None = None
         try:
             self._parts.mkdir(parents=True, exist_ok=True)
-            self._rank_lock = _fs.try_lock(self._parts / f"r{rank:03d}.lock")
+            self._rank_lock = locks.try_lock(self._parts / f"r{rank:03d}.lock")
             if self._rank_lock is None:
                 raise UserError(
                     f"Another process is already writing rank {rank} into {self.root}. Wait for it "
@@ -107,7 +108,7 @@ class StoreWriter:
                 yield chunk
 
         try:
-            _fs.publish(final, self.root / f".{name}.tmp", chunks())
+            write_bytes_atomic(final, chunks())
             info = ShardInfo(name, index, self.rank, len(token_ids), final.stat().st_size, digest.hexdigest())
             self._publish_part({**self._shards, index: info})
         except OSError as e:
@@ -177,10 +178,10 @@ class StoreWriter:
 
     def _open(self) -> dict[int, ShardInfo]:
         """Under the store lock: recheck settings, clean up after a crash, publish our part."""
-        with _fs.locked(self._parts / LOCK):
+        with locks.locked(self._parts / LOCK):
             self._check_root()
             stale = list(self.root.glob(f".shard-r{self.rank:03d}-*.tmp"))
-            stale += [self.root / f".{MANIFEST}.tmp", self._parts / f".{self._part.name}.tmp"]
+            stale += [temporary(self.root / MANIFEST), temporary(self._part)]
             for p in stale:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
@@ -199,7 +200,7 @@ class StoreWriter:
         part = Manifest(self.spec, self.sites, tuple(shards[i] for i in sorted(shards))).to_json()
         data = dumps({**part, "rank": self.rank})
         if not self._part.is_file() or self._part.read_bytes() != data:
-            _fs.publish(self._part, self._parts / f".{self._part.name}.tmp", [data])
+            write_bytes_atomic(self._part, [data])
 
     def _check_inputs(self, index: int, acts: Mapping[str, torch.Tensor], token_ids: torch.Tensor,
                       positions: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -50,8 +50,9 @@ class TrainConfig(TextConfig):
     batch_size: int = 4096
     """Global batch in tokens (split evenly across DDP ranks)."""
     lr: float = 0.0
-    """Adam learning rate; 0 = 1.6e-3 * sqrt(16384 / d_sae) (1.1e-3 * ... for jumprelu): 3e-3 at
-    d_sae 4608. See `default_lr` in sae_train/train/trainer.py for how it was chosen."""
+    """Adam learning rate; 0 = the architecture's default, base_lr * sqrt(16384 / d_sae) (base_lr
+    1.6e-3, lower for some architectures): 3e-3 at d_sae 4608. See `SAE.default_lr` in
+    sae_train/sae/base.py for how it was chosen."""
     lr_warmup: float = 0.05
     """Fraction of steps of linear LR warm-up."""
     lr_decay: float = 0.2
@@ -70,11 +71,13 @@ class TrainConfig(TextConfig):
     init_tokens: int = 32_768
     """Tokens sampled once to set the normalisation constant and b_dec."""
     dead_after_tokens: int = 20_000
-    """A latent that has not fired for this many tokens counts as dead: AuxK trains it (TopK
-    family) or resampling re-points it (relu). Short, so revival starts early; on SmolLM2 at
-    the reference budget it halves the latents that never fire on held-out text vs 250k."""
+    """A latent that has not fired for this many tokens counts as dead and is revived by its
+    architecture's method (`SAE.revival`: AuxK for the TopK family, resampling for ReLU). Short,
+    so revival starts early; on SmolLM2 at the reference budget it halves the latents that
+    never fire on held-out text vs 250k."""
     resample_every: float = 0.25
-    """ReLU family: resample dead latents at these fractions of the run (0 = never)."""
+    """Architectures that revive by resampling: resample dead latents at these fractions of the
+    run (0 = never)."""
     checkpoint_every_tokens: int = 0
     """Write a checkpoint every N tokens (0 = only at the end and on SIGTERM/SIGINT)."""
     log_every: int = 10
@@ -116,3 +119,9 @@ class TrainConfig(TextConfig):
     @property
     def n_steps(self) -> int:
         return self.n_tokens // self.batch_size
+
+
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a TrainConfig dict that a resumed run must share with the original (the rest may change)."""
+    free = {"progress", "log_every", "checkpoint_every_tokens", "wandb", "resume", "out_dir", "device"}
+    return {k: v for k, v in config.items() if k not in free}

@@ -1,10 +1,11 @@
 """The machine's own GEMM bound, so throughput is reported as a fraction of what is possible.
 
-An SAE training step is bounded by its dense matrix products: one encoder GEMM for the TopK
-family (decode and backward are sparse), five for ReLU/JumpReLU (encoder forward, decoder
-forward, latent gradient, decoder-weight gradient, encoder-weight gradient). Timing those
-exact products (shapes and transposes) on this device in the compute dtype gives the bound in
-tokens/s that every log line and benchmark compares against.
+An SAE training step is bounded by its dense matrix products, which each architecture names
+(`SAE.step_gemms`): the encoder GEMM alone where decode and backward are sparse (the TopK
+family), five where the latents are dense (encoder forward, decoder forward, latent gradient,
+decoder-weight gradient, encoder-weight gradient). Timing those exact products (shapes and
+transposes) on this device in the compute dtype gives the bound in tokens/s that every log line
+and benchmark compares against.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-_TOPK_FAMILY = ("topk", "batchtopk")
+from sae_train.sae import ARCHITECTURES
 
 
 def _sync(device: torch.device) -> None:
@@ -41,17 +42,17 @@ def step_gemms(architecture: str, rows: int, d_in: int, d_sae: int, dtype: torch
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device=device).to(dtype)
 
+    names = ARCHITECTURES[architecture].step_gemms
     x, w_enc, w_dec = rand(rows, d_in), rand(d_in, d_sae), rand(d_sae, d_in)
-    gemms = [lambda: x @ w_enc]  # encoder forward
-    if architecture not in _TOPK_FAMILY:
-        f, grad_x = rand(rows, d_sae), rand(rows, d_in)
-        gemms += [
-            lambda: f @ w_dec,  # decoder forward
-            lambda: grad_x @ w_dec.T,  # latent gradient
-            lambda: f.T @ grad_x,  # decoder-weight gradient
-            lambda: x.T @ f,  # encoder-weight gradient
-        ]
-    return gemms
+    f, grad_x = (rand(rows, d_sae), rand(rows, d_in)) if set(names) - {"encoder"} else (None, None)
+    catalogue: dict[str, Callable[[], torch.Tensor]] = {
+        "encoder": lambda: x @ w_enc,  # encoder forward
+        "decoder": lambda: f @ w_dec,  # decoder forward
+        "latent_grad": lambda: grad_x @ w_dec.T,  # latent gradient
+        "decoder_grad": lambda: f.T @ grad_x,  # decoder-weight gradient
+        "encoder_grad": lambda: x.T @ f,  # encoder-weight gradient
+    }
+    return [catalogue[name] for name in names]
 
 
 def step_gemm_seconds(

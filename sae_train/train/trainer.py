@@ -23,13 +23,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from sae_train.atomic import staging_dir
 from sae_train.errors import UserError
 from sae_train.lm.model import resolve_dtype
 from sae_train.provenance import provenance
-from sae_train.sae import SAE, SAEOutput, create_sae, kernels, save_sae
+from sae_train.sae import SAE, SAEOutput, create_sae, kernels, load_weights, save_sae
+from sae_train.sae import checkpoint as ckpt
 from sae_train.sae.kernels import keep_freed_memory
-from sae_train.train import checkpoint as ckpt
-from sae_train.train.config import TrainConfig
+from sae_train.train.config import TrainConfig, comparable
 from sae_train.train.dist import Dist
 from sae_train.train.logger import MetricsLogger
 from sae_train.train.resample import resample_dead_
@@ -114,21 +115,6 @@ class TrainSummary:
 
 _step_gemm_seconds = functools.cache(step_gemm_seconds)  # timed once per shape, not once per SAE of a sweep
 
-RESAMPLED = ("relu",)
-"""Architectures whose dead latents are resampled (the TopK family uses AuxK; for JumpReLU,
-resampling measurably hurt: re-opened latents close again and disturb the rest)."""
-
-
-def default_lr(architecture: str, d_sae: int) -> float:
-    """Adam lr that works untuned: base * sqrt(2^14 / d_sae), the width scaling of Gao et al.
-    (2024) with a base 8x theirs (5.5x for JumpReLU, whose thresholds close latents for good
-    at higher rates). Chosen on SmolLM2-135M at the reference budget (1M tokens, batch 4096:
-    244 steps), where their 2e-4 leaves FVU at 0.14 against 0.075; the decay at the end of
-    the schedule keeps it safe for long runs."""
-    base = 1.1e-3 if architecture == "jumprelu" else 1.6e-3
-    return base * math.sqrt(2**14 / d_sae)
-
-
 def sae_plan(cfg: TrainConfig, sites: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
     """(tag, site, SAE-field overrides) for every SAE of the run: sites x sweep combinations."""
     keys = sorted(cfg.sweep)
@@ -174,7 +160,7 @@ class Trainer:
                 f"d_in={d_in}. Remove sae.d_in (it is read from the data) or pick the matching site."
             )
         sae = create_sae(sae_cfg.resolved(d_in), compute_dtype=self.compute_dtype).to(self.dist.device)
-        lr = lr or default_lr(sae.cfg.architecture, sae.cfg.d_sae)
+        lr = lr or sae.default_lr()
         beta1, beta2 = self.cfg.adam_betas
         # The fused kernel is ~3x faster than the default multi-tensor Adam on CPU (one pass over
         # parameter, gradient and both moments): a sixth of a TopK step at the reference size.
@@ -208,7 +194,7 @@ class Trainer:
         state = ckpt.read_run_state(self.out_dir)
         if state is None:
             return False
-        saved, now = ckpt.comparable(state["config"]), ckpt.comparable(self.config_dict)
+        saved, now = comparable(state["config"]), comparable(self.config_dict)
         if saved != now:
             diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
             raise UserError(
@@ -219,7 +205,7 @@ class Trainer:
             directory = ckpt.restore_committed(run.directory, state["step"])
             tensors, optimizer, sae_state = ckpt.read_training_state(directory)
             run.since_fired = tensors.pop("since_fired").to(self.dist.device)
-            run.sae.load_state_dict({k: v.to(self.dist.device) for k, v in tensors.items()})
+            load_weights(run.sae, tensors, run.sae.state_dict(), source=f"Training checkpoint {directory}")
             run.optimizer.load_state_dict(optimizer)
             run.scale = sae_state["scale"]
         self.step, self.tokens, self.position = state["step"], state["tokens"], state["position"]
@@ -370,7 +356,7 @@ class Trainer:
             return
         sample = functools.cache(self.source.sample)  # one read (or forward) for every SAE resampled now
         for run in self.runs:
-            if run.sae.cfg.architecture in RESAMPLED:
+            if run.sae.revival == "resample":
                 count = resample_dead_(run.sae, run.optimizer, run.dead_mask(self.cfg.dead_after_tokens),
                                        sample, self.dist, run.site, run.scale)
                 if count:
@@ -413,7 +399,7 @@ class Trainer:
         """Checkpoint every SAE (rank 0 writes; every rank waits so none runs ahead)."""
         if self.dist.is_main:
             for run in self.runs:
-                staging = ckpt.staging_dir(run.directory)
+                staging = staging_dir(run.directory)
                 save_sae(run.sae.fold(run.scale), staging, self._inference_metadata(run))
                 state = {"step": self.step, "tokens": self.tokens, "scale": run.scale, "tag": run.tag, "site": run.site,
                          "sae": asdict(run.sae.cfg)}

@@ -1,16 +1,29 @@
-"""Checkpoint io for the inference artifact (DESIGN.md, Contract 2).
+"""The checkpoint (DESIGN.md, Contract 2): its layout on disk, written and read in one place.
 
-A directory with `sae.safetensors` (W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec,
-and threshold for jumprelu/batchtopk; fp32) and `cfg.json` (the SAEConfig fields, the caller's
-extra metadata, normalization_scale and sae_train_version; sorted keys). The weights always act
-on raw activations: only folded SAEs (`SAE.fold`) are saved. Each file is written to a
-temporary name, fsynced and renamed, so a crash never leaves a half-written file. No pickle.
+A training run's `out_dir` holds `run_state.json` (the committed step, data position and
+config: what resume reads) and one directory per SAE, named after its tag. An SAE directory
+holds the inference artifact — `sae.safetensors` (the architecture's `inference_tensors`:
+W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec, plus threshold where it has one; fp32)
+and `cfg.json` (the SAEConfig fields, the caller's metadata, normalization_scale and
+sae_train_version; sorted keys) — whose weights always act on raw activations (only folded
+SAEs, `SAE.fold`, are saved); and beside it the training-only state: `training_weights.safetensors`
+(the unfolded weights and the dead-latent counters), `optimizer.pt` (tensors and numbers only,
+read with weights_only=True) and `trainer_state.json`. No pickle.
+
+Several SAEs train together and must resume from the same step, so a save is a small
+transaction: every SAE directory is first written complete under its hidden temporary name
+(`staging_dir`, sae_train/atomic.py), then each is swapped in (the old one kept as its hidden
+`.prev`), then `run_state.json` is replaced atomically — the commit point — and the `.prev`
+copies are deleted. A crash at any instant leaves, for every SAE, a directory (or its `.prev`)
+matching the committed step. Discovery (`find_checkpoints`) never reads hidden directories.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +32,24 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sae_train import __version__
-from sae_train.atomic import write_atomic, write_text_atomic
+from sae_train.atomic import drop_previous, previous, swap_dir, write_atomic, write_json_atomic, write_text_atomic
 from sae_train.errors import UserError
 from sae_train.sae.base import SAE
 from sae_train.sae.config import SAEConfig
-from sae_train.sae.registry import ARCHITECTURES, create_sae
+from sae_train.sae.registry import ARCHITECTURES, load_folded
 from sae_train.sae.saelens import WEIGHTS_FILE as SAELENS_WEIGHTS_FILE
-
 
 WEIGHTS_FILE = "sae.safetensors"
 CFG_FILE = "cfg.json"
-# The trainer's training-only state beside the inference files (Contract 2). Not exported.
+# The trainer's training-only state beside the inference files. Not exported.
 TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 TRAINING_WEIGHTS_FILE = "training_weights.safetensors"
 TRAINING_FILES = (TRAINER_STATE_FILE, OPTIMIZER_FILE, TRAINING_WEIGHTS_FILE)
-# A trainer's half-written next save and the copy it replaces: never checkpoints to read.
-STAGING_SUFFIXES = (".tmp", ".prev")
-
-
-def _tensor_names(sae: SAE) -> list[str]:
-    names = ["W_enc", "W_dec", "b_enc", "b_dec"]
-    return names + ["threshold"] if hasattr(sae, "threshold") else names
+RUN_STATE_FILE = "run_state.json"
+LEGACY_RUN_STATE_FILE = "train_state.json"
+"""The run state's former name (two letters from trainer_state.json): still read, so runs written
+under it resume; their next commit replaces it by RUN_STATE_FILE."""
 
 
 def save_sae(sae: SAE, path: str | os.PathLike, cfg_extra: dict[str, Any] | None = None) -> None:
@@ -66,7 +75,7 @@ def save_sae(sae: SAE, path: str | os.PathLike, cfg_extra: dict[str, Any] | None
         )
     meta = {**cfg, **extra, "normalization_scale": sae.normalization_scale, "sae_train_version": __version__}
     text = json.dumps(meta, sort_keys=True, indent=2) + "\n"
-    tensors = {n: getattr(sae, n).detach().to("cpu", torch.float32).contiguous() for n in _tensor_names(sae)}
+    tensors = {n: getattr(sae, n).detach().to("cpu", torch.float32).contiguous() for n in sae.inference_tensors}
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
@@ -102,33 +111,14 @@ def load_sae(path: str | os.PathLike, *, compute_dtype: torch.dtype = torch.floa
             f"knows {', '.join(sorted(ARCHITECTURES))}. Upgrade sae_train or fix the file."
         )
     cfg = SAEConfig.from_dict(meta, source=str(cfg_file))
-    if not cfg.is_resolved:
-        raise UserError(f"SAE checkpoint: {cfg_file} has no d_in; the file is incomplete.")
     try:
         tensors = load_file(weights_file)
     except FileNotFoundError:
         raise UserError(f"SAE checkpoint: {weights_file} does not exist (the directory is incomplete).") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"SAE checkpoint: {weights_file} is corrupt or not a safetensors file ({exc}).") from exc
-    sae = create_sae(cfg, compute_dtype=compute_dtype)
-    names = _tensor_names(sae)
-    if set(tensors) != set(names):
-        raise UserError(
-            f"SAE checkpoint: {weights_file} holds tensors {sorted(tensors)}; a {arch} SAE needs "
-            f"exactly {sorted(names)}."
-        )
-    with torch.no_grad():
-        for name in names:
-            param, value = getattr(sae, name), tensors[name]
-            if value.shape != param.shape:
-                raise UserError(
-                    f"SAE checkpoint: {weights_file} has {name} of shape {tuple(value.shape)}, but "
-                    f"{cfg_file} (d_in={cfg.d_in}, d_sae={cfg.d_sae}) implies {tuple(param.shape)}."
-                )
-            param.copy_(value)
-    sae.folded = True
-    sae.normalization_scale = float(meta.get("normalization_scale", 1.0))
-    return sae
+    return load_folded(cfg, tensors, normalization_scale=meta.get("normalization_scale", 1.0),
+                       compute_dtype=compute_dtype, source=f"SAE checkpoint: {weights_file}")
 
 
 # ---------------------------------------------------------------------------------- discovery
@@ -143,7 +133,8 @@ def _is_training_only(directory: Path) -> bool:
 
 
 def _staging(path: Path, root: Path) -> bool:
-    return any(part.endswith(STAGING_SUFFIXES) or part.startswith(".") for part in path.relative_to(root).parts)
+    """Hidden: a trainer's half-written next save, the copy it replaces, an export's staging."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def find_checkpoints(path: str) -> tuple[Path, list[Path]]:
@@ -181,3 +172,71 @@ def find_checkpoints(path: str) -> tuple[Path, list[Path]]:
         raise UserError(f"checkpoint={path} holds no SAE checkpoint: no directory below it has {WEIGHTS_FILE}. "
                         f"Point it at {expected}.")
     return root, found
+
+
+# ---------------------------------------------------------------------------------- training state
+
+
+def write_training_state(directory: Path, tensors: dict[str, torch.Tensor], optimizer: dict, state: dict) -> None:
+    """The training-only part of one SAE's checkpoint, into `directory` (its `staging_dir`)."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(directory / TRAINING_WEIGHTS_FILE))
+    torch.save(optimizer, directory / OPTIMIZER_FILE)
+    write_json_atomic(directory / TRAINER_STATE_FILE, state)
+
+
+def commit(out_dir: Path, sae_dirs: list[Path], run_state: dict) -> None:
+    """Swap in every SAE directory staged for this save, then commit `run_state`."""
+    for directory in sae_dirs:
+        swap_dir(directory)
+    write_json_atomic(out_dir / RUN_STATE_FILE, run_state)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(out_dir / LEGACY_RUN_STATE_FILE)
+    for directory in sae_dirs:
+        drop_previous(directory)
+
+
+def read_run_state(out_dir: Path) -> dict | None:
+    """The committed run state of a training out_dir (None: no run was committed there)."""
+    path = out_dir / RUN_STATE_FILE
+    if not path.exists():
+        path = out_dir / LEGACY_RUN_STATE_FILE
+        if not path.exists():
+            return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is corrupt ({err}); remove it to start over, or restore a copy.") from err
+
+
+def restore_committed(directory: Path, step: int) -> Path:
+    """Make `directory` hold its checkpoint of the committed `step` again.
+
+    After a crash between swapping SAE directories and committing, the committed copy of some
+    SAEs is their previous one; it is moved back into place so the next save starts clean.
+    """
+    def step_of(candidate: Path) -> int | None:
+        state_file = candidate / TRAINER_STATE_FILE
+        return json.loads(state_file.read_text()).get("step") if state_file.exists() else None
+
+    if step_of(directory) == step:
+        return directory
+    if step_of(previous(directory)) == step:
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(previous(directory), directory)
+        return directory
+    raise UserError(
+        f"No checkpoint of step {step} in {directory} (or {previous(directory).name}) although the run state "
+        "records it; the run directory was modified. Remove it to start over."
+    )
+
+
+def read_training_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(tensors, optimizer state, trainer state) of one SAE's checkpoint."""
+    try:
+        tensors = load_file(str(directory / TRAINING_WEIGHTS_FILE))
+        optimizer = torch.load(directory / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
+        state = json.loads((directory / TRAINER_STATE_FILE).read_text())
+    except (OSError, RuntimeError, ValueError) as err:
+        raise UserError(f"Checkpoint in {directory} is unreadable ({err}). Remove the run directory to start over.") from err
+    return tensors, optimizer, state
