@@ -32,15 +32,17 @@ STORE_DTYPES = tuple(DTYPES)
 
 
 @dataclass
-class CacheConfig(TextConfig):
+class CacheConfig:
     """`sae-train cache`: which activations to compute and where to store them."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    """How the text becomes windows (text.context_size, text.prepend_bos, text.exclude_special_tokens)."""
     sites: list[str] = field(default_factory=lambda: ["blocks.8.hook_resid_post"])
     """Activation sites to record in one pass (TransformerLens names or module paths)."""
     n_tokens: int = 200_000
-    """Tokens to run through the model (window count = n_tokens / context_size, rounded up).
+    """Tokens to run through the model (window count = n_tokens / text.context_size, rounded up).
     Raising it on a finished store extends the store."""
     out_dir: str = "runs/acts"
     tokens_per_shard: int = 65_536
@@ -56,17 +58,16 @@ class CacheConfig(TextConfig):
     progress: bool = True
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if not self.sites:
             raise UserError("sites is empty; name at least one activation site, e.g. sites=[blocks.8.hook_resid_post].")
         if self.store_dtype not in STORE_DTYPES:
             raise UserError(f"store_dtype='{self.store_dtype}' must be one of {', '.join(STORE_DTYPES)}.")
         if self.n_tokens <= 0 or self.batch_size <= 0:
             raise UserError("n_tokens and batch_size must be positive.")
-        if self.tokens_per_shard < self.context_size:
+        if self.tokens_per_shard < self.text.context_size:
             raise UserError(
-                f"tokens_per_shard={self.tokens_per_shard} is smaller than one window (context_size="
-                f"{self.context_size}); raise tokens_per_shard."
+                f"tokens_per_shard={self.tokens_per_shard} is smaller than one window (text.context_size="
+                f"{self.text.context_size}); raise tokens_per_shard."
             )
 
 
@@ -126,7 +127,7 @@ def store_spec(cfg: CacheConfig, lm: LanguageModel, tokens: TokenSpec, windows_p
     return {
         "model": lm.identity,
         "data": cfg.data.describe(),
-        "text": asdict(TextConfig(cfg.context_size, cfg.prepend_bos, cfg.exclude_special_tokens)),
+        "text": asdict(cfg.text),
         "tokens": {"bos": tokens.bos, "separator": tokens.separator, "special": list(tokens.special)},
         "windows_per_shard": windows_per_shard,
         "store_dtype": cfg.store_dtype,
@@ -134,13 +135,13 @@ def store_spec(cfg: CacheConfig, lm: LanguageModel, tokens: TokenSpec, windows_p
 
 
 def _shard_rows(
-    lm: LanguageModel, sites: list[Site], windows: torch.Tensor, batch_size: int, tokens: TokenSpec, exclude_special: bool
+    lm: LanguageModel, sites: list[Site], windows: torch.Tensor, batch_size: int, tokens: TokenSpec
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Activations of one shard's windows, one row per kept token."""
     rows = lm.capture_rows(sites, windows, batch_size)
     token_ids = windows.flatten()
     positions = torch.arange(windows.shape[1], dtype=torch.int32).repeat(len(windows))
-    keep = keep_mask(token_ids, tokens, exclude_special)
+    keep = keep_mask(token_ids, tokens)
     acts = {name: site_rows[keep] for name, site_rows in rows.items()}
     return acts, token_ids[keep].to(torch.int32), positions[keep]
 
@@ -161,18 +162,19 @@ def run(cfg: CacheConfig, lm: LanguageModel | None = None) -> CacheSummary:
     rank, world = rank_and_world(cfg.rank, cfg.world_size)
     lm = lm or LanguageModel.load(cfg.model)
     sites = [lm.site(name) for name in cfg.sites]
-    tokens = TokenSpec.from_tokenizer(lm.tokenizer, cfg)
-    windows = iter_windows(iter_documents(cfg.data), lm.tokenizer, cfg, tokens)
+    tokens = TokenSpec.from_tokenizer(lm.tokenizer, cfg.text)
+    windows = iter_windows(iter_documents(cfg.data), lm.tokenizer, cfg.text, tokens)
     first = next(windows, None)
     if first is None:
         raise UserError(
             f"The {cfg.data.split} split of data source '{cfg.data.source}' {cfg.data.path} holds no text "
-            f"(or less than one window of {cfg.context_size} tokens). Check data.path/data.split, or lower context_size."
+            f"(or less than one window of {cfg.text.context_size} tokens). Check data.path/data.split, or lower "
+            "text.context_size."
         )
     windows = _prepend(first, windows)
 
-    per_shard = cfg.tokens_per_shard // cfg.context_size
-    n_windows = math.ceil(cfg.n_tokens / cfg.context_size)
+    per_shard = cfg.tokens_per_shard // cfg.text.context_size
+    n_windows = math.ceil(cfg.n_tokens / cfg.text.context_size)
     widths = {site.name: lm.site_width(site) for site in sites}
     spec = store_spec(cfg, lm, tokens, per_shard)
     with StoreWriter(cfg.out_dir, spec, widths, DTYPES[cfg.store_dtype], rank=rank, world_size=world) as writer:
@@ -182,17 +184,16 @@ def run(cfg: CacheConfig, lm: LanguageModel | None = None) -> CacheSummary:
         log.info("rank %d/%d: %d of my %d shards to compute", rank, world, todo, len(mine))
 
         written, seen_windows, started = 0, 0, time.perf_counter()
-        bar = tqdm(total=todo * per_shard * cfg.context_size, unit="tok", unit_scale=True,
+        bar = tqdm(total=todo * per_shard * cfg.text.context_size, unit="tok", unit_scale=True,
                    disable=not cfg.progress or todo == 0, desc=f"cache r{rank}")
         for index, chunk in _shards(windows, per_shard, n_windows):
             seen_windows += len(chunk)
             if index % world != rank or index in done:
                 continue
-            acts, token_ids, positions = _shard_rows(lm, sites, torch.stack(chunk), cfg.batch_size, tokens,
-                                                     cfg.exclude_special_tokens)
+            acts, token_ids, positions = _shard_rows(lm, sites, torch.stack(chunk), cfg.batch_size, tokens)
             writer.write_shard(index, acts, token_ids, positions)
             written += len(token_ids)
-            bar.update(len(chunk) * cfg.context_size)
+            bar.update(len(chunk) * cfg.text.context_size)
         bar.close()
         manifest = writer.close()
     return CacheSummary(

@@ -19,7 +19,7 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 def pipeline_args(model: Path, out: Path) -> list[str]:
     return ["pipeline", f"out_dir={out}", f"site={SITE}", "n_tokens=8192", f"cache.model.name={model}",
-            "cache.model.dtype=float32", "cache.context_size=32", "cache.tokens_per_shard=2048", "cache.progress=false",
+            "cache.model.dtype=float32", "cache.text.context_size=32", "cache.tokens_per_shard=2048", "cache.progress=false",
             "train.batch_size=512", "train.progress=false", "train.sae.k=4", "train.sae.expansion_factor=2",
             "eval.n_tokens=1024", "eval.progress=false"]
 

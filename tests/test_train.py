@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sae_train.data import TextConfig
 from sae_train.errors import UserError
 from sae_train.lm import ModelConfig
 from sae_train.sae import SAEConfig, create_sae, load_sae
@@ -154,7 +155,7 @@ def test_one_pass_sweep_over_sites_and_k(tmp_path):
 def test_live_source_trains_and_resumes(tiny_model_dir, tmp_path):
     def live(out: Path) -> TrainConfig:
         return TrainConfig(source="live", model=ModelConfig(name=str(tiny_model_dir("llama")), dtype="float32", device="cpu"),
-                           sites=["blocks.1.hook_resid_post"], context_size=32, live_buffer_tokens=1024, n_tokens=4096,
+                           sites=["blocks.1.hook_resid_post"], text=TextConfig(context_size=32), live_buffer_tokens=1024, n_tokens=4096,
                            batch_size=256, out_dir=str(out), progress=False, dtype="float32",
                            sae=SAEConfig(architecture="topk", k=4, expansion_factor=2))
     whole = run(live(tmp_path / "whole"))

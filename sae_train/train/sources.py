@@ -124,7 +124,7 @@ class LiveSource:
     def _block_rows(self, windows: list[torch.Tensor], block: int) -> dict[str, torch.Tensor]:
         batch = torch.stack(windows)
         rows = self.lm.capture_rows(self._sites, batch, 16)
-        keep = keep_mask(batch.flatten(), self._tokens, self.text.exclude_special_tokens)
+        keep = keep_mask(batch.flatten(), self._tokens)
         rng = np.random.default_rng([self.seed, self.dist.rank, block])
         order = torch.from_numpy(rng.permutation(int(keep.sum())))
         return {name: site_rows[keep][order].float() for name, site_rows in rows.items()}
@@ -163,7 +163,7 @@ class LiveSource:
         windows, block = self._rank_windows(), 0
         while chunk := list(islice(windows, self.windows_per_block)):
             tokens = torch.stack(chunk).flatten()
-            size = int(keep_mask(tokens, self._tokens, self.text.exclude_special_tokens).sum())
+            size = int(keep_mask(tokens, self._tokens).sum())
             if local_rows < size:
                 return block, local_rows
             local_rows -= size
