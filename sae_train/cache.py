@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 from sae_train.data import DataConfig, TextConfig, TokenSpec, iter_documents, iter_windows
 from sae_train.data.packing import keep_mask
+from sae_train.distenv import store_writers
 from sae_train.errors import UserError
 from sae_train.lm import LanguageModel, ModelConfig, Site
 from sae_train.store import StoreWriter
@@ -99,29 +99,6 @@ class CacheSummary:
         return "\n".join(lines)
 
 
-def rank_and_world(cfg_rank: int = -1, cfg_world: int = -1) -> tuple[int, int]:
-    """This process's (rank, world size): config, then torchrun, a Slurm array, or srun."""
-    if cfg_rank >= 0 and cfg_world > 0:
-        return cfg_rank, cfg_world
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"])
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        offset = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        step = int(env.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
-        rank, world = offset // step, int(env["SLURM_ARRAY_TASK_COUNT"])
-        if offset % step or not 0 <= rank < world:
-            raise UserError(
-                f"Slurm array task {env['SLURM_ARRAY_TASK_ID']} is not rank {rank} of an evenly spaced array of {world} "
-                "tasks, so some shards would never be computed. Submit --array=0-N (or min-max:step), or pass "
-                "rank= and world_size= explicitly (slurm/cache_array.sbatch does)."
-            )
-        return rank, world
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-    return 0, 1
-
-
 def store_spec(cfg: CacheConfig, lm: LanguageModel, tokens: TokenSpec, windows_per_shard: int) -> dict:
     """Everything that determines the store's bytes; a resume with a different spec is refused."""
     return {
@@ -159,7 +136,7 @@ def _shards(windows: Iterator[torch.Tensor], per_shard: int, n_windows: int) -> 
 
 def run(cfg: CacheConfig, lm: LanguageModel | None = None) -> CacheSummary:
     """Cache activations as `cfg` says (resuming what a previous run left); returns a summary."""
-    rank, world = rank_and_world(cfg.rank, cfg.world_size)
+    rank, world = store_writers(cfg.rank, cfg.world_size)
     lm = lm or LanguageModel.load(cfg.model)
     sites = [lm.site(name) for name in cfg.sites]
     tokens = TokenSpec.from_tokenizer(lm.tokenizer, cfg.text)
