@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from sae_train.atomic import write_atomic, write_text_atomic
+from sae_train.provenance import public_source
 
 # (header, metric, format); downstream columns are left out when the eval ran without them.
 _COLUMNS = [
@@ -140,7 +141,8 @@ def _finite(obj: Any) -> Any:
 
 def markdown(summary: EvalSummary) -> str:
     p = summary.payload
-    model, data, tokens = p["model"], p["data"], p["tokens"]
+    public = public_source({"model": p["model"], "data": p["data"]})  # eval.md goes into published model cards
+    model, data, tokens = public["model"], public["data"], p["tokens"]
     source = data["source"] + (f" {data['path']}" if data.get("path") else "")
     return "\n".join([
         "# SAE evaluation",
