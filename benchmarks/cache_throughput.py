@@ -81,12 +81,12 @@ def main() -> None:
     cfg = CacheConfig(sites=[SITE], n_tokens=args.tokens, batch_size=args.batch, progress=False)
     lm = LanguageModel.load(cfg.model)
     layer = lm.site(SITE).layer
-    spec = TokenSpec.from_tokenizer(lm.tokenizer, cfg)
-    windows = torch.stack(list(islice(iter_windows(iter_documents(cfg.data), lm.tokenizer, cfg, spec),
-                                      args.tokens // cfg.context_size)))
+    spec = TokenSpec.from_tokenizer(lm.tokenizer, cfg.text)
+    windows = torch.stack(list(islice(iter_windows(iter_documents(cfg.data), lm.tokenizer, cfg.text, spec),
+                                      args.tokens // cfg.text.context_size)))
     tokens = windows.numel()
     print(f"model {lm.identity['name']} ({lm.identity['dtype']}), site {SITE}, {tokens:,} tokens, "
-          f"context {cfg.context_size}, {args.batch} windows/forward, {torch.get_num_threads()} threads")
+          f"context {cfg.text.context_size}, {args.batch} windows/forward, {torch.get_num_threads()} threads")
 
     plain_forward_seconds(lm, windows[: args.batch], layer, args.batch)  # warm-up
     plain = tokens / plain_forward_seconds(lm, windows, layer, args.batch)
@@ -100,7 +100,7 @@ def main() -> None:
     a = torch.randn(4096, lm.d_model).to(lm.dtype)
     b = torch.randn(lm.d_model, lm.model.config.intermediate_size).to(lm.dtype)
     gemm_flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] / best_time(lambda: a @ b, torch.device("cpu"), 5)
-    model_flops = flops_per_token(lm, layer + 1, cfg.context_size)
+    model_flops = flops_per_token(lm, layer + 1, cfg.text.context_size)
     print(f"plain forward (layers 0..{layer})  {plain:10,.0f} tok/s   {plain * model_flops / gemm_flops:5.1%} of GEMM roofline")
     print(f"cache stage (capture + store)   {cached:10,.0f} tok/s   {cached * model_flops / gemm_flops:5.1%} of GEMM roofline")
     print(f"cache / plain                   {cached / plain:10.3f}   (target >= 0.9)")

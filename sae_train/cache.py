@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 from sae_train.data import DataConfig, TextConfig, TokenSpec, iter_documents, iter_windows
 from sae_train.data.packing import keep_mask
+from sae_train.distenv import store_writers
 from sae_train.errors import UserError
 from sae_train.lm import LanguageModel, ModelConfig, Site
 from sae_train.store import StoreWriter
@@ -32,15 +32,17 @@ STORE_DTYPES = tuple(DTYPES)
 
 
 @dataclass
-class CacheConfig(TextConfig):
+class CacheConfig:
     """`sae-train cache`: which activations to compute and where to store them."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    """How the text becomes windows (text.context_size, text.prepend_bos, text.exclude_special_tokens)."""
     sites: list[str] = field(default_factory=lambda: ["blocks.8.hook_resid_post"])
     """Activation sites to record in one pass (TransformerLens names or module paths)."""
     n_tokens: int = 200_000
-    """Tokens to run through the model (window count = n_tokens / context_size, rounded up).
+    """Tokens to run through the model (window count = n_tokens / text.context_size, rounded up).
     Raising it on a finished store extends the store."""
     out_dir: str = "runs/acts"
     tokens_per_shard: int = 65_536
@@ -56,17 +58,16 @@ class CacheConfig(TextConfig):
     progress: bool = True
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if not self.sites:
             raise UserError("sites is empty; name at least one activation site, e.g. sites=[blocks.8.hook_resid_post].")
         if self.store_dtype not in STORE_DTYPES:
             raise UserError(f"store_dtype='{self.store_dtype}' must be one of {', '.join(STORE_DTYPES)}.")
         if self.n_tokens <= 0 or self.batch_size <= 0:
             raise UserError("n_tokens and batch_size must be positive.")
-        if self.tokens_per_shard < self.context_size:
+        if self.tokens_per_shard < self.text.context_size:
             raise UserError(
-                f"tokens_per_shard={self.tokens_per_shard} is smaller than one window (context_size="
-                f"{self.context_size}); raise tokens_per_shard."
+                f"tokens_per_shard={self.tokens_per_shard} is smaller than one window (text.context_size="
+                f"{self.text.context_size}); raise tokens_per_shard."
             )
 
 
@@ -98,35 +99,12 @@ class CacheSummary:
         return "\n".join(lines)
 
 
-def rank_and_world(cfg_rank: int = -1, cfg_world: int = -1) -> tuple[int, int]:
-    """This process's (rank, world size): config, then torchrun, a Slurm array, or srun."""
-    if cfg_rank >= 0 and cfg_world > 0:
-        return cfg_rank, cfg_world
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"])
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        offset = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        step = int(env.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
-        rank, world = offset // step, int(env["SLURM_ARRAY_TASK_COUNT"])
-        if offset % step or not 0 <= rank < world:
-            raise UserError(
-                f"Slurm array task {env['SLURM_ARRAY_TASK_ID']} is not rank {rank} of an evenly spaced array of {world} "
-                "tasks, so some shards would never be computed. Submit --array=0-N (or min-max:step), or pass "
-                "rank= and world_size= explicitly (slurm/cache_array.sbatch does)."
-            )
-        return rank, world
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-    return 0, 1
-
-
 def store_spec(cfg: CacheConfig, lm: LanguageModel, tokens: TokenSpec, windows_per_shard: int) -> dict:
     """Everything that determines the store's bytes; a resume with a different spec is refused."""
     return {
         "model": lm.identity,
         "data": cfg.data.describe(),
-        "text": asdict(TextConfig(cfg.context_size, cfg.prepend_bos, cfg.exclude_special_tokens)),
+        "text": asdict(cfg.text),
         "tokens": {"bos": tokens.bos, "separator": tokens.separator, "special": list(tokens.special)},
         "windows_per_shard": windows_per_shard,
         "store_dtype": cfg.store_dtype,
@@ -134,13 +112,13 @@ def store_spec(cfg: CacheConfig, lm: LanguageModel, tokens: TokenSpec, windows_p
 
 
 def _shard_rows(
-    lm: LanguageModel, sites: list[Site], windows: torch.Tensor, batch_size: int, tokens: TokenSpec, exclude_special: bool
+    lm: LanguageModel, sites: list[Site], windows: torch.Tensor, batch_size: int, tokens: TokenSpec
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Activations of one shard's windows, one row per kept token."""
     rows = lm.capture_rows(sites, windows, batch_size)
     token_ids = windows.flatten()
     positions = torch.arange(windows.shape[1], dtype=torch.int32).repeat(len(windows))
-    keep = keep_mask(token_ids, tokens, exclude_special)
+    keep = keep_mask(token_ids, tokens)
     acts = {name: site_rows[keep] for name, site_rows in rows.items()}
     return acts, token_ids[keep].to(torch.int32), positions[keep]
 
@@ -158,21 +136,22 @@ def _shards(windows: Iterator[torch.Tensor], per_shard: int, n_windows: int) -> 
 
 def run(cfg: CacheConfig, lm: LanguageModel | None = None) -> CacheSummary:
     """Cache activations as `cfg` says (resuming what a previous run left); returns a summary."""
-    rank, world = rank_and_world(cfg.rank, cfg.world_size)
+    rank, world = store_writers(cfg.rank, cfg.world_size)
     lm = lm or LanguageModel.load(cfg.model)
     sites = [lm.site(name) for name in cfg.sites]
-    tokens = TokenSpec.from_tokenizer(lm.tokenizer, cfg)
-    windows = iter_windows(iter_documents(cfg.data), lm.tokenizer, cfg, tokens)
+    tokens = TokenSpec.from_tokenizer(lm.tokenizer, cfg.text)
+    windows = iter_windows(iter_documents(cfg.data), lm.tokenizer, cfg.text, tokens)
     first = next(windows, None)
     if first is None:
         raise UserError(
             f"The {cfg.data.split} split of data source '{cfg.data.source}' {cfg.data.path} holds no text "
-            f"(or less than one window of {cfg.context_size} tokens). Check data.path/data.split, or lower context_size."
+            f"(or less than one window of {cfg.text.context_size} tokens). Check data.path/data.split, or lower "
+            "text.context_size."
         )
     windows = _prepend(first, windows)
 
-    per_shard = cfg.tokens_per_shard // cfg.context_size
-    n_windows = math.ceil(cfg.n_tokens / cfg.context_size)
+    per_shard = cfg.tokens_per_shard // cfg.text.context_size
+    n_windows = math.ceil(cfg.n_tokens / cfg.text.context_size)
     widths = {site.name: lm.site_width(site) for site in sites}
     spec = store_spec(cfg, lm, tokens, per_shard)
     with StoreWriter(cfg.out_dir, spec, widths, DTYPES[cfg.store_dtype], rank=rank, world_size=world) as writer:
@@ -182,17 +161,16 @@ def run(cfg: CacheConfig, lm: LanguageModel | None = None) -> CacheSummary:
         log.info("rank %d/%d: %d of my %d shards to compute", rank, world, todo, len(mine))
 
         written, seen_windows, started = 0, 0, time.perf_counter()
-        bar = tqdm(total=todo * per_shard * cfg.context_size, unit="tok", unit_scale=True,
+        bar = tqdm(total=todo * per_shard * cfg.text.context_size, unit="tok", unit_scale=True,
                    disable=not cfg.progress or todo == 0, desc=f"cache r{rank}")
         for index, chunk in _shards(windows, per_shard, n_windows):
             seen_windows += len(chunk)
             if index % world != rank or index in done:
                 continue
-            acts, token_ids, positions = _shard_rows(lm, sites, torch.stack(chunk), cfg.batch_size, tokens,
-                                                     cfg.exclude_special_tokens)
+            acts, token_ids, positions = _shard_rows(lm, sites, torch.stack(chunk), cfg.batch_size, tokens)
             writer.write_shard(index, acts, token_ids, positions)
             written += len(token_ids)
-            bar.update(len(chunk) * cfg.context_size)
+            bar.update(len(chunk) * cfg.text.context_size)
         bar.close()
         manifest = writer.close()
     return CacheSummary(

@@ -9,7 +9,6 @@ message and a non-zero exit.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -48,7 +47,9 @@ def _stages() -> dict[str, tuple[type, Callable[[Any], Any]]]:
 def _report(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def run_and_print(cfg: Any) -> Any:
         summary = run(cfg)
-        if os.environ.get("RANK", "0") == "0":  # one summary per job, not one per DDP rank
+        from sae_train.distenv import is_main_process
+
+        if is_main_process():  # one summary per job, not one per DDP rank
             print(summary.table())
         return summary
 

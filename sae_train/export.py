@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from sae_train import __version__
 from sae_train.atomic import drop_previous, staging_dir, swap_dir, write_text_atomic
 from sae_train.errors import UserError
-from sae_train.provenance import provenance
+from sae_train.provenance import provenance, public_record, public_source
 from sae_train.sae import SAE, load_sae, load_sae_cfg
 from sae_train.sae.checkpoint import CFG_FILE as CHECKPOINT_CFG
 from sae_train.sae.checkpoint import find_checkpoints
@@ -263,8 +263,9 @@ def read_eval(eval_dir: str) -> EvalResults:
 
 
 def saelens_metadata(meta: dict[str, Any]) -> dict[str, Any]:
-    """cfg.json "metadata" of the export of the checkpoint whose cfg.json is `meta`."""
-    source = meta.get("source") or {}
+    """cfg.json "metadata" of the export of the checkpoint whose cfg.json is `meta` (published:
+    no local paths, see `public_record`)."""
+    source = public_source(meta.get("source") or {})
     model = source.get("model") or {}
     data = source.get("data") or {}
     text = source.get("text") or {}
@@ -277,7 +278,8 @@ def saelens_metadata(meta: dict[str, Any]) -> dict[str, Any]:
         "exclude_special_tokens": text.get("exclude_special_tokens"),
         # SAELens reads dataset_path as a hub dataset id; local and stdlib corpora have none.
         "dataset_path": data.get("path") if data.get("source") == "hf" else None,
-        METADATA_KEY: {"architecture": meta["architecture"], "checkpoint_cfg": meta, "exported_by": provenance()},
+        METADATA_KEY: {"architecture": meta["architecture"], "checkpoint_cfg": public_record(meta),
+                       "exported_by": provenance()},
     }
 
 
@@ -373,7 +375,7 @@ def _nested_markdown(text: str) -> list[str]:
 
 def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: EvalResults | None, repo_id: str) -> str:
     """README.md of the export: hub YAML header, the table of SAEs, how to load them, eval, provenance."""
-    sources = [m.get("source") or {} for m in metas]
+    sources = [public_source(m.get("source") or {}) for m in metas]  # published: no local paths
     models = _distinct([(s.get("model") or {}).get("hub_id") or None for s in sources])
     names = _distinct([(s.get("model") or {}).get("name") for s in sources])
     header = ["---", "library_name: saelens", "tags:"]

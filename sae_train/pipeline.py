@@ -36,7 +36,7 @@ STATE_FILE = "pipeline_state.json"
 def _recorded_model_and_text(cfg: train.TrainConfig) -> tuple[ModelConfig, DataConfig, TextConfig]:
     """The model, data and text settings behind the training activations."""
     if cfg.source == "live":
-        return cfg.model, cfg.data, TextConfig(cfg.context_size, cfg.prepend_bos, cfg.exclude_special_tokens)
+        return cfg.model, cfg.data, cfg.text
     spec = ActivationStore(cfg.store).manifest.spec
     if "model" not in spec or "data" not in spec:
         raise UserError(f"eval_every_tokens needs a store written by `sae-train cache`; {cfg.store} records no model/data.")

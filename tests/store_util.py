@@ -15,9 +15,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from sae_train.store import StoreWriter
+from sae_train.store import StoreWriter, shardfile
 
 SITES = {"blocks.0.hook_resid_post": 8, "blocks.1.hook_mlp_out": 4}
 SPEC = {"model": {"name": "toy", "revision": "r1", "dtype": "float32"}, "context_size": 16, "seed": 0}
@@ -39,6 +40,16 @@ def write_store(root: Path, n_shards: int, dtype: torch.dtype = torch.bfloat16, 
         for i in range(rank, n_shards, world_size):
             if i not in w.done:
                 w.write_shard(i, *make_shard(i))
+
+
+def overwrite_rows(path: Path, site: str, rows: range, value: float) -> None:
+    """Set rows of a float32 site in a shard file to `value` in place, as damage on disk would
+    (same size, so the store still opens; the sha256 no longer matches)."""
+    entry = shardfile.read_header(path)[site]
+    d_in = entry.shape[1]
+    with open(path, "r+b") as f:
+        f.seek(entry.start + rows.start * d_in * 4)
+        f.write(np.full((len(rows), d_in), value, dtype=np.float32).tobytes())
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

@@ -27,7 +27,7 @@ CTX = 32
 
 
 def config(model_dir: Path, out: Path, **kw) -> CacheConfig:
-    base = dict(model=ModelConfig(name=str(model_dir), dtype="float32", device="cpu"), context_size=CTX,
+    base = dict(model=ModelConfig(name=str(model_dir), dtype="float32", device="cpu"), text=TextConfig(context_size=CTX),
                 n_tokens=2048, tokens_per_shard=512, batch_size=4, store_dtype="float32", out_dir=str(out), progress=False)
     return CacheConfig(**(base | kw))
 
@@ -38,9 +38,8 @@ def stored_rows(store: ActivationStore, name: str) -> torch.Tensor:
 
 def reference(lm: LanguageModel, cfg: CacheConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The windows the store should hold and the mask of kept (non-special) tokens."""
-    text = TextConfig(cfg.context_size, cfg.prepend_bos, cfg.exclude_special_tokens)
-    spec = TokenSpec.from_tokenizer(lm.tokenizer, text)
-    windows = torch.stack(list(islice(iter_windows(iter_documents(cfg.data), lm.tokenizer, text, spec), cfg.n_tokens // CTX)))
+    spec = TokenSpec.from_tokenizer(lm.tokenizer, cfg.text)
+    windows = torch.stack(list(islice(iter_windows(iter_documents(cfg.data), lm.tokenizer, cfg.text, spec), cfg.n_tokens // CTX)))
     return windows, ~torch.isin(windows, torch.tensor(spec.special))
 
 
@@ -106,7 +105,7 @@ def test_ranks_write_the_same_shards_as_one_process(tiny_model_dir, tmp_path):
 def _cli(model_dir: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "sae_train.cli", "cache", f"model.name={model_dir}", "model.dtype=float32",
             "model.device=cpu", "sites=[blocks.2.hook_resid_post,blocks.1.hook_mlp_out]", "n_tokens=12288",
-            f"context_size={CTX}", "tokens_per_shard=1024", "batch_size=2", f"out_dir={out}", "progress=false"]
+            f"text.context_size={CTX}", "tokens_per_shard=1024", "batch_size=2", f"out_dir={out}", "progress=false"]
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -168,7 +167,7 @@ def test_changed_config_on_resume_is_refused_and_store_untouched(tiny_model_dir,
     cache.run(config(model, tmp_path / "acts", sites=["blocks.1.hook_resid_post"]))
     before = _tree(tmp_path / "acts")
     with pytest.raises(UserError, match="context_size"):
-        cache.run(config(model, tmp_path / "acts", sites=["blocks.1.hook_resid_post"], context_size=16))
+        cache.run(config(model, tmp_path / "acts", sites=["blocks.1.hook_resid_post"], text=TextConfig(context_size=16)))
     with pytest.raises(UserError, match="store_dtype"):
         cache.run(config(model, tmp_path / "acts", sites=["blocks.1.hook_resid_post"], store_dtype="bfloat16"))
     assert _tree(tmp_path / "acts") == before

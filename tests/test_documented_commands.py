@@ -49,7 +49,7 @@ def tiny(tiny_model_dir, tmp_path_factory) -> list[str]:
 def home(tmp_path_factory, tiny) -> Path:
     """A working directory after the README's first two commands: cache, then train on the store."""
     home = tmp_path_factory.mktemp("home")
-    cached = sae_train(home, "cache", *tiny, f"sites=[{SITE}]", "n_tokens=4096", "context_size=32", "out_dir=runs/acts",
+    cached = sae_train(home, "cache", *tiny, f"sites=[{SITE}]", "n_tokens=4096", "text.context_size=32", "out_dir=runs/acts",
                        "tokens_per_shard=1024", "progress=false")
     assert "runs/acts" in cached.stdout
     trained = sae_train(home, "train", "store=runs/acts", "sae=topk", "sae.k=4", *TRAIN, "out_dir=runs/sae")
@@ -114,7 +114,7 @@ def test_export_push_to_hub_reaches_the_hub_api_with_the_token(home, evaluated):
 
 
 def test_train_live_without_a_store(home, tiny):
-    sae_train(home, "train", "source=live", *tiny, f"sites=[{SITE}]", "context_size=32", "live_buffer_tokens=1024",
+    sae_train(home, "train", "source=live", *tiny, f"sites=[{SITE}]", "text.context_size=32", "live_buffer_tokens=1024",
               *TRAIN, "out_dir=runs/live")
     assert (home / f"runs/live/{SITE}/sae.safetensors").exists()
     assert not list((home / "runs/live").rglob("shard-*"))  # no disk: nothing cached
@@ -146,10 +146,8 @@ def test_every_architecture_then_one_eval_of_all(home):
     assert sorted(info["architecture"] for info in saes.values()) == ["batchtopk", "jumprelu", "relu"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 (bugs-b): live training records its whole TrainConfig as the text "
-                                       "settings, so eval refuses runs of a sweep for 'different text settings'")
 def test_eval_of_a_live_multirun_sweep(home, tiny):
-    sae_train(home, "-m", "train", "source=live", *tiny, f"sites=[{SITE}]", "context_size=32",
+    sae_train(home, "-m", "train", "source=live", *tiny, f"sites=[{SITE}]", "text.context_size=32",
               "live_buffer_tokens=1024", "sae.k=2,4", *TRAIN, "out_dir=runs/live-sweep")
     sae_train(home, "eval", "checkpoint=runs/live-sweep", "n_tokens=512", "out_dir=runs/live-sweep-eval",
               "progress=false")

@@ -12,15 +12,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sae_train import cache
 from sae_train.atomic import temporary
-from sae_train.data import DataConfig, TextConfig, iter_documents
+from sae_train.data import DataConfig, TextConfig, TokenSpec, iter_documents
+from sae_train.data.packing import keep_mask
 from sae_train.errors import UserError
 from sae_train.eval import EvalConfig, PeriodicEval, SiteEvaluator, layer_forwards, run
 from sae_train.eval.checkpoints import load_checkpoints, recorded
 from sae_train.eval.stage import data_config
-from sae_train.eval.tokens import counted_mask, held_out_windows, uncounted_ids
+from sae_train.eval.tokens import held_out_windows
 from sae_train.lm import LanguageModel, ModelConfig
-from sae_train.sae import ARCHITECTURES, SAEConfig, create_sae, load_sae, save_sae
+from sae_train.sae import ARCHITECTURES, SAEConfig, create_sae, load_sae, load_sae_cfg, save_sae
+from sae_train.train import TrainConfig
+from sae_train.train import run as train
 from tests.tiny import write_corpus
 
 TEXT = TextConfig(context_size=32)
@@ -42,7 +46,7 @@ def corpus(tmp_path_factory) -> DataConfig:
 
 
 def save_checkpoint(directory: Path, lm: LanguageModel, data: DataConfig, site: str, arch: str = "topk",
-                    seed: int = 0, d_in: int | None = None) -> Path:
+                    seed: int = 0, d_in: int | None = None, text: TextConfig = TEXT) -> Path:
     """A folded SAE with non-trivial weights and the metadata the trainer records."""
     d_in = d_in or lm.site_width(lm.site(site))
     sae = create_sae(SAEConfig(architecture=arch, k=4, d_sae=2 * d_in, seed=seed).resolved(d_in))
@@ -54,7 +58,7 @@ def save_checkpoint(directory: Path, lm: LanguageModel, data: DataConfig, site: 
             sae.threshold.fill_(0.05)
     sae.constrain_()
     scale = 0.5
-    source = {"source": "live", "model": lm.identity, "data": data.describe(), "text": asdict(TEXT)}
+    source = {"source": "live", "model": lm.identity, "data": data.describe(), "text": asdict(text)}
     save_sae(sae.fold(scale), directory, {"site": site, "tag": directory.name, "normalization_scale": scale,
                                           "tokens_trained": 1000, "source": source})
     return directory
@@ -63,7 +67,7 @@ def save_checkpoint(directory: Path, lm: LanguageModel, data: DataConfig, site: 
 def batch(lm: LanguageModel, corpus: DataConfig, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     """n held-out windows and their counted positions."""
     ids = held_out_windows(lm.tokenizer, replace(corpus, split="eval"), TEXT, n * TEXT.context_size)
-    return ids, counted_mask(ids, uncounted_ids(lm.tokenizer, TEXT))
+    return ids, keep_mask(ids, TokenSpec.from_tokenizer(lm.tokenizer, TEXT))
 
 
 class IdentitySAE(torch.nn.Module):
@@ -230,6 +234,37 @@ def test_sweep_at_two_sites_in_one_call(lm, corpus, tmp_path):
     # One SAE evaluated alone gets the numbers it got in the sweep.
     alone = run(eval_config(run_dir / mlp, tmp_path / "alone"), lm=lm)
     assert alone.saes[mlp]["metrics"] == summary.saes[mlp]["metrics"]
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_eval_counts_exactly_the_positions_training_uses(lm, corpus, tmp_path, exclude):
+    """Cache the eval windows: the store keeps one row per position eval counts, for both settings."""
+    text, site, n_tokens = TextConfig(context_size=32, exclude_special_tokens=exclude), "blocks.1.hook_resid_post", 6 * 32
+    stored = cache.run(cache.CacheConfig(
+        model=ModelConfig(name=lm.identity["name"], dtype="float32", device="cpu"), data=replace(corpus, split="eval"),
+        text=text, sites=[site], n_tokens=n_tokens, tokens_per_shard=n_tokens, store_dtype="float32",
+        out_dir=str(tmp_path / "acts"), progress=False), lm)
+    save_checkpoint(tmp_path / "sae", lm, corpus, site, text=text)
+    summary = run(eval_config(tmp_path / "sae", tmp_path / "out", n_tokens=n_tokens, downstream=False), lm=lm)
+    counted = summary.payload["tokens"]["counted"]
+    assert counted == stored.n_tokens
+    assert (counted == n_tokens) != exclude  # special tokens left out only when excluded
+
+
+def test_live_runs_that_differ_in_lr_evaluate_together(lm, corpus, tmp_path):
+    """A multirun folder of live runs (one per lr) is one sweep to eval: the runs record the same
+    text settings, and only text settings."""
+    site, text = "blocks.1.hook_resid_post", TextConfig(context_size=32)
+    for lr in (1e-3, 3e-3):
+        train(TrainConfig(source="live", model=ModelConfig(name=lm.identity["name"], dtype="float32", device="cpu"),
+                          data=corpus, text=text, sites=[site], live_buffer_tokens=512, n_tokens=1024, batch_size=256,
+                          lr=lr, init_tokens=512, dtype="float32", progress=False, out_dir=str(tmp_path / "multirun" / f"lr={lr}"),
+                          sae=SAEConfig(architecture="topk", k=4, expansion_factor=2)), lm=lm)
+    for lr in (1e-3, 3e-3):
+        assert load_sae_cfg(tmp_path / "multirun" / f"lr={lr}" / site)["source"]["text"] == asdict(text)
+    summary = run(eval_config(tmp_path / "multirun", tmp_path / "out", downstream=False), lm=lm)
+    assert sorted(summary.saes) == [f"lr=0.001/{site}", f"lr=0.003/{site}"]
+    assert summary.payload["text"] == asdict(text)
 
 
 def test_reconstruction_only(lm, corpus, tmp_path):

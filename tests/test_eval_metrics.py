@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from sae_train.data import TextConfig
+from sae_train.data import TextConfig, TokenSpec
+from sae_train.data.packing import keep_mask
 from sae_train.eval.downstream import layer_forwards, next_token_log_probs
 from sae_train.eval.metrics import (
     LossStats,
@@ -17,7 +18,6 @@ from sae_train.eval.metrics import (
     token_ce,
     token_kl,
 )
-from sae_train.eval.tokens import counted_mask, uncounted_ids
 
 X = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 0.0]])
 X_HAT = torch.tensor([[1.0, 1.0], [3.0, 3.0], [4.0, 0.0]])
@@ -94,14 +94,14 @@ def test_scored_predictions_are_those_whose_target_counts():
     assert torch.allclose(log_probs, torch.log_softmax(logits[0, [0, 2]], -1))
 
 
-def test_counted_positions(tiny_tokenizer):
+def test_kept_positions(tiny_tokenizer):
     bos, eos, pad = tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
     ids = torch.tensor([[bos, 7, eos, 9, pad]])
-    strict = uncounted_ids(tiny_tokenizer, TextConfig(exclude_special_tokens=True))
-    assert counted_mask(ids, strict).tolist() == [[False, True, False, True, False]]
-    # Special tokens kept in training: EOS counts, BOS and padding never do.
-    loose = uncounted_ids(tiny_tokenizer, TextConfig(exclude_special_tokens=False))
-    assert counted_mask(ids, loose).tolist() == [[False, True, True, True, False]]
+    strict = TokenSpec.from_tokenizer(tiny_tokenizer, TextConfig(exclude_special_tokens=True))
+    assert keep_mask(ids, strict).tolist() == [[False, True, False, True, False]]
+    # Special tokens kept: every position counts, BOS included (training used its activation).
+    loose = TokenSpec.from_tokenizer(tiny_tokenizer, TextConfig(exclude_special_tokens=False))
+    assert keep_mask(ids, loose).tolist() == [[True] * 5]
 
 
 def test_layer_forward_cost():

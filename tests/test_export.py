@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,14 @@ import yaml
 from packaging.version import Version
 from safetensors.torch import load_file, save_file
 
+from sae_train import cache
+from sae_train import eval as eval_stage
+from sae_train.data import DataConfig, TextConfig
 from sae_train.errors import UserError
 from sae_train.export import ExportConfig, run
 from sae_train.hub import load_exported
+from sae_train.lm import LanguageModel, ModelConfig
+from sae_train.provenance import public_record
 from sae_train.sae import SAEConfig, create_sae, load_sae, load_sae_cfg
 from sae_train.sae.saelens import from_saelens, saelens_reference, to_saelens
 from sae_train.train import TrainConfig
@@ -91,7 +97,8 @@ def test_layout_and_cfg_keys(sweep, exported, arch):
     record = meta["sae_train"]
     checkpoint = sweep / SWEEP_TAG.format(arch)
     assert record["architecture"] == arch
-    assert record["checkpoint_cfg"] == load_sae_cfg(checkpoint)  # our full config + provenance
+    assert record["checkpoint_cfg"] == public_record(load_sae_cfg(checkpoint))  # our full config + provenance
+    assert "store" not in record["checkpoint_cfg"]["source"]  # a local path: never published
     assert record["checkpoint_cfg"]["tokens_trained"] == 8192
     assert set(record["exported_by"]) == {"package", "version", "commit"}
 
@@ -126,6 +133,39 @@ def test_metadata_from_a_live_run(live_checkpoint, tmp_path):
     assert 'load_exported("org/sae-smollm2", folder="blocks.8.hook_resid_post")' in body
     assert "| `blocks.8.hook_resid_post` | `blocks.8.hook_resid_post` | topk | 32 | 128 | 4 | 8,192 |" in body
     assert "Not evaluated." in body
+
+
+def test_published_files_hold_no_local_path(tiny_model_dir, tmp_path):
+    """cache -> train -> eval -> export with a local model, a local corpus and a local store: the
+    export records what reproduces the run, and no path of this machine."""
+    model_dir, corpus, site = tiny_model_dir("llama"), tmp_path / "corpus", "blocks.1.hook_resid_post"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"doc{i:02d}.txt").write_text(f"def f{i}(x):\n    return x * {i} + len('alpha beta gamma')\n" * 30)
+    data, text = DataConfig(source="files", path=str(corpus), eval_fraction=0.35), TextConfig(context_size=32)
+    lm = LanguageModel.load(ModelConfig(name=str(model_dir), dtype="float32", device="cpu"))
+    cache.run(cache.CacheConfig(model=ModelConfig(name=str(model_dir), dtype="float32", device="cpu"), data=data, text=text,
+                                sites=[site], n_tokens=2048, tokens_per_shard=1024, store_dtype="float32",
+                                out_dir=str(tmp_path / "acts"), progress=False), lm)
+    train(TrainConfig(store=str(tmp_path / "acts"), out_dir=str(tmp_path / "sae"), n_tokens=1024, batch_size=256,
+                      init_tokens=1024, dtype="float32", progress=False, sae=SAEConfig(architecture="topk", k=4, expansion_factor=2)))
+    eval_stage.run(eval_stage.EvalConfig(checkpoint=str(tmp_path / "sae"), model=ModelConfig(name="", device="cpu"),
+                                         n_tokens=256, batch_size=4, out_dir=str(tmp_path / "eval"), progress=False), lm=lm)
+    out = tmp_path / "export"
+    run(ExportConfig(checkpoint=str(tmp_path / "sae"), eval_dir=str(tmp_path / "eval"), out_dir=str(out)))
+
+    local = {str(p) for p in (tmp_path, model_dir, tmp_path.resolve(), model_dir.resolve())}
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.name for p in files} == {"README.md", "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"}
+    for path in files:
+        for prefix in local:
+            assert prefix.encode() not in path.read_bytes(), (path, prefix)
+    record = json.loads((out / site / "cfg.json").read_text())["metadata"]["sae_train"]
+    source = record["checkpoint_cfg"]["source"]
+    assert source["model"]["name"] == model_dir.name and source["model"]["revision"].startswith("sha256:")
+    assert source["data"] == data.describe() | {"path": "corpus"} and source["text"] == asdict(text)
+    assert record["checkpoint_cfg"]["provenance"]["version"] and set(record["exported_by"]) == {"package", "version", "commit"}
+    assert f"`{model_dir.name}`" in (out / "README.md").read_text()
 
 
 # ------------------------------------------------------------------------------ SAELens loads it

@@ -65,7 +65,7 @@ def test_wheel_installs_and_runs_outside_the_repository(tiny_model_dir, tmp_path
 
     sae_train = venv / "bin" / "sae-train"
     run(sae_train, "cache", f"model.name={tiny_model_dir('llama')}", "model.dtype=float32", f"sites=[{SITE}]",
-        "n_tokens=2048", "context_size=32", "tokens_per_shard=1024", "out_dir=acts", "progress=false",
+        "n_tokens=2048", "text.context_size=32", "tokens_per_shard=1024", "out_dir=acts", "progress=false",
         cwd=work, env=env)
     assert (work / "acts" / "manifest.json").exists()
     trained = run(sae_train, "train", "store=acts", "n_tokens=2048", "batch_size=512", "sae.k=4",

@@ -19,7 +19,7 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 def pipeline_args(model: Path, out: Path) -> list[str]:
     return ["pipeline", f"out_dir={out}", f"site={SITE}", "n_tokens=8192", f"cache.model.name={model}",
-            "cache.model.dtype=float32", "cache.context_size=32", "cache.tokens_per_shard=2048", "cache.progress=false",
+            "cache.model.dtype=float32", "cache.text.context_size=32", "cache.tokens_per_shard=2048", "cache.progress=false",
             "train.batch_size=512", "train.progress=false", "train.sae.k=4", "train.sae.expansion_factor=2",
             "eval.n_tokens=1024", "eval.progress=false"]
 
@@ -101,17 +101,18 @@ def test_periodic_eval_from_a_store_and_live(tiny_model_dir, tmp_path):
     and text settings from the store's manifest (source=store) or from its own config (live)."""
     from sae_train import cache, pipeline
     from sae_train.cache import CacheConfig
+    from sae_train.data import TextConfig
     from sae_train.lm import ModelConfig
     from sae_train.sae import SAEConfig
     from sae_train.train import TrainConfig
 
     model = ModelConfig(name=str(tiny_model_dir("llama")), dtype="float32", device="cpu")
-    cache.run(CacheConfig(model=model, sites=[SITE], n_tokens=4096, context_size=32, tokens_per_shard=2048,
+    cache.run(CacheConfig(model=model, sites=[SITE], n_tokens=4096, text=TextConfig(context_size=32), tokens_per_shard=2048,
                           out_dir=str(tmp_path / "acts"), progress=False))
     common = dict(n_tokens=3072, batch_size=512, eval_every_tokens=1024, eval_tokens=128, dtype="float32", device="cpu",
                   progress=False, sae=SAEConfig(k=4, expansion_factor=2))
     runs = {"store": TrainConfig(store=str(tmp_path / "acts"), out_dir=str(tmp_path / "from-store"), **common),
-            "live": TrainConfig(source="live", model=model, sites=[SITE], context_size=32, live_buffer_tokens=1024,
+            "live": TrainConfig(source="live", model=model, sites=[SITE], text=TextConfig(context_size=32), live_buffer_tokens=1024,
                                 out_dir=str(tmp_path / "live"), **common)}
     for name, cfg in runs.items():
         pipeline.train_stage(cfg)

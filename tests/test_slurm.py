@@ -104,7 +104,7 @@ def test_train_ddp_preemption_notice_checkpoints_requeues_and_resumes(cluster, s
 
 def cache_args(model: Path, out: Path) -> list[str]:
     return [f"model.name={model}", "model.dtype=float32", "model.device=cpu", "data=python-stdlib",
-            "sites=[blocks.1.hook_resid_post]", "n_tokens=6144", "context_size=64", "tokens_per_shard=512",
+            "sites=[blocks.1.hook_resid_post]", "n_tokens=6144", "text.context_size=64", "tokens_per_shard=512",
             "batch_size=4", "store_dtype=float32", "progress=false", f"out_dir={out}"]
 
 

@@ -189,3 +189,12 @@ def test_bad_reader_settings(store: ActivationStore, tmp_path: Path) -> None:
     StoreWriter(tmp_path, SPEC, SITES, torch.bfloat16).close()
     with pytest.raises(UserError, match="holds no tokens"):
         ShuffledBatches(ActivationStore(tmp_path), COLS, 8)
+
+
+def test_origin_names_the_shard_rows_of_every_batch(store):
+    """origin(start, stop) is where stream rows [start, stop) were read: every rank's share of a batch."""
+    reader = ShuffledBatches(store, ["token_ids", "position"], 16, seed=3, window_shards=4, prefetch=0)
+    for t, batch in enumerate(islice(iter(reader), 15)):  # more than one epoch of 99 rows
+        rows = [(int(store.manifest.shards[s].index), int(r)) for s, shard_rows in reader.origin(16 * t, 16 * (t + 1))
+                for r in shard_rows]
+        assert sorted(rows) == sorted(tags(batch))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 from pathlib import Path
@@ -10,14 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae_train.data import TextConfig
 from sae_train.errors import UserError
 from sae_train.atomic import previous
-from sae_train.lm import ModelConfig
+from sae_train.lm import LanguageModel, ModelConfig
 from sae_train.sae import SAEConfig, create_sae, load_sae
 from sae_train.sae import checkpoint as ckpt
 from sae_train.sae.checkpoint import LEGACY_RUN_STATE_FILE, RUN_STATE_FILE, TRAINING_WEIGHTS_FILE
-from sae_train.store import StoreWriter
+from sae_train.store import ActivationStore, ShuffledBatches, StoreWriter
 from sae_train.train import Preempted, StepInfo, TrainConfig, run
+from tests.store_util import overwrite_rows
 from tests.synthetic import recovered_fraction, true_directions, write_store
 
 SITE = "synthetic"
@@ -195,6 +198,38 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(synthetic, tmp_path):
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
 
 
+def _four_shards(root: Path) -> Path:
+    return write_store(root, true_directions(64, 32), 8192, tokens_per_shard=2048)
+
+
+def test_non_finite_rows_in_the_init_sample_are_named(tmp_path):
+    store = _four_shards(tmp_path / "store")
+    overwrite_rows(store / "shard-r000-000002.safetensors", SITE, range(100, 101), float("nan"))
+    with pytest.raises(UserError) as err:
+        run(cfg(store, tmp_path / "out", n_tokens=4096))  # the init sample (32k tokens) reads every row
+    message = str(err.value)
+    assert "shard-r000-000002.safetensors rows 100 (of 2048)" in message
+    assert "sha256 differs" in message and "rerun the same `sae-train cache` command" in message
+
+
+def test_non_finite_rows_met_in_training_are_named(tmp_path):
+    store = _four_shards(tmp_path / "store")
+    sampled = ShuffledBatches(ActivationStore(store), [SITE], 1024, seed=1).origin(0, 1024)  # the init sample's rows
+    shard3 = {int(r) for shard, rows in sampled if shard == 3 for r in rows}
+    first = next(r for r in range(2048) if not shard3 & {r, r + 1, r + 2})
+    overwrite_rows(store / "shard-r000-000003.safetensors", SITE, range(first, first + 3), float("inf"))
+    # As if the writer had stored them: the manifest's checksum matches the bytes.
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["shards"][3]["sha256"] = hashlib.sha256((store / "shard-r000-000003.safetensors").read_bytes()).hexdigest()
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError) as err:
+        run(cfg(store, tmp_path / "out", n_tokens=8192, init_tokens=1024))
+    message = str(err.value)
+    assert f"shard-r000-000003.safetensors rows {first}-{first + 2} (of 2048)" in message
+    assert "model.dtype=float32" in message
+    assert not (tmp_path / "out" / RUN_STATE_FILE).exists()
+
+
 def test_one_pass_sweep_over_sites_and_k(tmp_path):
     dirs = true_directions(16, 8)
     gen = torch.Generator().manual_seed(0)
@@ -213,12 +248,16 @@ def test_one_pass_sweep_over_sites_and_k(tmp_path):
         assert json.loads((Path(info["checkpoint"]) / "cfg.json").read_text())["site"] == tag[0]
 
 
+def live_cfg(model_dir: Path, out: Path) -> TrainConfig:
+    return TrainConfig(source="live", model=ModelConfig(name=str(model_dir), dtype="float32", device="cpu"),
+                       sites=["blocks.1.hook_resid_post"], text=TextConfig(context_size=32), live_buffer_tokens=1024,
+                       n_tokens=4096, batch_size=256, out_dir=str(out), progress=False, dtype="float32",
+                       sae=SAEConfig(architecture="topk", k=4, expansion_factor=2))
+
+
 def test_live_source_trains_and_resumes(tiny_model_dir, tmp_path):
     def live(out: Path) -> TrainConfig:
-        return TrainConfig(source="live", model=ModelConfig(name=str(tiny_model_dir("llama")), dtype="float32", device="cpu"),
-                           sites=["blocks.1.hook_resid_post"], context_size=32, live_buffer_tokens=1024, n_tokens=4096,
-                           batch_size=256, out_dir=str(out), progress=False, dtype="float32",
-                           sae=SAEConfig(architecture="topk", k=4, expansion_factor=2))
+        return live_cfg(tiny_model_dir("llama"), out)
     whole = run(live(tmp_path / "whole"))
     with pytest.raises(Preempted):
         run(live(tmp_path / "split"), callbacks=[_sigterm_at(7)])
@@ -230,6 +269,17 @@ def test_live_source_trains_and_resumes(tiny_model_dir, tmp_path):
         assert torch.equal(a[key], b[key]), key
     provenance = json.loads((Path(whole.saes[site]["checkpoint"]) / "cfg.json").read_text())["source"]
     assert provenance["source"] == "live" and provenance["data"]["split"] == "train"
+
+
+def test_non_finite_live_activations_are_named(tiny_model_dir, tmp_path, monkeypatch):
+    capture_rows = LanguageModel.capture_rows
+
+    def overflowing(self, sites, windows, batch_size):
+        return {k: v.index_fill(0, torch.tensor([5]), float("inf")) for k, v in capture_rows(self, sites, windows, batch_size).items()}
+
+    monkeypatch.setattr(LanguageModel, "capture_rows", overflowing)
+    with pytest.raises(UserError, match=r"produced non-finite activations .* site blocks\.1\.hook_resid_post on block 0 .*model\.dtype=float32"):
+        run(live_cfg(tiny_model_dir("llama"), tmp_path))
 
 
 def test_bad_input(synthetic, tmp_path):

@@ -21,7 +21,8 @@ from sae_train.errors import UserError
 
 @dataclass
 class TextConfig:
-    """How text becomes model input; shared by every stage that runs the model."""
+    """How text becomes the token stream the activations come from: the `text` field of the
+    cache and live-training configs, recorded in stores and checkpoints, and read back by eval."""
 
     context_size: int = 256
     """Tokens per window (the model's sequence length)."""
@@ -38,11 +39,14 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class TokenSpec:
-    """The token ids packing uses, resolved from a tokenizer."""
+    """The token ids packing uses, and those whose activations are left out, resolved from a tokenizer."""
 
     bos: int | None
     separator: int
     special: tuple[int, ...]
+    excluded: tuple[int, ...]
+    """Token ids whose activations no stage uses: `special` when the text settings exclude
+    special tokens, else none."""
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, text: TextConfig) -> "TokenSpec":
@@ -54,14 +58,19 @@ class TokenSpec:
                 "Set prepend_bos=false and use a tokenizer with an EOS token."
             )
         special = tuple(sorted(set(tokenizer.all_special_ids) | {separator} | ({bos} if bos is not None else set())))
-        return cls(bos=bos if text.prepend_bos else None, separator=separator, special=special)
+        return cls(bos=bos if text.prepend_bos else None, separator=separator, special=special,
+                   excluded=special if text.exclude_special_tokens else ())
 
 
-def keep_mask(token_ids: torch.Tensor, spec: TokenSpec, exclude: bool) -> torch.Tensor:
-    """Which tokens' activations to keep: all of them, or all but the special tokens if `exclude`."""
-    if not exclude:
+def keep_mask(token_ids: torch.Tensor, tokens: TokenSpec) -> torch.Tensor:
+    """Which tokens' activations count: the one rule for the store, live training and eval.
+
+    Every token, or every token but the special ones (BOS, EOS, padding...) when the text
+    settings exclude them; a bool tensor shaped like `token_ids`, on its device.
+    """
+    if not tokens.excluded:
         return torch.ones_like(token_ids, dtype=torch.bool)
-    return ~torch.isin(token_ids, torch.tensor(spec.special))
+    return ~torch.isin(token_ids, torch.tensor(tokens.excluded, device=token_ids.device))
 
 
 def _token_stream(documents: Iterable[str], tokenizer: Any, separator: int, batch_docs: int) -> Iterator[list[int]]:

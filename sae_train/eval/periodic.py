@@ -19,9 +19,10 @@ from dataclasses import replace
 
 import torch
 
-from sae_train.data import DataConfig, TextConfig
+from sae_train.data import DataConfig, TextConfig, TokenSpec
+from sae_train.data.packing import keep_mask
 from sae_train.eval.downstream import SiteEvaluator
-from sae_train.eval.tokens import counted_mask, held_out_windows, uncounted_ids
+from sae_train.eval.tokens import held_out_windows
 from sae_train.lm import LanguageModel
 from sae_train.sae import SAE
 
@@ -36,8 +37,8 @@ class PeriodicEval:
     def __init__(self, lm: LanguageModel, windows: torch.Tensor, text: TextConfig, batch_size: int = 8):
         """windows: int64 [n, context_size] of held-out text, tokenized as `text` says."""
         self.lm = lm
-        uncounted = uncounted_ids(lm.tokenizer, text)
-        self.batches = [(ids, counted_mask(ids, uncounted)) for ids in windows.to(lm.device).split(batch_size)]
+        tokens = TokenSpec.from_tokenizer(lm.tokenizer, text)
+        self.batches = [(ids, keep_mask(ids, tokens)) for ids in windows.to(lm.device).split(batch_size)]
 
     @classmethod
     def from_data(cls, lm: LanguageModel, data: DataConfig, text: TextConfig, n_tokens: int = 4096,

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from sae_train.atomic import write_atomic, write_text_atomic
+from sae_train.provenance import public_source
 
 # (header, metric, format); downstream columns are left out when the eval ran without them.
 _COLUMNS = [
@@ -34,9 +35,9 @@ DEFINITIONS = """\
 
 All numbers are computed on held-out text (the eval split of the data source, which shares no
 document — no file, for file sources — with the training split), on raw activations (the
-checkpoint has its normalisation folded in). A position is *counted* when its input token is
-not BOS or padding, nor another special token when the checkpoint's text config excluded
-special tokens from training.
+checkpoint has its normalisation folded in). A position is *counted* when training would have
+used its activation: every position but the special tokens' (BOS, EOS, padding) when the
+checkpoint's text settings excluded special tokens (the default), every position otherwise.
 
 - **MSE**: mean over counted tokens of the squared error summed over dimensions,
   `mean_t Σ_d (x − x̂)²` (the unit of the training loss). `mse_per_element` in eval.json is the
@@ -52,7 +53,7 @@ special tokens from training.
   *mean-abl.*: by its mean over the batch's counted tokens (one batch holds thousands of
   tokens, so this is the eval-set mean to within noise, without a second pass). Every
   replacement is made at counted positions only, for the whole forward pass; the clean
-  activation stays at BOS/special positions, which the SAE never trained on.
+  activation stays at the other positions, which the SAE never trained on.
 - **CE recovered** = (CE_zero − CE_SAE) / (CE_zero − CE_clean). eval.json also has
   `ce_recovered_mean`, the same with mean ablation (more telling for residual-stream sites,
   where zero ablation is catastrophic).
@@ -73,8 +74,8 @@ estimate; ours is one ratio of sums over all eval tokens (EleutherAI sparsify's 
 formula, pooled over the eval set instead of per batch), which a few low-variance tokens
 cannot dominate; (2) their `mse` divides the per-token squared error by the batch's token count
 before averaging, ours is the plain mean; (3) they drop a prediction when its *input* token is
-ignored, we when its *target* is (predicting BOS/padding is not language modelling; predicting
-from BOS is); (4) their zero ablation replaces every position, including BOS, ours only the
+ignored, we when its *target* is (with special tokens excluded, predicting BOS/padding is not
+scored; predicting from BOS is); (4) their zero ablation replaces every position, including BOS, ours only the
 counted positions that the SAE replaces.
 """
 
@@ -140,7 +141,8 @@ def _finite(obj: Any) -> Any:
 
 def markdown(summary: EvalSummary) -> str:
     p = summary.payload
-    model, data, tokens = p["model"], p["data"], p["tokens"]
+    public = public_source({"model": p["model"], "data": p["data"]})  # eval.md goes into published model cards
+    model, data, tokens = public["model"], public["data"], p["tokens"]
     source = data["source"] + (f" {data['path']}" if data.get("path") else "")
     return "\n".join([
         "# SAE evaluation",

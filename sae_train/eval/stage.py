@@ -15,14 +15,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from sae_train.data import DataConfig, TextConfig
+from sae_train.data import DataConfig, TextConfig, TokenSpec
+from sae_train.data.packing import keep_mask
 from sae_train.errors import UserError
 from sae_train.eval.checkpoints import Checkpoint, group_by_site, load_checkpoints, recorded
 from sae_train.eval.config import EvalConfig
 from sae_train.eval.downstream import SiteEvaluator, layer_forwards
 from sae_train.eval.metrics import density_histogram
 from sae_train.eval.report import EvalSummary, write_report
-from sae_train.eval.tokens import counted_mask, held_out_windows, uncounted_ids
+from sae_train.eval.tokens import held_out_windows
 from sae_train.lm import LanguageModel, ModelConfig
 from sae_train.provenance import provenance
 
@@ -96,13 +97,13 @@ def run(cfg: EvalConfig, lm: LanguageModel | None = None) -> EvalSummary:
     text = text_config(recorded(checkpoints, "text"), cfg.context_size)
     groups = group_by_site(checkpoints, lm)  # before reading any text: a wrong site fails fast
     windows = held_out_windows(lm.tokenizer, data, text, cfg.n_tokens)
-    uncounted = uncounted_ids(lm.tokenizer, text)
+    tokens = TokenSpec.from_tokenizer(lm.tokenizer, text)
 
     evaluators = [SiteEvaluator(site, saes, downstream=cfg.downstream) for site, saes in groups]
     counted_tokens = predictions = 0
     for batch in tqdm(windows.split(cfg.batch_size), desc="eval", unit="batch", disable=not cfg.progress):
         input_ids = batch.to(lm.device)
-        counted = counted_mask(input_ids, uncounted)
+        counted = keep_mask(input_ids, tokens)
         for evaluator in evaluators:
             evaluator.add_batch(lm, input_ids, counted)
         counted_tokens += int(counted.sum())

@@ -1,11 +1,11 @@
-"""Which eval text is used and which of its positions count.
+"""Which eval text is used.
 
-One rule serves every metric. A position is *counted* when its input token is not BOS or
-padding, nor — when the checkpoint's text config excluded them from training — any other
-special token. Reconstruction metrics use the activations at counted positions; the SAE and
-the ablations replace the site's value only there (elsewhere the clean value stays, as the SAE
-never saw those tokens); CE and KL score the prediction made at position t when position t+1
-is counted, i.e. every next-token prediction whose target is an ordinary token.
+Which of its positions count is the training rule, `sae_train.data.packing.keep_mask`: a
+position is *counted* when its activation would have been kept for training under the
+checkpoint's text settings. Reconstruction metrics use the activations at counted positions;
+the SAE and the ablations replace the site's value only there (elsewhere the clean value stays,
+as the SAE never saw those tokens); CE and KL score the prediction made at position t when
+position t+1 is counted.
 """
 
 from __future__ import annotations
@@ -18,20 +18,6 @@ import torch
 
 from sae_train.data import DataConfig, TextConfig, TokenSpec, iter_documents, iter_windows
 from sae_train.errors import UserError
-
-
-def uncounted_ids(tokenizer: Any, text: TextConfig) -> torch.Tensor:
-    """Token ids whose positions never count (int64, sorted)."""
-    spec = TokenSpec.from_tokenizer(tokenizer, text)
-    ids = {tokenizer.bos_token_id, tokenizer.pad_token_id, spec.bos}
-    if text.exclude_special_tokens:
-        ids |= set(spec.special)
-    return torch.tensor(sorted(i for i in ids if i is not None), dtype=torch.int64)
-
-
-def counted_mask(input_ids: torch.Tensor, uncounted: torch.Tensor) -> torch.Tensor:
-    """bool [B, T]: positions whose input token counts."""
-    return ~torch.isin(input_ids, uncounted.to(input_ids.device))
 
 
 def held_out_windows(tokenizer: Any, data: DataConfig, text: TextConfig, n_tokens: int) -> torch.Tensor:

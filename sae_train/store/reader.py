@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sae_train.errors import UserError
@@ -53,11 +54,26 @@ class ActivationStore:
         info = self.manifest.shards[i]
         return shardfile.open_tensors(self.root / info.file, shardfile.read_header(self.root / info.file))
 
+    def nonfinite_rows(self, i: int, site: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """The rows of shard i (among `rows`, sorted; all when None) whose `site` activation
+        holds a NaN or an inf, sorted. Reads those rows only."""
+        x = self.shard(i)[site]
+        if rows is not None:
+            x = x[torch.from_numpy(rows)]
+        bad = ~torch.isfinite(x).all(dim=1)
+        picked = np.arange(len(x)) if rows is None else rows
+        return picked[bad.numpy()]
+
+    def damaged(self, i: int) -> bool:
+        """Shard i's bytes differ from those written (its sha256 is not the manifest's)."""
+        info = self.manifest.shards[i]
+        return _sha256(self.root / info.file) != info.sha256
+
     def verify(self, checksums: bool = False) -> None:
         """Check every shard's size, header, tensor names, shapes and dtypes; sha256 if asked."""
         expected = {name: (s.d_in, s.torch_dtype) for name, s in self.sites.items()}
         expected.update({name: (None, torch.int32) for name in RESERVED})
-        for info in self.manifest.shards:
+        for i, info in enumerate(self.manifest.shards):
             path = self.root / info.file
             self._check_size(info)
             entries = shardfile.read_header(path)
@@ -69,7 +85,7 @@ class ActivationStore:
                 if e.shape != shape or shardfile.CODES[e.code][0] != dtype:
                     found, wanted = f"{e.code}{list(e.shape)}", f"{dtype}{list(shape)}"
                     raise _mismatch(path, f"tensor {name!r} is {found}, the manifest expects {wanted}")
-            if checksums and _sha256(path) != info.sha256:
+            if checksums and self.damaged(i):
                 raise _mismatch(path, "its sha256 checksum differs from the manifest's (the bytes are damaged)")
 
     def _check_size(self, info: ShardInfo) -> None:

@@ -95,9 +95,17 @@ class ShuffledBatches:
         finally:
             batches.close()  # stops the prefetch thread at once, not whenever GC runs
 
-    def _batches(self, start: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def origin(self, start: int, stop: int) -> Pieces:
+        """Where stream rows [start, stop) come from (every rank's share): (shard position,
+        sorted rows within the shard) pairs."""
+        return self._plan().pieces(start, stop)
+
+    def _plan(self) -> StreamPlan:
         sizes = [s.n_tokens for s in self.store.manifest.shards]
-        plan = StreamPlan(sizes, self.seed, self.window_shards, self.shuffle)
+        return StreamPlan(sizes, self.seed, self.window_shards, self.shuffle)
+
+    def _batches(self, start: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        plan = self._plan()
         shards = _ShardCache(self.store, 2 * self.window_shards)
         end = None if self.loop else plan.n_rows
         while end is None or start < end:

@@ -27,7 +27,7 @@ def build_source(cfg: TrainConfig, dist: Dist, lm: LanguageModel | None = None) 
         return StoreSource(cfg.store, list(cfg.sites), cfg.batch_size, dist, seed=cfg.seed, window_shards=cfg.shuffle_window)
     # Each rank runs its own copy of the model on its own device.
     lm = lm or LanguageModel.load(replace(cfg.model, device=str(dist.device)))
-    return LiveSource(lm, list(cfg.sites), cfg.data, cfg, cfg.batch_size, dist, seed=cfg.seed,
+    return LiveSource(lm, list(cfg.sites), cfg.data, cfg.text, cfg.batch_size, dist, seed=cfg.seed,
                       buffer_tokens=cfg.live_buffer_tokens)
 
 

@@ -28,7 +28,7 @@ class WandbConfig:
 
 
 @dataclass
-class TrainConfig(TextConfig):
+class TrainConfig:
     """Train one or more SAEs on one activation stream."""
 
     source: str = "store"
@@ -39,6 +39,8 @@ class TrainConfig(TextConfig):
     """source=live: the model to run."""
     data: DataConfig = field(default_factory=DataConfig)
     """source=live: the text to run it on (its train split)."""
+    text: TextConfig = field(default_factory=TextConfig)
+    """source=live: how the text becomes windows (a store records its own)."""
     sites: list[str] = field(default_factory=list)
     """Sites to train on; empty = every site in the store (source=store)."""
     sae: SAEConfig = field(default_factory=SAEConfig)
@@ -99,7 +101,6 @@ class TrainConfig(TextConfig):
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.source not in SOURCES:
             raise UserError(f"source='{self.source}' must be one of {', '.join(SOURCES)}.")
         if self.source == "store" and not self.store:

@@ -7,12 +7,12 @@ the same per-step all-reduce as the gradients, so no rank ever waits on one that
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
 
+from sae_train.distenv import torchrun
 from sae_train.lm.model import resolve_device
 
 
@@ -45,16 +45,15 @@ def init_distributed(device: str = "auto") -> Dist:
     """Join the process group torchrun (or srun + torchrun) describes in the environment; a
     plain `python`/`sae-train` run is a world of one. NCCL on CUDA, gloo on CPU."""
     dev = resolve_device(device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    job = torchrun()
+    if job.world_size <= 1:
         return Dist(device=dev)
-    rank = int(os.environ["RANK"])
     if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        dev = torch.device("cuda", job.local_rank)
         torch.cuda.set_device(dev)
     if not tdist.is_initialized():
         tdist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank=rank, world_size=world, device=dev)
+    return Dist(rank=job.rank, world_size=job.world_size, device=dev)
 
 
 def shutdown(dist: Dist) -> None:

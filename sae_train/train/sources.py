@@ -38,6 +38,12 @@ class ActivationSource(Protocol):
 
     def sample(self, n_tokens: int) -> dict[str, torch.Tensor]: ...
 
+    def nonfinite_error(self, site: str, start: int, stop: int, *, sample: bool = False) -> UserError | None:
+        """An error naming where non-finite activations of `site` among global rows [start, stop)
+        of the training stream (of the `sample` stream) come from, with the fix; None when
+        those rows are finite. Called only once training has failed, never per step."""
+        ...
+
 
 class StoreSource:
     """Shuffled batches from an activation store (see `ShuffledBatches` for the exact order)."""
@@ -58,11 +64,18 @@ class StoreSource:
     def d_in(self, site: str) -> int:
         return self.store.sites[site].d_in
 
+    def _stream(self, batch_size: int, *, sample: bool = False, position: int = 0) -> ShuffledBatches:
+        """This rank's training stream, or (`sample`) the stream `sample` draws from, as a single
+        process would, so it does not depend on the world size."""
+        if sample:
+            return ShuffledBatches(self.store, self.sites, batch_size, seed=self.seed + 1,
+                                   window_shards=self.window_shards, dtype=torch.float32, prefetch=0)
+        return ShuffledBatches(self.store, self.sites, batch_size, seed=self.seed, rank=self.dist.rank,
+                               world_size=self.dist.world_size, window_shards=self.window_shards, position=position,
+                               dtype=torch.float32)
+
     def batches(self, position: int) -> Iterator[dict[str, torch.Tensor]]:
-        self._reader = ShuffledBatches(
-            self.store, self.sites, self.batch_size, seed=self.seed, rank=self.dist.rank,
-            world_size=self.dist.world_size, window_shards=self.window_shards, position=position, dtype=torch.float32,
-        )
+        self._reader = self._stream(self.batch_size, position=position)
         return iter(self._reader)
 
     @property
@@ -71,10 +84,42 @@ class StoreSource:
 
     def sample(self, n_tokens: int) -> dict[str, torch.Tensor]:
         """n rows drawn like a single-process run would (independent of the world size)."""
-        n = min(n_tokens, self.store.n_tokens)
-        reader = ShuffledBatches(self.store, self.sites, n, seed=self.seed + 1, window_shards=self.window_shards,
-                                 dtype=torch.float32, prefetch=0)
-        return next(iter(reader))
+        return next(iter(self._stream(min(n_tokens, self.store.n_tokens), sample=True)))
+
+    def nonfinite_error(self, site: str, start: int, stop: int, *, sample: bool = False) -> UserError | None:
+        stream = self._stream(self.batch_size, sample=sample)
+        bad = {shard: self.store.nonfinite_rows(shard, site)  # every bad row of a shard the rows touch
+               for shard, rows in stream.origin(start, stop) if len(self.store.nonfinite_rows(shard, site, rows))}
+        if not bad:
+            return None
+        shards = self.store.manifest.shards
+        listing = "; ".join(f"{shards[i].file} rows {_ranges(rows)} (of {shards[i].n_tokens})"
+                            for i, rows in list(bad.items())[:5])
+        more = f"; and {len(bad) - 5} more shards" if len(bad) > 5 else ""
+        damaged = [shards[i].file for i in bad if self.store.damaged(i)]
+        if damaged:
+            fix = (f"The bytes of {', '.join(damaged)} changed after they were written (sha256 differs from the "
+                   "manifest's): delete these files and rerun the same `sae-train cache` command, which rewrites "
+                   "exactly the missing shards.")
+        else:
+            fix = ("These shards hold the values as written (their sha256 matches the manifest's): the store's writer "
+                   "stored non-finite activations (sae-train's refuses them; an older version or another tool does "
+                   "not), typically the model overflowing its dtype. Re-cache into a new out_dir with "
+                   "model.dtype=float32 (or bfloat16; float16 overflows easily).")
+        return UserError(f"Activations of site {site} in store {self.store.root} are not finite (NaN or inf): "
+                         f"{listing}{more}. Training stopped; no checkpoint was overwritten. {fix}")
+
+
+def _ranges(rows: np.ndarray, limit: int = 8) -> str:
+    """Sorted row indices as "3-5, 9, 12-40" (the first `limit` runs)."""
+    runs: list[list[int]] = []
+    for row in rows.tolist():
+        if runs and row == runs[-1][1] + 1:
+            runs[-1][1] = row
+        else:
+            runs.append([row, row])
+    text = ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs[:limit])
+    return text + (f" and {len(runs) - limit} more runs" if len(runs) > limit else "")
 
 
 class LiveSource:
@@ -124,10 +169,20 @@ class LiveSource:
     def _block_rows(self, windows: list[torch.Tensor], block: int) -> dict[str, torch.Tensor]:
         batch = torch.stack(windows)
         rows = self.lm.capture_rows(self._sites, batch, 16)
-        keep = keep_mask(batch.flatten(), self._tokens, self.text.exclude_special_tokens)
+        keep = keep_mask(batch.flatten(), self._tokens)
+        kept = {name: site_rows[keep] for name, site_rows in rows.items()}
+        for name, x in kept.items():  # one check per block of windows, not per training step
+            if not bool(torch.isfinite(x).all()):
+                model = self.lm.identity
+                raise UserError(
+                    f"Model {model['name']} ({model['dtype']}) produced non-finite activations (NaN or inf) at site "
+                    f"{name} on block {block} of rank {self.dist.rank}'s windows of data source '{self.data.source}'. "
+                    "Nothing was trained on them. This is usually the model overflowing its dtype: use "
+                    "model.dtype=float32 (or bfloat16; float16 overflows easily)."
+                )
         rng = np.random.default_rng([self.seed, self.dist.rank, block])
         order = torch.from_numpy(rng.permutation(int(keep.sum())))
-        return {name: site_rows[keep][order].float() for name, site_rows in rows.items()}
+        return {name: x[order].float() for name, x in kept.items()}
 
     def _blocks(self, start_block: int) -> Iterator[dict[str, torch.Tensor]]:
         windows = self._rank_windows()
@@ -163,7 +218,7 @@ class LiveSource:
         windows, block = self._rank_windows(), 0
         while chunk := list(islice(windows, self.windows_per_block)):
             tokens = torch.stack(chunk).flatten()
-            size = int(keep_mask(tokens, self._tokens, self.text.exclude_special_tokens).sum())
+            size = int(keep_mask(tokens, self._tokens).sum())
             if local_rows < size:
                 return block, local_rows
             local_rows -= size
@@ -173,6 +228,9 @@ class LiveSource:
     @property
     def position(self) -> int:
         return self._position
+
+    def nonfinite_error(self, site: str, start: int, stop: int, *, sample: bool = False) -> UserError | None:
+        return None  # every block is checked when it is computed (`_block_rows`)
 
     def sample(self, n_tokens: int) -> dict[str, torch.Tensor]:
         rows: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}

@@ -182,7 +182,7 @@ class Trainer:
                 x = sample[run.site].to(self.dist.device, torch.float32)
                 mean_norm = float(x.norm(dim=1).mean())
                 if not math.isfinite(mean_norm) or mean_norm == 0.0:
-                    raise UserError(f"Activations of {run.site} have mean norm {mean_norm}; the data is degenerate (all zero or non-finite).")
+                    raise self.source.nonfinite_error(run.site, 0, len(x), sample=True) or UserError(f"Activations of {run.site} have mean norm {mean_norm}; the data is degenerate (all zero or non-finite).")
                 scale[0] = 1.0 / mean_norm
                 run.sae.init_from_data(x * scale.item())
             run.scale = float(self.dist.broadcast_(scale).item())
@@ -260,7 +260,8 @@ class Trainer:
         lr_scale = lr_factor(self.step, self.n_steps, self.cfg.lr_warmup, self.cfg.lr_decay)
         for run, out, (losses, sums, fired) in zip(self.runs, outs, stats):
             if not all(math.isfinite(v) for v in losses.values()):
-                raise UserError(
+                start = self.position  # the global stream rows of this batch
+                raise self.source.nonfinite_error(run.site, start, start + self.cfg.batch_size) or UserError(
                     f"Non-finite loss for SAE {run.tag} at step {self.step} ({losses}). Training stopped; the last "
                     "checkpoint was left untouched. Lower lr, use dtype=float32, or check the activations."
                 )
