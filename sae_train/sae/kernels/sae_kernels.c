@@ -34,10 +34,15 @@
 #define DT_F32 0
 #define DT_BF16 1
 
-/* Floats per vector of the path this build took: 16 (AVX-512) or 1 (portable C). */
+/* Floats per vector of the path this build took: 16 (AVX-512 intrinsics), else what the
+ * compiler may vectorise the portable loops to: 8 (AVX2+FMA), 4 (SSE2, Arm NEON), 1. */
 int sae_vector_width(void) {
-#ifdef SAE_AVX512
+#if defined(SAE_AVX512)
     return 16;
+#elif defined(__AVX2__) && defined(__FMA__)
+    return 8;
+#elif defined(__SSE2__) || defined(__ARM_NEON)
+    return 4;
 #else
     return 1;
 #endif
