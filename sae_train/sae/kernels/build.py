@@ -35,7 +35,7 @@ from sae_train.atomic import write_atomic
 
 CFLAGS_VAR = "SAE_TRAIN_CFLAGS"
 SOURCE = Path(__file__).with_name("sae_kernels.c")
-_BASE_FLAGS = ["-O3", "-shared", "-fPIC"]
+_BASE_FLAGS = ["-O3", "-fno-math-errno", "-shared", "-fPIC"]  # no errno: sqrtf vectorises
 # /proc/cpuinfo flag -> the compiler flag enabling that extension (used when -march=native is refused)
 _X86_ISA = {"avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c", "avx512f": "-mavx512f", "avx512bw": "-mavx512bw",
             "avx512vl": "-mavx512vl", "avx512dq": "-mavx512dq", "avx512_bf16": "-mavx512bf16"}
@@ -81,7 +81,7 @@ def _extra_flags() -> list[str]:
 
 def library_name(cc: str, version: str) -> str:
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), cc, version, " ".join(_extra_flags()), cpu_flags()]).encode()
+        "\0".join([SOURCE.read_text(), cc, version, " ".join(_BASE_FLAGS + _extra_flags()), cpu_flags()]).encode()
     ).hexdigest()[:20]
     return f"sae_kernels-{key}.so"
 

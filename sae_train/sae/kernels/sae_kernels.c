@@ -1856,6 +1856,13 @@ static inline float dot_f32(const float *a, const float *b, int64_t D) {
         a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), a0);
     }
     s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#else
+    v8f a0 = v8_set1(0.0f), a1 = a0;
+    for (; d + 16 <= D; d += 16) {
+        a0 += v8_load(a, DT_F32, d) * v8_load(b, DT_F32, d);
+        a1 += v8_load(a, DT_F32, d + 8) * v8_load(b, DT_F32, d + 8);
+    }
+    s = v8_sum(a0 + a1);
 #endif
     for (; d < D; d++) s += a[d] * b[d];
     return s;
@@ -1886,6 +1893,14 @@ static void sqnorm_range(void *p, int64_t lo, int64_t hi, int tid) {
             acc = _mm512_fmadd_ps(e, e, acc);
         }
         s = _mm512_reduce_add_ps(acc);
+#else
+        const v8f vk = v8_set1(-k);
+        v8f acc = v8_set1(0.0f);
+        for (; d + 8 <= D; d += 8) {
+            v8f e = vk * v8_load(w, DT_F32, d) + v8_load(g, DT_F32, d);
+            acc += e * e;
+        }
+        s = v8_sum(acc);
 #endif
         for (; d < D; d++) {
             float e = fmaf(-k, w[d], g[d]);
@@ -1942,6 +1957,21 @@ static inline __attribute__((always_inline)) __m512 adam_step16(const adam_ctx *
 }
 #endif
 
+/* One element of adam_range; returns the new parameter value. exact_tail: torch's scalar
+ * loop (the last numel % 16 elements) rounds (sq_w * g) * g before adding it, no FMA. */
+static inline __attribute__((always_inline)) float adam1(const adam_ctx *c, float pv, float g, float *m, float *v,
+                                                         float k, int small, float lw, const int exact_tail) {
+    if (c->coef) g = fmaf(-k, pv, g);
+    g *= c->clip;
+    float mv = fmaf(lw, g - *m, small ? *m : g);
+    float vb = *v * c->beta2, t = (c->sq_w * g) * g;
+    if (exact_tail) __asm__("" : "+x"(t)); /* keep the rounding of t */
+    float vv = vb + t;
+    *m = mv;
+    *v = vv;
+    return pv + (c->neg_step * mv) / (sqrtf(vv) / c->bc2_sqrt + c->eps);
+}
+
 static void adam_range(void *p, int64_t lo, int64_t hi, int tid) {
     (void)tid;
     adam_ctx *c = (adam_ctx *)p;
@@ -1974,18 +2004,17 @@ static void adam_range(void *p, int64_t lo, int64_t hi, int tid) {
             d = vec_end;
         }
         ss = _mm512_reduce_add_ps(acc);
+#else
+        const adam_ctx cl = *c; /* a local copy: no store below may alias its fields, so the loop vectorises */
+        for (; d < vec_end; d++) out[d] = adam1(&cl, pr[d], gr[d], mr + d, vr + d, k, small, lw, 0);
+        v8f acc = v8_set1(0.0f);
+        int64_t q = 0;
+        for (; q + 8 <= vec_end; q += 8) acc += v8_load(out, DT_F32, q) * v8_load(out, DT_F32, q);
+        ss = v8_sum(acc);
+        for (; q < vec_end; q++) ss += out[q] * out[q];
 #endif
         for (; d < D; d++) {
-            float pv = pr[d], g = gr[d];
-            if (c->coef) g = fmaf(-k, pv, g);
-            g *= c->clip;
-            float mv = fmaf(lw, g - mr[d], small ? mr[d] : g);
-            float vb = vr[d] * c->beta2, t = (c->sq_w * g) * g;
-            __asm__("" : "+x"(t)); /* keep the rounding of t: no FMA here, as in torch's scalar loop */
-            float vv = vb + t;
-            pv = pv + (c->neg_step * mv) / (sqrtf(vv) / c->bc2_sqrt + c->eps);
-            mr[d] = mv;
-            vr[d] = vv;
+            float pv = adam1(c, pr[d], gr[d], mr + d, vr + d, k, small, lw, 1);
             out[d] = pv;
             ss += pv * pv;
         }
