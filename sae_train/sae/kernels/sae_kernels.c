@@ -208,6 +208,23 @@ static inline v8f v8_load(const void *base, int dtype, int64_t i) {
 
 static inline void v8_store(float *p, v8f v) { memcpy(p, &v, sizeof v); }
 
+/* store v in dtype (bf16: rounded as f32_to_bf16) and return what was stored, as fp32 */
+static inline v8f v8_store_get(void *base, int dtype, int64_t i, v8f v) {
+    if (dtype == DT_F32) {
+        v8_store((float *)base + i, v);
+        return v;
+    }
+    const v8u u = (v8u)v;
+    const v8i nan = (v8i)(u & 0x7fffffffu) > 0x7f800000;
+    v8u r = (u + (0x7fffu + ((u >> 16) & 1u))) >> 16;
+    r = (r & ~(v8u)nan) | (((u >> 16) | 0x40u) & (v8u)nan);
+    v8h h = __builtin_convertvector(r, v8h);
+    memcpy((uint16_t *)base + i, &h, sizeof h);
+    return (v8f)(r << 16);
+}
+
+static inline v8f v8_and(v8f v, v8i m) { return (v8f)((v8i)v & m); } /* v where m, else +0 */
+
 static inline float v8_sum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 static inline v8f v8_max(v8f v, v8f m) { /* max(v, m); a NaN v keeps m */
@@ -1718,6 +1735,23 @@ static void act_fwd_range(void *p, int64_t lo, int64_t hi, int tid) {
         if (i < N) cnt += __builtin_popcount(act_fwd_step(c, zr, fr, cc, i, tail_mask(N - i), 0, &wacc));
         i = N;
         ws = _mm512_reduce_add_ps(wacc);
+#else
+        const act_ctx cl = *c; /* a local copy: the stores below cannot alias its fields */
+        v8f wacc = v8_set1(0.0f);
+        v8i on_count = {0};
+        for (; i + 8 <= N; i += 8) {
+            v8f v = v8_load(zr, cl.dtype, i) + v8_load(cl.bias, DT_F32, i);
+            v8f f = v8_and(v, ~(v <= (cl.thr ? v8_load(cl.thr, DT_F32, i) : v8_set1(0.0f)))); /* v > thr, or NaN */
+            f = v8_store_get(fr, cl.dtype, i, f); /* statistics of what was stored */
+            v8i on = f != v8_set1(0.0f), col;
+            memcpy(&col, cc + i, sizeof col);
+            col -= on; /* on is -1 where set */
+            memcpy(cc + i, &col, sizeof col);
+            on_count -= on;
+            wacc += cl.colw ? f * v8_load(cl.colw, DT_F32, i) : f;
+        }
+        ws = v8_sum(wacc);
+        for (int l = 0; l < 8; l++) cnt += on_count[l];
 #endif
         for (; i < N; i++) {
             float v = load1(zr, c->dtype, i) + c->bias[i];
@@ -1795,6 +1829,27 @@ static void act_bwd_range(void *p, int64_t lo, int64_t hi, int tid) {
         for (; i + 16 <= N; i += 16) act_bwd_step(c, fr, gr, i, 0xffff, 1, vrg, cg, cw, cwg, cwr);
         if (i < N) act_bwd_step(c, fr, gr, i, tail_mask(N - i), 0, vrg, cg, cw, cwg, cwr);
         i = N;
+#else
+        const act_ctx cl = *c; /* a local copy: the stores below cannot alias its fields */
+        const v8f vrg = v8_set1(rg), vhalf = v8_set1(half);
+        for (; i + 8 <= N; i += 8) {
+            v8f f = v8_load(fr, cl.dtype, i), g = v8_load(gr, cl.dtype, i), go;
+            if (cl.thr) {
+                v8f v = f + v8_load(cl.bias, DT_F32, i), th = v8_load(cl.thr, DT_F32, i);
+                go = v8_and(g, v > th);
+                v8i win = (v8f)((v8i)(v - th) & 0x7fffffff) < vhalf; /* |v - thr| < eps / 2 */
+                if (v8_any(win)) {
+                    if (cwg) v8_store(cwg + i, v8_load(cwg, DT_F32, i) + v8_and(g, win));
+                    if (cwr) v8_store(cwr + i, v8_load(cwr, DT_F32, i) + v8_and(vrg, win));
+                }
+            } else {
+                v8f gi = g + vrg * (cl.colw ? v8_load(cl.colw, DT_F32, i) : v8_set1(1.0f));
+                go = v8_and(gi, f > v8_set1(0.0f));
+                if (cw) v8_store(cw + i, vrg * f + v8_load(cw, DT_F32, i));
+            }
+            go = v8_store_get(gr, cl.dtype, i, go); /* sum what the GEMM sees */
+            if (cg) v8_store(cg + i, v8_load(cg, DT_F32, i) + go);
+        }
 #endif
         for (; i < N; i++) {
             float f = load1(fr, c->dtype, i), g = load1(gr, c->dtype, i), go;
