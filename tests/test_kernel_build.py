@@ -160,6 +160,33 @@ def test_a_compiler_failing_every_target_reports_each_attempt(env, monkeypatch):
     assert not any(build.cache_dirs()[0].iterdir())  # nothing half-written left
 
 
+def test_ranks_building_at_once_each_load_a_whole_library(env):
+    """Four processes start on an empty cache at once, with a compiler that writes its output
+    in two halves a moment apart: none may load (or crash on) a half-written file."""
+    import subprocess
+
+    built = Path(kernels._lib_or_raise()._name)
+    half = built.stat().st_size // 2
+    _script(env / "fakecc", f"""
+[ "$1" = --version ] && {{ echo fakecc 1; exit 0; }}
+while [ $# -gt 1 ]; do
+  if [ "$1" = -o ]; then head -c {half} {built} > "$2"; sleep 0.5; tail -c +{half + 1} {built} >> "$2"; fi
+  shift
+done
+""")
+    code = (  # build.py by path: importing the package would import torch, seconds per process here
+        "import importlib.util as u; s = u.spec_from_file_location('build', {path!r}); b = u.module_from_spec(s); "
+        "s.loader.exec_module(b); print(b.load({symbols!r}).sae_vector_width())"
+    ).format(path=build.__file__, symbols=SYMBOLS)
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in outs]
+    assert {out.strip() for out, _ in outs} == {str(kernels._width)}
+    target = build.cache_dirs()[0] / _name()
+    assert target.read_bytes() == built.read_bytes() and [p.name for p in target.parent.iterdir()] == [target.name]
+
+
 @pytest.mark.parametrize(
     "flags, expected",
     [

@@ -34,6 +34,20 @@
 #define DT_F32 0
 #define DT_BF16 1
 
+/* Keep a float's rounding: the compiler may not fuse the operation that produced it into an
+ * FMA (an empty asm the value passes through, in a register of the FP/vector file). */
+#if defined(__x86_64__) || defined(__i386__)
+#define SAE_ROUNDED(x) __asm__("" : "+x"(x))
+#elif defined(__aarch64__)
+#define SAE_ROUNDED(x) __asm__("" : "+w"(x))
+#else
+#define SAE_ROUNDED(x)                  \
+    do {                                \
+        volatile float sae_rounded_ = (x); \
+        (x) = sae_rounded_;             \
+    } while (0)
+#endif
+
 /* Floats per vector of the path this build took: 16 (AVX-512 intrinsics), else what the
  * compiler may vectorise the portable loops to: 8 (AVX2+FMA), 4 (SSE2, Arm NEON), 1. */
 int sae_vector_width(void) {
@@ -2020,7 +2034,7 @@ static inline __attribute__((always_inline)) float adam1(const adam_ctx *c, floa
     g *= c->clip;
     float mv = fmaf(lw, g - *m, small ? *m : g);
     float vb = *v * c->beta2, t = (c->sq_w * g) * g;
-    if (exact_tail) __asm__("" : "+x"(t)); /* keep the rounding of t */
+    if (exact_tail) SAE_ROUNDED(t);
     float vv = vb + t;
     *m = mv;
     *v = vv;
