@@ -35,9 +35,7 @@ from pathlib import Path
 
 import torch
 
-from sae_train.sae import SAEConfig
-from sae_train.sae import kernels
-from sae_train.sae.kernels import keep_freed_memory
+from sae_train.sae import SAEConfig, kernels
 from sae_train.train import TrainConfig, Trainer
 from sae_train.train.dist import Dist
 from sae_train.train.roofline import step_gemms
@@ -211,7 +209,7 @@ def main() -> None:
 
     # As the trainer does at start-up: big freed buffers are reused, not page-faulted back in,
     # so the roofline GEMM and every library's step are timed on equal terms.
-    keep_freed_memory()
+    kernels.keep_freed_memory()
     x = activations(args.store)
     print(f"workload: d_in {D_IN}, d_sae {D_SAE}, batch {BATCH}, k {K}; {torch.get_num_threads()} threads; "
           f"data {'from ' + args.store if args.store else 'synthetic'}")

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 
 from sae_train.atomic import write_atomic
@@ -147,7 +148,7 @@ def compile_to(cc: str, target: Path) -> list[str]:
     for arch in target_flag_sets():
         cmd = [cc, *_BASE_FLAGS, *arch, *_extra_flags(), str(SOURCE)]
         try:
-            write_atomic(target, lambda tmp, cmd=cmd: _run_compiler(cmd, tmp))
+            write_atomic(target, partial(_run_compiler, cmd))
             return arch
         except _CompileFailed as exc:
             errors.append(str(exc))
