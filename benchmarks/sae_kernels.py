@@ -62,7 +62,7 @@ def main() -> None:
     B, d_in, d_sae = args.batch, args.d_in, args.d_in * args.expansion
     print(
         f"B={B} d_in={d_in} d_sae={d_sae} k={args.k} threads={torch.get_num_threads()} "
-        f"kernels={'on' if kernels.available() else 'off'} keep_freed_memory={args.keep_freed_memory}"
+        f"keep_freed_memory={args.keep_freed_memory}\nfast path: {kernels.describe()}"
     )
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(B, d_in, generator=gen)

@@ -3,6 +3,14 @@ against SAELens and EleutherAI's sparsify on the same workload when they are ins
 
     python benchmarks/train_throughput.py [--arch topk relu ...] [--dtype float32 bfloat16]
                                           [--steps 8] [--store runs/demo/acts] [--dead-frac 0.03]
+                                          [--kernels auto c torch]
+
+--kernels times our step once per SAE_TRAIN_KERNELS mode (auto: the C kernels where they beat
+PyTorch; c: always; torch: plain PyTorch), each against the same roofline, and prints each
+mode's speed relative to the first. With SAE_TRAIN_CFLAGS=-mno-avx512f the C kernels are the
+portable (AVX2) build that CPUs without AVX-512 get, e.g. the reference TopK step:
+
+    SAE_TRAIN_CFLAGS=-mno-avx512f python benchmarks/train_throughput.py --arch topk --dtype bfloat16 --kernels c torch
 
 Workload (the reference run): d_in 576, d_sae 4608 (8x), batch 4096 tokens, k 32. Our number is
 the trainer's real optimizer step (`Trainer.train_step`: forward, backward, gradient clipping,
@@ -19,6 +27,7 @@ nobody pays for AuxK (--dead-frac 0.03 shows what it costs us).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -26,8 +35,7 @@ from pathlib import Path
 
 import torch
 
-from sae_train.sae import SAEConfig
-from sae_train.sae.kernels import keep_freed_memory
+from sae_train.sae import SAEConfig, kernels
 from sae_train.train import TrainConfig, Trainer
 from sae_train.train.dist import Dist
 from sae_train.train.roofline import step_gemms
@@ -102,13 +110,16 @@ def time_against_roofline(step: Callable[[], object], gemms: list[Callable[[], o
     return min(step_times), statistics.median(step_times), best_roof, median_roof
 
 
-def ours(arch: str, dtype: str, x: torch.Tensor, tmp: Path, dead_frac: float = 0.0) -> Callable[[], object]:
-    """Our trainer's step on the fixed batch. Replaying one batch, latents it never fires would
-    count as dead after dead_after_tokens (5 steps by default) and switch AuxK on: so no latent
-    is ever dead here (the tracking itself still runs), except, with dead_frac > 0, a fixed
-    random fraction kept dead on purpose to show AuxK's cost."""
-    cfg = TrainConfig(store="-", out_dir=str(tmp / f"{arch}-{dtype}"), n_tokens=10**9, batch_size=BATCH, dtype=dtype,
-                      progress=False, resume=False, dead_after_tokens=10**15,
+def ours(arch: str, dtype: str, x: torch.Tensor, tmp: Path, dead_frac: float = 0.0,
+         kernel_mode: str = "auto") -> Callable[[], object]:
+    """Our trainer's step on the fixed batch, built and run with SAE_TRAIN_KERNELS=kernel_mode.
+    Replaying one batch, latents it never fires would count as dead after dead_after_tokens
+    (5 steps by default) and switch AuxK on: so no latent is ever dead here (the tracking
+    itself still runs), except, with dead_frac > 0, a fixed random fraction kept dead on
+    purpose to show AuxK's cost."""
+    os.environ[kernels.ENV_VAR] = kernel_mode
+    cfg = TrainConfig(store="-", out_dir=str(tmp / f"{arch}-{dtype}-{kernel_mode}"), n_tokens=10**9, batch_size=BATCH,
+                      dtype=dtype, progress=False, resume=False, dead_after_tokens=10**15,
                       sae=SAEConfig(architecture=arch, k=K, expansion_factor=D_SAE // D_IN))
     trainer = Trainer(cfg, FixedBatch(x), Dist())
     batch = {SITE: x}
@@ -116,6 +127,7 @@ def ours(arch: str, dtype: str, x: torch.Tensor, tmp: Path, dead_frac: float = 0
     dead = torch.rand(since_fired.numel(), generator=torch.Generator().manual_seed(0)) < dead_frac
 
     def step() -> int:
+        os.environ[kernels.ENV_VAR] = kernel_mode
         since_fired[dead] = cfg.dead_after_tokens
         return trainer.train_step(batch, 0)
 
@@ -189,38 +201,49 @@ def main() -> None:
     parser.add_argument("--others", action=argparse.BooleanOptionalAction, default=True, help="also time SAELens/sparsify")
     parser.add_argument("--dead-frac", type=float, default=0.0,
                         help="fraction of latents kept dead in our step (TopK family: AuxK runs; targets assume 0)")
+    parser.add_argument("--kernels", nargs="+", default=[os.environ.get(kernels.ENV_VAR, "auto")],
+                        choices=["auto", "c", "torch"], help="SAE_TRAIN_KERNELS mode(s) to time our step with")
     args = parser.parse_args()
 
     import tempfile
 
     # As the trainer does at start-up: big freed buffers are reused, not page-faulted back in,
     # so the roofline GEMM and every library's step are timed on equal terms.
-    keep_freed_memory()
+    kernels.keep_freed_memory()
     x = activations(args.store)
     print(f"workload: d_in {D_IN}, d_sae {D_SAE}, batch {BATCH}, k {K}; {torch.get_num_threads()} threads; "
           f"data {'from ' + args.store if args.store else 'synthetic'}")
-    header = (f"{'arch':10s} {'dtype':9s} {'step ms':>8s} {'tok/s':>9s} {'roofline ms':>11s} {'x roofline':>10s} "
+    for kernel_mode in args.kernels:
+        os.environ[kernels.ENV_VAR] = kernel_mode
+        print(f"{kernels.ENV_VAR}={kernel_mode}: {kernels.describe()}")
+    header = (f"{'arch':10s} {'dtype':9s} {'kernels':7s} {'step ms':>8s} {'tok/s':>9s} {'roofline ms':>11s} {'x roofline':>10s} "
               f"{'target':>7s}   {'median: step ms':>15s} {'roofline ms':>11s} {'x roofline':>10s}")
-    print(header + "   others (tok/s, our speedup)")
+    print(header)
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtype:
             torch_dtype = getattr(torch, dtype)
             for arch in args.arch:
                 gemms = step_gemms(arch, BATCH, D_IN, D_SAE, torch_dtype, torch.device("cpu"))
-                step = ours(arch, dtype, x, Path(tmp), args.dead_frac)
-                ours_s, ours_med, bound, bound_med = time_against_roofline(step, gemms, args.steps)
-                ratio = ours_s / bound
-                line = (f"{arch:10s} {dtype:9s} {ours_s * 1e3:8.1f} {BATCH / ours_s:9,.0f} {bound * 1e3:11.1f} "
-                        f"{ratio:10.2f} {'ok' if ratio <= TARGET[arch] else 'MISS':>4s}<={TARGET[arch]}   "
-                        f"{ours_med * 1e3:15.1f} {bound_med * 1e3:11.1f} {ours_med / bound_med:10.2f}")
+                first = None
+                for kernel_mode in args.kernels:
+                    step = ours(arch, dtype, x, Path(tmp), args.dead_frac, kernel_mode)
+                    ours_s, ours_med, bound, bound_med = time_against_roofline(step, gemms, args.steps)
+                    ratio = ours_s / bound
+                    first = first or ours_s
+                    vs_first = f"   {first / ours_s:.2f}x the speed of {args.kernels[0]}" if kernel_mode != args.kernels[0] else ""
+                    print(f"{arch:10s} {dtype:9s} {kernel_mode:7s} {ours_s * 1e3:8.1f} {BATCH / ours_s:9,.0f} "
+                          f"{bound * 1e3:11.1f} {ratio:10.2f} {'ok' if ratio <= TARGET[arch] else 'MISS':>4s}"
+                          f"<={TARGET[arch]}   {ours_med * 1e3:15.1f} {bound_med * 1e3:11.1f} "
+                          f"{ours_med / bound_med:10.2f}{vs_first}", flush=True)
                 others = []
                 if args.others:
                     for name, make in (("SAELens", saelens), ("sparsify", sparsify)):
                         step = make(arch, dtype, x)
                         if step is not None:
                             theirs = time_steps(step, max(3, args.steps // 2), warmup=1)
-                            others.append(f"{name} {BATCH / theirs:,.0f} ({theirs / ours_s:.1f}x)")
-                print(line + ("   " + ", ".join(others) if others else ""), flush=True)
+                            others.append(f"{name} {BATCH / theirs:,.0f} ({theirs / first:.1f}x)")
+                if others:
+                    print(f"{'':10s} {'':9s} others (tok/s, speedup of {args.kernels[0]}): " + ", ".join(others), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """The C kernels against their PyTorch twins: selection (with and without ties, masks, NaN),
 sparse products, the fused activation passes, and the build/switch machinery."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from sae_train.errors import UserError
 from sae_train.sae import kernels, ops
+from sae_train.sae.kernels import build
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="kernels unavailable (no C compiler, or SAE_TRAIN_KERNELS=torch)")
 
@@ -295,7 +298,7 @@ def test_environment_switch(monkeypatch):
     monkeypatch.setenv(kernels.ENV_VAR, "torch")
     assert not kernels.available()
     monkeypatch.setenv(kernels.ENV_VAR, "cuda")
-    with pytest.raises(UserError, match="auto, torch"):
+    with pytest.raises(UserError, match="auto, c, torch"):
         kernels.available()
     monkeypatch.setenv(kernels.ENV_VAR, "auto")
     assert kernels.available()
@@ -303,27 +306,28 @@ def test_environment_switch(monkeypatch):
 
 def test_build_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    first = kernels._build()
+    first = Path(build.load(kernels._SIGNATURES)._name)
     assert first.parent == tmp_path / "sae_train" / "kernels" and first.exists()
     mtime = first.stat().st_mtime_ns
-    assert kernels._build() == first and first.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert Path(build.load(kernels._SIGNATURES)._name) == first and first.stat().st_mtime_ns == mtime  # reused
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left behind
 
 
-@pytest.mark.skipif("avx512f" not in kernels._cpu_flags(), reason="this CPU already runs the portable path")
+@pytest.mark.skipif("avx512f" not in build.cpu_flags(), reason="this CPU already runs the portable path")
 def test_portable_build_passes_this_suite(tmp_path):
-    """CPUs without AVX-512 (most laptops, ARM) compile the portable C path: build it here with
-    -mno-avx512f and run every other test of this file against it."""
+    """CPUs without AVX-512 (AVX2 laptops and cloud VMs) compile the portable C path: build it
+    here with -mno-avx512f (8-float AVX2 vectors, so "auto" takes it) and run every other test
+    of this file against it."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, kernels.CFLAGS_VAR: "-mno-avx512f", "XDG_CACHE_HOME": str(tmp_path)}
+    env = {**os.environ, build.CFLAGS_VAR: "-mno-avx512f", "XDG_CACHE_HOME": str(tmp_path)}
     width = subprocess.run(
         [sys.executable, "-c", "from sae_train.sae import kernels; print(kernels._lib_or_raise().sae_vector_width())"],
         env=env, capture_output=True, text=True, check=True,
     ).stdout.strip()
-    assert width == "1" and kernels._lib_or_raise().sae_vector_width() == 16
+    assert width == "8" and kernels._lib_or_raise().sae_vector_width() == 16
     res = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not portable_build"],
         env=env, capture_output=True, text=True,

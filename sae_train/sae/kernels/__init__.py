@@ -3,36 +3,27 @@
 Why C and not torch ops: a TopK step is one dense GEMM plus work on k of d_sae latents per
 token; `torch.topk`, dense decoding and the elementwise passes of the ReLU family each cost a
 sizeable fraction of that GEMM on CPU. The C file has no torch headers, so it builds with the
-system compiler in about a second:
-
-    cc -O3 -march=native -shared -fPIC sae_kernels.c -o $XDG_CACHE_HOME/sae_train/kernels/<key>.so
-
-`SAE_TRAIN_CFLAGS` appends compiler flags: `-mno-avx512f` builds the portable path that CPUs
-without AVX-512 get (tests/test_sae_kernels.py runs the suite against it). The cache key
-hashes the source, the compiler's identity, the flags and the CPU's feature flags, so a home
-directory shared by a heterogeneous cluster never loads a library built for another
-CPU; builds go to a temporary name and are renamed into place, so concurrent ranks don't
-collide. ctypes releases the GIL. The C code splits work over `torch.get_num_threads()`
+system compiler in about a second, on first use (`build.py`: where the library is cached,
+the fallbacks when the cache cannot be written or `-march=native` is refused, rebuilding a
+broken cached library). ctypes releases the GIL. The C code splits work over `torch.get_num_threads()`
 threads of torch's own OpenMP team: the loader finds the OpenMP runtime torch already loaded
 and hands its `GOMP_parallel` entry point to the library (nothing links a second runtime, and
 no extra threads fight torch's spinning workers for cores); plain pthreads otherwise.
 
-`SAE_TRAIN_KERNELS=torch` switches back to plain PyTorch (the slow, obviously-correct path);
-so does a missing compiler (one warning). CUDA tensors always take the PyTorch path (a Triton
-kernel for the TopK family would be the GPU counterpart; not written yet).
+Where they are used: `SAE_TRAIN_KERNELS` is "auto" (default), "c" or "torch". "auto" takes the
+C path only on builds with vectors of at least 8 floats (AVX2+FMA or AVX-512), the builds
+measured to beat PyTorch (benchmarks/sae_kernels.py); narrower builds (SSE-only x86, Arm
+NEON, plain C) keep to PyTorch, whose own kernels are vectorised there. "c" takes the C path
+on any build (to test or measure it); "torch" never (the slow, obviously-correct path); a
+missing compiler also means PyTorch (one warning). `describe()` says which path runs and why.
+CUDA tensors always take the PyTorch path.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
 import os
-import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -41,17 +32,17 @@ import torch
 from torch import Tensor
 
 from sae_train.errors import UserError
+from sae_train.sae.kernels import build
 
 ENV_VAR = "SAE_TRAIN_KERNELS"
-CFLAGS_VAR = "SAE_TRAIN_CFLAGS"
-_MODES = ("auto", "torch")
-_SOURCE = Path(__file__).with_name("sae_kernels.c")
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+_MODES = ("auto", "c", "torch")
+MIN_WIDTH = 8  # floats per vector below which "auto" keeps to PyTorch
 _DT = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _load_failed = False
+_width = 0  # floats per vector of the loaded build (sae_vector_width)
 
 
 def keep_freed_memory() -> bool:
@@ -72,66 +63,42 @@ def keep_freed_memory() -> bool:
 
 
 def mode() -> str:
-    """The kernel mode requested by the environment: "auto" (default) or "torch"."""
+    """The kernel mode requested by the environment: "auto" (default), "c" or "torch"."""
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if value not in _MODES:
         raise UserError(
             f"{ENV_VAR}={value!r} is not a kernel mode; expected one of {', '.join(_MODES)}. "
-            f"Unset it (or set 'auto') to use the compiled CPU kernels, 'torch' for plain PyTorch."
+            f"Unset it (or set 'auto') to use the compiled CPU kernels where they beat PyTorch, "
+            f"'c' to use them on any CPU, 'torch' for plain PyTorch."
         )
     return value
 
 
 def available() -> bool:
-    """True when the compiled kernels may be used (mode "auto" and the library built)."""
-    return mode() == "auto" and _library() is not None
+    """True when the compiled kernels are to be used: mode "c" with the library built, or
+    mode "auto" with a build whose vectors hold at least MIN_WIDTH floats."""
+    requested = mode()
+    if requested == "torch" or _library() is None:
+        return False
+    return requested == "c" or _width >= MIN_WIDTH
+
+
+def describe() -> str:
+    """Which path CPU tensors take, and why (for logs and benchmarks)."""
+    requested = mode()
+    if requested == "torch":
+        return f"PyTorch ({ENV_VAR}=torch)"
+    if _library() is None:
+        return "PyTorch (the C kernels could not be built)"
+    vectors = f"{_width}-float vectors" if _width > 1 else "scalar code"
+    if available():
+        return f"C kernels ({vectors})"
+    return f"PyTorch (the C build has {vectors}; 'auto' takes it from {MIN_WIDTH} floats, {ENV_VAR}=c forces it)"
 
 
 def supports(t: Tensor) -> bool:
     """Whether a [B, N] matrix can go through the kernels (CPU, fp32/bf16)."""
     return t.device.type == "cpu" and t.dtype in _DT
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() + platform.machine()
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sae_train" / "kernels"
-
-
-def _build() -> Path:
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler ({cc!r}) on PATH")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    flags = [*_FLAGS, *shlex.split(os.environ.get(CFLAGS_VAR, ""))]
-    key = hashlib.sha256(
-        "\0".join([_SOURCE.read_text(), cc, version, " ".join(flags), _cpu_flags()]).encode()
-    ).hexdigest()[:20]
-    target = _cache_dir() / f"sae_kernels-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
-    os.close(fd)
-    try:
-        cmd = [cc, *flags, str(_SOURCE), "-o", tmp, "-lpthread", "-lm"]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if res.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()}")
-        os.replace(tmp, target)  # atomic: a concurrent rank sees the old name or the whole file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
 
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -177,26 +144,27 @@ def _torch_openmp() -> tuple[int, int, int] | None:
 
 
 def _library() -> ctypes.CDLL | None:
-    global _lib, _load_failed
+    global _lib, _load_failed, _width
     if _lib is not None or _load_failed:
         return _lib
     with _lock:
         if _lib is None and not _load_failed:
             try:
-                lib = ctypes.CDLL(str(_build()))
+                lib = build.load(_SIGNATURES)
                 for name, (restype, argtypes) in _SIGNATURES.items():
                     fn = getattr(lib, name)
                     fn.restype, fn.argtypes = restype, argtypes
                 omp = _torch_openmp() if torch.backends.openmp.is_available() else None
                 if omp is not None:
                     lib.sae_set_openmp(*omp)
+                _width = lib.sae_vector_width()
                 _lib = lib
-            except Exception as exc:  # no compiler, no write access, odd platform...
+            except Exception as exc:  # no compiler, no writable directory, odd platform...
                 _load_failed = True
                 warnings.warn(
                     f"sae_train: could not build the CPU kernels ({exc}); falling back to plain "
-                    f"PyTorch, which is correct but slower. Install a C compiler (cc/gcc) or set "
-                    f"{ENV_VAR}=torch to silence this warning.",
+                    f"PyTorch, which is correct but slower. Fix the cause above or set {ENV_VAR}=torch "
+                    f"to silence this warning.",
                     RuntimeWarning,
                     stacklevel=3,
                 )

@@ -34,10 +34,29 @@
 #define DT_F32 0
 #define DT_BF16 1
 
-/* Floats per vector of the path this build took: 16 (AVX-512) or 1 (portable C). */
+/* Keep a float's rounding: the compiler may not fuse the operation that produced it into an
+ * FMA (an empty asm the value passes through, in a register of the FP/vector file). */
+#if defined(__x86_64__) || defined(__i386__)
+#define SAE_ROUNDED(x) __asm__("" : "+x"(x))
+#elif defined(__aarch64__)
+#define SAE_ROUNDED(x) __asm__("" : "+w"(x))
+#else
+#define SAE_ROUNDED(x)                  \
+    do {                                \
+        volatile float sae_rounded_ = (x); \
+        (x) = sae_rounded_;             \
+    } while (0)
+#endif
+
+/* Floats per vector of the path this build took: 16 (AVX-512 intrinsics), else what the
+ * compiler may vectorise the portable loops to: 8 (AVX2+FMA), 4 (SSE2, Arm NEON), 1. */
 int sae_vector_width(void) {
-#ifdef SAE_AVX512
+#if defined(SAE_AVX512)
     return 16;
+#elif defined(__AVX2__) && defined(__FMA__)
+    return 8;
+#elif defined(__SSE2__) || defined(__ARM_NEON)
+    return 4;
 #else
     return 1;
 #endif
@@ -174,6 +193,65 @@ static inline void store1(void *base, int dtype, int64_t i, float v) {
     else
         ((uint16_t *)base)[i] = f32_to_bf16(v);
 }
+
+#ifndef SAE_AVX512
+/* The portable path's vectors: 8 floats in GCC/clang vector extensions, which the compiler
+ * maps to one AVX2 register, two SSE or NEON registers, or scalar code. The hot loops of the
+ * TopK step use them where plain C would not vectorise (sums whose order C fixes, loops over
+ * gathered rows, selections). Loads and stores go through memcpy: unaligned, no aliasing. */
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+static inline v8f v8_set1(float x) {
+    v8f v = {x, x, x, x, x, x, x, x};
+    return v;
+}
+
+static inline v8f v8_load(const void *base, int dtype, int64_t i) {
+    v8f v;
+    if (dtype == DT_F32) {
+        memcpy(&v, (const float *)base + i, sizeof v);
+        return v;
+    }
+    v8h h;
+    memcpy(&h, (const uint16_t *)base + i, sizeof h);
+    return (v8f)(__builtin_convertvector(h, v8u) << 16);
+}
+
+static inline void v8_store(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+
+/* store v in dtype (bf16: rounded as f32_to_bf16) and return what was stored, as fp32 */
+static inline v8f v8_store_get(void *base, int dtype, int64_t i, v8f v) {
+    if (dtype == DT_F32) {
+        v8_store((float *)base + i, v);
+        return v;
+    }
+    const v8u u = (v8u)v;
+    const v8i nan = (v8i)(u & 0x7fffffffu) > 0x7f800000;
+    v8u r = (u + (0x7fffu + ((u >> 16) & 1u))) >> 16;
+    r = (r & ~(v8u)nan) | (((u >> 16) | 0x40u) & (v8u)nan);
+    v8h h = __builtin_convertvector(r, v8h);
+    memcpy((uint16_t *)base + i, &h, sizeof h);
+    return (v8f)(r << 16);
+}
+
+static inline v8f v8_and(v8f v, v8i m) { return (v8f)((v8i)v & m); } /* v where m, else +0 */
+
+static inline float v8_sum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+static inline v8f v8_max(v8f v, v8f m) { /* max(v, m); a NaN v keeps m */
+    v8i gt = v > m;
+    return (v8f)(((v8i)v & gt) | ((v8i)m & ~gt));
+}
+
+static inline int v8_any(v8i m) {
+    uint64_t w[4];
+    memcpy(w, &m, sizeof w);
+    return (w[0] | w[1] | w[2] | w[3]) != 0;
+}
+#endif
 
 #ifdef SAE_AVX512
 static inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
@@ -483,6 +561,60 @@ static inline __attribute__((always_inline)) void topk_row_fast(const char *row,
 }
 #endif
 
+#ifndef SAE_AVX512
+/* Steps 1 and 2 of topk_range (below) for a row without a column mask, on 8-float vectors:
+ * the group maxima (the same groups as the AVX-512 path: lane l of g consecutive 16-column
+ * vectors), then the entries >= their k-th largest (or NaN) in column order, tested 8 at a
+ * time (few vectors hold one). Returns how many; scratch as in topk_range. */
+static inline __attribute__((always_inline)) int64_t topk_candidates_v8(const char *row, const int dtype, int64_t N,
+                                                                        const float *bias, int64_t k, int64_t nb,
+                                                                        int64_t g, uint32_t *gkey, uint32_t *ck,
+                                                                        float *cv, int32_t *ci) {
+    const int64_t nvf = N / 16;
+    const v8f ninf = v8_set1(-INFINITY);
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t q0 = b * g, q1 = q0 + g < nvf ? q0 + g : nvf;
+        v8f lo = ninf, hi = ninf;
+        for (int64_t q = q0; q < q1; q++) {
+            lo = v8_max(v8_load(row, dtype, 16 * q) + v8_load(bias, DT_F32, 16 * q), lo);
+            hi = v8_max(v8_load(row, dtype, 16 * q + 8) + v8_load(bias, DT_F32, 16 * q + 8), hi);
+        }
+        for (int l = 0; l < 8; l++) {
+            gkey[16 * b + l] = fkey(lo[l]);
+            gkey[16 * b + 8 + l] = fkey(hi[l]);
+        }
+    }
+    if (nvf / g < nb) /* the partial last vector belongs to a block */
+        for (int64_t i = 16 * nvf; i < N; i++) {
+            float v = load1(row, dtype, i) + bias[i];
+            uint32_t *gk = gkey + 16 * (nvf / g) + i % 16;
+            if (v == v && fkey(v) > *gk) *gk = fkey(v);
+        }
+    int64_t eq, nc = 0, i = 0;
+    const float bound = key_to_float(kth_key(gkey, 16 * nb, k, &eq));
+    const v8f vb = v8_set1(bound);
+    for (; i + 8 <= N; i += 8) {
+        const v8f v = v8_load(row, dtype, i) + v8_load(bias, DT_F32, i);
+        const v8i take = ~(v < vb); /* v >= bound, or NaN */
+        if (!v8_any(take)) continue;
+        for (int l = 0; l < 8; l++) { /* no branch per lane: every lane is written, kept or not */
+            cv[nc] = v[l];
+            ck[nc] = fkey(v[l]);
+            ci[nc] = (int32_t)(i + l);
+            nc += take[l] != 0;
+        }
+    }
+    for (; i < N; i++) {
+        float v = load1(row, dtype, i) + bias[i];
+        cv[nc] = v;
+        ck[nc] = fkey(v);
+        ci[nc] = (int32_t)i;
+        nc += !(v < bound);
+    }
+    return nc;
+}
+#endif
+
 /* Per row:
  *  1. a lower bound for the k-th largest value: split the row into G >= 2k disjoint groups
  *     (lane l of g consecutive vectors), take each group's max (lane-wise: no horizontal
@@ -513,7 +645,8 @@ static void topk_range(void *p, int64_t lo, int64_t hi, int tid) {
     }
     for (int64_t r = lo; r < hi; r++) {
         const char *row = (const char *)c->z + (size_t)(r * c->ldz) * esz;
-        const char *next = r + 1 < hi ? row + c->ldz * esz : NULL;
+        const char *next = r + 1 < hi ? row + c->ldz * esz : NULL; /* prefetched by the AVX-512 path */
+        (void)next;
         int64_t nc = 0;
 #ifdef SAE_AVX512
         if (!c->colmask) {
@@ -568,7 +701,10 @@ static void topk_range(void *p, int64_t lo, int64_t hi, int tid) {
             }
         }
 #else
-        {
+        if (!c->colmask) {
+            nc = c->dtype == DT_BF16 ? topk_candidates_v8(row, DT_BF16, N, c->bias, k, nb, g, gkey, ck, cv, ci)
+                                     : topk_candidates_v8(row, DT_F32, N, c->bias, k, nb, g, gkey, ck, cv, ci);
+        } else {
             for (int64_t q = 0; q < G; q++) gkey[q] = 0;
             for (int64_t i = 0; i < N; i++) {
                 if (c->colmask && !c->colmask[i]) continue;
@@ -895,6 +1031,32 @@ static inline __attribute__((always_inline)) void axpy_f32_block(const void *con
     case 5: FN(__VA_ARGS__, 5); break; \
     case 6: FN(__VA_ARGS__, 6); break; \
     case 7: FN(__VA_ARGS__, 7); break;
+#else
+/* out[d0 : d0 + 8P] (+)= sum_e a[e] * src[e][d0 : d0 + 8P], the P <= 8 accumulators in
+ * registers; P and dtype are compile-time constants at every call site. */
+static inline __attribute__((always_inline)) void axpy_v8_block(const void *const *src, const float *a, int n,
+                                                                int64_t d0, float *out, int load, const int dtype,
+                                                                const int P) {
+    v8f acc[8];
+    for (int j = 0; j < P; j++) acc[j] = load ? v8_load(out, DT_F32, d0 + 8 * j) : v8_set1(0.0f);
+    for (int e = 0; e < n; e++) {
+        const v8f va = v8_set1(a[e]);
+        for (int j = 0; j < P; j++) acc[j] += va * v8_load(src[e], dtype, d0 + 8 * j);
+    }
+    for (int j = 0; j < P; j++) v8_store(out + d0 + 8 * j, acc[j]);
+}
+
+static inline __attribute__((always_inline)) void axpy_v8_row(const void *const *src, const float *a, int n,
+                                                              int64_t D, float *out, int load, const int dtype) {
+    int64_t d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) axpy_v8_block(src, a, n, d0, out, load, dtype, 8);
+    for (; d0 + 8 <= D; d0 += 8) axpy_v8_block(src, a, n, d0, out, load, dtype, 1);
+    for (; d0 < D; d0++) {
+        float t = load ? out[d0] : 0.0f;
+        for (int q = 0; q < n; q++) t += a[q] * load1(src[q], dtype, d0);
+        out[d0] = t;
+    }
+}
 #endif
 
 /* out[0:D] (+)= sum over CSR entries e of row r: val_e * T[idx_e, 0:D], accumulated in fp32
@@ -946,12 +1108,13 @@ static void row_gather_axpy(const spmm_ctx *c, int64_t r, float *out, int accumu
             for (int q = 0; q < n; q++) acc = _mm512_fmadd_ps(_mm512_set1_ps(a[q]), load16(src[q], c->tdtype, d0, m), acc);
             _mm512_mask_storeu_ps(out + d0, m, acc);
         }
+#else
+        if (c->tdtype == DT_BF16)
+            axpy_v8_row(src, a, n, D, out, load, DT_BF16);
+        else
+            axpy_v8_row(src, a, n, D, out, load, DT_F32);
+        (void)d0;
 #endif
-        for (; d0 < D; d0++) {
-            float t = load ? out[d0] : 0.0f;
-            for (int q = 0; q < n; q++) t += a[q] * load1(src[q], c->tdtype, d0);
-            out[d0] = t;
-        }
     }
 }
 
@@ -973,6 +1136,15 @@ static inline void spmm_row(const spmm_ctx *c, int64_t r) {
             acc = _mm512_fmadd_ps(diff, diff, acc);
         }
         sse = _mm512_reduce_add_ps(acc);
+#else
+        v8f acc = v8_set1(0.0f);
+        for (; d + 8 <= D; d += 8) {
+            v8f v = v8_load(o, DT_F32, d) + v8_load(c->bias, DT_F32, d);
+            v8_store(o + d, v);
+            v8f diff = v - v8_load(t, DT_F32, d);
+            acc += diff * diff;
+        }
+        sse = v8_sum(acc);
 #endif
         for (; d < D; d++) {
             o[d] += c->bias[d];
@@ -1132,6 +1304,23 @@ static inline void dots_f32_group(const void *const *t, const float *g, int64_t 
 }
 #endif
 
+#ifndef SAE_AVX512
+/* s[q] = <g, t[q][0:D]> for SD_GROUP table rows: SD_GROUP independent vector accumulators. */
+static inline __attribute__((always_inline)) void dots_v8_group(const void *const *t, const float *g, int64_t D,
+                                                                float *s, const int dtype) {
+    v8f a[SD_GROUP];
+    for (int q = 0; q < SD_GROUP; q++) a[q] = v8_set1(0.0f);
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+        const v8f gv = v8_load(g, DT_F32, d);
+        for (int q = 0; q < SD_GROUP; q++) a[q] += gv * v8_load(t[q], dtype, d);
+    }
+    for (int q = 0; q < SD_GROUP; q++) s[q] = v8_sum(a[q]);
+    for (; d < D; d++)
+        for (int q = 0; q < SD_GROUP; q++) s[q] += g[d] * load1(t[q], dtype, d);
+}
+#endif
+
 /* One row of the SDDMM: out[e] = <g, T[idx[e]]> for the entries of row r, with g = G[r] (+ s *
  * (xh[r] - x[r]) when xh is set), optionally written to gout and summed into cg. Four dot
  * products at a time: independent FMA chains, and each g vector loaded once. geff/gsplit:
@@ -1192,10 +1381,10 @@ static inline void sddmm_row(const sddmm_ctx *c, int64_t r, float *geff, float *
         else
             dots_f32_group(t, g, D, s);
 #else
-        for (int q = 0; q < SD_GROUP; q++) {
-            s[q] = 0.0f;
-            for (int64_t d = 0; d < D; d++) s[q] += g[d] * load1(t[q], c->tdtype, d);
-        }
+        if (c->tdtype == DT_BF16)
+            dots_v8_group(t, g, D, s, DT_BF16);
+        else
+            dots_v8_group(t, g, D, s, DT_F32);
 #endif
         for (int q = 0; q < n; q++) c->out[e + q] = s[q];
     }
@@ -1264,6 +1453,16 @@ static void decode_train_range(void *p, int64_t lo, int64_t hi, int tid) {
                 acc = _mm512_fmadd_ps(diff, diff, acc);
             }
             sse = _mm512_reduce_add_ps(acc);
+#else
+            v8f acc = v8_set1(0.0f);
+            for (; d + 8 <= D; d += 8) {
+                v8f v = v8_load(xrow, DT_F32, d) + v8_load(sp->bias, DT_F32, d);
+                v8_store(o + d, v);
+                v8f diff = v - v8_load(t, DT_F32, d);
+                v8_store(res + d, diff);
+                acc += diff * diff;
+            }
+            sse = v8_sum(acc);
 #endif
             for (; d < D; d++) {
                 float v = xrow[d] + sp->bias[d];
@@ -1550,6 +1749,23 @@ static void act_fwd_range(void *p, int64_t lo, int64_t hi, int tid) {
         if (i < N) cnt += __builtin_popcount(act_fwd_step(c, zr, fr, cc, i, tail_mask(N - i), 0, &wacc));
         i = N;
         ws = _mm512_reduce_add_ps(wacc);
+#else
+        const act_ctx cl = *c; /* a local copy: the stores below cannot alias its fields */
+        v8f wacc = v8_set1(0.0f);
+        v8i on_count = {0};
+        for (; i + 8 <= N; i += 8) {
+            v8f v = v8_load(zr, cl.dtype, i) + v8_load(cl.bias, DT_F32, i);
+            v8f f = v8_and(v, ~(v <= (cl.thr ? v8_load(cl.thr, DT_F32, i) : v8_set1(0.0f)))); /* v > thr, or NaN */
+            f = v8_store_get(fr, cl.dtype, i, f); /* statistics of what was stored */
+            v8i on = f != v8_set1(0.0f), col;
+            memcpy(&col, cc + i, sizeof col);
+            col -= on; /* on is -1 where set */
+            memcpy(cc + i, &col, sizeof col);
+            on_count -= on;
+            wacc += cl.colw ? f * v8_load(cl.colw, DT_F32, i) : f;
+        }
+        ws = v8_sum(wacc);
+        for (int l = 0; l < 8; l++) cnt += on_count[l];
 #endif
         for (; i < N; i++) {
             float v = load1(zr, c->dtype, i) + c->bias[i];
@@ -1627,6 +1843,27 @@ static void act_bwd_range(void *p, int64_t lo, int64_t hi, int tid) {
         for (; i + 16 <= N; i += 16) act_bwd_step(c, fr, gr, i, 0xffff, 1, vrg, cg, cw, cwg, cwr);
         if (i < N) act_bwd_step(c, fr, gr, i, tail_mask(N - i), 0, vrg, cg, cw, cwg, cwr);
         i = N;
+#else
+        const act_ctx cl = *c; /* a local copy: the stores below cannot alias its fields */
+        const v8f vrg = v8_set1(rg), vhalf = v8_set1(half);
+        for (; i + 8 <= N; i += 8) {
+            v8f f = v8_load(fr, cl.dtype, i), g = v8_load(gr, cl.dtype, i), go;
+            if (cl.thr) {
+                v8f v = f + v8_load(cl.bias, DT_F32, i), th = v8_load(cl.thr, DT_F32, i);
+                go = v8_and(g, v > th);
+                v8i win = (v8f)((v8i)(v - th) & 0x7fffffff) < vhalf; /* |v - thr| < eps / 2 */
+                if (v8_any(win)) {
+                    if (cwg) v8_store(cwg + i, v8_load(cwg, DT_F32, i) + v8_and(g, win));
+                    if (cwr) v8_store(cwr + i, v8_load(cwr, DT_F32, i) + v8_and(vrg, win));
+                }
+            } else {
+                v8f gi = g + vrg * (cl.colw ? v8_load(cl.colw, DT_F32, i) : v8_set1(1.0f));
+                go = v8_and(gi, f > v8_set1(0.0f));
+                if (cw) v8_store(cw + i, vrg * f + v8_load(cw, DT_F32, i));
+            }
+            go = v8_store_get(gr, cl.dtype, i, go); /* sum what the GEMM sees */
+            if (cg) v8_store(cg + i, v8_load(cg, DT_F32, i) + go);
+        }
 #endif
         for (; i < N; i++) {
             float f = load1(fr, c->dtype, i), g = load1(gr, c->dtype, i), go;
@@ -1688,6 +1925,13 @@ static inline float dot_f32(const float *a, const float *b, int64_t D) {
         a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), a0);
     }
     s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#else
+    v8f a0 = v8_set1(0.0f), a1 = a0;
+    for (; d + 16 <= D; d += 16) {
+        a0 += v8_load(a, DT_F32, d) * v8_load(b, DT_F32, d);
+        a1 += v8_load(a, DT_F32, d + 8) * v8_load(b, DT_F32, d + 8);
+    }
+    s = v8_sum(a0 + a1);
 #endif
     for (; d < D; d++) s += a[d] * b[d];
     return s;
@@ -1718,6 +1962,14 @@ static void sqnorm_range(void *p, int64_t lo, int64_t hi, int tid) {
             acc = _mm512_fmadd_ps(e, e, acc);
         }
         s = _mm512_reduce_add_ps(acc);
+#else
+        const v8f vk = v8_set1(-k);
+        v8f acc = v8_set1(0.0f);
+        for (; d + 8 <= D; d += 8) {
+            v8f e = vk * v8_load(w, DT_F32, d) + v8_load(g, DT_F32, d);
+            acc += e * e;
+        }
+        s = v8_sum(acc);
 #endif
         for (; d < D; d++) {
             float e = fmaf(-k, w[d], g[d]);
@@ -1774,6 +2026,21 @@ static inline __attribute__((always_inline)) __m512 adam_step16(const adam_ctx *
 }
 #endif
 
+/* One element of adam_range; returns the new parameter value. exact_tail: torch's scalar
+ * loop (the last numel % 16 elements) rounds (sq_w * g) * g before adding it, no FMA. */
+static inline __attribute__((always_inline)) float adam1(const adam_ctx *c, float pv, float g, float *m, float *v,
+                                                         float k, int small, float lw, const int exact_tail) {
+    if (c->coef) g = fmaf(-k, pv, g);
+    g *= c->clip;
+    float mv = fmaf(lw, g - *m, small ? *m : g);
+    float vb = *v * c->beta2, t = (c->sq_w * g) * g;
+    if (exact_tail) SAE_ROUNDED(t);
+    float vv = vb + t;
+    *m = mv;
+    *v = vv;
+    return pv + (c->neg_step * mv) / (sqrtf(vv) / c->bc2_sqrt + c->eps);
+}
+
 static void adam_range(void *p, int64_t lo, int64_t hi, int tid) {
     (void)tid;
     adam_ctx *c = (adam_ctx *)p;
@@ -1806,18 +2073,17 @@ static void adam_range(void *p, int64_t lo, int64_t hi, int tid) {
             d = vec_end;
         }
         ss = _mm512_reduce_add_ps(acc);
+#else
+        const adam_ctx cl = *c; /* a local copy: no store below may alias its fields, so the loop vectorises */
+        for (; d < vec_end; d++) out[d] = adam1(&cl, pr[d], gr[d], mr + d, vr + d, k, small, lw, 0);
+        v8f acc = v8_set1(0.0f);
+        int64_t q = 0;
+        for (; q + 8 <= vec_end; q += 8) acc += v8_load(out, DT_F32, q) * v8_load(out, DT_F32, q);
+        ss = v8_sum(acc);
+        for (; q < vec_end; q++) ss += out[q] * out[q];
 #endif
         for (; d < D; d++) {
-            float pv = pr[d], g = gr[d];
-            if (c->coef) g = fmaf(-k, pv, g);
-            g *= c->clip;
-            float mv = fmaf(lw, g - mr[d], small ? mr[d] : g);
-            float vb = vr[d] * c->beta2, t = (c->sq_w * g) * g;
-            __asm__("" : "+x"(t)); /* keep the rounding of t: no FMA here, as in torch's scalar loop */
-            float vv = vb + t;
-            pv = pv + (c->neg_step * mv) / (sqrtf(vv) / c->bc2_sqrt + c->eps);
-            mr[d] = mv;
-            vr[d] = vv;
+            float pv = adam1(c, pr[d], gr[d], mr + d, vr + d, k, small, lw, 1);
             out[d] = pv;
             ss += pv * pv;
         }
