@@ -8,7 +8,8 @@ in by `swap_dir`, the old one kept as `.<name>.prev` until the caller's commit p
 
 The temporary names are fixed, so a crash's leftover is overwritten by the next write of the
 same target (and easy to find: `temporary`). One writer per target at a time: the store's
-locks, rank 0 for checkpoints, one process per eval or export out_dir.
+locks, rank 0 for checkpoints, one process per eval or export out_dir; targets that several
+processes may write at once say so (`concurrent=True`).
 """
 
 from __future__ import annotations
@@ -52,9 +53,12 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(target: Path, write: Callable[[Path], object]) -> None:
-    """Atomically and durably (re)place `target` with what `write(tmp_path)` writes to the path it is given."""
-    tmp = temporary(target)
+def write_atomic(target: Path, write: Callable[[Path], object], *, concurrent: bool = False) -> None:
+    """Atomically and durably (re)place `target` with what `write(tmp_path)` writes to the path it is given.
+
+    concurrent: several processes may write the same target at once (ranks compiling one kernel
+    library): each writes its own temporary (pid-suffixed) and the last rename wins whole."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp") if concurrent else temporary(target)
     try:
         write(tmp)
         _fsync_file(tmp)

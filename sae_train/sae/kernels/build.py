@@ -148,7 +148,7 @@ def compile_to(cc: str, target: Path) -> list[str]:
     for arch in target_flag_sets():
         cmd = [cc, *_BASE_FLAGS, *arch, *_extra_flags(), str(SOURCE)]
         try:
-            write_atomic(target, partial(_run_compiler, cmd))
+            write_atomic(target, partial(_run_compiler, cmd), concurrent=True)
             return arch
         except _CompileFailed as exc:
             errors.append(str(exc))
