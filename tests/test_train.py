@@ -67,8 +67,9 @@ def test_resume_after_sigterm_equals_uninterrupted(synthetic, tmp_path, arch):
     with pytest.raises(Preempted) as stop:
         run(cfg(store, tmp_path / "split", sae=sae, n_tokens=32_768), callbacks=[_sigterm_at(30)])
     assert stop.value.exit_code == 128 + signal.SIGTERM
-    # Signals travel with the next step's all-reduce: every rank stops after step 31.
-    assert json.loads((tmp_path / "split" / RUN_STATE).read_text())["step"] == 31
+    # Signals travel with the next step's statistics (step 31), which the host reads one step
+    # later (no device sync in a step): every rank stops after step 32.
+    assert json.loads((tmp_path / "split" / RUN_STATE).read_text())["step"] == 32
     resumed = run(cfg(store, tmp_path / "split", sae=sae, n_tokens=32_768))
     assert resumed.steps == whole.steps == 64
     a = load_file(str(Path(whole.saes[SITE]["checkpoint"]) / WEIGHTS))
@@ -197,7 +198,7 @@ def test_wandb_offline_logs_metrics_and_resume_keeps_the_run(synthetic, tmp_path
     _, store = synthetic
     config = cfg(store, tmp_path, n_tokens=16_384, log_every=4, wandb=WandbConfig(enabled=True, mode="offline"))
     with pytest.raises(Preempted):
-        run(config, callbacks=[_sigterm_at(10)])
+        run(config, callbacks=[_sigterm_at(9)])  # stops after step 11 (signals are read one step late)
     run(config)
     assert len(run_ids(tmp_path / "wandb")) == 1
     rows = history(tmp_path / "wandb")
