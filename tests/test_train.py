@@ -117,16 +117,19 @@ def test_checkpoint_acts_on_raw_activations(synthetic, tmp_path, arch):
     torch.testing.assert_close(shipped.W_dec.norm(dim=1), torch.ones(shipped.cfg.d_sae), rtol=1e-5, atol=1e-5)
 
 
-def test_non_finite_loss_stops_and_keeps_the_checkpoint(synthetic, tmp_path):
+@pytest.mark.parametrize("bad_step", [12, 15])
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(synthetic, tmp_path, bad_step):
+    """Losses are read one step late; at 15 the step just before a checkpoint (after 16) is
+    the bad one, and the save itself must notice."""
     _, store = synthetic
 
     def poison(info: StepInfo) -> None:
-        if info.step == 12:
+        if info.step == bad_step:
             with torch.no_grad():
                 info.runs[0].sae.W_enc[0, 0] = float("nan")
 
-    config = cfg(store, tmp_path, n_tokens=16_384, checkpoint_every_tokens=4096)
-    with pytest.raises(UserError, match="Non-finite loss.*step 12"):
+    config = cfg(store, tmp_path, n_tokens=16_384, checkpoint_every_tokens=4096, log_every=100)
+    with pytest.raises(UserError, match=f"Non-finite loss.*step {bad_step}"):
         run(config, callbacks=[poison])
     state = json.loads((tmp_path / RUN_STATE).read_text())
     assert state["step"] == 8
