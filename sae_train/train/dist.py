@@ -75,8 +75,7 @@ def init_distributed(device: str = "auto") -> Dist:
     if world <= 1:
         return Dist(device=dev)
     rank = int(os.environ["RANK"])
-    if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda":  # resolve_device picked this rank's own GPU (LOCAL_RANK)
         torch.cuda.set_device(dev)
     if not tdist.is_initialized():
         tdist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")

@@ -123,7 +123,7 @@ class LiveSource:
 
     def _block_rows(self, windows: list[torch.Tensor], block: int) -> dict[str, torch.Tensor]:
         batch = torch.stack(windows)
-        rows = self.lm.capture_rows(self._sites, batch, 16)
+        rows = self.lm.capture_rows(self._sites, batch, 16 * self.text.context_size)
         keep = keep_mask(batch.flatten(), self._tokens, self.text.exclude_special_tokens)
         rng = np.random.default_rng([self.seed, self.dist.rank, block])
         order = torch.from_numpy(rng.permutation(int(keep.sum())))

@@ -1,0 +1,101 @@
+"""Device placement: each local rank on its own GPU, checkpoints that cross CUDA <-> CPU, the
+cache stage on CUDA against the CPU. The `cuda` tests skip without a GPU."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae_train import cache
+from sae_train.cache import CacheConfig
+from sae_train.lm import LanguageModel, ModelConfig
+from sae_train.lm.model import resolve_device
+from sae_train.sae import SAEConfig
+from sae_train.store import ActivationStore
+from sae_train.train import Preempted, StepInfo, TrainConfig, run
+from sae_train.train.checkpoint import WEIGHTS
+from tests.synthetic import true_directions, write_store
+
+without_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize(("env", "gpus", "expect"), [
+    ({"LOCAL_RANK": "3"}, 4, "cuda:3"),
+    ({"SLURM_LOCALID": "1"}, 4, "cuda:1"),
+    ({"LOCAL_RANK": "2", "SLURM_LOCALID": "0"}, 4, "cuda:2"),  # torchrun inside srun: torchrun's rank
+    ({"LOCAL_RANK": "1"}, 1, "cuda:0"),  # a rank that sees only its own GPU (CUDA_VISIBLE_DEVICES per task)
+    ({}, 4, "cuda"),
+])
+def test_cuda_means_the_local_ranks_gpu(monkeypatch, env, gpus, expect):
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("cuda") == resolve_device("auto") == torch.device(expect)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")  # an explicit index is kept
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_store(tmp_path_factory.mktemp("devices") / "store", true_directions(32, 16), 8192)
+
+
+def _config(store: Path, out: Path, device: str) -> TrainConfig:
+    return TrainConfig(store=str(store), out_dir=str(out), n_tokens=8192, batch_size=256, dtype="float32", device=device,
+                       progress=False, log_every=8, sae=SAEConfig(architecture="relu", l1_coefficient=0.05, expansion_factor=4))
+
+
+def _sigterm_at_step_16(info: StepInfo) -> None:
+    if info.step == 16:
+        signal.raise_signal(signal.SIGTERM)
+
+
+@pytest.mark.cuda
+@without_cuda
+@pytest.mark.parametrize(("first", "then"), [("cuda", "cpu"), ("cpu", "cuda")])
+def test_checkpoints_cross_cuda_and_cpu(store, tmp_path, first, then):
+    """Half a run on one device, resumed on the other, lands where a whole run on the second does."""
+    with pytest.raises(Preempted):
+        run(_config(store, tmp_path / "run", first), callbacks=[_sigterm_at_step_16])
+    run(_config(store, tmp_path / "run", then))
+    run(_config(store, tmp_path / "whole", then))
+    a, b = load_file(str(tmp_path / "run" / "synthetic" / WEIGHTS)), load_file(str(tmp_path / "whole" / "synthetic" / WEIGHTS))
+    for key in a:  # TF32 on the GPU: close, not equal
+        torch.testing.assert_close(a[key].float(), b[key].float(), rtol=2e-2, atol=2e-3, msg=key)
+
+
+@pytest.mark.cuda
+@without_cuda
+def test_cache_on_cuda_equals_the_cpu(tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir("llama")
+    stores = {}
+    for device in ("cpu", "cuda"):
+        cfg = CacheConfig(model=ModelConfig(name=str(model_dir), dtype="bfloat16", device=device), context_size=32,
+                          n_tokens=2048, tokens_per_shard=512, batch_size=128, store_dtype="bfloat16",
+                          sites=["blocks.1.hook_resid_post"], out_dir=str(tmp_path / device), progress=False)
+        cache.run(cfg)
+        stores[device] = ActivationStore(cfg.out_dir)
+    cpu, gpu = stores["cpu"], stores["cuda"]
+    assert cpu.n_shards == gpu.n_shards and cpu.n_tokens == gpu.n_tokens
+    for i in range(cpu.n_shards):
+        a, b = cpu.shard(i), gpu.shard(i)
+        assert torch.equal(a["token_ids"], b["token_ids"]) and torch.equal(a["position"], b["position"])
+        torch.testing.assert_close(b["blocks.1.hook_resid_post"].float(), a["blocks.1.hook_resid_post"].float(),
+                                   rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.cuda
+@without_cuda
+def test_model_lands_on_the_local_ranks_gpu(tiny_model_dir, monkeypatch):
+    last = torch.cuda.device_count() - 1
+    monkeypatch.setenv("LOCAL_RANK", str(last))
+    lm = LanguageModel.load(ModelConfig(name=str(tiny_model_dir("gpt2")), dtype="float32", device="auto"))
+    assert lm.device == torch.device("cuda", last)
+
