@@ -1,5 +1,5 @@
-"""Device placement: each local rank on its own GPU, checkpoints that cross CUDA <-> CPU, the
-cache stage on CUDA against the CPU. The `cuda` tests skip without a GPU."""
+"""Device placement: each local rank on its own GPU, batches onto the device, checkpoints that
+cross CUDA <-> CPU, the cache stage on CUDA against the CPU. The `cuda` tests skip without a GPU."""
 
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ from sae_train.cache import CacheConfig
 from sae_train.lm import LanguageModel, ModelConfig
 from sae_train.lm.model import resolve_device
 from sae_train.sae import SAEConfig
-from sae_train.store import ActivationStore
+from sae_train.store import ActivationStore, ShuffledBatches
 from sae_train.train import Preempted, StepInfo, TrainConfig, run
 from sae_train.train.checkpoint import WEIGHTS
+from sae_train.train.dist import Dist
+from sae_train.train.feed import device_batches
+from sae_train.train.sources import StoreSource
 from tests.synthetic import true_directions, write_store
 
 without_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -99,3 +102,28 @@ def test_model_lands_on_the_local_ranks_gpu(tiny_model_dir, monkeypatch):
     lm = LanguageModel.load(ModelConfig(name=str(tiny_model_dir("gpt2")), dtype="float32", device="auto"))
     assert lm.device == torch.device("cuda", last)
 
+
+
+def test_device_batches_carry_the_position_after_each_batch(store):
+    """On the CPU the source's batches pass through, each with the position to checkpoint."""
+    source = StoreSource(str(store), [], 256, Dist(), seed=0, window_shards=2)
+    fed = device_batches(source, 512, torch.device("cpu"))
+    direct = iter(ShuffledBatches(ActivationStore(store), ["synthetic"], 256, window_shards=2, position=512,
+                                  dtype=torch.float32, prefetch=0))
+    for step in range(3):
+        batch, position = next(fed)
+        assert position == 512 + 256 * (step + 1)
+        assert torch.equal(batch["synthetic"], next(direct)["synthetic"])
+
+
+@pytest.mark.cuda
+@without_cuda
+def test_pinned_bf16_batches_on_the_gpu_equal_the_cpu_batches(tmp_path):
+    """bf16 rows gathered into pinned memory, copied on a side stream, converted on the GPU."""
+    bf16 = write_store(tmp_path / "bf16", true_directions(32, 16), 8192, dtype=torch.bfloat16)
+    fed = {name: device_batches(StoreSource(str(bf16), [], 256, Dist(device=torch.device(name)), seed=0, window_shards=2),
+                                256, torch.device(name)) for name in ("cpu", "cuda")}
+    for _ in range(5):
+        (cpu, at_cpu), (gpu, at_gpu) = next(fed["cpu"]), next(fed["cuda"])
+        assert at_cpu == at_gpu and gpu["synthetic"].is_cuda and gpu["synthetic"].dtype == torch.bfloat16
+        assert torch.equal(gpu["synthetic"].float().cpu(), cpu["synthetic"])

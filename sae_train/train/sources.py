@@ -40,7 +40,10 @@ class ActivationSource(Protocol):
 
 
 class StoreSource:
-    """Shuffled batches from an activation store (see `ShuffledBatches` for the exact order)."""
+    """Shuffled batches from an activation store (see `ShuffledBatches` for the exact order).
+
+    For a GPU the prefetch thread gathers rows in the store's dtype (bf16: half the bytes)
+    into pinned memory, and the trainer converts on the device; for the CPU, fp32 rows."""
 
     def __init__(self, path: str, sites: list[str], batch_size: int, dist: Dist, *, seed: int, window_shards: int):
         self.store = ActivationStore(path)
@@ -61,7 +64,8 @@ class StoreSource:
     def batches(self, position: int) -> Iterator[dict[str, torch.Tensor]]:
         self._reader = ShuffledBatches(
             self.store, self.sites, self.batch_size, seed=self.seed, rank=self.dist.rank,
-            world_size=self.dist.world_size, window_shards=self.window_shards, position=position, dtype=torch.float32,
+            world_size=self.dist.world_size, window_shards=self.window_shards, position=position,
+            dtype=None if self.dist.device.type == "cuda" else torch.float32, pin_memory=self.dist.device.type == "cuda",
         )
         return iter(self._reader)
 

@@ -39,6 +39,7 @@ from sae_train.train import checkpoint as ckpt
 from sae_train.train.config import TrainConfig
 from sae_train.train.deferred import DeferredRead
 from sae_train.train.dist import Dist
+from sae_train.train.feed import device_batches
 from sae_train.train.logger import MetricsLogger
 from sae_train.train.resample import resample_dead_
 from sae_train.train.roofline import step_gemm_seconds
@@ -260,13 +261,14 @@ class Trainer:
         bar = tqdm(total=self.n_steps * self.cfg.batch_size, initial=self.tokens, unit="tok", unit_scale=True,
                    disable=not (self.cfg.progress and self.dist.is_main), desc="train")
         first_step, last = self.step, {}
-        batches: Iterator[dict[str, torch.Tensor]] = self.source.batches(self.position) if self.step < self.n_steps else iter(())
+        batches: Iterator[tuple[dict[str, torch.Tensor], int]] = (
+            device_batches(self.source, self.position, self.dist.device) if self.step < self.n_steps else iter(()))
         try:
             with StopSignals() as signals:
                 while self.step < self.n_steps:
-                    batch = next(batches)
+                    batch, position = next(batches)
                     stop = self.train_step(batch, signals.received)
-                    self.position = self.source.position
+                    self.position = position
                     bar.update(self.cfg.batch_size)
                     window_steps += 1
                     extra = self._callbacks()
@@ -294,9 +296,10 @@ class Trainer:
         step late on every rank alike, so the host never waits for the step it just queued.
         """
         sparsity = sparsity_factor(self.step, self.n_steps, self.cfg.sparsity_warmup)
+        batch = {run.site: batch[run.site].to(self.dist.device, non_blocking=True) for run in self.runs}  # once per site
         stats, outs, finishers = [], [], []
         for run in self.runs:
-            x, var = self._normalised(batch[run.site].to(self.dist.device, non_blocking=True), run.scale)
+            x, var = self._normalised(batch[run.site], run.scale)
             out = run.sae(x, dead_mask=run.dead_mask(self.cfg.dead_after_tokens), sparsity_scale=sparsity)
             out.losses["loss"].backward()
             finishers.append(self.dist.start_grad_average(run.params))
