@@ -57,6 +57,7 @@ gpu-wheels:  # after `make install`: the versions are this environment's
 	du -sh $(WHEELS)
 
 gpu-check:
+	@ls $(WHEELS)/*.whl >/dev/null 2>&1 || { echo "no wheels in $(WHEELS)/: run 'make gpu-wheels' on a machine with network and copy $(WHEELS)/ along"; exit 1; }
 	rm -rf $(GPU_SITE)
 	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $(GPU_SITE) $(WHEELS)/*.whl
 	PYTHONPATH=$(CURDIR):$(CURDIR)/$(GPU_SITE) $(GPU_PYTHON) benchmarks/gpu_check.py
