@@ -29,7 +29,6 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from sae_train.train.roofline import best_time, step_gemm_seconds
 from sae_train.train.update import update
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import SITE, FixedBatch  # noqa: E402  (the sibling benchmark's one-batch source)
+from train_throughput import FixedBatch  # noqa: E402  (the sibling benchmark's one-batch source)
 
 FULL = {"d_in": 2304, "d_sae": 65536, "k": 64, "batch": 8192, "topk_widths": [65536, 131072], "adam_params": 300_000_000}
 SMALL = {"d_in": 256, "d_sae": 4096, "k": 32, "batch": 1024, "topk_widths": [4096, 8192], "adam_params": 3_000_000}
@@ -196,22 +195,17 @@ def time_sparsify(size: dict, dtype: str, device: torch.device, steps: int, warm
     return {"step_s": step_s, "tokens_per_s": size["batch"] / step_s}
 
 
-def micro(size: dict, device: torch.device, repeats: int) -> dict[str, float]:
-    """Seconds of the step's building blocks at this size (best of `repeats`)."""
-    out: dict[str, float] = {}
-    batch, d_in, k = size["batch"], size["d_in"], size["k"]
-    for width in size["topk_widths"]:
-        for dtype in (torch.float32, torch.bfloat16):
-            z = torch.randn(batch, width, device=device).to(dtype)
-            out[f"topk {batch}x{width} k{k} {str(dtype)[6:]}"] = best_time(lambda: z.topk(k, dim=1, sorted=False), device, repeats)
-            del z
-    d_sae = size["d_sae"]
+def _topk_seconds(batch: int, width: int, k: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
+    z = torch.randn(batch, width, device=device).to(dtype)
+    return best_time(lambda: z.topk(k, dim=1, sorted=False), device, repeats)
+
+
+def _embedding_bag_seconds(batch: int, k: int, d_sae: int, d_in: int, device: torch.device, repeats: int) -> tuple[float, float]:
+    """(forward, forward + backward) of the sparse decode: k rows of a bf16 [d_sae, d_in] table per token."""
     table = torch.randn(d_sae, d_in, device=device, dtype=torch.bfloat16, requires_grad=True)
     idx = torch.randint(0, d_sae, (batch, k), device=device)
     vals = torch.rand(batch, k, device=device, dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(batch, d_in, device=device, dtype=torch.bfloat16)
-    out[f"embedding_bag forward {batch}x{k} of {d_sae}x{d_in} bf16"] = best_time(
-        lambda: F.embedding_bag(idx, table, per_sample_weights=vals, mode="sum"), device, repeats)
 
     def forward_backward() -> torch.Tensor:
         y = F.embedding_bag(idx, table, per_sample_weights=vals, mode="sum")
@@ -219,13 +213,29 @@ def micro(size: dict, device: torch.device, repeats: int) -> dict[str, float]:
         table.grad = vals.grad = None
         return y
 
-    out[f"embedding_bag forward+backward {batch}x{k} of {d_sae}x{d_in} bf16"] = best_time(forward_backward, device, repeats)
-    del table, idx, vals, grad
-    n = size["adam_params"]
+    forward = best_time(lambda: F.embedding_bag(idx, table, per_sample_weights=vals, mode="sum"), device, repeats)
+    return forward, best_time(forward_backward, device, repeats)
+
+
+def _adam_seconds(n: int, device: torch.device, repeats: int) -> float:
     param = torch.nn.Parameter(torch.randn(n, device=device))
     param.grad = torch.randn(n, device=device)
     adam = torch.optim.Adam([param], lr=1e-4, fused=True)
-    out[f"fused Adam step, {n / 1e6:.0f}M fp32 parameters"] = best_time(lambda: adam.step(), device, repeats)
+    return best_time(lambda: adam.step(), device, repeats)
+
+
+def micro(size: dict, device: torch.device, repeats: int) -> dict[str, float]:
+    """Seconds of the step's building blocks at this size (best of `repeats`)."""
+    out: dict[str, float] = {}
+    batch, d_in, d_sae, k = size["batch"], size["d_in"], size["d_sae"], size["k"]
+    for width in size["topk_widths"]:
+        for dtype in (torch.float32, torch.bfloat16):
+            out[f"topk {batch}x{width} k{k} {str(dtype)[6:]}"] = _topk_seconds(batch, width, k, dtype, device, repeats)
+    forward, both = _embedding_bag_seconds(batch, k, d_sae, d_in, device, repeats)
+    out[f"embedding_bag forward {batch}x{k} of {d_sae}x{d_in} bf16"] = forward
+    out[f"embedding_bag forward+backward {batch}x{k} of {d_sae}x{d_in} bf16"] = both
+    n = size["adam_params"]
+    out[f"fused Adam step, {n / 1e6:.0f}M fp32 parameters"] = _adam_seconds(n, device, repeats)
     return out
 
 
