@@ -16,7 +16,7 @@ from sae_train.lm import LanguageModel, ModelConfig
 from sae_train.lm.model import resolve_device
 from sae_train.sae import SAEConfig
 from sae_train.store import ActivationStore, ShuffledBatches
-from sae_train.train import Preempted, StepInfo, TrainConfig, run
+from sae_train.train import Preempted, StepInfo, TrainConfig, Trainer, run
 from sae_train.train.checkpoint import WEIGHTS
 from sae_train.train.dist import Dist
 from sae_train.train.feed import device_batches
@@ -127,3 +127,27 @@ def test_pinned_bf16_batches_on_the_gpu_equal_the_cpu_batches(tmp_path):
         (cpu, at_cpu), (gpu, at_gpu) = next(fed["cpu"]), next(fed["cuda"])
         assert at_cpu == at_gpu and gpu["synthetic"].is_cuda and gpu["synthetic"].dtype == torch.bfloat16
         assert torch.equal(gpu["synthetic"].float().cpu(), cpu["synthetic"])
+
+
+@pytest.mark.cuda
+@without_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_precision_policy(store, tmp_path, dtype):
+    """fp32 master weights and state on the GPU; float32 GEMMs in TF32; bf16 GEMMs read one bf16
+    copy of W_enc/W_dec made by the optimizer step; JumpReLU's threshold stays fp32."""
+    cfg = TrainConfig(store=str(store), out_dir=str(tmp_path), n_tokens=2048, batch_size=256, dtype=dtype, device="cuda",
+                      progress=False, sae=SAEConfig(architecture="jumprelu", l0_coefficient=0.01, expansion_factor=4))
+    dist = Dist(device=torch.device("cuda"))
+    trainer = Trainer(cfg, StoreSource(cfg.store, [], cfg.batch_size, dist, seed=0, window_shards=2), dist)
+    batch, _ = next(device_batches(trainer.source, 0, dist.device))
+    trainer.train_step(batch, 0)
+    sae = trainer.runs[0].sae
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in sae.parameters())
+    assert sae.threshold.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for s in trainer.runs[0].optimizer.state.values() for k, v in s.items() if k != "step")
+    if dtype == "float32":
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    else:
+        copy = sae.gemm_weight("W_enc")
+        assert copy.dtype == torch.bfloat16 and sae.gemm_weight("W_enc") is copy
+        assert torch.equal(copy, sae.W_enc.detach().to(torch.bfloat16))
