@@ -110,10 +110,13 @@ def test_device_batches_carry_the_position_after_each_batch(store):
     fed = device_batches(source, 512, torch.device("cpu"))
     direct = iter(ShuffledBatches(ActivationStore(store), ["synthetic"], 256, window_shards=2, position=512,
                                   dtype=torch.float32, prefetch=0))
-    for step in range(3):
-        batch, position = next(fed)
-        assert position == 512 + 256 * (step + 1)
-        assert torch.equal(batch["synthetic"], next(direct)["synthetic"])
+    try:
+        for step in range(3):
+            batch, position = next(fed)
+            assert position == 512 + 256 * (step + 1)
+            assert torch.equal(batch["synthetic"], next(direct)["synthetic"])
+    finally:
+        fed.close()  # stops the prefetch thread even when an assertion keeps this frame
 
 
 @pytest.mark.cuda
