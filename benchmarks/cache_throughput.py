@@ -75,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=131_072, help="tokens for the throughput comparison")
     parser.add_argument("--rss", type=int, nargs="*", default=[50_000, 400_000], help="cache sizes for the RSS check")
-    parser.add_argument("--batch", type=int, default=16, help="windows per forward")
+    parser.add_argument("--batch", type=int, default=CacheConfig.batch_size, help="tokens per forward (whole windows)")
     args = parser.parse_args()
 
     cfg = CacheConfig(sites=[SITE], n_tokens=args.tokens, batch_size=args.batch, progress=False)
@@ -85,11 +85,12 @@ def main() -> None:
     windows = torch.stack(list(islice(iter_windows(iter_documents(cfg.data), lm.tokenizer, cfg.text, spec),
                                       args.tokens // cfg.text.context_size)))
     tokens = windows.numel()
+    per_forward = max(1, args.batch // cfg.text.context_size)
     print(f"model {lm.identity['name']} ({lm.identity['dtype']}), site {SITE}, {tokens:,} tokens, "
-          f"context {cfg.text.context_size}, {args.batch} windows/forward, {torch.get_num_threads()} threads")
+          f"context {cfg.text.context_size}, {per_forward} windows/forward, {torch.get_num_threads()} threads")
 
-    plain_forward_seconds(lm, windows[: args.batch], layer, args.batch)  # warm-up
-    plain = tokens / plain_forward_seconds(lm, windows, layer, args.batch)
+    plain_forward_seconds(lm, windows[:per_forward], layer, per_forward)  # warm-up
+    plain = tokens / plain_forward_seconds(lm, windows, layer, per_forward)
     with tempfile.TemporaryDirectory() as tmp:
         summary = cache.run(CacheConfig(sites=[SITE], n_tokens=args.tokens, batch_size=args.batch,
                                         out_dir=f"{tmp}/acts", progress=False), lm)

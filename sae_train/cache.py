@@ -4,6 +4,12 @@ Shard `i` always holds windows [i*W, (i+1)*W) of the packed token stream (W wind
 shard), whoever writes it. That makes the store independent of how the work was split or
 interrupted: rank r of N writes the shards with i % N == r, a rerun skips the shards the
 manifest already holds, and the result is byte-identical to one uninterrupted run.
+
+The model computes shard i+1 while a writer thread checksums, fsyncs and publishes shard i
+(one shard in flight at most); the writes themselves, and so the crash-safety contract, are
+the store writer's, unchanged. On a GPU the model runs on this process's own device (the
+local rank's under torchrun or srun) and its activations reach the host by asynchronous
+copies into pinned memory.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 
@@ -47,8 +54,8 @@ class CacheConfig:
     out_dir: str = "runs/acts"
     tokens_per_shard: int = 65_536
     """Shard size in tokens, rounded down to whole windows: the unit of resume and shuffling."""
-    batch_size: int = 16
-    """Windows per forward pass."""
+    batch_size: int = 8192
+    """Tokens per forward pass (whole windows, at least one): the GPU's work per launch."""
     store_dtype: str = "bfloat16"
     """bfloat16 | float16 | float32. Halving the width halves disk and read bandwidth."""
     rank: int = -1
@@ -112,10 +119,10 @@ def store_spec(cfg: CacheConfig, lm: LanguageModel, tokens: TokenSpec, windows_p
 
 
 def _shard_rows(
-    lm: LanguageModel, sites: list[Site], windows: torch.Tensor, batch_size: int, tokens: TokenSpec
+    lm: LanguageModel, sites: list[Site], windows: torch.Tensor, batch_tokens: int, tokens: TokenSpec
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Activations of one shard's windows, one row per kept token."""
-    rows = lm.capture_rows(sites, windows, batch_size)
+    rows = lm.capture_rows(sites, windows, batch_tokens)
     token_ids = windows.flatten()
     positions = torch.arange(windows.shape[1], dtype=torch.int32).repeat(len(windows))
     keep = keep_mask(token_ids, tokens)
@@ -154,7 +161,8 @@ def run(cfg: CacheConfig, lm: LanguageModel | None = None) -> CacheSummary:
     n_windows = math.ceil(cfg.n_tokens / cfg.text.context_size)
     widths = {site.name: lm.site_width(site) for site in sites}
     spec = store_spec(cfg, lm, tokens, per_shard)
-    with StoreWriter(cfg.out_dir, spec, widths, DTYPES[cfg.store_dtype], rank=rank, world_size=world) as writer:
+    with (StoreWriter(cfg.out_dir, spec, widths, DTYPES[cfg.store_dtype], rank=rank, world_size=world) as writer,
+          ThreadPoolExecutor(1, thread_name_prefix="store-writer") as background):
         done = writer.done
         mine = [i for i in range(math.ceil(n_windows / per_shard)) if i % world == rank]
         todo = sum(1 for i in mine if i not in done)
@@ -163,14 +171,19 @@ def run(cfg: CacheConfig, lm: LanguageModel | None = None) -> CacheSummary:
         written, seen_windows, started = 0, 0, time.perf_counter()
         bar = tqdm(total=todo * per_shard * cfg.text.context_size, unit="tok", unit_scale=True,
                    disable=not cfg.progress or todo == 0, desc=f"cache r{rank}")
+        writing: Future | None = None  # the previous shard, being written while this one is computed
         for index, chunk in _shards(windows, per_shard, n_windows):
             seen_windows += len(chunk)
             if index % world != rank or index in done:
                 continue
             acts, token_ids, positions = _shard_rows(lm, sites, torch.stack(chunk), cfg.batch_size, tokens)
-            writer.write_shard(index, acts, token_ids, positions)
+            if writing is not None:
+                writing.result()  # raises the write's error here
+            writing = background.submit(writer.write_shard, index, acts, token_ids, positions)
             written += len(token_ids)
             bar.update(len(chunk) * cfg.text.context_size)
+        if writing is not None:
+            writing.result()
         bar.close()
         manifest = writer.close()
     return CacheSummary(

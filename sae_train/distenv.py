@@ -44,6 +44,15 @@ def torchrun() -> Torchrun:
     return Torchrun(rank=_int("RANK"), world_size=_int("WORLD_SIZE"), local_rank=local)
 
 
+def local_rank() -> int | None:
+    """This process's index among its node's processes (torchrun's LOCAL_RANK, else srun's
+    SLURM_LOCALID): which GPU it takes. None outside a launcher."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if name in os.environ:
+            return _int(name)
+    return None
+
+
 def is_main_process() -> bool:
     """Rank 0 of a torchrun job, or a process outside one: where one-per-job output belongs."""
     return torchrun().rank == 0

@@ -28,7 +28,7 @@ CTX = 32
 
 def config(model_dir: Path, out: Path, **kw) -> CacheConfig:
     base = dict(model=ModelConfig(name=str(model_dir), dtype="float32", device="cpu"), text=TextConfig(context_size=CTX),
-                n_tokens=2048, tokens_per_shard=512, batch_size=4, store_dtype="float32", out_dir=str(out), progress=False)
+                n_tokens=2048, tokens_per_shard=512, batch_size=4 * CTX, store_dtype="float32", out_dir=str(out), progress=False)
     return CacheConfig(**(base | kw))
 
 
@@ -105,7 +105,7 @@ def test_ranks_write_the_same_shards_as_one_process(tiny_model_dir, tmp_path):
 def _cli(model_dir: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "sae_train.cli", "cache", f"model.name={model_dir}", "model.dtype=float32",
             "model.device=cpu", "sites=[blocks.2.hook_resid_post,blocks.1.hook_mlp_out]", "n_tokens=12288",
-            f"text.context_size={CTX}", "tokens_per_shard=1024", "batch_size=2", f"out_dir={out}", "progress=false"]
+            f"text.context_size={CTX}", "tokens_per_shard=1024", f"batch_size={2 * CTX}", f"out_dir={out}", "progress=false"]
 
 
 def _tree(root: Path) -> dict[str, bytes]:

@@ -63,7 +63,7 @@ def toy():
 def test_a_registered_toy_architecture_trains_evaluates_and_exports(toy, tiny_model_dir, tmp_path: Path):
     model = ModelConfig(name=str(tiny_model_dir("llama")), dtype="float32", device="cpu")
     cache.run(CacheConfig(model=model, sites=[SITE], text=TextConfig(context_size=32), n_tokens=4096, tokens_per_shard=1024,
-                          batch_size=4, store_dtype="float32", out_dir=str(tmp_path / "acts"), progress=False))
+                          batch_size=128, store_dtype="float32", out_dir=str(tmp_path / "acts"), progress=False))
     summary = train.run(TrainConfig(store=str(tmp_path / "acts"), out_dir=str(tmp_path / "sae"), n_tokens=4096,
                                     batch_size=256, dtype="float32", progress=False,
                                     sae=SAEConfig(architecture="threshold_relu", l1_coefficient=0.01, expansion_factor=2)))

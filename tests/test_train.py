@@ -72,8 +72,9 @@ def test_resume_after_sigterm_equals_uninterrupted(synthetic, tmp_path, arch):
     with pytest.raises(Preempted) as stop:
         run(cfg(store, tmp_path / "split", sae=sae, n_tokens=32_768), callbacks=[_sigterm_at(30)])
     assert stop.value.exit_code == 128 + signal.SIGTERM
-    # Signals travel with the next step's all-reduce: every rank stops after step 31.
-    assert json.loads((tmp_path / "split" / RUN_STATE_FILE).read_text())["step"] == 31
+    # Signals travel with the next step's statistics (step 31), which the host reads one step
+    # later (no device sync in a step): every rank stops after step 32.
+    assert json.loads((tmp_path / "split" / RUN_STATE_FILE).read_text())["step"] == 32
     resumed = run(cfg(store, tmp_path / "split", sae=sae, n_tokens=32_768))
     assert resumed.steps == whole.steps == 64
     a = load_file(str(Path(whole.saes[SITE]["checkpoint"]) / TRAINING_WEIGHTS_FILE))
@@ -181,16 +182,19 @@ def test_checkpoint_acts_on_raw_activations(synthetic, tmp_path, arch):
     torch.testing.assert_close(shipped.W_dec.norm(dim=1), torch.ones(shipped.cfg.d_sae), rtol=1e-5, atol=1e-5)
 
 
-def test_non_finite_loss_stops_and_keeps_the_checkpoint(synthetic, tmp_path):
+@pytest.mark.parametrize("bad_step", [12, 15])
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(synthetic, tmp_path, bad_step):
+    """Losses are read one step late; at 15 the step just before a checkpoint (after 16) is
+    the bad one, and the save itself must notice."""
     _, store = synthetic
 
     def poison(info: StepInfo) -> None:
-        if info.step == 12:
+        if info.step == bad_step:
             with torch.no_grad():
                 info.runs[0].sae.W_enc[0, 0] = float("nan")
 
-    config = cfg(store, tmp_path, n_tokens=16_384, checkpoint_every_tokens=4096)
-    with pytest.raises(UserError, match="Non-finite loss.*step 12"):
+    config = cfg(store, tmp_path, n_tokens=16_384, checkpoint_every_tokens=4096, log_every=100)
+    with pytest.raises(UserError, match=f"Non-finite loss.*step {bad_step}"):
         run(config, callbacks=[poison])
     state = json.loads((tmp_path / RUN_STATE_FILE).read_text())
     assert state["step"] == 8
@@ -309,7 +313,7 @@ def test_wandb_offline_logs_metrics_and_resume_keeps_the_run(synthetic, tmp_path
     _, store = synthetic
     config = cfg(store, tmp_path, n_tokens=16_384, log_every=4, wandb=WandbConfig(enabled=True, mode="offline"))
     with pytest.raises(Preempted):
-        run(config, callbacks=[_sigterm_at(10)])
+        run(config, callbacks=[_sigterm_at(9)])  # stops after step 11 (signals are read one step late)
     run(config)
     assert len(run_ids(tmp_path / "wandb")) == 1
     rows = history(tmp_path / "wandb")

@@ -87,3 +87,51 @@ def test_sigterm_leaves_a_resumable_checkpoint(store, tmp_path, targets):
     done = subprocess.run(cmd, env=ENV, capture_output=True, timeout=600, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "out" / RUN_STATE_FILE).read_text())["step"] == 1600
+
+
+def _collectives_of_one_step(rank: int, store: Path, out: Path, init: Path) -> None:
+    """Rank `rank` of 2: one training step with every all-reduce recorded (dtype, size, and
+    whether it reduced a parameter's own gradient tensor)."""
+    import torch.distributed as tdist
+
+    from sae_train.sae import SAEConfig
+    from sae_train.train import TrainConfig, Trainer
+    from sae_train.train.dist import Dist
+    from sae_train.train.sources import StoreSource
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    cfg = TrainConfig(store=str(store), out_dir=str(out / f"r{rank}"), n_tokens=4096, batch_size=512, dtype="float32",
+                      progress=False, sae=SAEConfig(architecture="topk", k=4, expansion_factor=4))
+    dist = Dist(rank=rank, world_size=2)
+    trainer = Trainer(cfg, StoreSource(cfg.store, [], cfg.batch_size, dist, seed=0, window_shards=2), dist)
+    batch = next(trainer.source.batches(0))
+    seen: list[tuple[str, int, bool]] = []
+    reduce, params = tdist.all_reduce, trainer.runs[0].params
+
+    def recording(tensor, *args, **kwargs):
+        seen.append((str(tensor.dtype), tensor.numel(), any(tensor is p.grad for p in params)))
+        return reduce(tensor, *args, **kwargs)
+
+    tdist.all_reduce = recording
+    try:
+        trainer.train_step(batch, 0)
+    finally:
+        tdist.all_reduce = reduce
+    (out / f"r{rank}.json").write_text(json.dumps(seen))
+    tdist.destroy_process_group()
+
+
+def test_gradients_are_reduced_in_fp32_in_place_and_statistics_apart(store, tmp_path):
+    """Per step: one fp32 all-reduce per parameter, on its gradient itself (no flat copy, no
+    fp64), and one small fp64 all-reduce of statistics; the same list on both ranks."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_collectives_of_one_step, args=(store, tmp_path, tmp_path / "init"), nprocs=2)
+    calls = [json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1)]
+    assert calls[0] == calls[1]
+    d_in, d_sae = 32, 128
+    grads, stats = calls[0][:-1], calls[0][-1]
+    assert sorted(n for _, n, _ in grads) == sorted([d_in * d_sae, d_sae * d_in, d_sae, d_in])
+    assert all(dtype == "torch.float32" and is_grad for dtype, _, is_grad in grads)
+    assert stats[0] == "torch.float64" and stats[1] < 2 * d_sae and not stats[2]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sae_train.distenv import local_rank
 from sae_train.errors import UserError
 from sae_train.lm import hooks
 from sae_train.lm.sites import Site, family_of, n_layers, resolve_site
@@ -44,15 +45,24 @@ class ModelConfig:
     """float32 | bfloat16 | float16 | auto (bfloat16 where the device computes it natively —
     CUDA with bf16, CPUs with AVX512-BF16/AMX — else float32)."""
     device: str = "auto"
-    """cpu | cuda | cuda:N | auto (cuda when present)."""
+    """cpu | cuda | cuda:N | auto (cuda when present). `cuda`/`auto` under torchrun or srun means
+    this process's own GPU (LOCAL_RANK, else SLURM_LOCALID)."""
     trust_remote_code: bool = False
     """Run modelling code shipped with the checkpoint. Off unless you trust the repository."""
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto` = cuda when present, else cpu. A bare `cuda` is this process's GPU: local rank
+    (torchrun's LOCAL_RANK, else srun's SLURM_LOCALID) modulo the visible GPUs, so N ranks on a
+    node take N GPUs (and a rank that sees only its own GPU takes that one)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        local = local_rank()
+        if local is not None and torch.cuda.device_count() > 0:
+            resolved = torch.device("cuda", local % torch.cuda.device_count())
+    return resolved
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -198,13 +208,25 @@ class LanguageModel:
     def capture(self, sites: Sequence[Site], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return hooks.capture(self.model, sites, input_ids)
 
-    def capture_rows(self, sites: Sequence[Site], windows: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-        """Site activations for windows [n, seq] as CPU rows [n * seq, d], `batch_size` windows per forward."""
-        chunks: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
-        for start in range(0, len(windows), batch_size):
-            for name, act in self.capture(sites, windows[start : start + batch_size].to(self.device)).items():
-                chunks[name].append(act.flatten(0, 1).cpu())
-        return {name: torch.cat(parts) for name, parts in chunks.items()}
+    def capture_rows(self, sites: Sequence[Site], windows: torch.Tensor, batch_tokens: int) -> dict[str, torch.Tensor]:
+        """Site activations for windows [n, seq] as CPU rows [n * seq, d], about `batch_tokens`
+        tokens (whole windows, at least one) per forward.
+
+        On a GPU the rows are copied into pinned host memory without blocking, so the host
+        queues the next forward while the previous copy runs; one synchronisation at the end."""
+        n, seq = windows.shape
+        per_forward = max(1, batch_tokens // seq)
+        pinned = self.device.type == "cuda"
+        rows: dict[str, torch.Tensor] = {}
+        for start in range(0, n, per_forward):
+            acts = self.capture(sites, windows[start : start + per_forward].to(self.device, non_blocking=True))
+            for name, act in acts.items():
+                if name not in rows:
+                    rows[name] = torch.empty(n * seq, act.shape[-1], dtype=act.dtype, pin_memory=pinned)
+                rows[name][start * seq : start * seq + act.shape[0] * seq].copy_(act.flatten(0, 1), non_blocking=pinned)
+        if pinned:
+            torch.cuda.current_stream(self.device).synchronize()
+        return rows
 
     def splice(self, site: Site, fn: hooks.SpliceFn) -> AbstractContextManager[None]:
         return hooks.splice(self.model, site, fn)

@@ -45,13 +45,14 @@ class ShuffledBatches:
     rank, and a new reader built with `position=` yields exactly the batches this one would
     have yielded next. Use one iterator at a time. `prefetch` batches are prepared in a
     background thread (0: none); it stops when the iterator is closed or dropped, and its
-    exceptions are raised in the consumer.
+    exceptions are raised in the consumer. `pin_memory` gathers into page-locked memory, from
+    which a GPU copies asynchronously (and converts, with `dtype`, into page-locked memory too).
     """
 
     def __init__(self, store: ActivationStore, sites: Sequence[str], batch_size: int, *, seed: int = 0,
                  rank: int = 0, world_size: int = 1, window_shards: int = 8, position: int = 0,
                  shuffle: bool = True, loop: bool = True, dtype: torch.dtype | None = None,
-                 prefetch: int = 2) -> None:
+                 prefetch: int = 2, pin_memory: bool = False) -> None:
         known = list(store.sites) + list(RESERVED)
         unknown = [s for s in sites if s not in known]
         if not sites or unknown:
@@ -76,7 +77,7 @@ class ShuffledBatches:
             raise UserError(f"Reader dtype {dtype} is not a floating-point dtype.")
         self.store, self.sites, self.batch_size = store, list(sites), batch_size
         self.seed, self.rank, self.world_size, self.window_shards = seed, rank, world_size, window_shards
-        self.shuffle, self.loop, self.dtype, self.prefetch = shuffle, loop, dtype, prefetch
+        self.shuffle, self.loop, self.dtype, self.prefetch, self.pin_memory = shuffle, loop, dtype, prefetch, pin_memory
         self._position = position
 
     @property
@@ -122,7 +123,7 @@ class ShuffledBatches:
         for name in self.sites:
             site = self.store.sites.get(name)
             shape, dtype = ((n,), torch.int32) if site is None else ((n, site.d_in), site.torch_dtype)
-            out[name] = torch.empty(shape, dtype=dtype)
+            out[name] = torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
         offset = 0
         for shard, rows in pieces:
             views, idx = shards.get(shard), torch.from_numpy(rows)
@@ -130,7 +131,8 @@ class ShuffledBatches:
                 torch.index_select(views[name], 0, idx, out=out[name][offset : offset + len(rows)])
             offset += len(rows)
         if self.dtype is not None:
-            out = {k: v if k in RESERVED else v.to(self.dtype) for k, v in out.items()}
+            out = {k: v if k in RESERVED or v.dtype == self.dtype
+                   else torch.empty(v.shape, dtype=self.dtype, pin_memory=self.pin_memory).copy_(v) for k, v in out.items()}
         return out
 
 

@@ -1,16 +1,19 @@
 """Distributed data-parallel plumbing: process group set-up and the few collectives used.
 
 Every rank calls every collective the same number of times: the trainer runs a fixed number
-of steps on every rank, and decisions (stop on a signal, stop on a non-finite loss) travel in
-the same per-step all-reduce as the gradients, so no rank ever waits on one that left.
+of steps on every rank, each step makes the same gradient all-reduces (one per parameter of
+every SAE) and one small all-reduce of statistics that carries the decisions (stop on a
+signal, stop on a non-finite loss), so no rank ever waits on one that left.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
+from torch import nn
 
 from sae_train.distenv import torchrun
 from sae_train.lm.model import resolve_device
@@ -31,6 +34,29 @@ class Dist:
             tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
         return tensor
 
+    def start_grad_average(self, params: Sequence[nn.Parameter]) -> Callable[[], None]:
+        """Start averaging the gradients of `params` over ranks, in place and in their own
+        dtype (fp32 master gradients: no flat copy, no fp64), asynchronously so the reduction
+        overlaps whatever the caller queues next (the next SAE of a sweep). Call the returned
+        function before using the gradients: it waits and divides by the world size.
+        A missing gradient (a parameter the loss did not reach) is reduced as zeros, so every
+        rank makes the same collectives."""
+        if self.world_size == 1:
+            return lambda: None
+        grads = []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        works = [tdist.all_reduce(g, op=tdist.ReduceOp.SUM, async_op=True) for g in grads]
+
+        def finish() -> None:
+            for work in works:
+                work.wait()
+            torch._foreach_div_(grads, float(self.world_size))
+
+        return finish
+
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.world_size > 1:
             tdist.broadcast(tensor, src=src)
@@ -48,8 +74,7 @@ def init_distributed(device: str = "auto") -> Dist:
     job = torchrun()
     if job.world_size <= 1:
         return Dist(device=dev)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", job.local_rank)
+    if dev.type == "cuda":  # resolve_device picked this rank's own GPU (its local rank)
         torch.cuda.set_device(dev)
     if not tdist.is_initialized():
         tdist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")

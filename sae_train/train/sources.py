@@ -46,7 +46,10 @@ class ActivationSource(Protocol):
 
 
 class StoreSource:
-    """Shuffled batches from an activation store (see `ShuffledBatches` for the exact order)."""
+    """Shuffled batches from an activation store (see `ShuffledBatches` for the exact order).
+
+    For a GPU the prefetch thread gathers rows in the store's dtype (bf16: half the bytes)
+    into pinned memory, and the trainer converts on the device; for the CPU, fp32 rows."""
 
     def __init__(self, path: str, sites: list[str], batch_size: int, dist: Dist, *, seed: int, window_shards: int):
         self.store = ActivationStore(path)
@@ -70,9 +73,10 @@ class StoreSource:
         if sample:
             return ShuffledBatches(self.store, self.sites, batch_size, seed=self.seed + 1,
                                    window_shards=self.window_shards, dtype=torch.float32, prefetch=0)
+        cuda = self.dist.device.type == "cuda"
         return ShuffledBatches(self.store, self.sites, batch_size, seed=self.seed, rank=self.dist.rank,
                                world_size=self.dist.world_size, window_shards=self.window_shards, position=position,
-                               dtype=torch.float32)
+                               dtype=None if cuda else torch.float32, pin_memory=cuda)
 
     def batches(self, position: int) -> Iterator[dict[str, torch.Tensor]]:
         self._reader = self._stream(self.batch_size, position=position)
@@ -168,7 +172,7 @@ class LiveSource:
 
     def _block_rows(self, windows: list[torch.Tensor], block: int) -> dict[str, torch.Tensor]:
         batch = torch.stack(windows)
-        rows = self.lm.capture_rows(self._sites, batch, 16)
+        rows = self.lm.capture_rows(self._sites, batch, 16 * self.text.context_size)
         keep = keep_mask(batch.flatten(), self._tokens)
         kept = {name: site_rows[keep] for name, site_rows in rows.items()}
         for name, x in kept.items():  # one check per block of windows, not per training step

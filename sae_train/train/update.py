@@ -13,6 +13,10 @@ Two implementations, pinned together by tests/test_train.py:
   in cache, and bf16 copies of W_enc/W_dec are written on the way for the next forward's GEMMs
   (`SAE.gemm_weight`), which saves that forward two casts.
 
+On CUDA the step is `reference_update` (torch's fused CUDA Adam), followed, for bf16 GEMMs, by
+one cast of W_enc/W_dec to bf16 that every GEMM of the next step shares through
+`SAE.gemm_weight`.
+
 Adam's state stays in the torch optimizer (`exp_avg`, `exp_avg_sq`, `step`, initialised as
 torch does), so checkpoints and resume are unchanged, and pass 2 computes what torch's fused
 CPU Adam computes, in the same order. The clip norm is summed in another order than
@@ -42,7 +46,9 @@ def reference_update(sae: SAE, optimizer: torch.optim.Optimizer, grad_clip: floa
 def fused_supported(sae: SAE, optimizer: torch.optim.Optimizer) -> bool:
     """Whether `fused_update` applies: CPU fp32 parameters that all have gradients, compiled
     kernels, and torch's Adam without the options pass 2 does not implement."""
-    if type(optimizer) is not torch.optim.Adam or not kernels.available():
+    if type(optimizer) is not torch.optim.Adam or any(p.device.type != "cpu" for p in sae.parameters()):
+        return False
+    if not kernels.available():  # after the device check: a GPU node never builds the CPU kernels
         return False
     for group in optimizer.param_groups:
         if (group["amsgrad"] or group["maximize"] or group["weight_decay"] != 0 or group["differentiable"]
@@ -108,10 +114,20 @@ def fused_update(sae: SAE, optimizer: torch.optim.Adam, grad_clip: float) -> Non
     sae.constrain_extra_()
 
 
+@torch.no_grad()
+def write_gemm_copies(sae: SAE) -> None:
+    """CUDA, bf16 GEMMs: cast W_enc/W_dec once after the step, for every GEMM of the next step
+    to share (`SAE.gemm_weight`); the caching allocator hands back last step's blocks."""
+    if sae.W_enc.device.type == "cuda" and sae.compute_dtype == torch.bfloat16 and sae.W_enc.dtype == torch.float32:
+        for name in _SHADOWED:
+            sae.set_gemm_weight(name, getattr(sae, name).detach().to(torch.bfloat16))
+
+
 def update(sae: SAE, optimizer: torch.optim.Optimizer, grad_clip: float) -> None:
-    """One optimizer step: `fused_update` where it applies, else `reference_update`.
-    SAE_TRAIN_KERNELS=torch selects the reference everywhere."""
+    """One optimizer step: `fused_update` where it applies, else `reference_update` (plus the
+    bf16 weight copies on CUDA). SAE_TRAIN_KERNELS=torch selects the reference everywhere."""
     if fused_supported(sae, optimizer):
         fused_update(sae, optimizer, grad_clip)
     else:
         reference_update(sae, optimizer, grad_clip)
+        write_gemm_copies(sae)
