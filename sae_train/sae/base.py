@@ -8,8 +8,9 @@ trainer scales inputs to E||x|| = 1); `fold(scale)` turns it into the shipped ar
 acts on raw activations with unit-norm decoder rows (DESIGN.md, Contract 2).
 
 Each architecture has two implementations of `forward`: a fast fused CPU path
-(sae_train/sae/ops.py + kernels) and a plain-PyTorch reference (`_forward_torch`), selected per
-call by `_fast_path`; tests pin them together.
+(sae_train/sae/ops.py + kernels) and a plain-PyTorch path (`_forward_torch`: what CUDA runs;
+sparse for the TopK family, sae/sparse.py), selected per call by `_fast_path`; tests pin both
+to a naive dense reference.
 """
 
 from __future__ import annotations
@@ -315,10 +316,32 @@ class SAE(nn.Module, abc.ABC):
 
     def _preact(self, x: Tensor) -> Tensor:
         """Pre-activations (x - b_dec) @ W_enc + b_enc: GEMM in compute_dtype, bias in fp32."""
-        return self._matmul(x - self.b_dec, self.W_enc) + self.b_enc
+        return _Encoder.apply(x, self.b_dec, self.W_enc, self.b_enc, self.gemm_weight("W_enc"))
 
     def _mse(self, x_hat: Tensor, x: Tensor) -> Tensor:
         return (x_hat - x).pow(2).sum(-1).mean()
+
+
+class _Encoder(torch.autograd.Function):
+    """(x - b_dec) @ W_enc + b_enc, the GEMM on `W_gemm` (W_enc in the GEMM dtype), the result
+    in b_enc's dtype. The backward sums the gradient over tokens before it meets W_enc:
+    db_dec = -W_enc @ db_enc, a GEMV instead of a [B, d_sae] x [d_sae, d_in] GEMM."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, W_gemm: Tensor) -> Tensor:  # type: ignore[override]
+        xc = (x - b_dec).to(W_gemm.dtype)
+        ctx.save_for_backward(xc, W_enc, W_gemm)
+        ctx.x_dtype = x.dtype
+        return (xc @ W_gemm).to(b_enc.dtype) + b_enc
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        xc, W_enc, W_gemm = ctx.saved_tensors
+        gc = g.to(xc.dtype)
+        grad_b_enc = g.sum(0)
+        grad_W_enc = (xc.t() @ gc).to(W_enc.dtype)
+        grad_x = (gc @ W_gemm.t()).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, -(W_enc.detach() @ grad_b_enc), grad_W_enc, grad_b_enc, None
 
 
 @torch.no_grad()

@@ -19,10 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as tdist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from sae_train.sae import kernels
+from sae_train.sae import kernels, sparse
 
 
 def _tie_select(v: Tensor, kth: Tensor, n_keep: Tensor | int, dim: int) -> Tensor:
@@ -86,6 +87,25 @@ def batch_topk_kernel(z: Tensor, bias: Tensor, n_keep: int) -> tuple[Tensor, Ten
     return kernels.batch_topk(z, bias, n_keep, kernels.batch_topk_guess(z, bias, expected), expected)
 
 
+def _batch_topk_global(z: Tensor, bias: Tensor, n_keep: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`batch_topk_kernel` over the global batch under torch.distributed (k*B_global over all
+    ranks, `sparse.global_cut`), plus the smallest kept value. CPU only: compacts by masks."""
+    world = tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+    if world == 1:
+        offsets, idx, pre = batch_topk_kernel(z, bias, n_keep)
+        return offsets, idx, pre, pre.min() if pre.numel() else pre.new_zeros(())
+    n_keep *= world
+    offsets, idx, pre = batch_topk_kernel(z, bias, min(n_keep, z.numel()))
+    ranked, order = pre.sort(descending=True, stable=True)  # CSR order is flat-index order
+    padded = torch.full((n_keep,), float("-inf"))
+    padded[: ranked.numel()] = ranked
+    n_local, min_kept = sparse.global_cut(padded, n_keep)
+    keep = torch.zeros(pre.numel(), dtype=torch.bool)
+    keep[order[: int(n_local)]] = True
+    rows = torch.repeat_interleave(torch.arange(z.shape[0]), offsets.diff())[keep]
+    return _csr_from_rows(rows, z.shape[0]), idx[keep], pre[keep], min_kept
+
+
 @dataclass
 class SparseSpec:
     """Static arguments of `SparseSAEFunction`; forward fills in the selection (CSR)."""
@@ -97,6 +117,7 @@ class SparseSpec:
     aux_k: int = 0
     offsets: Tensor | None = None  # [B+1]: token b owns entries offsets[b]:offsets[b+1]
     idx: Tensor | None = None  # [nnz] latent ids, ascending within a token
+    min_kept: Tensor | None = None  # BatchTopK: smallest kept value over the (global) batch
 
 
 def auxk_ratio(e_hat: Tensor, e: Tensor) -> Tensor:
@@ -130,7 +151,7 @@ class SparseSAEFunction(torch.autograd.Function):
         z = xc @ Wc
         B = x.shape[0]
         if spec.batch:
-            offsets, idx, pre = batch_topk_kernel(z, b_enc, spec.k * B)
+            offsets, idx, pre, spec.min_kept = _batch_topk_global(z, b_enc, spec.k * B)
         else:
             idx, pre = kernels.topk_rows(z, b_enc, spec.k)
             offsets, idx, pre = torch.arange(0, B * spec.k + 1, spec.k), idx.view(-1), pre.view(-1)

@@ -7,9 +7,10 @@ factor (all n_i = 1, then the normalisation scale) leaves the per-token ranking 
 
 AuxK (OpenAI; as in sparsify): when the trainer marks dead latents, the top
 min(aux_k, n_dead) pre-activations among them (ReLU'd) reconstruct the detached residual
-e = x - x_hat, auxk = ||e_hat - e||^2 / ||e - mean(e)||^2 over the batch. It is computed
-densely on the dead columns only ((x - b_dec) @ W_enc[:, dead], then [B, n_dead] @
-W_dec[dead]): aux_k is ~10x k, so a sparse decode of it would cost more than these GEMMs.
+e = x - x_hat, auxk = ||e_hat - e||^2 / ||e - mean(e)||^2 over the batch (0 when no latent is
+dead). The PyTorch path selects aux_k entries per token among the dead columns of the same
+pre-activations (masked, so the number of dead latents never reaches the host; picks beyond
+n_dead get value 0) and decodes them sparsely like the main entries.
 """
 
 from __future__ import annotations
@@ -19,43 +20,35 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from sae_train.sae import kernels
+from sae_train.sae import kernels, sparse
 from sae_train.sae.base import SAE, SAEOutput, SparseLatents
-from sae_train.sae.ops import SparseSAEFunction, SparseSpec, auxk_ratio, topk_rows_torch
+from sae_train.sae.ops import SparseSAEFunction, SparseSpec, auxk_ratio
 
 
 class TopKSAE(SAE):
     architecture = "topk"
     batch_selection: ClassVar[bool] = False  # k*B over the batch (BatchTopK) instead of k per token
 
-    # ------------------------------------------------------------------ selection (torch twin)
+    # ------------------------------------------------------------------ selection (torch path)
 
-    def _select_torch(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """(offsets [B+1], latent ids [nnz]) of the training selection on pre-activations z."""
+    def _select_torch(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Training selection on pre-activations z (GEMM dtype, without b_enc): (offsets [B+1],
+        latent ids [nnz], token of each entry [nnz], keep mask [nnz] or None, BatchTopK's
+        min_kept or None)."""
         B, k = z.shape[0], self.cfg.k
-        idx, _ = topk_rows_torch(z, k)
-        return torch.arange(0, B * k + 1, k, device=z.device), idx.view(-1)
+        ids, _ = sparse.topk_rows(z, self.b_enc.detach(), k)
+        offsets = torch.arange(0, B * k + 1, k, device=z.device)
+        rows = torch.arange(B * k, device=z.device) // k
+        return offsets, ids.view(-1), rows, None, None
 
     def _activation(self, z: Tensor) -> Tensor:
         k = self.cfg.k
+        bias = torch.zeros(z.shape[1], dtype=z.dtype, device=z.device)
         if kernels.supports(z) and not (torch.is_grad_enabled() and z.requires_grad) and kernels.available():
-            idx, val = kernels.topk_rows(z.contiguous(), torch.zeros(z.shape[1]), k)
+            idx, val = kernels.topk_rows(z.contiguous(), bias, k)
         else:
-            idx, val = topk_rows_torch(z, k)
+            idx, val = sparse.topk_rows(z, bias, k)
         return torch.zeros_like(z).scatter(1, idx, val.relu())
-
-    def _dead_ids(self, dead_mask: Tensor | None) -> Tensor | None:
-        dead = None if dead_mask is None else dead_mask.nonzero().squeeze(1)
-        return dead if dead is not None and dead.numel() else None
-
-    def _auxk_torch(self, x: Tensor, x_hat: Tensor, dead: Tensor | None) -> Tensor:
-        """The AuxK loss term (unweighted) by plain autograd; 0 without dead latents."""
-        if dead is None:
-            return x_hat.new_zeros(())
-        z = self._matmul(x - self.b_dec, self.W_enc[:, dead]) + self.b_enc[dead]  # [B, n_dead]
-        idx, _ = topk_rows_torch(z.detach(), min(self.cfg.aux_k, dead.numel()))
-        f = torch.zeros_like(z).scatter(1, idx, torch.relu(z.gather(1, idx)))
-        return auxk_ratio(self._matmul(f, self.W_dec[dead]), (x - x_hat).detach())
 
     # ------------------------------------------------------------------ forward
 
@@ -67,21 +60,47 @@ class TopKSAE(SAE):
         return SAEOutput(x_hat, {"loss": loss, "mse": mse, "auxk": auxk}, l0, counts > 0, latents)
 
     def _forward_torch(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
-        z = self._preact(x)
+        """The sparse step in plain PyTorch (sae/sparse.py): encoder GEMM, selection, embedding-bag
+        decode; every gradient from the selected entries only."""
         B = x.shape[0]
-        offsets, idx = self._select_torch(z.detach())
-        rows = torch.repeat_interleave(torch.arange(B, device=x.device), offsets.diff())
-        vals = torch.relu(z[rows, idx])
-        f = torch.zeros_like(z).index_put((rows, idx), vals)
-        # values stay fp32, weights are rounded to the GEMM dtype: what the sparse decode does
-        x_hat = f @ self.W_dec.to(self._gemm_dtype).to(f.dtype) + self.b_dec
-        auxk = self._auxk_torch(x, x_hat, self._dead_ids(dead_mask))
-        latents = SparseLatents(vals.detach(), idx, offsets, self.cfg.d_sae)
-        return self._output(x, x_hat, self._mse(x_hat, x), auxk, latents)
+        with torch.no_grad():
+            xc = x - self.b_dec
+            z = xc.to(self._gemm_dtype) @ self.gemm_weight("W_enc")
+            offsets, ids, rows, keep, min_kept = self._select_torch(z)
+            n_main = ids.numel()
+            if dead_mask is not None:
+                aux_k = min(self.cfg.aux_k, self.cfg.d_sae)
+                aux_ids, _ = sparse.topk_rows(z, self.b_enc.detach(), aux_k, dead_mask)
+                aux_ids = aux_ids.view(-1)
+                ids = torch.cat([ids, aux_ids])
+                rows = torch.cat([rows, torch.arange(B * aux_k, device=x.device) // aux_k])
+        pre = sparse.SparsePreact.apply(z, xc, rows, ids, self.b_dec, self.W_enc, self.b_enc)
+        del z
+        vals = torch.relu(pre[:n_main])
+        if keep is not None:
+            vals = torch.where(keep, vals, torch.zeros_like(vals))
+        W_dec = self.W_dec
+        if self._gemm_dtype != W_dec.dtype:  # decode with the weights the GEMM path uses
+            W_dec = sparse.RoundThrough.apply(W_dec, self.gemm_weight("W_dec"))
+        x_hat = sparse.decode(ids[:n_main], vals, offsets, W_dec) + self.b_dec
+        auxk = x_hat.new_zeros(())
+        if dead_mask is not None:
+            aux_ids = ids[n_main:]
+            a_vals = torch.where(dead_mask[aux_ids], torch.relu(pre[n_main:]), torch.zeros_like(pre[n_main:]))
+            e_hat = sparse.decode(aux_ids, a_vals, torch.arange(0, B * aux_k + 1, aux_k, device=x.device), W_dec)
+            auxk = torch.where(dead_mask.any(), auxk_ratio(e_hat, (x - x_hat).detach()), auxk)
+        out = self._output(x, x_hat, self._mse(x_hat, x), auxk, SparseLatents(vals.detach(), ids[:n_main], offsets, self.cfg.d_sae))
+        if min_kept is not None:
+            out.stats["min_kept"] = min_kept
+        return out
 
     def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
-        dead = self._dead_ids(dead_mask)
+        dead = None if dead_mask is None else dead_mask.nonzero().squeeze(1)  # CPU only: no sync to avoid
+        dead = dead if dead is not None and dead.numel() else None
         aux_k = 0 if dead is None else min(self.cfg.aux_k, dead.numel())
         spec = SparseSpec(self.batch_selection, self.cfg.k, self.gemm_weights(), dead, aux_k)
         x_hat, mse, auxk, vals = SparseSAEFunction.apply(x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, spec)
-        return self._output(x, x_hat, mse, auxk, SparseLatents(vals, spec.idx, spec.offsets, self.cfg.d_sae))
+        out = self._output(x, x_hat, mse, auxk, SparseLatents(vals, spec.idx, spec.offsets, self.cfg.d_sae))
+        if spec.min_kept is not None:
+            out.stats["min_kept"] = spec.min_kept
+        return out
