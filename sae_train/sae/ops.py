@@ -1,9 +1,11 @@
 """Selection rules and the fused training step of the SAE family.
 
-Two implementations of everything:
-- plain PyTorch (`topk_rows_torch`, `batch_topk_torch`, and the dense-autograd forward in each
-  architecture module): obviously correct, used on CUDA, without a C compiler, with
-  `SAE_TRAIN_KERNELS=torch`, in float64, and as the reference in tests;
+Three implementations of the selection, two of the step:
+- `topk_rows_torch`, `batch_topk_torch`: the selection rule written the obvious way (dense
+  masks, int64 cumsums, nonzero): the reference the C kernels and sae/sparse.py are tested
+  against, not used in training;
+- plain PyTorch (sae/sparse.py and each architecture's `_forward_torch`): sparse, sync-free,
+  used on CUDA, without a C compiler, with `SAE_TRAIN_KERNELS=torch` and in float64;
 - the fast CPU path: `SparseSAEFunction` (TopK family: no dense decode, sparse gradients of
   W_enc/b_enc/W_dec/b_dec) and `DenseSAEFunction` (ReLU family: five GEMMs plus one fused
   elementwise pass each way), built on sae_train/sae/kernels.
