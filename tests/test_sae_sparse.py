@@ -181,3 +181,34 @@ def test_cuda_step_equals_cpu(arch, pattern, compute):
     torch.testing.assert_close(gpu.x_hat.cpu(), cpu.x_hat, rtol=tol, atol=tol * 1e-2)
     for name, g in g_cpu.items():
         assert (g_gpu[name].cpu() - g).abs().max() <= tol * g.abs().max(), name
+
+
+# ----------------------------------------------------------------------------- memory: chunks
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_encode_and_init_run_in_chunks(monkeypatch, arch):
+    """No [n, d_sae] temporary beyond one chunk's rows (the encode output aside); same results."""
+    from sae_train.sae import base
+
+    x = data(n=100)
+    sae = perturb(make(arch, **_kw({})))
+    sae.impl = "torch"
+    whole = sae.encode(x)
+    init = perturb(make(arch, **_kw({})))
+    init.impl = "torch"
+    init.init_from_data(x)
+    monkeypatch.setattr(base, "CHUNK_TOKENS", 16)
+    with _Recorder() as rec:
+        chunked = sae.encode(x)
+    wide = [s for s in rec.outputs if len(s) == 2 and s[1] == sae.cfg.d_sae and s[0] > 16]
+    assert wide == [(100, sae.cfg.d_sae)], wide  # the output only
+    assert torch.equal(chunked, whole)
+    again = perturb(make(arch, **_kw({})))
+    again.impl = "torch"
+    with _Recorder() as rec:
+        again.init_from_data(x)
+    assert not [s for s in rec.outputs if len(s) == 2 and s[1] == sae.cfg.d_sae and s[0] > 16]
+    if arch != "batchtopk":  # BatchTopK selects within each chunk: a different (valid) init
+        for name, p in init.named_parameters():
+            assert torch.allclose(p, dict(again.named_parameters())[name], rtol=1e-5, atol=1e-7), name

@@ -28,6 +28,9 @@ from sae_train.sae import kernels
 from sae_train.sae.config import SAEConfig
 
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+CHUNK_TOKENS = 4096
+"""Tokens per pass of `encode` and `init_from_data`: their [n, d_sae] temporaries (pre-activations,
+selection keys) stay at this many rows whatever n (the trainer's init sample is 32,768 tokens)."""
 
 
 class _GemmCopies(dict):
@@ -157,10 +160,15 @@ class SAE(nn.Module, abc.ABC):
             return self._forward_torch(x, dead_mask, sparsity_scale)
 
     def encode(self, x: Tensor) -> Tensor:
-        """Dense latents [B, d_sae] (fp32) with inference semantics."""
+        """Dense latents [B, d_sae] (fp32) with inference semantics, `CHUNK_TOKENS` tokens at a time."""
         x = self._check_input(x)
         with torch.autocast(x.device.type, enabled=False):
-            return self._activation(self._preact(x))
+            if x.shape[0] <= CHUNK_TOKENS:
+                return self._activation(self._preact(x))
+            out = x.new_empty(x.shape[0], self.cfg.d_sae)
+            for start in range(0, x.shape[0], CHUNK_TOKENS):
+                out[start : start + CHUNK_TOKENS] = self._activation(self._preact(x[start : start + CHUNK_TOKENS]))
+            return out
 
     def decode(self, f: Tensor) -> Tensor:
         """Reconstruction [B, d_in] (fp32) from dense latents."""
@@ -174,7 +182,8 @@ class SAE(nn.Module, abc.ABC):
         b_dec: geometric median / mean / zeros (cfg.b_dec_init). For unit-norm decoders, W_enc
         (= W_dec^T at construction) is then scaled by the least-squares factor for the sample:
         x_hat - b_dec is proportional to that scale (ReLU and top-k are positively homogeneous,
-        b_enc = 0), and with it a ReLU SAE does not start at MSE ~ (d_sae/2d_in + 1)^2.
+        b_enc = 0), and with it a ReLU SAE does not start at MSE ~ (d_sae/2d_in + 1)^2. The
+        forward runs `CHUNK_TOKENS` tokens at a time (BatchTopK selects within each chunk).
         """
         x = self._check_input(x)
         if self.cfg.b_dec_init == "geometric_median":
@@ -185,12 +194,13 @@ class SAE(nn.Module, abc.ABC):
             self.b_dec.zero_()
         if not self.unit_norm_decoder:
             return
-        r = self.forward(x).x_hat - self.b_dec
-        target = x - self.b_dec
-        denom = (r * r).sum()
-        scale = (r * target).sum() / denom if denom > 0 else torch.ones(())
-        if torch.isfinite(scale) and scale > 0:
-            self.W_enc.mul_(scale)
+        num = denom = x.new_zeros((), dtype=torch.float64)
+        for chunk in x.split(CHUNK_TOKENS):
+            r = self.forward(chunk).x_hat - self.b_dec
+            num += (r * (chunk - self.b_dec)).sum(dtype=torch.float64)
+            denom += (r * r).sum(dtype=torch.float64)
+        scale = torch.where(denom > 0, num / denom, torch.ones_like(num))
+        self.W_enc.mul_(torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale)).to(self.W_enc.dtype))
 
     @torch.no_grad()
     def constrain_(self) -> None:

@@ -7,9 +7,10 @@ activation kept per batch (dictionary_learning's estimator), updated in `after_s
 first update sets it (until then it is 0: inference would be a plain ReLU). AuxK and the
 unit-norm decoder are as in TopK.
 
-Under torch.distributed the selection is global: the k*B_global largest entries over every
-rank's rows (one all_gather of each rank's best candidates, `sparse.global_cut`), so N ranks
-train exactly what one process would on the concatenated batch.
+Under torch.distributed a training forward (autograd on) selects globally: the k*B_global
+largest entries over every rank's rows (one all_gather of each rank's best candidates,
+`sparse.global_cut`), so N ranks train what one process would on the concatenated batch.
+Forwards without autograd (init on rank 0, evaluation) select within their own batch.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold", torch.zeros(cfg.d_sae))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
 
-    def _select_torch(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-        sel = sparse.batch_topk(z, self.b_enc.detach(), self.cfg.k)
+    def _select_torch(self, z: Tensor, world: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        sel = sparse.batch_topk(z, self.b_enc.detach(), self.cfg.k, world)
         return sel.offsets, sel.ids, sel.rows, sel.keep, sel.min_kept
 
     def _activation(self, z: Tensor) -> Tensor:

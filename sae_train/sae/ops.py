@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as tdist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -89,10 +88,9 @@ def batch_topk_kernel(z: Tensor, bias: Tensor, n_keep: int) -> tuple[Tensor, Ten
     return kernels.batch_topk(z, bias, n_keep, kernels.batch_topk_guess(z, bias, expected), expected)
 
 
-def _batch_topk_global(z: Tensor, bias: Tensor, n_keep: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`batch_topk_kernel` over the global batch under torch.distributed (k*B_global over all
-    ranks, `sparse.global_cut`), plus the smallest kept value. CPU only: compacts by masks."""
-    world = tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+def _batch_topk_global(z: Tensor, bias: Tensor, n_keep: int, world: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`batch_topk_kernel` over the global batch of `world` ranks (k*B_global over all ranks,
+    `sparse.global_cut`), plus the smallest kept value. CPU only: compacts by masks."""
     if world == 1:
         offsets, idx, pre = batch_topk_kernel(z, bias, n_keep)
         return offsets, idx, pre, pre.min() if pre.numel() else pre.new_zeros(())
@@ -117,6 +115,7 @@ class SparseSpec:
     weights: tuple[Tensor, Tensor]  # W_enc, W_dec in the compute dtype (SAE.gemm_weights)
     dead: Tensor | None = None  # int64 ids of dead latents (ascending): AuxK on, else off
     aux_k: int = 0
+    world: int = 1  # BatchTopK: ranks the selection spans (sparse.selection_world)
     offsets: Tensor | None = None  # [B+1]: token b owns entries offsets[b]:offsets[b+1]
     idx: Tensor | None = None  # [nnz] latent ids, ascending within a token
     min_kept: Tensor | None = None  # BatchTopK: smallest kept value over the (global) batch
@@ -153,7 +152,7 @@ class SparseSAEFunction(torch.autograd.Function):
         z = xc @ Wc
         B = x.shape[0]
         if spec.batch:
-            offsets, idx, pre, spec.min_kept = _batch_topk_global(z, b_enc, spec.k * B)
+            offsets, idx, pre, spec.min_kept = _batch_topk_global(z, b_enc, spec.k * B, spec.world)
         else:
             idx, pre = kernels.topk_rows(z, b_enc, spec.k)
             offsets, idx, pre = torch.arange(0, B * spec.k + 1, spec.k), idx.view(-1), pre.view(-1)

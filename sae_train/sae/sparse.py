@@ -95,17 +95,26 @@ class BatchSelection:
     min_kept: Tensor  # smallest positive kept pre-activation over the global batch (0 if none)
 
 
-def batch_topk(z: Tensor, bias: Tensor, k: int) -> BatchSelection:
-    """The k*B largest entries of z + bias over the batch (k*B_global over all ranks under
-    torch.distributed, so that 2 ranks select what 1 process would: see `global_cut`).
+def selection_world() -> int:
+    """Ranks that a BatchTopK selection spans: every rank of torch.distributed in a training
+    forward (autograd on), else 1 -- forwards without autograd (the data-dependent init, run
+    on rank 0 alone; evaluation) select within their own batch and reach no collective."""
+    if torch.is_grad_enabled() and tdist.is_available() and tdist.is_initialized():
+        return tdist.get_world_size()
+    return 1
 
-    Fixed size: k*B entries (k*B_global per rank under DDP, `keep` marks the kept ones);
+
+def batch_topk(z: Tensor, bias: Tensor, k: int, world: int = 1) -> BatchSelection:
+    """The k*B largest entries of z + bias over the batch; with world > 1 (`selection_world`),
+    the k*B*world largest over every rank's rows, so that N ranks select what 1 process would
+    on the concatenated batch (`global_cut`).
+
+    Fixed size: k*B entries (k*B*world per rank under DDP, `keep` marks the kept ones);
     entries that are not positive get value 0 after ReLU, as in TopK.
     """
     B, n = z.shape
     acc = bias.dtype
     key = z.to(acc) + bias  # exact fp32 key: the bf16 tie group over a whole batch is too wide
-    world = tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
     n_keep = min(k * B * world, key.numel())
     flat = key.view(1, -1)
     ranked, vals = ranked_top(flat, n_keep, lambda ids: flat.gather(1, ids))

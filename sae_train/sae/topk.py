@@ -31,10 +31,10 @@ class TopKSAE(SAE):
 
     # ------------------------------------------------------------------ selection (torch path)
 
-    def _select_torch(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    def _select_torch(self, z: Tensor, world: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """Training selection on pre-activations z (GEMM dtype, without b_enc): (offsets [B+1],
         latent ids [nnz], token of each entry [nnz], keep mask [nnz] or None, BatchTopK's
-        min_kept or None)."""
+        min_kept or None). world: ranks a BatchTopK selection spans (`sparse.selection_world`)."""
         B, k = z.shape[0], self.cfg.k
         ids, _ = sparse.topk_rows(z, self.b_enc.detach(), k)
         offsets = torch.arange(0, B * k + 1, k, device=z.device)
@@ -62,11 +62,11 @@ class TopKSAE(SAE):
     def _forward_torch(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
         """The sparse step in plain PyTorch (sae/sparse.py): encoder GEMM, selection, embedding-bag
         decode; every gradient from the selected entries only."""
-        B = x.shape[0]
+        B, world = x.shape[0], sparse.selection_world()
         with torch.no_grad():
             xc = x - self.b_dec
             z = xc.to(self._gemm_dtype) @ self.gemm_weight("W_enc")
-            offsets, ids, rows, keep, min_kept = self._select_torch(z)
+            offsets, ids, rows, keep, min_kept = self._select_torch(z, world)
             n_main = ids.numel()
             if dead_mask is not None:
                 aux_k = min(self.cfg.aux_k, self.cfg.d_sae)
@@ -98,7 +98,7 @@ class TopKSAE(SAE):
         dead = None if dead_mask is None else dead_mask.nonzero().squeeze(1)  # CPU only: no sync to avoid
         dead = dead if dead is not None and dead.numel() else None
         aux_k = 0 if dead is None else min(self.cfg.aux_k, dead.numel())
-        spec = SparseSpec(self.batch_selection, self.cfg.k, self.gemm_weights(), dead, aux_k)
+        spec = SparseSpec(self.batch_selection, self.cfg.k, self.gemm_weights(), dead, aux_k, sparse.selection_world())
         x_hat, mse, auxk, vals = SparseSAEFunction.apply(x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, spec)
         out = self._output(x, x_hat, mse, auxk, SparseLatents(vals, spec.idx, spec.offsets, self.cfg.d_sae))
         if spec.min_kept is not None:
