@@ -56,9 +56,10 @@ def test_ties_wider_than_the_margin_still_give_a_top_k():
 def test_nan_ranks_first():
     z = torch.randn(4, 50, generator=torch.Generator().manual_seed(13))
     z[1, 7] = float("nan")
-    z[2, :] = float("nan")
+    z[2, 20:26] = float("nan")  # six tied NaNs: the three lowest ids
     ids, _ = sparse.topk_rows(z, torch.zeros(50), 3)
     assert torch.equal(ids, ops.topk_rows_torch(z, 3)[0])
+    assert 7 in ids[1] and ids[2].tolist() == [20, 21, 22]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -59,7 +59,7 @@ class SparseLatents:
         """[B, d_sae] fp32 latents."""
         n_tokens = self.offsets.numel() - 1
         rows = torch.repeat_interleave(
-            torch.arange(n_tokens, device=self.offsets.device), self.offsets.diff()
+            torch.arange(n_tokens, device=self.offsets.device), self.offsets.diff(), output_size=self.indices.numel()
         )
         dense = torch.zeros(n_tokens, self.d_sae, dtype=self.values.dtype, device=self.values.device)
         dense[rows, self.indices] = self.values
@@ -194,7 +194,7 @@ class SAE(nn.Module, abc.ABC):
             self.b_dec.zero_()
         if not self.unit_norm_decoder:
             return
-        num = denom = x.new_zeros((), dtype=torch.float64)
+        num, denom = x.new_zeros((), dtype=torch.float64), x.new_zeros((), dtype=torch.float64)
         for chunk in x.split(CHUNK_TOKENS):
             r = self.forward(chunk).x_hat - self.b_dec
             num += (r * (chunk - self.b_dec)).sum(dtype=torch.float64)

@@ -6,9 +6,9 @@ sync (no nonzero, boolean indexing, bincount or .item()) and every reduction is 
 step is deterministic.
 
 Selection follows the rule of sae/ops.py (value descending, NaN first, ties to the lower
-index). `torch.topk` picks c = k + margin candidates per row on a cheap key -- for a bf16 GEMM
-the bf16 pre-activations plus bias, rounded once (rounding is monotone, so the exact top k is
-among the candidates unless more than `margin` entries share the k-th entry's bf16 value) --
+index). `torch.topk` picks c = k + margin candidates per row on a cheap key -- on CUDA with a bf16
+GEMM the bf16 pre-activations plus bias, rounded once (rounding is monotone, so the exact top k
+is among the candidates unless more than `margin` entries share the k-th entry's bf16 value) --
 and the candidates are then ranked exactly (fp32 value, then index) by two small sorts.
 torch.topk's choice among tied entries is unspecified on CUDA; ranking the candidates by index
 makes the result deterministic and equal to the C kernels' whenever the tie group at the k-th
@@ -36,8 +36,10 @@ from torch import Tensor
 
 
 def _margin(n: int, k: int) -> int:
-    """Extra candidates beyond k: covers the bf16 tie group at the cut (~n/2^14 entries wide)."""
-    return max(k, 64, n // 1024)
+    """Extra candidates beyond the k best of n: covers the entries sharing the k-th entry's bf16
+    value (a few per row at d_sae 65k, ~n/2^14 for Gaussian-like pre-activations; ~k/9 over a
+    BatchTopK batch at b_enc = 0), with room to spare."""
+    return max(8, k // 4, n // 1024)
 
 
 def ranked_top(key: Tensor, k: int, exact: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
@@ -54,10 +56,14 @@ def ranked_top(key: Tensor, k: int, exact: Callable[[Tensor], Tensor]) -> tuple[
 
 
 def _keys(z: Tensor, bias: Tensor, colmask: Tensor | None) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """Selection key and exact values of z + bias (z in the GEMM dtype, bias in fp32/fp64)."""
+    """Selection key and exact values of z + bias (z in the GEMM dtype, bias in fp32/fp64).
+
+    The key is z + bias rounded to z's dtype on CUDA (a bf16 torch.topk reads half the bytes of
+    an fp32 one), the exact fp32 sum elsewhere (a CPU's topk is compute-bound, and the mixed
+    bf16 output costs an extra pass there)."""
     acc = bias.dtype
-    if z.dtype == acc:
-        key = z + bias
+    if z.dtype == acc or not z.is_cuda:
+        key = _exact_key(z, bias)
         if colmask is not None:
             key.masked_fill_(~colmask, float("-inf"))
         return key, lambda ids: key.gather(1, ids)
@@ -71,6 +77,12 @@ def _keys(z: Tensor, bias: Tensor, colmask: Tensor | None) -> tuple[Tensor, Call
         return v if colmask is None else v.masked_fill(~colmask[ids], float("-inf"))
 
     return key, exact
+
+
+def _exact_key(z: Tensor, bias: Tensor) -> Tensor:
+    """z + bias in bias's dtype, as a new tensor (a separate cast then an in-place add is ~2x
+    faster on CPU than a mixed-dtype add)."""
+    return z + bias if z.dtype == bias.dtype else z.to(bias.dtype).add_(bias)
 
 
 def topk_rows(z: Tensor, bias: Tensor, k: int, colmask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -114,7 +126,7 @@ def batch_topk(z: Tensor, bias: Tensor, k: int, world: int = 1) -> BatchSelectio
     """
     B, n = z.shape
     acc = bias.dtype
-    key = z.to(acc) + bias  # exact fp32 key: the bf16 tie group over a whole batch is too wide
+    key = _exact_key(z, bias)  # the bf16 tie group at the cut of a whole batch is too wide for a margin
     n_keep = min(k * B * world, key.numel())
     flat = key.view(1, -1)
     ranked, vals = ranked_top(flat, n_keep, lambda ids: flat.gather(1, ids))
