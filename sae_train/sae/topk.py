@@ -82,12 +82,13 @@ class TopKSAE(SAE):
         W_dec = self.W_dec
         if self._gemm_dtype != W_dec.dtype:  # decode with the weights the GEMM path uses
             W_dec = sparse.RoundThrough.apply(W_dec, self.gemm_weight("W_dec"))
-        x_hat = sparse.decode(ids[:n_main], vals, offsets, W_dec) + self.b_dec
+        x_hat = sparse.SparseDecode.apply(vals, W_dec, ids[:n_main], rows[:n_main], offsets) + self.b_dec
         auxk = x_hat.new_zeros(())
         if dead_mask is not None:
             aux_ids = ids[n_main:]
             a_vals = torch.where(dead_mask[aux_ids], torch.relu(pre[n_main:]), torch.zeros_like(pre[n_main:]))
-            e_hat = sparse.decode(aux_ids, a_vals, torch.arange(0, B * aux_k + 1, aux_k, device=x.device), W_dec)
+            a_offsets = torch.arange(0, B * aux_k + 1, aux_k, device=x.device)
+            e_hat = sparse.SparseDecode.apply(a_vals, W_dec, aux_ids, rows[n_main:], a_offsets)
             auxk = torch.where(dead_mask.any(), auxk_ratio(e_hat, (x - x_hat).detach()), auxk)
         out = self._output(x, x_hat, self._mse(x_hat, x), auxk, SparseLatents(vals.detach(), ids[:n_main], offsets, self.cfg.d_sae))
         if min_kept is not None:
