@@ -213,3 +213,37 @@ def test_encode_and_init_run_in_chunks(monkeypatch, arch):
     if arch != "batchtopk":  # BatchTopK selects within each chunk: a different (valid) init
         for name, p in init.named_parameters():
             assert torch.allclose(p, dict(again.named_parameters())[name], rtol=1e-5, atol=1e-7), name
+
+
+# ----------------------------------------------------------------------------- BatchTopK over ranks
+
+TIED = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.5, -1.0],
+                     [2.0, 2.0, 0.0, 4.0, 1.0, 2.0],
+                     [2.0, 5.0, 2.0, 1.0, -2.0, 0.0],
+                     [1.0, 2.0, 3.0, 2.0, 2.0, 0.25]])  # many 2.0s straddle the cut at every k
+
+
+def _ranked_worker(rank: int, store_path: str, k: int, out_path: str) -> None:
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    try:
+        sel = sparse.batch_topk(TIED[2 * rank: 2 * rank + 2], torch.zeros(6), k, world=2)
+        kept = sel.keep.nonzero().squeeze(1)
+        torch.save({"rows": sel.rows[kept] + 2 * rank, "ids": sel.ids[kept], "min_kept": sel.min_kept},
+                   f"{out_path}.{rank}")
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_batch_topk_across_two_ranks_equals_one_process(tmp_path, k):
+    """Ties at the global cut go to the lower flat index of the concatenated batch (rank 0 first)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ranked_worker, args=(str(tmp_path / "store"), k, str(tmp_path / "out")), nprocs=2)
+    parts = [torch.load(tmp_path / f"out.{r}") for r in (0, 1)]
+    one = sparse.batch_topk(TIED, torch.zeros(6), k)
+    assert torch.equal(torch.cat([p["rows"] for p in parts]), one.rows)
+    assert torch.equal(torch.cat([p["ids"] for p in parts]), one.ids)
+    assert parts[0]["min_kept"] == parts[1]["min_kept"] == one.min_kept
