@@ -194,11 +194,11 @@ class SAE(nn.Module, abc.ABC):
             self.b_dec.zero_()
         if not self.unit_norm_decoder:
             return
-        num, denom = x.new_zeros((), dtype=torch.float64), x.new_zeros((), dtype=torch.float64)
+        num, denom = x.new_zeros(()), x.new_zeros(())
         for chunk in x.split(CHUNK_TOKENS):
             r = self.forward(chunk).x_hat - self.b_dec
-            num += (r * (chunk - self.b_dec)).sum(dtype=torch.float64)
-            denom += (r * r).sum(dtype=torch.float64)
+            num += (r * (chunk - self.b_dec)).sum()
+            denom += (r * r).sum()
         scale = torch.where(denom > 0, num / denom, torch.ones_like(num))
         self.W_enc.mul_(torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale)).to(self.W_enc.dtype))
 
