@@ -184,6 +184,24 @@ def test_cuda_step_equals_cpu(arch, pattern, compute):
         assert (g_gpu[name].cpu() - g).abs().max() <= tol * g.abs().max(), name
 
 
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_cuda_step_has_no_sync(arch):
+    """The GPU twin of test_torch_path_has_no_sync: CUDA itself raises on a synchronising call."""
+    sae = perturb(make(arch, d_in=64, d_sae=1024, compute=torch.bfloat16, **_kw({}))).to("cuda")
+    x = data(n=256, d_in=64).cuda()
+    dead = torch.zeros(1024, dtype=torch.bool, device="cuda")
+    dead[::3] = True
+    _step(sae, x, dead, n=1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _step(sae, x, dead)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 # ----------------------------------------------------------------------------- memory: chunks
 
 
