@@ -265,3 +265,35 @@ def test_batch_topk_across_two_ranks_equals_one_process(tmp_path, k):
     assert torch.equal(torch.cat([p["rows"] for p in parts]), one.rows)
     assert torch.equal(torch.cat([p["ids"] for p in parts]), one.ids)
     assert parts[0]["min_kept"] == parts[1]["min_kept"] == one.min_kept
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_auxk_on_a_bounded_slice_of_dead_latents(arch):
+    """max_dead >= n_dead: the same step as the full mask; max_dead < n_dead: the first max_dead
+    dead latents (by id) only, as if the others were alive for AuxK."""
+    from tests.test_sae_math import run
+
+    sae = perturb(make(arch, d_sae=96, **_kw({"aux_k": 5})))
+    sae.impl = "torch"
+    x = data()
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[[3, 10, 11, 40, 41, 42, 77]] = True
+    full, g_full = run(sae, x, dead)
+    sae.max_dead = 9
+    bounded, g_bounded = run(sae, x, dead)
+    assert torch.equal(full.losses["auxk"], bounded.losses["auxk"])
+    for name in g_full:
+        torch.testing.assert_close(g_bounded[name], g_full[name], rtol=1e-6, atol=1e-7)
+    sae.max_dead = 4  # only 3, 10, 11, 40 take part
+    cut, g_cut = run(sae, x, dead)
+    sae.max_dead = None
+    first = torch.zeros(96, dtype=torch.bool)
+    first[[3, 10, 11, 40]] = True
+    ref, g_ref = run(sae, x, first)
+    assert torch.equal(cut.losses["auxk"], ref.losses["auxk"]) and cut.losses["auxk"] > 0
+    for name in g_ref:
+        torch.testing.assert_close(g_cut[name], g_ref[name], rtol=1e-6, atol=1e-7)
+    sae.max_dead = 2
+    with SyncRecorder() as rec:
+        _step(sae, x, dead)
+    assert rec.ops == []

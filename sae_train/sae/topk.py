@@ -28,6 +28,12 @@ from sae_train.sae.ops import SparseSAEFunction, SparseSpec, auxk_ratio
 class TopKSAE(SAE):
     architecture = "topk"
     batch_selection: ClassVar[bool] = False  # k*B over the batch (BatchTopK) instead of k per token
+    max_dead: int | None = None
+    """A bound on the number of dead latents, set by the trainer from its last count (a host
+    number it refreshes on a cadence): the PyTorch path then runs AuxK on a [B, max_dead] slice
+    of the pre-activations (`torch.nonzero_static`, no sync) instead of all d_sae columns, with
+    min(aux_k, max_dead) entries per token. Dead latents beyond the first max_dead (by id) sit
+    out until the bound is raised. None: no bound."""
 
     # ------------------------------------------------------------------ selection (torch path)
 
@@ -50,6 +56,21 @@ class TopKSAE(SAE):
             idx, val = sparse.topk_rows(z, bias, k)
         return torch.zeros_like(z).scatter(1, idx, val.relu())
 
+    def _select_aux(self, z: Tensor, dead_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """AuxK's entries, aux_k' = min(aux_k, columns searched) per token: (latent ids [B*aux_k'],
+        bool [B*aux_k'] whether the pick is a dead latent -- picks beyond n_dead are not)."""
+        d_sae, bias = self.cfg.d_sae, self.b_enc.detach()
+        if self.max_dead is None or self.max_dead >= d_sae:
+            aux_ids, _ = sparse.topk_rows(z, bias, min(self.cfg.aux_k, d_sae), dead_mask)
+            aux_ids = aux_ids.view(-1)
+            return aux_ids, dead_mask[aux_ids]
+        n_cols = max(1, self.max_dead)
+        cols = torch.nonzero_static(dead_mask, size=n_cols, fill_value=d_sae).squeeze(1)  # ascending, padded
+        valid = cols < d_sae
+        cols = cols.clamp(max=d_sae - 1)
+        local, _ = sparse.topk_rows(z.index_select(1, cols), bias[cols], min(self.cfg.aux_k, n_cols), valid)
+        return cols[local].view(-1), valid[local].view(-1)
+
     # ------------------------------------------------------------------ forward
 
     def _output(self, x: Tensor, x_hat: Tensor, mse: Tensor, auxk: Tensor, latents: SparseLatents) -> SAEOutput:
@@ -69,9 +90,8 @@ class TopKSAE(SAE):
             offsets, ids, rows, keep, min_kept = self._select_torch(z, world)
             n_main = ids.numel()
             if dead_mask is not None:
-                aux_k = min(self.cfg.aux_k, self.cfg.d_sae)
-                aux_ids, _ = sparse.topk_rows(z, self.b_enc.detach(), aux_k, dead_mask)
-                aux_ids = aux_ids.view(-1)
+                aux_ids, aux_valid = self._select_aux(z, dead_mask)
+                aux_k = aux_ids.numel() // B
                 ids = torch.cat([ids, aux_ids])
                 rows = torch.cat([rows, torch.arange(B * aux_k, device=x.device) // aux_k])
         pre = sparse.SparsePreact.apply(z, xc, rows, ids, self.b_dec, self.W_enc, self.b_enc)
@@ -86,7 +106,7 @@ class TopKSAE(SAE):
         auxk = x_hat.new_zeros(())
         if dead_mask is not None:
             aux_ids = ids[n_main:]
-            a_vals = torch.where(dead_mask[aux_ids], torch.relu(pre[n_main:]), torch.zeros_like(pre[n_main:]))
+            a_vals = torch.where(aux_valid, torch.relu(pre[n_main:]), torch.zeros_like(pre[n_main:]))
             a_offsets = torch.arange(0, B * aux_k + 1, aux_k, device=x.device)
             e_hat = sparse.SparseDecode.apply(a_vals, W_dec, aux_ids, rows[n_main:], a_offsets)
             auxk = torch.where(dead_mask.any(), auxk_ratio(e_hat, (x - x_hat).detach()), auxk)
