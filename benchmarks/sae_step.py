@@ -51,12 +51,12 @@ def main() -> None:
             sae = create_sae(SAEConfig(architecture=args.arch, k=k, expansion_factor=d_sae // D_IN).resolved(D_IN),
                              compute_dtype=dtype)
             a, w = x.to(dtype), sae.W_enc.detach().to(dtype)
-            gemm = best_seconds(lambda: a @ w, args.steps)
+            gemm = best_seconds(lambda a=a, w=w: a @ w, args.steps)
             for impl in ("auto", "torch"):
                 for dead in (None, torch.zeros(d_sae, dtype=torch.bool)):
                     sae.impl = impl
 
-                    def step() -> None:
+                    def step(sae=sae, dead=dead) -> None:
                         sae.zero_grad(set_to_none=True)
                         sae(x, dead_mask=dead).losses["loss"].backward()
 

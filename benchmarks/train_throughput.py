@@ -31,8 +31,7 @@ from pathlib import Path
 
 import torch
 
-from sae_train.sae import SAEConfig
-from sae_train.sae import kernels
+from sae_train.sae import SAEConfig, kernels
 from sae_train.sae.kernels import keep_freed_memory
 from sae_train.train import TrainConfig, Trainer
 from sae_train.train.dist import Dist

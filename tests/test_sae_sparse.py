@@ -48,7 +48,7 @@ def test_topk_rows_with_column_mask(dtype):
 def test_ties_wider_than_the_margin_still_give_a_top_k():
     z, bias = _rows(9, 2000, torch.float32, "many", seed=5)
     ids, vals = sparse.topk_rows(z, bias, 10)
-    ref_ids, ref_vals = ops.topk_rows_torch(z + bias, 10)
+    _, ref_vals = ops.topk_rows_torch(z + bias, 10)
     assert torch.equal(vals.sort(1).values, ref_vals.sort(1).values)  # same values, maybe other tied ids
     assert torch.equal(ids, ids.sort(1).values) and torch.equal(z.gather(1, ids), vals)
 

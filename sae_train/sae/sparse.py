@@ -126,8 +126,7 @@ def batch_topk(z: Tensor, bias: Tensor, k: int, world: int = 1) -> BatchSelectio
     entries that are not positive get value 0 after ReLU, as in TopK.
     """
     B, n = z.shape
-    acc = bias.dtype
-    key = _exact_key(z, bias)  # the bf16 tie group at the cut of a whole batch is too wide for a margin
+    key = _exact_key(z, bias)  # exact values: global_cut compares them across ranks
     n_keep = min(k * B * world, key.numel())
     flat = key.view(1, -1)
     ranked, vals = ranked_top(flat, n_keep, lambda ids: flat.gather(1, ids))
@@ -146,6 +145,7 @@ def batch_topk(z: Tensor, bias: Tensor, k: int, world: int = 1) -> BatchSelectio
 
 
 def _min_positive(v: Tensor) -> Tensor:
+    """The smallest positive entry of v, 0 if none (the statistic BatchTopK's threshold tracks)."""
     m = torch.where(v > 0, v, torch.full_like(v, float("inf"))).amin() if v.numel() else v.new_zeros(())
     return torch.where(torch.isinf(m), torch.zeros_like(m), m)
 
