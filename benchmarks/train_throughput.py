@@ -3,7 +3,7 @@ against SAELens and EleutherAI's sparsify on the same workload when they are ins
 
     python benchmarks/train_throughput.py [--arch topk relu ...] [--dtype float32 bfloat16]
                                           [--steps 8] [--store runs/demo/acts] [--dead-frac 0.03]
-                                          [--kernels auto c torch]
+                                          [--kernels auto c torch] [--d-sae 4608 18432] [--k 32]
 
 --kernels times our step once per SAE_TRAIN_KERNELS mode (auto: the C kernels where they beat
 PyTorch; c: always; torch: plain PyTorch), each against the same roofline, and prints each
@@ -11,6 +11,9 @@ mode's speed relative to the first. With SAE_TRAIN_CFLAGS=-mno-avx512f the C ker
 portable (AVX2) build that CPUs without AVX-512 get, e.g. the reference TopK step:
 
     SAE_TRAIN_CFLAGS=-mno-avx512f python benchmarks/train_throughput.py --arch topk --dtype bfloat16 --kernels c torch
+
+`--kernels torch` is the plain-PyTorch path CUDA runs; `--d-sae 4608 18432` shows that its sparse
+TopK step grows with k, not d_sae, beyond the encoder GEMM.
 
 Workload (the reference run): d_in 576, d_sae 4608 (8x), batch 4096 tokens, k 32. Our number is
 the trainer's real optimizer step (`Trainer.train_step`: forward, backward, gradient clipping,
@@ -27,6 +30,7 @@ nobody pays for AuxK (--dead-frac 0.03 shows what it costs us).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
@@ -111,16 +115,16 @@ def time_against_roofline(step: Callable[[], object], gemms: list[Callable[[], o
 
 
 def ours(arch: str, dtype: str, x: torch.Tensor, tmp: Path, dead_frac: float = 0.0,
-         kernel_mode: str = "auto") -> Callable[[], object]:
+         kernel_mode: str = "auto", d_sae: int = D_SAE, k: int = K) -> Callable[[], object]:
     """Our trainer's step on the fixed batch, built and run with SAE_TRAIN_KERNELS=kernel_mode.
     Replaying one batch, latents it never fires would count as dead after dead_after_tokens
     (5 steps by default) and switch AuxK on: so no latent is ever dead here (the tracking
     itself still runs), except, with dead_frac > 0, a fixed random fraction kept dead on
     purpose to show AuxK's cost."""
     os.environ[kernels.ENV_VAR] = kernel_mode
-    cfg = TrainConfig(store="-", out_dir=str(tmp / f"{arch}-{dtype}-{kernel_mode}"), n_tokens=10**9, batch_size=BATCH,
-                      dtype=dtype, progress=False, resume=False, dead_after_tokens=10**15,
-                      sae=SAEConfig(architecture=arch, k=K, expansion_factor=D_SAE // D_IN))
+    cfg = TrainConfig(store="-", out_dir=str(tmp / f"{arch}-{dtype}-{kernel_mode}-{d_sae}-{k}"), n_tokens=10**9,
+                      batch_size=BATCH, dtype=dtype, progress=False, resume=False, dead_after_tokens=10**15,
+                      sae=SAEConfig(architecture=arch, k=k, expansion_factor=d_sae // D_IN))
     trainer = Trainer(cfg, FixedBatch(x), Dist())
     batch = {SITE: x}
     since_fired = trainer.runs[0].since_fired
@@ -203,6 +207,8 @@ def main() -> None:
                         help="fraction of latents kept dead in our step (TopK family: AuxK runs; targets assume 0)")
     parser.add_argument("--kernels", nargs="+", default=[os.environ.get(kernels.ENV_VAR, "auto")],
                         choices=["auto", "c", "torch"], help="SAE_TRAIN_KERNELS mode(s) to time our step with")
+    parser.add_argument("--d-sae", type=int, nargs="+", default=[D_SAE], help="dictionary widths (multiples of 576)")
+    parser.add_argument("--k", type=int, default=K, help="active latents per token (TopK family)")
     args = parser.parse_args()
 
     import tempfile
@@ -211,39 +217,39 @@ def main() -> None:
     # so the roofline GEMM and every library's step are timed on equal terms.
     kernels.keep_freed_memory()
     x = activations(args.store)
-    print(f"workload: d_in {D_IN}, d_sae {D_SAE}, batch {BATCH}, k {K}; {torch.get_num_threads()} threads; "
-          f"data {'from ' + args.store if args.store else 'synthetic'}")
+    print(f"workload: d_in {D_IN}, d_sae {' '.join(map(str, args.d_sae))}, batch {BATCH}, k {args.k}; "
+          f"{torch.get_num_threads()} threads; data {'from ' + args.store if args.store else 'synthetic'}")
     for kernel_mode in args.kernels:
         os.environ[kernels.ENV_VAR] = kernel_mode
         print(f"{kernels.ENV_VAR}={kernel_mode}: {kernels.describe()}")
-    header = (f"{'arch':10s} {'dtype':9s} {'kernels':7s} {'step ms':>8s} {'tok/s':>9s} {'roofline ms':>11s} {'x roofline':>10s} "
+    header = (f"{'arch':10s} {'d_sae':>6s} {'dtype':9s} {'kernels':7s} {'step ms':>8s} {'tok/s':>9s} {'roofline ms':>11s} {'x roofline':>10s} "
               f"{'target':>7s}   {'median: step ms':>15s} {'roofline ms':>11s} {'x roofline':>10s}")
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtype:
             torch_dtype = getattr(torch, dtype)
-            for arch in args.arch:
-                gemms = step_gemms(arch, BATCH, D_IN, D_SAE, torch_dtype, torch.device("cpu"))
+            for arch, d_sae in itertools.product(args.arch, args.d_sae):
+                gemms = step_gemms(arch, BATCH, D_IN, d_sae, torch_dtype, torch.device("cpu"))
                 first = None
                 for kernel_mode in args.kernels:
-                    step = ours(arch, dtype, x, Path(tmp), args.dead_frac, kernel_mode)
+                    step = ours(arch, dtype, x, Path(tmp), args.dead_frac, kernel_mode, d_sae, args.k)
                     ours_s, ours_med, bound, bound_med = time_against_roofline(step, gemms, args.steps)
                     ratio = ours_s / bound
                     first = first or ours_s
                     vs_first = f"   {first / ours_s:.2f}x the speed of {args.kernels[0]}" if kernel_mode != args.kernels[0] else ""
-                    print(f"{arch:10s} {dtype:9s} {kernel_mode:7s} {ours_s * 1e3:8.1f} {BATCH / ours_s:9,.0f} "
+                    print(f"{arch:10s} {d_sae:6d} {dtype:9s} {kernel_mode:7s} {ours_s * 1e3:8.1f} {BATCH / ours_s:9,.0f} "
                           f"{bound * 1e3:11.1f} {ratio:10.2f} {'ok' if ratio <= TARGET[arch] else 'MISS':>4s}"
                           f"<={TARGET[arch]}   {ours_med * 1e3:15.1f} {bound_med * 1e3:11.1f} "
                           f"{ours_med / bound_med:10.2f}{vs_first}", flush=True)
                 others = []
-                if args.others:
+                if args.others and (d_sae, args.k) == (D_SAE, K):  # the others are built at the reference size
                     for name, make in (("SAELens", saelens), ("sparsify", sparsify)):
                         step = make(arch, dtype, x)
                         if step is not None:
                             theirs = time_steps(step, max(3, args.steps // 2), warmup=1)
                             others.append(f"{name} {BATCH / theirs:,.0f} ({theirs / first:.1f}x)")
                 if others:
-                    print(f"{'':10s} {'':9s} others (tok/s, speedup of {args.kernels[0]}): " + ", ".join(others), flush=True)
+                    print(f"{'':10s} {'':6s} {'':9s} others (tok/s, speedup of {args.kernels[0]}): " + ", ".join(others), flush=True)
 
 
 if __name__ == "__main__":

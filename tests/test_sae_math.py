@@ -186,6 +186,34 @@ def test_reference_path_matches_naive_float64(arch, cfg):
         assert g.abs().max() > 0, name
 
 
+def _dead_pattern(sae, pattern):
+    dead = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    if pattern == "all":
+        dead[:] = True
+    elif pattern == "some":
+        dead[::5] = True
+    return dead
+
+
+@pytest.mark.parametrize("pattern", ["none", "some", "all"])
+@pytest.mark.parametrize("arch, cfg", CASES)
+def test_torch_path_fp32_matches_naive_float64(arch, cfg, pattern):
+    """The device-agnostic path (what CUDA runs) in fp32, with 0, some and all latents dead."""
+    sae = perturb(make(arch, **_kw(cfg)))
+    sae.impl = "torch"
+    x, dead = data(), _dead_pattern(sae, pattern)
+    out, grads = run(sae, x, dead, scale=0.7)
+    loss, f, x_hat, ref = naive(sae, x, dead, scale=0.7)
+    assert torch.allclose(out.losses["loss"].double(), loss, rtol=1e-5)
+    assert torch.allclose(out.x_hat.double(), x_hat, rtol=1e-5, atol=1e-6)
+    if "auxk" in out.losses:
+        assert (out.losses["auxk"] > 0) == (pattern != "none")
+    dense = out.latents.double() if isinstance(out.latents, torch.Tensor) else out.latents.to_dense().double()
+    assert torch.equal(dense != 0, f != 0) and torch.allclose(dense, f, atol=1e-6)
+    for name, g in grads.items():
+        assert torch.allclose(g.double(), ref[name], rtol=1e-4, atol=1e-6 * ref[name].abs().max()), name
+
+
 @fast_only
 @pytest.mark.parametrize("arch, cfg", CASES)
 def test_fast_path_fp32_matches_naive_float64(arch, cfg):

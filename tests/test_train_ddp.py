@@ -37,11 +37,13 @@ def store(tmp_path_factory) -> Path:
     return write_store(tmp_path_factory.mktemp("ddp") / "store", true_directions(64, 32), 32_768, tokens_per_shard=4096)
 
 
-@pytest.mark.parametrize("arch", ["topk", "relu"])
-def test_two_ranks_equal_one_process(store, tmp_path, arch):
+@pytest.mark.parametrize("arch, kernels", [("topk", "auto"), ("relu", "auto"), ("batchtopk", "auto"), ("batchtopk", "torch")])
+def test_two_ranks_equal_one_process(store, tmp_path, arch, kernels):
+    """BatchTopK too: its selection is global across ranks (the C path and the PyTorch path)."""
     args = ("n_tokens=8192", "batch_size=512", f"sae={arch}", "sae.l1_coefficient=0.05")
-    subprocess.run(train_cmd(store, tmp_path / "one", *args, ranks=1), check=True, env=ENV, capture_output=True, timeout=300)
-    subprocess.run(train_cmd(store, tmp_path / "two", *args, ranks=2), check=True, env=ENV, capture_output=True, timeout=300)
+    env = ENV | {"SAE_TRAIN_KERNELS": kernels}
+    subprocess.run(train_cmd(store, tmp_path / "one", *args, ranks=1), check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run(train_cmd(store, tmp_path / "two", *args, ranks=2), check=True, env=env, capture_output=True, timeout=300)
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     for key in one:
         torch.testing.assert_close(two[key].float(), one[key].float(), rtol=1e-4, atol=1e-5, msg=key)

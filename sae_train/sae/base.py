@@ -8,8 +8,9 @@ trainer scales inputs to E||x|| = 1); `fold(scale)` turns it into the shipped ar
 acts on raw activations with unit-norm decoder rows (DESIGN.md, Contract 2).
 
 Each architecture has two implementations of `forward`: a fast fused CPU path
-(sae_train/sae/ops.py + kernels) and a plain-PyTorch reference (`_forward_torch`), selected per
-call by `_fast_path`; tests pin them together. (One without kernels has only the reference.)
+(sae_train/sae/ops.py + kernels) and a plain-PyTorch path (`_forward_torch`: what CUDA runs;
+sparse for the TopK family, sae/sparse.py), selected per call by `_fast_path`; tests pin both
+to a naive dense reference. (One without kernels has only the PyTorch path.)
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from sae_train.sae import kernels
 from sae_train.sae.config import SAEConfig
 
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+CHUNK_TOKENS = 4096
+"""Tokens per pass of `encode` and `init_from_data`: their [n, d_sae] temporaries (pre-activations,
+selection keys) stay at this many rows whatever n (the trainer's init sample is 32,768 tokens)."""
 
 Revival = Literal["auxk", "resample", "none"]
 
@@ -63,7 +67,7 @@ class SparseLatents:
         """[B, d_sae] fp32 latents."""
         n_tokens = self.offsets.numel() - 1
         rows = torch.repeat_interleave(
-            torch.arange(n_tokens, device=self.offsets.device), self.offsets.diff()
+            torch.arange(n_tokens, device=self.offsets.device), self.offsets.diff(), output_size=self.indices.numel()
         )
         dense = torch.zeros(n_tokens, self.d_sae, dtype=self.values.dtype, device=self.values.device)
         dense[rows, self.indices] = self.values
@@ -99,6 +103,12 @@ class SAE(nn.Module, abc.ABC):
 
     architecture: ClassVar[str]
     """Its name in configs and cfg.json (`sae.architecture`)."""
+    max_dead: int | None = None
+    """A host-side upper bound on the latents `dead_mask` marks, set by the trainer before each
+    step (from statistics it reads one step late, so no sync): AuxK's PyTorch path then works on a
+    [B, max_dead] slice of the pre-activations (`torch.nonzero_static`) instead of all d_sae
+    columns, with the same result as long as the bound holds (dead latents beyond the first
+    max_dead by id would sit out). None: no bound. Architectures without AuxK ignore it."""
     config_fields: ClassVar[frozenset[str]] = frozenset()
     """The architecture-specific SAEConfig fields it reads (k, l1_coefficient, ...); the
     generic ones (d_in, d_sae, b_dec_init, seed, ...) apply to every architecture."""
@@ -200,10 +210,15 @@ class SAE(nn.Module, abc.ABC):
             return self._forward_torch(x, dead_mask, sparsity_scale)
 
     def encode(self, x: Tensor) -> Tensor:
-        """Dense latents [B, d_sae] (fp32) with inference semantics."""
+        """Dense latents [B, d_sae] (fp32) with inference semantics, `CHUNK_TOKENS` tokens at a time."""
         x = self._check_input(x)
         with torch.autocast(x.device.type, enabled=False):
-            return self._activation(self._preact(x))
+            if x.shape[0] <= CHUNK_TOKENS:
+                return self._activation(self._preact(x))
+            out = x.new_empty(x.shape[0], self.cfg.d_sae)
+            for start in range(0, x.shape[0], CHUNK_TOKENS):
+                out[start : start + CHUNK_TOKENS] = self._activation(self._preact(x[start : start + CHUNK_TOKENS]))
+            return out
 
     def decode(self, f: Tensor) -> Tensor:
         """Reconstruction [B, d_in] (fp32) from dense latents."""
@@ -217,7 +232,8 @@ class SAE(nn.Module, abc.ABC):
         b_dec: geometric median / mean / zeros (cfg.b_dec_init). For unit-norm decoders, W_enc
         (= W_dec^T at construction) is then scaled by the least-squares factor for the sample:
         x_hat - b_dec is proportional to that scale (ReLU and top-k are positively homogeneous,
-        b_enc = 0), and with it a ReLU SAE does not start at MSE ~ (d_sae/2d_in + 1)^2.
+        b_enc = 0), and with it a ReLU SAE does not start at MSE ~ (d_sae/2d_in + 1)^2. The
+        forward runs `CHUNK_TOKENS` tokens at a time (BatchTopK selects within each chunk).
         """
         x = self._check_input(x)
         if self.cfg.b_dec_init == "geometric_median":
@@ -228,12 +244,13 @@ class SAE(nn.Module, abc.ABC):
             self.b_dec.zero_()
         if not self.unit_norm_decoder:
             return
-        r = self.forward(x).x_hat - self.b_dec
-        target = x - self.b_dec
-        denom = (r * r).sum()
-        scale = (r * target).sum() / denom if denom > 0 else torch.ones(())
-        if torch.isfinite(scale) and scale > 0:
-            self.W_enc.mul_(scale)
+        num, denom = x.new_zeros(()), x.new_zeros(())
+        for chunk in x.split(CHUNK_TOKENS):
+            r = self.forward(chunk).x_hat - self.b_dec
+            num += (r * (chunk - self.b_dec)).sum()
+            denom += (r * r).sum()
+        scale = torch.where(denom > 0, num / denom, torch.ones_like(num))
+        self.W_enc.mul_(torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale)).to(self.W_enc.dtype))
 
     @torch.no_grad()
     def constrain_(self) -> None:
@@ -359,10 +376,32 @@ class SAE(nn.Module, abc.ABC):
 
     def _preact(self, x: Tensor) -> Tensor:
         """Pre-activations (x - b_dec) @ W_enc + b_enc: GEMM in compute_dtype, bias in fp32."""
-        return self._matmul(x - self.b_dec, self.W_enc) + self.b_enc
+        return _Encoder.apply(x, self.b_dec, self.W_enc, self.b_enc, self.gemm_weight("W_enc"))
 
     def _mse(self, x_hat: Tensor, x: Tensor) -> Tensor:
         return (x_hat - x).pow(2).sum(-1).mean()
+
+
+class _Encoder(torch.autograd.Function):
+    """(x - b_dec) @ W_enc + b_enc, the GEMM on `W_gemm` (W_enc in the GEMM dtype), the result
+    in b_enc's dtype. The backward sums the gradient over tokens before it meets W_enc:
+    db_dec = -W_enc @ db_enc, a GEMV instead of a [B, d_sae] x [d_sae, d_in] GEMM."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, W_gemm: Tensor) -> Tensor:  # type: ignore[override]
+        xc = (x - b_dec).to(W_gemm.dtype)
+        ctx.save_for_backward(xc, W_enc, W_gemm)
+        ctx.x_dtype = x.dtype
+        return (xc @ W_gemm).to(b_enc.dtype) + b_enc
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        xc, W_enc, W_gemm = ctx.saved_tensors
+        gc = g.to(xc.dtype)
+        grad_b_enc = g.sum(0)
+        grad_W_enc = (xc.t() @ gc).to(W_enc.dtype)
+        grad_x = (gc @ W_gemm.t()).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, -(W_enc.detach() @ grad_b_enc), grad_W_enc, grad_b_enc, None
 
 
 @torch.no_grad()

@@ -6,6 +6,11 @@ estimated during training as an EMA (factor cfg.batchtopk_threshold_beta) of the
 activation kept per batch (dictionary_learning's estimator), updated in `after_step`. The
 first update sets it (until then it is 0: inference would be a plain ReLU). AuxK and the
 unit-norm decoder are as in TopK.
+
+Under torch.distributed a training forward (autograd on) selects globally: the k*B_global
+largest entries over every rank's rows (one all_gather of each rank's best candidates,
+`sparse.global_cut`), so N ranks train what one process would on the concatenated batch.
+Forwards without autograd (init on rank 0, evaluation) select within their own batch.
 """
 
 from __future__ import annotations
@@ -13,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sae_train.sae.base import SAEOutput, SparseLatents
+from sae_train.sae import sparse
+from sae_train.sae.base import SAEOutput
 from sae_train.sae.config import SAEConfig
-from sae_train.sae.ops import batch_topk_torch
 from sae_train.sae.topk import TopKSAE
 
 
@@ -32,15 +37,9 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold", torch.zeros(cfg.d_sae))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
 
-    def _select_torch(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        offsets, idx, _ = batch_topk_torch(z, self.cfg.k * z.shape[0])
-        return offsets, idx
-
-    def _output(self, x: Tensor, x_hat: Tensor, mse: Tensor, auxk: Tensor, latents: SparseLatents) -> SAEOutput:
-        out = super()._output(x, x_hat, mse, auxk, latents)
-        v = latents.values
-        out.stats["min_kept"] = v.min() if v.numel() else v.new_zeros(())
-        return out
+    def _select_torch(self, z: Tensor, world: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        sel = sparse.batch_topk(z, self.b_enc.detach(), self.cfg.k, world)
+        return sel.offsets, sel.ids, sel.rows, sel.keep, sel.min_kept
 
     def _activation(self, z: Tensor) -> Tensor:
         return z * (z > self.threshold).to(z.dtype)
@@ -52,9 +51,7 @@ class BatchTopKSAE(TopKSAE):
     def after_step(self, out: SAEOutput) -> None:
         """Fold this batch's smallest kept activation into the inference threshold (EMA)."""
         m = out.stats["min_kept"].to(self.threshold)
-        if int(self.threshold_updates) == 0:
-            self.threshold.fill_(m)
-        else:
-            beta = self.cfg.batchtopk_threshold_beta
-            self.threshold.mul_(beta).add_((1 - beta) * m)
+        beta = self.cfg.batchtopk_threshold_beta
+        ema = self.threshold * beta + (1 - beta) * m
+        self.threshold.copy_(torch.where(self.threshold_updates == 0, m, ema))  # on the device: no sync
         self.threshold_updates += 1

@@ -1,9 +1,11 @@
 """Selection rules and the fused training step of the SAE family.
 
-Two implementations of everything:
-- plain PyTorch (`topk_rows_torch`, `batch_topk_torch`, and the dense-autograd forward in each
-  architecture module): obviously correct, used on CUDA, without a C compiler, with
-  `SAE_TRAIN_KERNELS=torch`, in float64, and as the reference in tests;
+Three implementations of the selection, two of the step:
+- `topk_rows_torch`, `batch_topk_torch`: the selection rule written the obvious way (dense
+  masks, int64 cumsums, nonzero): the reference the C kernels and sae/sparse.py are tested
+  against, not used in training;
+- plain PyTorch (sae/sparse.py and each architecture's `_forward_torch`): sparse, sync-free,
+  used on CUDA, without a C compiler, with `SAE_TRAIN_KERNELS=torch` and in float64;
 - the fast CPU path: `SparseSAEFunction` (TopK family: no dense decode, sparse gradients of
   W_enc/b_enc/W_dec/b_dec) and `DenseSAEFunction` (ReLU family: five GEMMs plus one fused
   elementwise pass each way), built on sae_train/sae/kernels.
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from sae_train.sae import kernels
+from sae_train.sae import kernels, sparse
 
 
 def _tie_select(v: Tensor, kth: Tensor, n_keep: Tensor | int, dim: int) -> Tensor:
@@ -86,6 +88,24 @@ def batch_topk_kernel(z: Tensor, bias: Tensor, n_keep: int) -> tuple[Tensor, Ten
     return kernels.batch_topk(z, bias, n_keep, kernels.batch_topk_guess(z, bias, expected), expected)
 
 
+def _batch_topk_global(z: Tensor, bias: Tensor, n_keep: int, world: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`batch_topk_kernel` over the global batch of `world` ranks (k*B_global over all ranks,
+    `sparse.global_cut`), plus the smallest kept value. CPU only: compacts by masks."""
+    if world == 1:
+        offsets, idx, pre = batch_topk_kernel(z, bias, n_keep)
+        return offsets, idx, pre, pre.min() if pre.numel() else pre.new_zeros(())
+    n_keep *= world
+    offsets, idx, pre = batch_topk_kernel(z, bias, min(n_keep, z.numel()))
+    ranked, order = pre.sort(descending=True, stable=True)  # CSR order is flat-index order
+    padded = torch.full((n_keep,), float("-inf"))
+    padded[: ranked.numel()] = ranked
+    n_local, min_kept = sparse.global_cut(padded, n_keep)
+    keep = torch.zeros(pre.numel(), dtype=torch.bool)
+    keep[order[: int(n_local)]] = True
+    rows = torch.repeat_interleave(torch.arange(z.shape[0]), offsets.diff())[keep]
+    return _csr_from_rows(rows, z.shape[0]), idx[keep], pre[keep], min_kept
+
+
 @dataclass
 class SparseSpec:
     """Static arguments of `SparseSAEFunction`; forward fills in the selection (CSR)."""
@@ -95,8 +115,10 @@ class SparseSpec:
     weights: tuple[Tensor, Tensor]  # W_enc, W_dec in the compute dtype (SAE.gemm_weights)
     dead: Tensor | None = None  # int64 ids of dead latents (ascending): AuxK on, else off
     aux_k: int = 0
+    world: int = 1  # BatchTopK: ranks the selection spans (sparse.selection_world)
     offsets: Tensor | None = None  # [B+1]: token b owns entries offsets[b]:offsets[b+1]
     idx: Tensor | None = None  # [nnz] latent ids, ascending within a token
+    min_kept: Tensor | None = None  # BatchTopK: smallest kept value over the (global) batch
 
 
 def auxk_ratio(e_hat: Tensor, e: Tensor) -> Tensor:
@@ -130,7 +152,7 @@ class SparseSAEFunction(torch.autograd.Function):
         z = xc @ Wc
         B = x.shape[0]
         if spec.batch:
-            offsets, idx, pre = batch_topk_kernel(z, b_enc, spec.k * B)
+            offsets, idx, pre, spec.min_kept = _batch_topk_global(z, b_enc, spec.k * B, spec.world)
         else:
             idx, pre = kernels.topk_rows(z, b_enc, spec.k)
             offsets, idx, pre = torch.arange(0, B * spec.k + 1, spec.k), idx.view(-1), pre.view(-1)

@@ -7,9 +7,10 @@ factor (all n_i = 1, then the normalisation scale) leaves the per-token ranking 
 
 AuxK (OpenAI; as in sparsify): when the trainer marks dead latents, the top
 min(aux_k, n_dead) pre-activations among them (ReLU'd) reconstruct the detached residual
-e = x - x_hat, auxk = ||e_hat - e||^2 / ||e - mean(e)||^2 over the batch. It is computed
-densely on the dead columns only ((x - b_dec) @ W_enc[:, dead], then [B, n_dead] @
-W_dec[dead]): aux_k is ~10x k, so a sparse decode of it would cost more than these GEMMs.
+e = x - x_hat, auxk = ||e_hat - e||^2 / ||e - mean(e)||^2 over the batch (0 when no latent is
+dead). The PyTorch path selects aux_k entries per token among the dead columns of the same
+pre-activations (masked, so the number of dead latents never reaches the host; picks beyond
+n_dead get value 0) and decodes them sparsely like the main entries.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from sae_train.sae import kernels
+from sae_train.sae import kernels, sparse
 from sae_train.sae.base import SAE, SAEOutput, SparseLatents
 from sae_train.sae.config import SAEConfig, config_error
-from sae_train.sae.ops import SparseSAEFunction, SparseSpec, auxk_ratio, topk_rows_torch
+from sae_train.sae.ops import SparseSAEFunction, SparseSpec, auxk_ratio
 
 
 class TopKSAE(SAE):
@@ -41,34 +42,41 @@ class TopKSAE(SAE):
         if cfg.d_in and cfg.k > d_sae:
             raise config_error(cfg, "k", f"at most d_sae = {d_sae}", "Lower sae.k or raise sae.d_sae / sae.expansion_factor.")
 
-    # ------------------------------------------------------------------ selection (torch twin)
+    # ------------------------------------------------------------------ selection (torch path)
 
-    def _select_torch(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """(offsets [B+1], latent ids [nnz]) of the training selection on pre-activations z."""
+    def _select_torch(self, z: Tensor, world: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Training selection on pre-activations z (GEMM dtype, without b_enc): (offsets [B+1],
+        latent ids [nnz], token of each entry [nnz], keep mask [nnz] or None, BatchTopK's
+        min_kept or None). world: ranks a BatchTopK selection spans (`sparse.selection_world`)."""
         B, k = z.shape[0], self.cfg.k
-        idx, _ = topk_rows_torch(z, k)
-        return torch.arange(0, B * k + 1, k, device=z.device), idx.view(-1)
+        ids, _ = sparse.topk_rows(z, self.b_enc.detach(), k)
+        offsets = torch.arange(0, B * k + 1, k, device=z.device)
+        rows = torch.arange(B * k, device=z.device) // k
+        return offsets, ids.view(-1), rows, None, None
 
     def _activation(self, z: Tensor) -> Tensor:
         k = self.cfg.k
+        bias = torch.zeros(z.shape[1], dtype=z.dtype, device=z.device)
         if kernels.supports(z) and not (torch.is_grad_enabled() and z.requires_grad) and kernels.available():
-            idx, val = kernels.topk_rows(z.contiguous(), torch.zeros(z.shape[1]), k)
+            idx, val = kernels.topk_rows(z.contiguous(), bias, k)
         else:
-            idx, val = topk_rows_torch(z, k)
+            idx, val = sparse.topk_rows(z, bias, k)
         return torch.zeros_like(z).scatter(1, idx, val.relu())
 
-    def _dead_ids(self, dead_mask: Tensor | None) -> Tensor | None:
-        dead = None if dead_mask is None else dead_mask.nonzero().squeeze(1)
-        return dead if dead is not None and dead.numel() else None
-
-    def _auxk_torch(self, x: Tensor, x_hat: Tensor, dead: Tensor | None) -> Tensor:
-        """The AuxK loss term (unweighted) by plain autograd; 0 without dead latents."""
-        if dead is None:
-            return x_hat.new_zeros(())
-        z = self._matmul(x - self.b_dec, self.W_enc[:, dead]) + self.b_enc[dead]  # [B, n_dead]
-        idx, _ = topk_rows_torch(z.detach(), min(self.cfg.aux_k, dead.numel()))
-        f = torch.zeros_like(z).scatter(1, idx, torch.relu(z.gather(1, idx)))
-        return auxk_ratio(self._matmul(f, self.W_dec[dead]), (x - x_hat).detach())
+    def _select_aux(self, z: Tensor, dead_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """AuxK's entries, aux_k' = min(aux_k, columns searched) per token: (latent ids [B*aux_k'],
+        bool [B*aux_k'] whether the pick is a dead latent -- picks beyond n_dead are not)."""
+        d_sae, bias = self.cfg.d_sae, self.b_enc.detach()
+        if self.max_dead is None or self.max_dead >= d_sae:
+            aux_ids, _ = sparse.topk_rows(z, bias, min(self.cfg.aux_k, d_sae), dead_mask)
+            aux_ids = aux_ids.view(-1)
+            return aux_ids, dead_mask[aux_ids]
+        n_cols = max(1, self.max_dead)
+        cols = torch.nonzero_static(dead_mask, size=n_cols, fill_value=d_sae).squeeze(1)  # ascending, padded
+        valid = cols < d_sae
+        cols = cols.clamp(max=d_sae - 1)
+        local, _ = sparse.topk_rows(z.index_select(1, cols), bias[cols], min(self.cfg.aux_k, n_cols), valid)
+        return cols[local].view(-1), valid[local].view(-1)
 
     # ------------------------------------------------------------------ forward
 
@@ -80,21 +88,47 @@ class TopKSAE(SAE):
         return SAEOutput(x_hat, {"loss": loss, "mse": mse, "auxk": auxk}, l0, counts > 0, latents)
 
     def _forward_torch(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
-        z = self._preact(x)
-        B = x.shape[0]
-        offsets, idx = self._select_torch(z.detach())
-        rows = torch.repeat_interleave(torch.arange(B, device=x.device), offsets.diff())
-        vals = torch.relu(z[rows, idx])
-        f = torch.zeros_like(z).index_put((rows, idx), vals)
-        # values stay fp32, weights are rounded to the GEMM dtype: what the sparse decode does
-        x_hat = f @ self.W_dec.to(self._gemm_dtype).to(f.dtype) + self.b_dec
-        auxk = self._auxk_torch(x, x_hat, self._dead_ids(dead_mask))
-        latents = SparseLatents(vals.detach(), idx, offsets, self.cfg.d_sae)
-        return self._output(x, x_hat, self._mse(x_hat, x), auxk, latents)
+        """The sparse step in plain PyTorch (sae/sparse.py): encoder GEMM, selection, embedding-bag
+        decode; every gradient from the selected entries only."""
+        B, world = x.shape[0], sparse.selection_world()
+        with torch.no_grad():
+            xc = x - self.b_dec
+            z = xc.to(self._gemm_dtype) @ self.gemm_weight("W_enc")
+            offsets, ids, rows, keep, min_kept = self._select_torch(z, world)
+            n_main = ids.numel()
+            if dead_mask is not None:
+                aux_ids, aux_valid = self._select_aux(z, dead_mask)
+                aux_k = aux_ids.numel() // B
+                ids = torch.cat([ids, aux_ids])
+                rows = torch.cat([rows, torch.arange(B * aux_k, device=x.device) // aux_k])
+        pre = sparse.SparsePreact.apply(z, xc, rows, ids, self.b_dec, self.W_enc, self.b_enc)
+        del z
+        vals = torch.relu(pre[:n_main])
+        if keep is not None:
+            vals = torch.where(keep, vals, torch.zeros_like(vals))
+        W_dec = self.W_dec
+        if self._gemm_dtype != W_dec.dtype:  # decode with the weights the GEMM path uses
+            W_dec = sparse.RoundThrough.apply(W_dec, self.gemm_weight("W_dec"))
+        x_hat = sparse.SparseDecode.apply(vals, W_dec, ids[:n_main], rows[:n_main], offsets) + self.b_dec
+        auxk = x_hat.new_zeros(())
+        if dead_mask is not None:
+            aux_ids = ids[n_main:]
+            a_vals = torch.where(aux_valid, torch.relu(pre[n_main:]), torch.zeros_like(pre[n_main:]))
+            a_offsets = torch.arange(0, B * aux_k + 1, aux_k, device=x.device)
+            e_hat = sparse.SparseDecode.apply(a_vals, W_dec, aux_ids, rows[n_main:], a_offsets)
+            auxk = torch.where(dead_mask.any(), auxk_ratio(e_hat, (x - x_hat).detach()), auxk)
+        out = self._output(x, x_hat, self._mse(x_hat, x), auxk, SparseLatents(vals.detach(), ids[:n_main], offsets, self.cfg.d_sae))
+        if min_kept is not None:
+            out.stats["min_kept"] = min_kept
+        return out
 
     def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
-        dead = self._dead_ids(dead_mask)
+        dead = None if dead_mask is None else dead_mask.nonzero().squeeze(1)  # CPU only: no sync to avoid
+        dead = dead if dead is not None and dead.numel() else None
         aux_k = 0 if dead is None else min(self.cfg.aux_k, dead.numel())
-        spec = SparseSpec(self.batch_selection, self.cfg.k, self.gemm_weights(), dead, aux_k)
+        spec = SparseSpec(self.batch_selection, self.cfg.k, self.gemm_weights(), dead, aux_k, sparse.selection_world())
         x_hat, mse, auxk, vals = SparseSAEFunction.apply(x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, spec)
-        return self._output(x, x_hat, mse, auxk, SparseLatents(vals, spec.idx, spec.offsets, self.cfg.d_sae))
+        out = self._output(x, x_hat, mse, auxk, SparseLatents(vals, spec.idx, spec.offsets, self.cfg.d_sae))
+        if spec.min_kept is not None:
+            out.stats["min_kept"] = spec.min_kept
+        return out

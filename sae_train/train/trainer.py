@@ -74,6 +74,10 @@ class SAERun:
     """On the device: sums since the last log line of the loss terms, then the squared error,
     the variance and the active-latent count (read at log steps only)."""
     lr_now: float = 0.0
+    dead_bound: int | None = None
+    """Known on the host: an upper bound on the latents dead at the next step (those one batch
+    from the dead threshold at the end of the step before, read one step late like the losses).
+    0: none can be dead, so the step skips revival work; None: unknown (first step of a call)."""
 
     def dead_mask(self, after_tokens: int) -> torch.Tensor:
         return self.since_fired >= after_tokens
@@ -286,7 +290,9 @@ class Trainer:
         stats, outs, finishers = [], [], []
         for run in self.runs:
             x, var = self._normalised(batch[run.site], run.scale)
-            out = run.sae(x, dead_mask=run.dead_mask(self.cfg.dead_after_tokens), sparsity_scale=sparsity)
+            run.sae.max_dead = run.dead_bound
+            dead = None if run.dead_bound == 0 else run.dead_mask(self.cfg.dead_after_tokens)
+            out = run.sae(x, dead_mask=dead, sparsity_scale=sparsity)
             out.losses["loss"].backward()
             finishers.append(self.dist.start_grad_average(run.params))
             run.loss_names = tuple(out.losses)
@@ -306,7 +312,10 @@ class Trainer:
             run.since_fired.add_(self.cfg.batch_size).masked_fill_(fired, 0)
             head = torch.cat([losses, sums])
             run.totals = head if run.totals is None else run.totals.add_(head)
-        self._pending = DeferredRead(torch.cat([losses for losses, _, _ in reduced] + [flags]))
+        # Latents one batch from the dead threshold: a bound on the dead count at the end of the
+        # next step, which the step after it reads (dead_bound).
+        dying = [(r.since_fired >= self.cfg.dead_after_tokens - self.cfg.batch_size).sum().view(1) for r in self.runs]
+        self._pending = DeferredRead(torch.cat([losses for losses, _, _ in reduced] + [flags] + [d.to(flags.dtype) for d in dying]))
         self._pending_step, self._pending_start = self.step, self.position  # its batch: global rows from here
         self.step += 1
         self.tokens += self.cfg.batch_size
@@ -328,7 +337,10 @@ class Trainer:
                     f"Non-finite loss for SAE {run.tag} at step {self._pending_step} ({losses}). Training stopped; the "
                     "last checkpoint was left untouched. Lower lr, use dtype=float32, or check the activations."
                 )
-        return next((int(sig) for sig, flag in zip(StopSignals.SIGNALS, values[offset:]) if flag > 0), 0)
+        flags = values[offset : offset + len(StopSignals.SIGNALS)]
+        for run, dying in zip(self.runs, values[offset + len(flags) :]):
+            run.dead_bound = int(dying)
+        return next((int(sig) for sig, flag in zip(StopSignals.SIGNALS, flags) if flag > 0), 0)
 
     @staticmethod
     @torch.no_grad()
