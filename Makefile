@@ -25,7 +25,7 @@ GPU_WHEEL_PKGS ?= datasets dill multiprocess hydra-core omegaconf antlr4-python3
 	opentelemetry-exporter-otlp-proto-http opentelemetry-exporter-otlp-proto-common opentelemetry-exporter-http-transport
 PLATFORMS := $(foreach n,2_17 2_24 2_27 2_28 2_31 2_34 2_35,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64
 
-.PHONY: install demo test bench clean gpu-wheels gpu-check
+.PHONY: install demo test lint bench clean gpu-wheels gpu-check
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,12 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# ruff (lint and format) over the code, the tests and the benchmarks; mypy over the package.
+lint: install
+	$(BIN)/ruff check sae_train tests benchmarks
+	$(BIN)/ruff format --check sae_train tests benchmarks
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python benchmarks/cache_throughput.py

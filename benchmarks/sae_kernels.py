@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import torch
 
-from sae_train.sae import SAEConfig, create_sae, kernels
+from sae_train.sae import SAE, SAEConfig, create_sae, kernels
 from sae_train.train.roofline import step_gemms
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -77,7 +78,7 @@ def main() -> None:
             if args.dead_frac > 0:
                 dead = torch.rand(d_sae, generator=gen) < args.dead_frac
 
-            def step(impl: str) -> None:
+            def step(impl: str, sae: SAE = sae, dead: torch.Tensor | None = dead) -> None:
                 sae.impl = impl
                 sae.zero_grad(set_to_none=True)
                 sae(x, dead_mask=dead).losses["loss"].backward()
@@ -88,7 +89,7 @@ def main() -> None:
             best: dict[int | str, float] = {}
             for rep in range(args.reps + 1):  # rep 0 warms up
                 times: dict[int | str, float] = {n: timed(fn) for n, fn in gemms.items()}
-                times.update({impl: timed(lambda: step(impl)) for impl in impls})
+                times.update({impl: timed(partial(step, impl)) for impl in impls})
                 if rep:
                     best = {n: min(best.get(n, float("inf")), t) for n, t in times.items()}
             roof = sum(best[n] for n in gemms)

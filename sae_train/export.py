@@ -329,7 +329,7 @@ def _export_one(plan: _Plan, out: Path, results: EvalResults | None) -> Exported
     verify(sae, cfg, tensors)
     eval_name = results.match(plan.meta) if results else None
     sparsity = None
-    if eval_name is not None and eval_name in results.frequencies:
+    if results is not None and eval_name is not None and eval_name in results.frequencies:
         frequency = results.frequencies[eval_name]
         if frequency.shape != (sae.cfg.d_sae,):
             raise UserError(f"{results.directory / EVAL_FREQUENCY_FILE} has {eval_name!r} of shape "
@@ -343,7 +343,7 @@ def _export_one(plan: _Plan, out: Path, results: EvalResults | None) -> Exported
         saelens_architecture=sae.saelens_architecture, d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae,
         k=sae.cfg.k if "k" in sae.config_fields else None, tokens_trained=plan.meta.get("tokens_trained"),
         files=[f"{plan.name}/{n}" for n in names], eval_name=eval_name,
-        metrics=dict(results.entries[eval_name].get("metrics") or {}) if eval_name is not None else {},
+        metrics=dict(results.entries[eval_name].get("metrics") or {}) if results and eval_name is not None else {},
     )
 
 

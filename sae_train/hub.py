@@ -60,7 +60,7 @@ def check_repo_id(repo_id: str) -> None:
         )
 
 
-def _hub_error(action: str, repo_id: str, exc: Exception) -> UserError:
+def _hub_error(action: str, repo_id: str, exc: BaseException) -> UserError:
     # str(exc) holds the server's message and request id, never the request headers (the token).
     return UserError(f"Could not {action} hub repository {repo_id}: {type(exc).__name__}: {exc}")
 

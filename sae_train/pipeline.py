@@ -15,9 +15,9 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from sae_train import cache, export
+
+from sae_train import cache, export, train
 from sae_train import eval as eval_stage
-from sae_train import train
 from sae_train.atomic import write_json_atomic
 from sae_train.data import DataConfig, TextConfig
 from sae_train.errors import UserError

@@ -112,7 +112,7 @@ class SlurmCluster:
     # ---------------------------------------------------------------- life cycle
 
     @classmethod
-    def start(cls, root: Path, timeout: float = 60) -> "SlurmCluster":
+    def start(cls, root: Path, timeout: float = 60) -> SlurmCluster:
         ensure_installed()
         if os.geteuid() != 0:
             raise SlurmUnavailable("the test cluster runs its daemons as root; not root")

@@ -16,9 +16,9 @@ from sae_train.data import TextConfig
 from sae_train.lm import LanguageModel, ModelConfig
 from sae_train.lm.model import resolve_device
 from sae_train.sae import SAEConfig
+from sae_train.sae.checkpoint import TRAINING_WEIGHTS_FILE as WEIGHTS
 from sae_train.store import ActivationStore, ShuffledBatches
 from sae_train.train import Preempted, StepInfo, TrainConfig, Trainer, run
-from sae_train.sae.checkpoint import TRAINING_WEIGHTS_FILE as WEIGHTS
 from sae_train.train.dist import Dist
 from sae_train.train.feed import device_batches
 from sae_train.train.sources import StoreSource

@@ -175,9 +175,9 @@ while [ $# -gt 1 ]; do
 done
 """)
     code = (  # build.py by path: importing the package would import torch, seconds per process here
-        "import importlib.util as u; s = u.spec_from_file_location('build', {path!r}); b = u.module_from_spec(s); "
-        "s.loader.exec_module(b); print(b.load({symbols!r}).sae_vector_width())"
-    ).format(path=build.__file__, symbols=SYMBOLS)
+        f"import importlib.util as u; s = u.spec_from_file_location('build', {build.__file__!r}); b = u.module_from_spec(s); "
+        f"s.loader.exec_module(b); print(b.load({SYMBOLS!r}).sae_vector_width())"
+    )
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(4)]
     outs = [p.communicate(timeout=120) for p in procs]

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 SITE = "blocks.1.hook_resid_post"
 
 

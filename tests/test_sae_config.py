@@ -2,6 +2,7 @@
 
 import pytest
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError
 
 from sae_train.errors import UserError
 from sae_train.sae import ARCHITECTURES, SAEConfig
@@ -59,7 +60,7 @@ def test_structured_config_roundtrip_through_omegaconf():
     merged = OmegaConf.merge(base, OmegaConf.from_dotlist(["architecture=jumprelu", "l0_coefficient=0.01"]))
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, SAEConfig) and cfg.architecture == "jumprelu" and cfg.l0_coefficient == 0.01
-    with pytest.raises(Exception):  # wrong key: OmegaConf refuses before any work starts
+    with pytest.raises(ConfigKeyError):  # wrong key: OmegaConf refuses before any work starts
         OmegaConf.merge(base, OmegaConf.from_dotlist(["no_such_field=1"]))
 
 

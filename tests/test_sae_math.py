@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sae_train.errors import UserError
-from sae_train.sae import SAE, ARCHITECTURES, SAEConfig, create_sae, kernels
+from sae_train.sae import ARCHITECTURES, SAE, SAEConfig, create_sae, kernels
 
 fast_only = pytest.mark.skipif(not kernels.available(), reason="kernels unavailable (no C compiler, or SAE_TRAIN_KERNELS=torch)")
 

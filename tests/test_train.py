@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae_train.atomic import previous
 from sae_train.data import TextConfig
 from sae_train.errors import UserError
-from sae_train.atomic import previous
 from sae_train.lm import LanguageModel, ModelConfig
 from sae_train.sae import SAEConfig, create_sae, load_sae
 from sae_train.sae import checkpoint as ckpt

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae_train.store import StoreWriter
 from sae_train.sae.checkpoint import RUN_STATE_FILE, TRAINING_WEIGHTS_FILE
+from sae_train.store import StoreWriter
 from tests.synthetic import sample, true_directions, write_store
 
 SITE = "synthetic"

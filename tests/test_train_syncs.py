@@ -14,8 +14,8 @@ from sae_train.sae import SAEConfig
 from sae_train.train import TrainConfig, Trainer
 from sae_train.train.dist import Dist
 from sae_train.train.sources import StoreSource
-from tests.synthetic import true_directions, write_store
 from tests.syncs import record_sync_ops
+from tests.synthetic import true_directions, write_store
 
 ARCHS = ["relu", "jumprelu", "topk", "batchtopk"]
 

@@ -49,7 +49,7 @@ class TokenSpec:
     special tokens, else none."""
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any, text: TextConfig) -> "TokenSpec":
+    def from_tokenizer(cls, tokenizer: Any, text: TextConfig) -> TokenSpec:
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
         if separator is None or (text.prepend_bos and bos is None):

@@ -18,7 +18,6 @@ from sae_train.sae import SAE, load_sae, load_sae_cfg
 from sae_train.sae.checkpoint import CFG_FILE, find_checkpoints
 
 
-
 @dataclass
 class Checkpoint:
     name: str

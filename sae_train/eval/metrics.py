@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,12 +34,12 @@ class ReconstructionStats:
     """
 
     def __init__(self, d_in: int, d_sae: int, device: torch.device | str = "cpu"):
-        f64 = {"dtype": torch.float64, "device": device}
+        f64 = partial(torch.zeros, dtype=torch.float64, device=device)
         self.n = 0
-        self.sse = torch.zeros((), **f64)
-        self.mean = torch.zeros(d_in, **f64)
-        self.m2 = torch.zeros(d_in, **f64)
-        self.active = torch.zeros((), **f64)
+        self.sse = f64(())
+        self.mean = f64(d_in)
+        self.m2 = f64(d_in)
+        self.active = f64(())
         self.fires = torch.zeros(d_sae, dtype=torch.int64, device=device)
 
     def update(self, x: Tensor, x_hat: Tensor, latents: Tensor) -> None:
@@ -130,8 +132,9 @@ def density_histogram(frequency: Tensor, n_tokens: int, bins_per_decade: int = 1
     edges = torch.linspace(low, 0.0, bins_per_decade * -low + 1, dtype=torch.float64)
     alive = frequency[frequency > 0].double().cpu()
     counts = torch.histogram(alive.log10(), bins=edges).hist if alive.numel() else torch.zeros(len(edges) - 1)
-    return {
+    histogram: dict[str, Any] = {
         "log10_edges": [round(e, 6) for e in edges.tolist()],
         "counts": [int(c) for c in counts.tolist()],
         "n_dead": int((frequency == 0).sum()),
     }
+    return histogram

@@ -173,12 +173,13 @@ class LanguageModel:
         self.tokenizer = tokenizer
         self.identity = identity
         family = family_of(model)
-        self.layers: nn.ModuleList = model.get_submodule(family.layers)
+        self.layers: Any = model.get_submodule(family.layers)
         self.n_layers = n_layers(model)
-        self.d_model = int(model.config.hidden_size)
+        config: Any = model.config
+        self.d_model = int(config.hidden_size)
 
     @classmethod
-    def load(cls, cfg: ModelConfig) -> "LanguageModel":
+    def load(cls, cfg: ModelConfig) -> LanguageModel:
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         path = resolve_model_path(cfg.name)

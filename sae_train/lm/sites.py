@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -86,7 +87,8 @@ def family_of(model: nn.Module) -> Family:
 
 
 def n_layers(model: nn.Module) -> int:
-    return int(model.config.num_hidden_layers)
+    config: Any = model.config
+    return int(config.num_hidden_layers)
 
 
 def valid_site_names(model: nn.Module) -> str:

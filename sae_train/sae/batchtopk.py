@@ -31,6 +31,8 @@ class BatchTopKSAE(TopKSAE):
     # at inference z * [z > threshold]: SAELens's JumpReLU (as SAELens exports its own BatchTopK)
     saelens_architecture, saelens_training_architecture = "jumprelu", "batchtopk"
     batch_selection = True
+    threshold: Tensor
+    threshold_updates: Tensor
 
     def __init__(self, cfg: SAEConfig, *, compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__(cfg, compute_dtype=compute_dtype)

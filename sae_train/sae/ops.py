@@ -170,7 +170,7 @@ class SparseSAEFunction(torch.autograd.Function):
         ctx.spec = spec
         ctx.aux = None
         auxk = x_hat.new_zeros(())
-        if spec.dead is not None:
+        if spec.dead is not None and zd is not None:
             dead = spec.dead
             if spec.aux_k >= dead.numel():  # every dead latent takes part: no selection
                 a_idx, F = None, (zd.float() + b_enc[dead]).clamp_min_(0).to(cd)

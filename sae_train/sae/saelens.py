@@ -29,7 +29,7 @@ sae_lens itself.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -176,7 +176,9 @@ def _from_our_export(cfg: Mapping[str, Any], weights: dict[str, Tensor], record:
 
 def _from_foreign(cfg: Mapping[str, Any], weights: dict[str, Tensor], source: str) -> SAE:
     arch = cfg["architecture"]
-    fields: dict[str, Any] = {"architecture": for_saelens(arch).architecture, "d_sae": cfg["d_sae"]}
+    ours = for_saelens(arch)
+    assert ours is not None, arch  # the caller checked that we run this SAELens architecture
+    fields: dict[str, Any] = {"architecture": ours.architecture, "d_sae": cfg["d_sae"]}
     if arch == "topk":
         fields["k"] = cfg["k"]
     sae = load_folded(SAEConfig(**fields).resolved(cfg["d_in"]), weights, source=source)
@@ -193,7 +195,7 @@ def _from_foreign(cfg: Mapping[str, Any], weights: dict[str, Tensor], source: st
             getattr(sae, name).copy_(value.float())
         if "threshold" in sae.inference_tensors:
             # relu(z) * [z > t] == z * [z > max(t, 0)]
-            sae.threshold.clamp_(min=0)
+            cast(Tensor, sae.threshold).clamp_(min=0)
     return sae
 
 

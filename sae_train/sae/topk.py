@@ -128,6 +128,7 @@ class TopKSAE(SAE):
         aux_k = 0 if dead is None else min(self.cfg.aux_k, dead.numel())
         spec = SparseSpec(self.batch_selection, self.cfg.k, self.gemm_weights(), dead, aux_k, sparse.selection_world())
         x_hat, mse, auxk, vals = SparseSAEFunction.apply(x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, spec)
+        assert spec.idx is not None and spec.offsets is not None  # set by the forward
         out = self._output(x, x_hat, mse, auxk, SparseLatents(vals, spec.idx, spec.offsets, self.cfg.d_sae))
         if spec.min_kept is not None:
             out.stats["min_kept"] = spec.min_kept

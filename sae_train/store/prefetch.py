@@ -11,7 +11,7 @@ from __future__ import annotations
 import atexit
 import queue
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -35,7 +35,7 @@ class _Failed:
 _DONE = object()
 
 
-def prefetched(items: Generator[T, None, None], depth: int) -> Iterator[T]:
+def prefetched(items: Generator[T, None, None], depth: int) -> Generator[T, None, None]:
     """Yield what `items` yields, computed in a daemon thread up to `depth` items ahead.
 
     An exception in the thread is raised here, in the consumer, with its traceback.

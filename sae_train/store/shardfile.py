@@ -64,7 +64,7 @@ def encode(tensors: Mapping[str, torch.Tensor]) -> Iterator[memoryview | bytes]:
         t = tensors[name].contiguous()
         if t.dtype == torch.bfloat16:
             t = t.view(torch.int16)
-        yield memoryview(t.numpy().reshape(-1).view(np.uint8))
+        yield memoryview(t.numpy().reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # ndarray is a buffer
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
@@ -89,8 +89,8 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
                               8 + n + int(e["data_offsets"][1]))
             for name, e in header.items()
         }
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-        raise _corrupt(path, f"unreadable header ({type(e).__name__}: {e})") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        raise _corrupt(path, f"unreadable header ({type(err).__name__}: {err})") from None
     cursor = 8 + n
     for name, e in sorted(entries.items(), key=lambda kv: kv[1].start):
         if e.code not in CODES:

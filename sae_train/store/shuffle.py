@@ -23,7 +23,7 @@ streams are independent and the same on every platform.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -105,7 +105,7 @@ class ShuffledBatches:
         sizes = [s.n_tokens for s in self.store.manifest.shards]
         return StreamPlan(sizes, self.seed, self.window_shards, self.shuffle)
 
-    def _batches(self, start: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def _batches(self, start: int) -> Generator[tuple[int, dict[str, torch.Tensor]], None, None]:
         plan = self._plan()
         shards = _ShardCache(self.store, 2 * self.window_shards)
         end = None if self.loop else plan.n_rows

@@ -22,8 +22,22 @@ from sae_train.atomic import temporary, write_bytes_atomic
 from sae_train.errors import UserError
 from sae_train.store import locks, shardfile
 from sae_train.store.manifest import (
-    DTYPES, FORMAT_VERSION, LOCK, MANIFEST, PARTS_DIR, RESERVED, Manifest, ShardInfo, SiteInfo,
-    diff, dumps, header, is_intact, load_json, merge_manifests, read_parts,
+    DTYPES,
+    FORMAT_VERSION,
+    LOCK,
+    MANIFEST,
+    PARTS_DIR,
+    RESERVED,
+    Manifest,
+    ShardInfo,
+    SiteInfo,
+    diff,
+    dumps,
+    header,
+    is_intact,
+    load_json,
+    merge_manifests,
+    read_parts,
 )
 
 

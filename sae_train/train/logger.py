@@ -21,7 +21,7 @@ from sae_train.train.config import WandbConfig
 log = logging.getLogger(__name__)
 
 
-def wandb_mode(cfg: WandbConfig) -> str:
+def wandb_mode(cfg: WandbConfig) -> Any:
     if cfg.mode != "auto":
         return cfg.mode
     if os.environ.get("WANDB_MODE"):
@@ -79,7 +79,7 @@ class MetricsLogger:
         logged: dict[str, Any] = {name: wandb.Image(str(path)) for name, path in images.items()}
         for name, rows in tables.items():
             columns = list(rows[0]) if rows else []
-            logged[name] = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+            logged[name] = wandb.Table(columns=list[str | int](columns), data=[[row.get(c) for c in columns] for row in rows])
         self._wandb.log(logged)
 
     def close(self) -> None:

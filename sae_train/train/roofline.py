@@ -44,7 +44,8 @@ def step_gemms(architecture: str, rows: int, d_in: int, d_sae: int, dtype: torch
 
     names = ARCHITECTURES[architecture].step_gemms
     x, w_enc, w_dec = rand(rows, d_in), rand(d_in, d_sae), rand(d_sae, d_in)
-    f, grad_x = (rand(rows, d_sae), rand(rows, d_in)) if set(names) - {"encoder"} else (None, None)
+    dense = bool(set(names) - {"encoder"})  # the dense-latent GEMMs need f and its gradient
+    f, grad_x = (rand(rows, d_sae), rand(rows, d_in)) if dense else (torch.empty(0), torch.empty(0))
     catalogue: dict[str, Callable[[], torch.Tensor]] = {
         "encoder": lambda: x @ w_enc,  # encoder forward
         "decoder": lambda: f @ w_dec,  # decoder forward

@@ -46,8 +46,8 @@ from sae_train.train.resample import resample_dead_
 from sae_train.train.roofline import step_gemm_seconds
 from sae_train.train.schedule import lr_factor, sparsity_factor
 from sae_train.train.signals import Preempted, StopSignals
-from sae_train.train.update import update
 from sae_train.train.sources import ActivationSource
+from sae_train.train.update import update
 
 log = logging.getLogger(__name__)
 
@@ -423,6 +423,7 @@ class Trainer:
         last = {}
         for run in self.runs:
             dead = run.dead_mask(self.cfg.dead_after_tokens).double().mean().view(1)
+            assert run.totals is not None  # a log step follows at least one step
             *losses, err, var, active, dead_fraction = torch.cat([run.totals, dead]).tolist()
             metrics = {k: v / steps for k, v in zip(run.loss_names, losses)}
             metrics.update(

@@ -26,6 +26,7 @@ CPU Adam computes, in the same order. The clip norm is summed in another order t
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 
@@ -109,7 +110,7 @@ def fused_update(sae: SAE, optimizer: torch.optim.Adam, grad_clip: float) -> Non
                 normalize=project and p is sae.W_dec, shadow=shadow,
             )  # fmt: skip
             torch.autograd.graph.increment_version(p)  # written through a raw pointer: tell autograd and caches
-            if shadow is not None:
+            if name and shadow is not None:
                 sae.set_gemm_weight(name, shadow)
     sae.constrain_extra_()
 
@@ -127,7 +128,7 @@ def update(sae: SAE, optimizer: torch.optim.Optimizer, grad_clip: float) -> None
     """One optimizer step: `fused_update` where it applies, else `reference_update` (plus the
     bf16 weight copies on CUDA). SAE_TRAIN_KERNELS=torch selects the reference everywhere."""
     if fused_supported(sae, optimizer):
-        fused_update(sae, optimizer, grad_clip)
+        fused_update(sae, cast(torch.optim.Adam, optimizer), grad_clip)
     else:
         reference_update(sae, optimizer, grad_clip)
         write_gemm_copies(sae)

@@ -496,7 +496,8 @@ def act_bwd(
     def acc(flag: bool) -> Tensor | None:
         return torch.zeros(nt, N, dtype=torch.float32) if flag else None
 
-    col_g, col_w, col_wg, col_wr = acc(True), acc(want_colw_grad), acc(jump), acc(jump and row_g is not None)
+    col_g = torch.zeros(nt, N, dtype=torch.float32)
+    col_w, col_wg, col_wr = acc(want_colw_grad), acc(jump), acc(jump and row_g is not None)
     _lib_or_raise().sae_act_bwd(
         _ptr(g), _ptr(ref), _DT[g.dtype], B, N, _ptr(bias), _ptr(thr), eps, _ptr(row_g), _ptr(colw),
         _ptr(col_g), _ptr(col_w), _ptr(col_wg), _ptr(col_wr), nt,
@@ -505,7 +506,7 @@ def act_bwd(
     def total(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.sum(0)
 
-    return total(col_g), total(col_w), total(col_wg), total(col_wr)
+    return col_g.sum(0), total(col_w), total(col_wg), total(col_wr)
 
 
 # ----------------------------------------------------------------------------- optimizer step
