@@ -47,8 +47,8 @@ def test_cuda_means_the_local_ranks_gpu(monkeypatch, env, gpus, expect):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return write_store(tmp_path_factory.mktemp("devices") / "store", true_directions(32, 16), 8192)
+def store(synthetic_store):
+    return synthetic_store(8192, n_features=32, d_in=16)
 
 
 def _config(store: Path, out: Path, device: str) -> TrainConfig:

@@ -26,7 +26,7 @@ from sae_train.sae import SAEConfig, create_sae, load_sae, load_sae_cfg
 from sae_train.sae.saelens import from_saelens, saelens_reference, to_saelens
 from sae_train.train import TrainConfig
 from sae_train.train import run as train
-from tests.synthetic import true_directions, write_store
+from tests.conftest import tiny_topk
 
 ARCHS = ["relu", "topk", "batchtopk", "jumprelu"]
 SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
@@ -43,14 +43,11 @@ LIVE_SOURCE = {
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory) -> Path:
+def sweep(synthetic_store, tmp_path_factory) -> Path:
     """A training out_dir with one tiny SAE per architecture, trained for real on one stream."""
-    root = tmp_path_factory.mktemp("export")
-    store = write_store(root / "store", true_directions(64, 32), 16_384)
-    train(TrainConfig(store=str(store), out_dir=str(root / "sae"), n_tokens=8192, batch_size=512, dtype="float32",
-                      progress=False, sae=SAEConfig(architecture="topk", k=4, expansion_factor=4),
-                      sweep={"architecture": ARCHS}))
-    return root / "sae"
+    out = tmp_path_factory.mktemp("export") / "sae"
+    train(tiny_topk(store=str(synthetic_store(16_384)), out_dir=str(out), sweep={"architecture": ARCHS}))
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,10 @@ import torch
 from sae_train.errors import UserError
 from sae_train.export import ExportConfig, run
 from sae_train.hub import load_exported, pull, push
-from sae_train.sae import SAEConfig, load_sae
-from sae_train.train import TrainConfig
+from sae_train.sae import load_sae
 from sae_train.train import run as train
+from tests.conftest import tiny_topk
 from tests.fake_hub import FakeHub, _http, httpx
-from tests.synthetic import true_directions, write_store
 
 TOKEN = "hf_sEcReT0123456789abcdefTOKEN"
 REPO = "test-org/sae-test"
@@ -25,11 +24,9 @@ TAG = "synthetic"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("hub")
-    store = write_store(root / "store", true_directions(64, 32), 8192)
-    summary = train(TrainConfig(store=str(store), out_dir=str(root / "sae"), n_tokens=4096, batch_size=512,
-                                dtype="float32", progress=False, sae=SAEConfig(architecture="topk", k=4, expansion_factor=4)))
+def checkpoint(synthetic_store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hub") / "sae"
+    summary = train(tiny_topk(store=str(synthetic_store(8192)), out_dir=str(out), n_tokens=4096))
     return Path(summary.saes[TAG]["checkpoint"])
 
 

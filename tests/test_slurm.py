@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from tests.slurm_cluster import SlurmCluster, SlurmUnavailable
-from tests.synthetic import true_directions, write_store
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_DDP = ROOT / "slurm" / "train_ddp.sbatch"
@@ -50,8 +49,8 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    return write_store(tmp_path_factory.mktemp("slurm") / "store", true_directions(64, 32), 16_384, tokens_per_shard=4096)
+def store(synthetic_store) -> Path:
+    return synthetic_store(16_384, tokens_per_shard=4096)
 
 
 def job_env(**extra: str) -> dict[str, str]:

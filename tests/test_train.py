@@ -27,9 +27,8 @@ SITE = "synthetic"
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    dirs = true_directions(64, 32)
-    return dirs, write_store(tmp_path_factory.mktemp("syn") / "store", dirs, 65_536)
+def synthetic(synthetic_store):
+    return true_directions(64, 32), synthetic_store(65_536)
 
 
 def cfg(store: Path, out: Path, **kw) -> TrainConfig:

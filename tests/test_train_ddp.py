@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from sae_train.sae.checkpoint import RUN_STATE_FILE, TRAINING_WEIGHTS_FILE
 from sae_train.store import StoreWriter
-from tests.synthetic import sample, true_directions, write_store
+from tests.synthetic import sample, true_directions
 
 SITE = "synthetic"
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -33,8 +33,8 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    return write_store(tmp_path_factory.mktemp("ddp") / "store", true_directions(64, 32), 32_768, tokens_per_shard=4096)
+def store(synthetic_store) -> Path:
+    return synthetic_store(32_768, tokens_per_shard=4096)
 
 
 @pytest.mark.parametrize("arch, kernels", [("topk", "auto"), ("relu", "auto"), ("batchtopk", "auto"), ("batchtopk", "torch")])

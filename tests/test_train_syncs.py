@@ -15,14 +15,13 @@ from sae_train.train import TrainConfig, Trainer
 from sae_train.train.dist import Dist
 from sae_train.train.sources import StoreSource
 from tests.syncs import record_sync_ops
-from tests.synthetic import true_directions, write_store
 
 ARCHS = ["relu", "jumprelu", "topk", "batchtopk"]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return write_store(tmp_path_factory.mktemp("syncs") / "store", true_directions(32, 16), 8192)
+def store(synthetic_store):
+    return synthetic_store(8192, n_features=32, d_in=16)
 
 
 def _warm_trainer(store, tmp_path, arch: str, device: torch.device) -> tuple[Trainer, object]:
