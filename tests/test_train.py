@@ -104,6 +104,22 @@ def test_run_written_under_the_old_run_state_name_resumes(synthetic, tmp_path):
     assert not (tmp_path / "split" / LEGACY_RUN_STATE_FILE).exists()  # the commit replaced it
 
 
+def test_run_saved_with_top_level_text_settings_resumes(synthetic, tmp_path):
+    """Runs saved before TextConfig kept context_size & co. at the top of their config: they
+    resume (the settings compare as today's `text` block), to the same weights."""
+    _, store = synthetic
+    whole = run(cfg(store, tmp_path / "whole", n_tokens=16_384))
+    with pytest.raises(Preempted):
+        run(cfg(store, tmp_path / "split", n_tokens=16_384), callbacks=[_sigterm_at(10)])
+    state_file = tmp_path / "split" / RUN_STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["config"] |= state["config"].pop("text")
+    state_file.write_text(json.dumps(state))
+    resumed = run(cfg(store, tmp_path / "split", n_tokens=16_384))
+    assert resumed.new_steps == whole.steps - 12
+    _same_training_weights(whole.saes[SITE]["checkpoint"], resumed.saes[SITE]["checkpoint"])
+
+
 def test_crash_between_swap_and_commit_resumes_from_the_previous_copy(synthetic, tmp_path, monkeypatch):
     """The second save swaps the SAE directory in, then dies before committing the run state:
     the committed copy is the kept previous one, and resuming from it matches an uninterrupted run."""

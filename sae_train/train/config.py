@@ -122,7 +122,15 @@ class TrainConfig:
         return self.n_tokens // self.batch_size
 
 
+_LEGACY_TEXT_KEYS = ("context_size", "prepend_bos", "exclude_special_tokens")
+"""Text settings that runs saved before TextConfig (0.1.0) kept at the top level."""
+
+
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a TrainConfig dict that a resumed run must share with the original (the rest may change)."""
+    """The fields of a TrainConfig dict that a resumed run must share with the original (the rest
+    may change); a run saved with the text settings at the top level compares as today's shape."""
     free = {"progress", "log_every", "checkpoint_every_tokens", "wandb", "resume", "out_dir", "device"}
+    config = dict(config)
+    if "text" not in config and any(k in config for k in _LEGACY_TEXT_KEYS):
+        config["text"] = {k: config.pop(k) for k in _LEGACY_TEXT_KEYS if k in config}
     return {k: v for k, v in config.items() if k not in free}
