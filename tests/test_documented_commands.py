@@ -76,7 +76,7 @@ def test_cfg_job_prints_every_option(stage, tmp_path):
 def test_cache_then_train_from_the_store(home):
     manifest = json.loads((home / "runs/acts/manifest.json").read_text())
     assert [site["name"] for site in manifest["sites"]] == [SITE] and manifest["shards"]
-    assert (home / "runs/sae/train_state.json").exists()
+    assert (home / "runs/sae/run_state.json").exists()
     assert (home / f"runs/sae/{SITE}/sae.safetensors").exists() and (home / f"runs/sae/{SITE}/cfg.json").exists()
 
 
@@ -130,7 +130,7 @@ def test_one_pass_sweep_trains_every_combination(home):
 
 def test_multirun_sweep_runs_one_job_per_value(home):
     sae_train(home, "-m", "train", "store=runs/acts", "sae.k=2,4", *TRAIN, "out_dir=runs/multirun")
-    runs = sorted(p for p in (home / "runs/multirun").iterdir() if (p / "train_state.json").exists())
+    runs = sorted(p for p in (home / "runs/multirun").iterdir() if (p / "run_state.json").exists())
     assert [p.name.rsplit("sae.k=", 1)[1] for p in runs] == ["2", "4"], runs
     for run in runs:
         assert json.loads((run / SITE / "cfg.json").read_text())["k"] == int(run.name.rsplit("=", 1)[1])
