@@ -86,14 +86,14 @@ class JumpReLUSAE(SAE):
         loss = mse + self.cfg.l0_coefficient * scale * l0
         return SAEOutput(x_hat, {"loss": loss, "mse": mse, "l0": l0}, n_active.detach(), fired, f.detach())
 
-    def _forward_torch(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
+    def _forward_torch(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
         z = self._preact(x)
         eps = self.cfg.jumprelu_bandwidth
         f = JumpReLUFunction.apply(z, self.threshold, eps).to(self._gemm_dtype)
         l0 = StepFunction.apply(z, self.threshold, eps).sum(-1).mean()
         x_hat = self._matmul(f, self.W_dec) + self.b_dec
         active = f != 0
-        return self._output(x, x_hat, l0, f, active.sum(-1).float().mean(), active.any(0), sparsity_scale)
+        return self._output(target, x_hat, l0, f, active.sum(-1).float().mean(), active.any(0), sparsity_scale)
 
     def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
         spec = DenseSpec(self.gemm_weights(), jumprelu_bandwidth=self.cfg.jumprelu_bandwidth)

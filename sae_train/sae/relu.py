@@ -41,14 +41,14 @@ class ReLUSAE(SAE):
         loss = mse + self.cfg.l1_coefficient * scale * l1
         return SAEOutput(x_hat, {"loss": loss, "mse": mse, "l1": l1}, l0.detach(), fired, f.detach())
 
-    def _forward_torch(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
+    def _forward_torch(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
         f = torch.relu(self._preact(x)).to(self._gemm_dtype)  # the latents the decoder sees
         x_hat = self._matmul(f, self.W_dec) + self.b_dec
         fa = f.to(x_hat.dtype)
         w = self._l1_weights()
         l1 = (fa if w is None else fa * w).sum(-1).mean()
         active = fa != 0
-        return self._output(x, x_hat, l1, f, active.sum(-1).float().mean(), active.any(0), sparsity_scale)
+        return self._output(target, x_hat, l1, f, active.sum(-1).float().mean(), active.any(0), sparsity_scale)
 
     def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
         spec = DenseSpec(self.gemm_weights())

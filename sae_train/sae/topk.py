@@ -61,14 +61,14 @@ class TopKSAE(SAE):
         dead = None if dead_mask is None else dead_mask.nonzero().squeeze(1)
         return dead if dead is not None and dead.numel() else None
 
-    def _auxk_torch(self, x: Tensor, x_hat: Tensor, dead: Tensor | None) -> Tensor:
+    def _auxk_torch(self, x: Tensor, target: Tensor, x_hat: Tensor, dead: Tensor | None) -> Tensor:
         """The AuxK loss term (unweighted) by plain autograd; 0 without dead latents."""
         if dead is None:
             return x_hat.new_zeros(())
-        z = self._matmul(x - self.b_dec, self.W_enc[:, dead]) + self.b_enc[dead]  # [B, n_dead]
+        z = self._matmul(self._encoder_input(x), self.W_enc[:, dead]) + self.b_enc[dead]  # [B, n_dead]
         idx, _ = topk_rows_torch(z.detach(), min(self.cfg.aux_k, dead.numel()))
         f = torch.zeros_like(z).scatter(1, idx, torch.relu(z.gather(1, idx)))
-        return auxk_ratio(self._matmul(f, self.W_dec[dead]), (x - x_hat).detach())
+        return auxk_ratio(self._matmul(f, self.W_dec[dead]), (target - x_hat).detach())
 
     # ------------------------------------------------------------------ forward
 
@@ -79,7 +79,7 @@ class TopKSAE(SAE):
         l0 = active.sum() / x.shape[0]
         return SAEOutput(x_hat, {"loss": loss, "mse": mse, "auxk": auxk}, l0, counts > 0, latents)
 
-    def _forward_torch(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
+    def _forward_torch(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
         z = self._preact(x)
         B = x.shape[0]
         offsets, idx = self._select_torch(z.detach())
@@ -88,9 +88,9 @@ class TopKSAE(SAE):
         f = torch.zeros_like(z).index_put((rows, idx), vals)
         # values stay fp32, weights are rounded to the GEMM dtype: what the sparse decode does
         x_hat = f @ self.W_dec.to(self._gemm_dtype).to(f.dtype) + self.b_dec
-        auxk = self._auxk_torch(x, x_hat, self._dead_ids(dead_mask))
+        auxk = self._auxk_torch(x, target, x_hat, self._dead_ids(dead_mask))
         latents = SparseLatents(vals.detach(), idx, offsets, self.cfg.d_sae)
-        return self._output(x, x_hat, self._mse(x_hat, x), auxk, latents)
+        return self._output(x, x_hat, self._mse(x_hat, target), auxk, latents)
 
     def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
         dead = self._dead_ids(dead_mask)
