@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sae_train import cache, export, train
 from sae_train import eval as eval_stage
@@ -19,8 +20,10 @@ from sae_train.errors import UserError
 from sae_train.eval import EvalConfig, SiteEvaluator
 from sae_train.eval.downstream import next_token_log_probs
 from sae_train.export import ExportConfig
+from sae_train.hub import load_exported
 from sae_train.lm import LanguageModel, ModelConfig
 from sae_train.sae import SAE, SAEConfig, create_sae, load_sae, load_sae_cfg, save_sae
+from sae_train.sae.saelens import from_saelens
 from sae_train.store import StoreWriter, shardfile
 from sae_train.train import TrainConfig
 from tests.tiny import write_corpus
@@ -367,3 +370,16 @@ def test_saelens_loads_the_export_and_reconstructs_as_ours(tiny_model_dir, tmp_p
         with torch.no_grad():
             torch.testing.assert_close(theirs.encode(x), f, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(theirs(x), y_hat, rtol=1e-5, atol=1e-5)
+        back = load_exported(folder)  # our reader: the same transcoder, exactly
+        assert back.cfg == ours.cfg and torch.equal(back.reconstruct(x)[1], y_hat)
+        del cfg["metadata"]["sae_train"]  # as a transcoder trained elsewhere: same outputs
+        foreign = from_saelens(cfg, load_file(folder / "sae_weights.safetensors"))
+        assert foreign.cfg.target == TARGET
+        torch.testing.assert_close(foreign.reconstruct(x)[1], y_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_a_topk_transcoder_is_not_exported_to_saelens(tmp_path):
+    sae = transcoder("topk", skip=False)
+    save_sae(sae.fold(1.0, 1.0), tmp_path / "ckpt", {"site": SOURCE})
+    with pytest.raises(UserError, match="SAELens has no topk transcoder.*batchtopk"):
+        export.run(ExportConfig(checkpoint=str(tmp_path / "ckpt"), out_dir=str(tmp_path / "export")))
