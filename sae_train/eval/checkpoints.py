@@ -86,7 +86,8 @@ def group_by_site(checkpoints: list[Checkpoint], lm: LanguageModel) -> list[tupl
     widths: dict[str, int] = {}
     model = lm.identity.get("name", "")
 
-    def resolve(c: Checkpoint, name: str, width: int, what: str) -> Site:
+    def resolve(c: Checkpoint, name: str, dim: str, what: str) -> Site:
+        width = getattr(c.sae.cfg, dim)
         try:
             site = lm.site(name)
         except UserError as err:
@@ -95,7 +96,7 @@ def group_by_site(checkpoints: list[Checkpoint], lm: LanguageModel) -> list[tupl
             widths[site.name] = lm.site_width(site)
         if width != widths[site.name]:
             raise UserError(
-                f"Checkpoint {c.path} has width {width} at site '{site.name}' ({what}), but model '{model}' has "
+                f"Checkpoint {c.path} has {dim}={width} for the site it {what}, '{site.name}', but model '{model}' has "
                 f"width {widths[site.name]} there. The SAE was trained on another model or site; pass the "
                 "model it was trained on (model.name=...) or the right checkpoint."
             )
@@ -103,8 +104,8 @@ def group_by_site(checkpoints: list[Checkpoint], lm: LanguageModel) -> list[tupl
 
     for c in checkpoints:
         cfg = c.sae.cfg
-        source = resolve(c, c.site, cfg.d_in, "reads")
-        target = resolve(c, cfg.target, cfg.d_out, "writes") if cfg.is_transcoder else None
+        source = resolve(c, c.site, "d_in", "reads")
+        target = resolve(c, cfg.target, "d_out", "writes") if cfg.is_transcoder else None
         key = (source.name, cfg.target)
         spliced, read = (source, None) if target is None else (target, source)
         groups.setdefault(key, (spliced, read, {}))[2][c.name] = c.sae.to(lm.device).eval()
