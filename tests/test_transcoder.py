@@ -26,6 +26,8 @@ from sae_train.sae import SAE, SAEConfig, create_sae, load_sae, load_sae_cfg, sa
 from sae_train.sae.saelens import from_saelens
 from sae_train.store import StoreWriter, shardfile
 from sae_train.train import TrainConfig
+from tests.synthetic import true_directions
+from tests.synthetic import write_store as synthetic_store
 from tests.tiny import write_corpus
 
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
@@ -301,6 +303,22 @@ def test_trains_live_on_both_sites(tiny_model_dir, tmp_path):
                                     sae=SAEConfig(architecture="relu", expansion_factor=2, target=TARGET)))
     sae = load_sae(summary.saes[SOURCE]["checkpoint"])
     assert sae.cfg.target == TARGET and summary.saes[SOURCE]["metrics"]["fvu"] < 1.5
+
+
+def test_a_run_written_before_the_transcoder_fields_resumes(tmp_path):
+    """A run_state.json whose SAE config lacks target/d_out/skip (written by an older version)
+    resumes: the missing fields compare as their defaults."""
+    store = synthetic_store(tmp_path / "store", true_directions(16, 8), 2048)
+    config = TrainConfig(store=str(store), out_dir=str(tmp_path / "sae"), n_tokens=1024, batch_size=256, progress=False,
+                         sae=SAEConfig(architecture="topk", k=2, expansion_factor=2))
+    first = train.run(config)
+    state_file = tmp_path / "sae" / "run_state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("target", "d_out", "skip"):
+        del state["config"]["sae"][key]
+    state_file.write_text(json.dumps(state))
+    again = train.run(config)
+    assert again.new_steps == 0 and again.steps == first.steps
 
 
 def test_target_missing_from_the_store_is_named(tiny_model_dir, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +140,10 @@ class TrainConfig:
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a TrainConfig dict that a resumed run must share with the original (the rest may change)."""
+    """The fields of a TrainConfig dict that a resumed run must share with the original (the rest may change).
+    SAE fields added since a run was written (e.g. `target`) compare as their defaults, so it resumes."""
     free = {"progress", "log_every", "checkpoint_every_tokens", "wandb", "resume", "out_dir", "device"}
-    return {k: v for k, v in config.items() if k not in free}
+    out = {k: v for k, v in config.items() if k not in free}
+    if isinstance(out.get("sae"), dict):
+        out["sae"] = {**dataclasses.asdict(SAEConfig()), **out["sae"]}
+    return out
