@@ -423,6 +423,10 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
         "Where the table names a SAELens architecture, the SAE is stored as that SAELens architecture, "
         "which computes exactly what it computes at inference (a BatchTopK SAE, for instance, as a JumpReLU "
         "SAE with its inference threshold).", "",
+        *([("A transcoder (a SAELens `*transcoder` architecture) reads its site and writes another "
+            "(`metadata.hook_name_out`): `f = σ(x W_enc + b_enc)`, `ŷ = f W_dec + b_dec (+ x W_skipᵀ)`, both sites' "
+            "normalisations folded in; with sae-train, `sae.reconstruct(x)` returns (latents, output)."), ""]
+          if any(s.saelens_architecture.endswith("transcoder") for s in saes) else []),
         "## Usage", "",
         "With [SAELens](https://github.com/decoderesearch/SAELens) (>= 6):", "",
         "```python",

@@ -382,6 +382,7 @@ def test_saelens_loads_the_export_and_reconstructs_as_ours(tiny_model_dir, tmp_p
         cfg = json.loads((folder / "cfg.json").read_text())
         assert cfg["architecture"] == name and cfg["d_out"] == d_out
         assert cfg["metadata"]["hook_name"] == SOURCE and cfg["metadata"]["hook_name_out"] == TARGET
+        assert "`metadata.hook_name_out`" in (out / "README.md").read_text()  # the model card says what it computes
         theirs = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
         ours = load_sae(ckpt)
         f, y_hat = ours.reconstruct(x)
