@@ -20,6 +20,7 @@ read in that same forward (the MLP's actual input). The ablations ablate the tar
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -120,19 +121,18 @@ class SiteEvaluator:
         prefix.clean = None  # drop the [B, T, vocab] clean logits: only `clean` is needed from here on
         self.reference["clean"].update(clean, clean, targets)
 
-        def score(stats: LossStats, fn: SpliceFn | SourceSpliceFn, source: Site | None = None) -> None:
-            logits = prefix.run(fn, source).logits
-            stats.update(next_token_log_probs(logits, scored), clean, targets)
+        def score(stats: LossStats, output: Any) -> None:
+            stats.update(next_token_log_probs(output.logits, scored), clean, targets)
 
         for name, sae in self.saes.items():
             latents, y_hat = sae.reconstruct(x)
             self.recon[name].update(y, y_hat, latents)
             if self.source is None:
-                score(self.spliced[name], _replace_at(counted, y_hat))
+                score(self.spliced[name], prefix.run(_replace_at(counted, y_hat)))
             else:
-                score(self.spliced[name], _transcode_at(counted, sae), self.source)
+                score(self.spliced[name], prefix.run_from(self.source, _transcode_at(counted, sae)))
         for ablation in self.ablations:
-            score(self.reference[ablation], _replace_at(counted, y.new_zeros(()) if ablation == "zero" else y.mean(0)))
+            score(self.reference[ablation], prefix.run(_replace_at(counted, y.new_zeros(()) if ablation == "zero" else y.mean(0))))
 
     def results(self, dense_threshold: float) -> dict[str, dict[str, float]]:
         """Per SAE name: its metrics (see sae_train/eval/metrics.py and the report's Definitions)."""

@@ -149,7 +149,7 @@ class SharedPrefix:
     After construction, `clean` holds the clean model output, `activation` the clean activation
     at the site and `sources[name]` that of each site in `sources`. `run(fn)` returns the model
     output with fn spliced at the site, computing only layers >= site.resume_layer (plus
-    embeddings and the head); `run(fn, source=s)` splices fn(s's activation, site's activation),
+    embeddings and the head); `run_from(s, fn)` splices fn(s's activation, site's activation),
     s read in that same forward (`splice_from`), or its clean value where s lies in the skipped
     layers (which compute what the clean pass did).
     """
@@ -179,10 +179,13 @@ class SharedPrefix:
         self._resume_input = captured.get("resume_input")
 
     @torch.no_grad()
-    def run(self, fn: SpliceFn | SourceSpliceFn, source: Site | None = None) -> Any:
-        if source is None:
-            replacement = splice(self.model, self.site, fn)
-        elif source.layer is not None and source.layer >= self.site.resume_layer:
+    def run(self, fn: SpliceFn) -> Any:
+        with _stub_layers(self.layers, self.site.resume_layer, self._resume_input), splice(self.model, self.site, fn):
+            return _forward(self.model, self.input_ids)
+
+    @torch.no_grad()
+    def run_from(self, source: Site, fn: SourceSpliceFn) -> Any:
+        if source.layer is not None and source.layer >= self.site.resume_layer:
             replacement = splice_from(self.model, source, self.site, fn)
         else:
             clean = self.sources[source.name]

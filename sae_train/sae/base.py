@@ -112,8 +112,9 @@ class SAE(nn.Module, abc.ABC):
     """The dense GEMMs one training step cannot avoid (the roofline, train/roofline.py)."""
     base_lr: ClassVar[float] = 1.6e-3
     """Adam lr at d_sae = 2**14 (see `default_lr`)."""
-    inference_tensors: ClassVar[tuple[str, ...]] = ("W_enc", "W_dec", "b_enc", "b_dec")
-    """The tensors of the folded checkpoint (Contract 2) and of its SAELens export."""
+    inference_tensors: tuple[str, ...] = ("W_enc", "W_dec", "b_enc", "b_dec")
+    """The tensors of the folded checkpoint (Contract 2) and of its SAELens export (a trait; an
+    instance with a skip connection adds W_skip)."""
     saelens_architecture: ClassVar[str] = "standard"
     """The SAELens v6 inference architecture that computes what the folded SAE computes
     (sae/saelens.py)."""

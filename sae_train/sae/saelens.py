@@ -234,16 +234,11 @@ def _from_foreign(cfg: Mapping[str, Any], weights: dict[str, Tensor], source: st
         if not isinstance(target, str) or not target:
             raise _bad(source, "a transcoder without metadata.hook_name_out: the site it writes is unknown. "
                                "Add hook_name_out to its cfg.json metadata.")
-        sae = load_folded(SAEConfig(**fields, target=target, skip=skip).resolved(cfg["d_in"], cfg["d_out"]), weights,
-                          source=source)
-        if "threshold" in sae.inference_tensors:
-            with torch.no_grad():
-                sae.threshold.clamp_(min=0)  # relu(z) * [z > t] == z * [z > max(t, 0)]
-        return sae  # SAELens transcoders never centre their input
-    sae = load_folded(SAEConfig(**fields).resolved(cfg["d_in"]), weights, source=source)
+        fields |= {"target": target, "skip": skip}
+    sae = load_folded(SAEConfig(**fields).resolved(cfg["d_in"], cfg.get("d_out", 0)), weights, source=source)
     with torch.no_grad():
         W_enc, W_dec, b_enc, b_dec = (getattr(sae, n).double() for n in ("W_enc", "W_dec", "b_enc", "b_dec"))
-        if not cfg.get("apply_b_dec_to_input", True):
+        if not transcoder and not cfg.get("apply_b_dec_to_input", True):  # transcoders never centre, like ours
             # x @ W_enc + b_enc == (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
             b_enc = b_enc + b_dec @ W_enc
         if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
