@@ -137,7 +137,13 @@ def test_folded_transcoder_acts_on_raw_activations(arch, sparsity, skip, tmp_pat
 
     save_sae(folded, tmp_path / "t", {"site": SOURCE})
     meta = load_sae_cfg(tmp_path / "t")
-    assert (meta["site"], meta["target"], meta["d_in"], meta["d_out"], meta["skip"]) == (SOURCE, TARGET, D_IN, D_OUT, skip)
+    assert (meta["site"], meta["target"], meta["d_in"], meta["d_out"], meta["skip"]) == (
+        SOURCE,
+        TARGET,
+        D_IN,
+        D_OUT,
+        skip,
+    )
     assert (meta["normalization_scale"], meta["target_normalization_scale"]) == (s_in, s_out)
     loaded = load_sae(tmp_path / "t")
     assert loaded.cfg.is_transcoder and loaded.target_normalization_scale == s_out
@@ -263,17 +269,35 @@ def test_a_transcoder_equal_to_the_mlp_gives_clean_ce(tiny_model_dir):
 
 
 def cache_two_sites(model_dir: Path, out: Path) -> None:
-    cache.run(CacheConfig(model=ModelConfig(name=str(model_dir), dtype="float32", device="cpu"), sites=[SOURCE, TARGET],
-                          text=TextConfig(context_size=32), n_tokens=4096, tokens_per_shard=1024, batch_size=128,
-                          store_dtype="float32", out_dir=str(out), progress=False))
+    cache.run(
+        CacheConfig(
+            model=ModelConfig(name=str(model_dir), dtype="float32", device="cpu"),
+            sites=[SOURCE, TARGET],
+            text=TextConfig(context_size=32),
+            n_tokens=4096,
+            tokens_per_shard=1024,
+            batch_size=128,
+            store_dtype="float32",
+            out_dir=str(out),
+            progress=False,
+        )
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_trains_from_a_two_site_store_evaluates_and_exports(family, tiny_model_dir, tmp_path):
     cache_two_sites(tiny_model_dir(family), tmp_path / "acts")
-    summary = train.run(TrainConfig(store=str(tmp_path / "acts"), out_dir=str(tmp_path / "tc"), n_tokens=16384,
-                                    batch_size=256, dtype="float32", progress=False,
-                                    sae=SAEConfig(architecture="topk", k=8, expansion_factor=4, target=TARGET, skip=True)))
+    summary = train.run(
+        TrainConfig(
+            store=str(tmp_path / "acts"),
+            out_dir=str(tmp_path / "tc"),
+            n_tokens=16384,
+            batch_size=256,
+            dtype="float32",
+            progress=False,
+            sae=SAEConfig(architecture="topk", k=8, expansion_factor=4, target=TARGET, skip=True),
+        )
+    )
     assert list(summary.saes) == [SOURCE]  # the target is no training site
     logged = [json.loads(line) for line in (tmp_path / "tc" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["fvu"] < 0.5 * logged[0]["fvu"] and logged[-1]["fvu"] < 0.5
@@ -284,9 +308,16 @@ def test_trains_from_a_two_site_store_evaluates_and_exports(family, tiny_model_d
     assert sae.cfg.is_transcoder and meta["site"] == SOURCE and meta["target"] == TARGET
     assert meta["normalization_scale"] != meta["target_normalization_scale"]
 
-    evaluation = eval_stage.run(EvalConfig(checkpoint=str(tmp_path / "tc"), out_dir=str(tmp_path / "eval"),
-                                           model=ModelConfig(name="", device="cpu"), n_tokens=512, batch_size=4,
-                                           progress=False))
+    evaluation = eval_stage.run(
+        EvalConfig(
+            checkpoint=str(tmp_path / "tc"),
+            out_dir=str(tmp_path / "eval"),
+            model=ModelConfig(name="", device="cpu"),
+            n_tokens=512,
+            batch_size=4,
+            progress=False,
+        )
+    )
     entry = evaluation.payload["saes"][SOURCE]
     assert entry["target"] == TARGET and entry["d_out"] == sae.cfg.d_out
     m = entry["metrics"]
@@ -297,10 +328,22 @@ def test_trains_from_a_two_site_store_evaluates_and_exports(family, tiny_model_d
 def test_trains_live_on_both_sites(tiny_model_dir, tmp_path):
     model = ModelConfig(name=str(tiny_model_dir("llama")), dtype="float32", device="cpu")
     data = DataConfig(source="files", path=str(write_corpus(tmp_path / "corpus")))
-    summary = train.run(TrainConfig(source="live", model=model, data=data, text=TextConfig(context_size=32),
-                                    sites=[SOURCE], n_tokens=2048, batch_size=256, dtype="float32", progress=False,
-                                    live_buffer_tokens=1024, out_dir=str(tmp_path / "tc"),
-                                    sae=SAEConfig(architecture="relu", expansion_factor=2, target=TARGET)))
+    summary = train.run(
+        TrainConfig(
+            source="live",
+            model=model,
+            data=data,
+            text=TextConfig(context_size=32),
+            sites=[SOURCE],
+            n_tokens=2048,
+            batch_size=256,
+            dtype="float32",
+            progress=False,
+            live_buffer_tokens=1024,
+            out_dir=str(tmp_path / "tc"),
+            sae=SAEConfig(architecture="relu", expansion_factor=2, target=TARGET),
+        )
+    )
     sae = load_sae(summary.saes[SOURCE]["checkpoint"])
     assert sae.cfg.target == TARGET and summary.saes[SOURCE]["metrics"]["fvu"] < 1.5
 
@@ -309,8 +352,14 @@ def test_a_run_written_before_the_transcoder_fields_resumes(tmp_path):
     """A run_state.json whose SAE config lacks target/d_out/skip (written by an older version)
     resumes: the missing fields compare as their defaults."""
     store = synthetic_store(tmp_path / "store", true_directions(16, 8), 2048)
-    config = TrainConfig(store=str(store), out_dir=str(tmp_path / "sae"), n_tokens=1024, batch_size=256, progress=False,
-                         sae=SAEConfig(architecture="topk", k=2, expansion_factor=2))
+    config = TrainConfig(
+        store=str(store),
+        out_dir=str(tmp_path / "sae"),
+        n_tokens=1024,
+        batch_size=256,
+        progress=False,
+        sae=SAEConfig(architecture="topk", k=2, expansion_factor=2),
+    )
     first = train.run(config)
     state_file = tmp_path / "sae" / "run_state.json"
     state = json.loads(state_file.read_text())
@@ -322,13 +371,34 @@ def test_a_run_written_before_the_transcoder_fields_resumes(tmp_path):
 
 
 def test_target_missing_from_the_store_is_named(tiny_model_dir, tmp_path):
-    cache.run(CacheConfig(model=ModelConfig(name=str(tiny_model_dir("llama")), dtype="float32", device="cpu"),
-                          sites=[SOURCE], text=TextConfig(context_size=32), n_tokens=1024, tokens_per_shard=1024,
-                          batch_size=128, store_dtype="float32", out_dir=str(tmp_path / "acts"), progress=False))
+    cache.run(
+        CacheConfig(
+            model=ModelConfig(name=str(tiny_model_dir("llama")), dtype="float32", device="cpu"),
+            sites=[SOURCE],
+            text=TextConfig(context_size=32),
+            n_tokens=1024,
+            tokens_per_shard=1024,
+            batch_size=128,
+            store_dtype="float32",
+            out_dir=str(tmp_path / "acts"),
+            progress=False,
+        )
+    )
     for sites in ([], [SOURCE]):
-        with pytest.raises(UserError, match=rf"sae.target={TARGET} is not in activation store.*sites=\[{SOURCE},{TARGET}\]"):
-            train.run(TrainConfig(store=str(tmp_path / "acts"), sites=sites, out_dir=str(tmp_path / "tc"), n_tokens=256,
-                                  batch_size=256, progress=False, sae=SAEConfig(target=TARGET)))
+        with pytest.raises(
+            UserError, match=rf"sae.target={TARGET} is not in activation store.*sites=\[{SOURCE},{TARGET}\]"
+        ):
+            train.run(
+                TrainConfig(
+                    store=str(tmp_path / "acts"),
+                    sites=sites,
+                    out_dir=str(tmp_path / "tc"),
+                    n_tokens=256,
+                    batch_size=256,
+                    progress=False,
+                    sae=SAEConfig(target=TARGET),
+                )
+            )
 
 
 def test_target_rows_not_lining_up_with_the_source_are_refused(tmp_path):
@@ -336,13 +406,25 @@ def test_target_rows_not_lining_up_with_the_source_are_refused(tmp_path):
     cache, which writes every site of a token together) is refused before training."""
     spec = {"model": {"name": "toy", "revision": "r1", "dtype": "float32"}, "context_size": 16, "seed": 0}
     with StoreWriter(tmp_path / "acts", spec, {SOURCE: 6, TARGET: 4}, torch.float32) as w:
-        w.write_shard(0, {SOURCE: torch.randn(32, 6), TARGET: torch.randn(32, 4)}, torch.zeros(32, dtype=torch.int32),
-                      torch.arange(32, dtype=torch.int32))
+        w.write_shard(
+            0,
+            {SOURCE: torch.randn(32, 6), TARGET: torch.randn(32, 4)},
+            torch.zeros(32, dtype=torch.int32),
+            torch.arange(32, dtype=torch.int32),
+        )
     shard = next((tmp_path / "acts").glob("shard-*.safetensors"))
     _rewrite_target_rows(shard, 31)
     with pytest.raises(UserError, match=r"do not line up with the source's.*cache sites=\["):
-        train.run(TrainConfig(store=str(tmp_path / "acts"), out_dir=str(tmp_path / "tc"), n_tokens=32, batch_size=32,
-                              progress=False, sae=SAEConfig(target=TARGET)))
+        train.run(
+            TrainConfig(
+                store=str(tmp_path / "acts"),
+                out_dir=str(tmp_path / "tc"),
+                n_tokens=32,
+                batch_size=32,
+                progress=False,
+                sae=SAEConfig(target=TARGET),
+            )
+        )
 
 
 def _rewrite_target_rows(shard: Path, rows: int) -> None:
@@ -363,8 +445,12 @@ def test_saelens_loads_the_export_and_reconstructs_as_ours(tiny_model_dir, tmp_p
     sae_lens = pytest.importorskip("sae_lens")
     lm = load(tiny_model_dir("llama"))
     x = lm.capture([lm.site(SOURCE)], torch.randint(3, 300, (2, 16)))[SOURCE].flatten(0, 1)
-    for arch, skip, name in [("relu", False, "transcoder"), ("relu", True, "skip_transcoder"),
-                             ("jumprelu", False, "jumprelu_transcoder"), ("batchtopk", True, "jumprelu_skip_transcoder")]:
+    for arch, skip, name in [
+        ("relu", False, "transcoder"),
+        ("relu", True, "skip_transcoder"),
+        ("jumprelu", False, "jumprelu_transcoder"),
+        ("batchtopk", True, "jumprelu_skip_transcoder"),
+    ]:
         d_in, d_out = (lm.site_width(lm.site(s)) for s in (SOURCE, TARGET))
         sae = create_sae(SAEConfig(architecture=arch, target=TARGET, skip=skip, d_sae=64, k=4).resolved(d_in, d_out))
         with torch.no_grad():
