@@ -17,7 +17,7 @@ from sae_train import eval as eval_stage
 from sae_train.cache import CacheConfig
 from sae_train.data import DataConfig, TextConfig
 from sae_train.errors import UserError
-from sae_train.eval import EvalConfig, SiteEvaluator
+from sae_train.eval import EvalConfig, PeriodicEval, SiteEvaluator
 from sae_train.eval.downstream import next_token_log_probs
 from sae_train.export import ExportConfig
 from sae_train.hub import load_exported
@@ -26,6 +26,9 @@ from sae_train.sae import SAE, SAEConfig, create_sae, load_sae, load_sae_cfg, sa
 from sae_train.sae.saelens import from_saelens
 from sae_train.store import StoreWriter, shardfile
 from sae_train.train import TrainConfig
+from sae_train.train.dist import Dist
+from sae_train.train.resample import resample_dead_
+from tests import store_util
 from tests.synthetic import true_directions
 from tests.synthetic import write_store as synthetic_store
 from tests.tiny import write_corpus
@@ -240,6 +243,44 @@ def test_spliced_ce_reads_the_mlp_input_in_the_same_forward(family, tiny_model_d
     assert metrics["fvu"] == pytest.approx(fvu, rel=1e-6)
 
 
+def test_reconstruction_only_and_periodic_eval_agree_with_the_full_eval(tiny_model_dir):
+    lm = load(tiny_model_dir("llama"))
+    sae = folded_transcoder(lm, skip=True)
+    input_ids = torch.randint(3, lm.model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    counted = torch.ones_like(input_ids, dtype=torch.bool)
+    full, quick = (
+        SiteEvaluator(lm.site(TARGET), {"t": sae}, source=lm.site(SOURCE), downstream=d) for d in (True, False)
+    )
+    for evaluator in (full, quick):
+        evaluator.add_batch(lm, input_ids, counted)
+    m_full, m_quick = (e.results(dense_threshold=1.0)["t"] for e in (full, quick))
+    assert m_quick["fvu"] == m_full["fvu"] and m_quick["l0"] == m_full["l0"]
+    periodic = PeriodicEval(lm, input_ids, TextConfig(context_size=16))({"t": (SOURCE, sae)})["t"]
+    assert periodic["eval/fvu"] == pytest.approx(m_full["fvu"], rel=1e-9)
+    assert periodic["eval/kl"] == pytest.approx(m_full["kl"], rel=1e-9)
+
+
+def test_resampling_points_dead_latents_at_badly_transcoded_tokens():
+    """A dead latent's decoder row becomes a (centred) target direction and its encoder column an
+    input direction, both taken from one token."""
+    sae = transcoder("relu", skip=False)
+    x, y = data(256)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[:3] = True
+    optimizer = torch.optim.Adam(sae.parameters())
+    count = resample_dead_(sae, optimizer, dead, lambda n: {SOURCE: x, TARGET: y}, Dist(), (SOURCE, 1.0), (TARGET, 1.0))
+    assert count == 3
+    with torch.no_grad():
+        for i in range(3):
+            dec = sae.W_dec[i] / sae.W_dec[i].norm()
+            enc = sae.W_enc[:, i] / sae.W_enc[:, i].norm()
+            token = int(((y - sae.b_dec) / (y - sae.b_dec).norm(dim=1, keepdim=True) @ dec).argmax())
+            torch.testing.assert_close(
+                dec, (y[token] - sae.b_dec) / (y[token] - sae.b_dec).norm(), rtol=1e-5, atol=1e-5
+            )
+            torch.testing.assert_close(enc, x[token] / x[token].norm(), rtol=1e-5, atol=1e-5)
+
+
 def test_a_transcoder_equal_to_the_mlp_gives_clean_ce(tiny_model_dir):
     """GPT-2 with a linear MLP (activation removed): the skip transcoder W_skip = W_fc W_proj,
     b_dec = b_fc W_proj + b_proj, no live latents, computes the MLP exactly, so CE is clean."""
@@ -439,6 +480,24 @@ def _rewrite_target_rows(shard: Path, rows: int) -> None:
         if entry["file"] == shard.name:
             entry["n_bytes"] = shard.stat().st_size
     manifest_file.write_text(json.dumps(manifest))
+
+
+def test_non_finite_target_rows_are_named(tmp_path):
+    source, target = list(store_util.SITES)
+    store_util.write_store(tmp_path / "acts", 2, torch.float32)
+    store_util.overwrite_rows(next((tmp_path / "acts").glob("shard-*.safetensors")), target, range(2, 4), float("nan"))
+    with pytest.raises(UserError, match=rf"Activations of site {target} in store .* not finite"):
+        train.run(
+            TrainConfig(
+                store=str(tmp_path / "acts"),
+                sites=[source],
+                out_dir=str(tmp_path / "tc"),
+                n_tokens=16,
+                batch_size=8,
+                progress=False,
+                sae=SAEConfig(target=target, k=2),
+            )
+        )
 
 
 def test_saelens_loads_the_export_and_reconstructs_as_ours(tiny_model_dir, tmp_path):

@@ -348,7 +348,9 @@ class Trainer:
             offset += len(run.loss_names)
             if not all(math.isfinite(v) for v in losses.values()):
                 start = self._pending_start
-                raise self.source.nonfinite_error(run.site, start, start + self.cfg.batch_size) or UserError(
+                stop = start + self.cfg.batch_size
+                raise next((err for site in dict.fromkeys((run.site, run.target))
+                            if (err := self.source.nonfinite_error(site, start, stop))), None) or UserError(
                     f"Non-finite loss for SAE {run.tag} at step {self._pending_step} ({losses}). Training stopped; the "
                     "last checkpoint was left untouched. Lower lr, use dtype=float32, or check the activations."
                 )
