@@ -22,7 +22,7 @@ from sae_train.eval.downstream import next_token_log_probs
 from sae_train.export import ExportConfig
 from sae_train.hub import load_exported
 from sae_train.lm import LanguageModel, ModelConfig
-from sae_train.sae import SAE, SAEConfig, create_sae, load_sae, load_sae_cfg, save_sae
+from sae_train.sae import SAE, SAEConfig, create_sae, kernels, load_sae, load_sae_cfg, save_sae
 from sae_train.sae.saelens import from_saelens
 from sae_train.store import StoreWriter, shardfile
 from sae_train.train import TrainConfig
@@ -97,6 +97,29 @@ def test_forward_and_gradients_match_a_naive_dense_transcoder(arch, skip):
         torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
     if skip:
         assert got["W_skip"].abs().sum() > 0  # the skip connection learns
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the fused CPU kernels are not built here")
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+def test_fused_step_of_relu_family_transcoders_matches_the_torch_step(arch, skip):
+    """ReLU/JumpReLU transcoders train through the fused kernels (the encoder's centring zeroed):
+    same outputs, losses and gradients as the plain-PyTorch step."""
+    x, y = data(128)
+    results = []
+    for impl in ("auto", "torch"):
+        sae = transcoder(arch, skip)
+        sae.impl = impl
+        assert sae._fast_path(x) == (impl == "auto")
+        out = sae(x, target=y, sparsity_scale=0.5)
+        out.losses["loss"].backward()
+        results.append((out, {n: p.grad.clone() for n, p in sae.named_parameters()}))
+    (fast, g_fast), (ref, g_ref) = results
+    torch.testing.assert_close(fast.x_hat, ref.x_hat, rtol=1e-5, atol=1e-5)
+    for name in ref.losses:
+        torch.testing.assert_close(fast.losses[name], ref.losses[name], rtol=1e-5, atol=1e-6)
+    for name in g_ref:
+        torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])

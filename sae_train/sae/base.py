@@ -118,6 +118,9 @@ class SAE(nn.Module, abc.ABC):
     saelens_architecture: ClassVar[str] = "standard"
     """The SAELens v6 inference architecture that computes what the folded SAE computes
     (sae/saelens.py)."""
+    fused_transcoders: ClassVar[bool] = False
+    """Whether `_forward_fast` also trains transcoders (its fused ops take the encoder's input and
+    the target apart); else transcoders train through `_forward_torch`."""
     saelens_training_architecture: ClassVar[str] = "standard"
     """SAELens's name for how it was trained (`metadata.training_architecture`). Where it equals
     `saelens_architecture`, SAELens SAEs of that architecture load as this one."""
@@ -180,10 +183,11 @@ class SAE(nn.Module, abc.ABC):
         safe for long runs."""
         return self.base_lr * math.sqrt(2**14 / self.cfg.d_sae)
 
-    def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
-        """Training forward of an SAE (target = x) through the fused kernels (sae/ops.py);
-        autograd-compatible. An architecture without kernels runs its reference forward everywhere."""
-        return self._forward_torch(x, x, dead_mask, sparsity_scale)
+    def _forward_fast(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
+        """Training forward through the fused kernels (sae/ops.py); autograd-compatible. Called
+        with target = x (an SAE), or any target where `fused_transcoders`. An architecture
+        without kernels runs its reference forward everywhere."""
+        return self._forward_torch(x, target, dead_mask, sparsity_scale)
 
     @abc.abstractmethod
     def _forward_torch(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
@@ -217,13 +221,13 @@ class SAE(nn.Module, abc.ABC):
         target = self._check_target(x, target)
         if dead_mask is not None and dead_mask.shape != (self.cfg.d_sae,):
             raise ValueError(f"dead_mask must be bool [{self.cfg.d_sae}], got {tuple(dead_mask.shape)}")
+        fast = self._fast_path(x) and (self.fused_transcoders or not self.cfg.is_transcoder)
+        step = self._forward_fast if fast else self._forward_torch
         with torch.autocast(x.device.type, enabled=False):  # compute_dtype decides, not autocast
-            if not self.cfg.is_transcoder and self._fast_path(x):
-                return self._forward_fast(x, dead_mask, sparsity_scale)
             if not self.cfg.skip:
-                return self._forward_torch(x, target, dead_mask, sparsity_scale)
+                return step(x, target, dead_mask, sparsity_scale)
             skip = self._matmul(x, self.W_skip)
-            out = self._forward_torch(x, target - skip, dead_mask, sparsity_scale)
+            out = step(x, target - skip, dead_mask, sparsity_scale)
             out.x_hat = out.x_hat + skip
             return out
 
@@ -424,6 +428,11 @@ class SAE(nn.Module, abc.ABC):
     def _encoder_input(self, x: Tensor) -> Tensor:
         """What the encoder multiplies: x - b_dec for an SAE, x for a transcoder."""
         return x if self.cfg.is_transcoder else x - self.b_dec
+
+    def _encoder_centre(self) -> Tensor:
+        """The vector the fused ops subtract from x before the encoder: b_dec for an SAE; zeros
+        (no gradient) for a transcoder, whose b_dec is an output bias."""
+        return self.b_dec.new_zeros(self.cfg.d_in) if self.cfg.is_transcoder else self.b_dec
 
     def _preact(self, x: Tensor) -> Tensor:
         """Pre-activations (x - b_dec) @ W_enc + b_enc (transcoder: x @ W_enc + b_enc): GEMM in

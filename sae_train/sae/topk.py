@@ -92,7 +92,7 @@ class TopKSAE(SAE):
         latents = SparseLatents(vals.detach(), idx, offsets, self.cfg.d_sae)
         return self._output(x, x_hat, self._mse(x_hat, target), auxk, latents)
 
-    def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
+    def _forward_fast(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
         dead = self._dead_ids(dead_mask)
         aux_k = 0 if dead is None else min(self.cfg.aux_k, dead.numel())
         spec = SparseSpec(self.batch_selection, self.cfg.k, self.gemm_weights(), dead, aux_k)
