@@ -3,7 +3,7 @@ against SAELens and EleutherAI's sparsify on the same workload when they are ins
 
     python benchmarks/train_throughput.py [--arch topk relu ...] [--dtype float32 bfloat16]
                                           [--steps 8] [--store runs/demo/acts] [--dead-frac 0.03]
-                                          [--kernels auto c torch] [--d-sae 4608 18432] [--k 32]
+                                          [--kernels auto c torch] [--d-sae 4608 18432] [--k 32] [--transcoder]
 
 --kernels times our step once per SAE_TRAIN_KERNELS mode (auto: the C kernels where they beat
 PyTorch; c: always; torch: plain PyTorch), each against the same roofline, and prints each
@@ -22,6 +22,10 @@ GEMMs the step cannot avoid, measured here in the same dtype: one encoder GEMM f
 family, five GEMMs for ReLU/JumpReLU. Targets: TopK step <= 2x its roofline, ReLU <= 1.3x.
 Our step and the roofline GEMMs are timed alternately in one loop, so host noise hits both
 alike; the ratio is best step / best roofline over N rounds (medians shown too).
+--transcoder times each architecture as a skip transcoder instead (sae.target set, sae.skip:
+it reads the batch and reconstructs a second site of the same width, y = tanh(x)): the
+plain-PyTorch step, since the fused kernels assume the target is the input (the roofline shown
+is still the SAE's, so the ratio is the price of that fallback; no other library is timed).
 Other libraries run forward + backward + Adam (their minimal step, in the same dtype via CPU
 autocast with fp32 master weights, like ours); no dead latents exist at initialisation, so
 nobody pays for AuxK (--dead-frac 0.03 shows what it costs us).
@@ -47,24 +51,26 @@ from sae_train.train.roofline import step_gemms
 D_IN, D_SAE, BATCH, K = 576, 4608, 4096, 32
 ARCHS = ["topk", "batchtopk", "relu", "jumprelu"]
 TARGET = {"topk": 2.0, "batchtopk": 2.0, "relu": 1.3, "jumprelu": 1.3}
-SITE = "x"
+SITE, TARGET_SITE = "x", "y"
 
 
 class FixedBatch:
-    """An activation source serving one batch forever (so only the training step is timed)."""
+    """An activation source serving one batch forever (so only the training step is timed);
+    with `target`, a transcoder's second site too."""
 
-    def __init__(self, x: torch.Tensor):
-        self.x, self.sites, self.provenance, self.position = x, [SITE], {"source": "benchmark"}, 0
+    def __init__(self, x: torch.Tensor, target: torch.Tensor | None = None):
+        self.rows = {SITE: x} if target is None else {SITE: x, TARGET_SITE: target}
+        self.sites, self.provenance, self.position = list(self.rows), {"source": "benchmark"}, 0
 
     def d_in(self, site: str) -> int:
-        return self.x.shape[1]
+        return self.rows[site].shape[1]
 
     def batches(self, position: int) -> Iterator[dict[str, torch.Tensor]]:
         while True:
-            yield {SITE: self.x}
+            yield self.rows
 
     def sample(self, n_tokens: int) -> dict[str, torch.Tensor]:
-        return {SITE: self.x[:n_tokens]}
+        return {site: rows[:n_tokens] for site, rows in self.rows.items()}
 
 
 def activations(store: str | None) -> torch.Tensor:
@@ -115,18 +121,21 @@ def time_against_roofline(step: Callable[[], object], gemms: list[Callable[[], o
 
 
 def ours(arch: str, dtype: str, x: torch.Tensor, tmp: Path, dead_frac: float = 0.0,
-         kernel_mode: str = "auto", d_sae: int = D_SAE, k: int = K) -> Callable[[], object]:
+         kernel_mode: str = "auto", d_sae: int = D_SAE, k: int = K, transcoder: bool = False) -> Callable[[], object]:
     """Our trainer's step on the fixed batch, built and run with SAE_TRAIN_KERNELS=kernel_mode.
     Replaying one batch, latents it never fires would count as dead after dead_after_tokens
     (5 steps by default) and switch AuxK on: so no latent is ever dead here (the tracking
     itself still runs), except, with dead_frac > 0, a fixed random fraction kept dead on
     purpose to show AuxK's cost."""
     os.environ[kernels.ENV_VAR] = kernel_mode
-    cfg = TrainConfig(store="-", out_dir=str(tmp / f"{arch}-{dtype}-{kernel_mode}-{d_sae}-{k}"), n_tokens=10**9,
-                      batch_size=BATCH, dtype=dtype, progress=False, resume=False, dead_after_tokens=10**15,
-                      sae=SAEConfig(architecture=arch, k=k, expansion_factor=d_sae // D_IN))
-    trainer = Trainer(cfg, FixedBatch(x), Dist())
-    batch = {SITE: x}
+    cfg = TrainConfig(store="-", out_dir=str(tmp / f"{arch}-{dtype}-{kernel_mode}-{d_sae}-{k}-{transcoder}"),
+                      n_tokens=10**9, batch_size=BATCH, dtype=dtype, progress=False, resume=False,
+                      dead_after_tokens=10**15,
+                      sae=SAEConfig(architecture=arch, k=k, expansion_factor=d_sae // D_IN,
+                                    target=TARGET_SITE if transcoder else "", skip=transcoder))
+    source = FixedBatch(x, torch.tanh(x) if transcoder else None)
+    trainer = Trainer(cfg, source, Dist())
+    batch = source.rows
     since_fired = trainer.runs[0].since_fired
     dead = torch.rand(since_fired.numel(), generator=torch.Generator().manual_seed(0)) < dead_frac
 
@@ -209,6 +218,8 @@ def main() -> None:
                         choices=["auto", "c", "torch"], help="SAE_TRAIN_KERNELS mode(s) to time our step with")
     parser.add_argument("--d-sae", type=int, nargs="+", default=[D_SAE], help="dictionary widths (multiples of 576)")
     parser.add_argument("--k", type=int, default=K, help="active latents per token (TopK family)")
+    parser.add_argument("--transcoder", action="store_true",
+                        help="time skip transcoders (a second target site) instead of SAEs; see above")
     args = parser.parse_args()
 
     import tempfile
@@ -232,7 +243,7 @@ def main() -> None:
                 gemms = step_gemms(arch, BATCH, D_IN, d_sae, torch_dtype, torch.device("cpu"))
                 first = None
                 for kernel_mode in args.kernels:
-                    step = ours(arch, dtype, x, Path(tmp), args.dead_frac, kernel_mode, d_sae, args.k)
+                    step = ours(arch, dtype, x, Path(tmp), args.dead_frac, kernel_mode, d_sae, args.k, args.transcoder)
                     ours_s, ours_med, bound, bound_med = time_against_roofline(step, gemms, args.steps)
                     ratio = ours_s / bound
                     first = first or ours_s
@@ -242,7 +253,8 @@ def main() -> None:
                           f"<={TARGET[arch]}   {ours_med * 1e3:15.1f} {bound_med * 1e3:11.1f} "
                           f"{ours_med / bound_med:10.2f}{vs_first}", flush=True)
                 others = []
-                if args.others and (d_sae, args.k) == (D_SAE, K):  # the others are built at the reference size
+                # the others are SAEs built at the reference size
+                if args.others and not args.transcoder and (d_sae, args.k) == (D_SAE, K):
                     for name, make in (("SAELens", saelens), ("sparsify", sparsify)):
                         step = make(arch, dtype, x)
                         if step is not None:

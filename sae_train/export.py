@@ -271,6 +271,7 @@ def saelens_metadata(meta: dict[str, Any]) -> dict[str, Any]:
     text = source.get("text") or {}
     return {
         "hook_name": meta["site"],
+        **({"hook_name_out": meta["target"]} if meta.get("target") else {}),
         "hook_head_index": None,
         "model_name": model.get("hub_id") or None,
         "context_size": text.get("context_size"),
@@ -292,10 +293,10 @@ def verify(sae: SAE, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], *, n
     """
     gen = torch.Generator().manual_seed(0)
     d_in = sae.cfg.d_in
-    x = sae.b_dec.detach().float() + torch.randn(n, d_in, generator=gen) / (d_in**0.5 * sae.normalization_scale)
+    centre = 0.0 if sae.cfg.is_transcoder else sae.b_dec.detach().float()  # a transcoder's b_dec is an output bias
+    x = centre + torch.randn(n, d_in, generator=gen) / (d_in**0.5 * sae.normalization_scale)
     f_ref, x_ref = saelens_reference(cfg, tensors, x)
-    f = sae.encode(x)
-    x_hat = sae.decode(f)
+    f, x_hat = sae.reconstruct(x)
     tol = 1e-5 * float(x_ref.abs().max().clamp_min(1e-12))
     if not (torch.allclose(f, f_ref, rtol=1e-5, atol=tol) and torch.allclose(x_hat, x_ref, rtol=1e-5, atol=tol)):
         raise RuntimeError(
@@ -340,7 +341,7 @@ def _export_one(plan: _Plan, out: Path, results: EvalResults | None) -> Exported
     arch = sae.cfg.architecture
     return ExportedSAE(
         name=plan.name, checkpoint=str(plan.directory), site=plan.meta["site"], architecture=arch,
-        saelens_architecture=sae.saelens_architecture, d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae,
+        saelens_architecture=cfg["architecture"], d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae,
         k=sae.cfg.k if "k" in sae.config_fields else None, tokens_trained=plan.meta.get("tokens_trained"),
         files=[f"{plan.name}/{n}" for n in names], eval_name=eval_name,
         metrics=dict(results.entries[eval_name].get("metrics") or {}) if results and eval_name is not None else {},
@@ -422,6 +423,10 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
         "Where the table names a SAELens architecture, the SAE is stored as that SAELens architecture, "
         "which computes exactly what it computes at inference (a BatchTopK SAE, for instance, as a JumpReLU "
         "SAE with its inference threshold).", "",
+        *([("A transcoder (a SAELens `*transcoder` architecture) reads its site and writes another "
+            "(`metadata.hook_name_out`): `f = σ(x W_enc + b_enc)`, `ŷ = f W_dec + b_dec (+ x W_skipᵀ)`, both sites' "
+            "normalisations folded in; with sae-train, `sae.reconstruct(x)` returns (latents, output)."), ""]
+          if any(s.saelens_architecture.endswith("transcoder") for s in saes) else []),
         "## Usage", "",
         "With [SAELens](https://github.com/decoderesearch/SAELens) (>= 6):", "",
         "```python",

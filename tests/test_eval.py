@@ -75,7 +75,7 @@ class IdentitySAE(torch.nn.Module):
 
     def __init__(self, d: int):
         super().__init__()
-        self.cfg = SimpleNamespace(d_in=d, d_sae=d)
+        self.cfg = SimpleNamespace(d_in=d, d_out=d, d_sae=d)
         self.W_dec = torch.nn.Parameter(torch.eye(d))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +83,9 @@ class IdentitySAE(torch.nn.Module):
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return f
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, x
 
 
 # ---------------------------------------------------------------------------------- splicing

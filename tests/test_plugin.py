@@ -42,10 +42,10 @@ class ThresholdReLUSAE(SAE):
     def _fold_extra(self, latent_scale: Tensor) -> None:
         self.threshold.mul_(latent_scale)
 
-    def _forward_torch(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
+    def _forward_torch(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
         f = self._activation(self._preact(x))
         x_hat = self._matmul(f, self.W_dec) + self.b_dec
-        mse, l1 = self._mse(x_hat, x), f.sum(-1).mean()
+        mse, l1 = self._mse(x_hat, target), f.sum(-1).mean()
         active = f != 0
         loss = mse + self.cfg.l1_coefficient * sparsity_scale * l1
         return SAEOutput(x_hat, {"loss": loss, "mse": mse, "l1": l1}, active.sum(-1).float().mean(), active.any(0), f.detach())

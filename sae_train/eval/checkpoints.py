@@ -77,23 +77,35 @@ def recorded(checkpoints: list[Checkpoint], key: str) -> dict[str, Any] | None:
     return next(iter(values.values()))
 
 
-def group_by_site(checkpoints: list[Checkpoint], lm: LanguageModel) -> list[tuple[Site, dict[str, SAE]]]:
-    """(site, {name: SAE on lm's device}) per site, after checking that each SAE fits its site."""
-    groups: dict[str, tuple[Site, dict[str, SAE]]] = {}
+def group_by_site(checkpoints: list[Checkpoint], lm: LanguageModel) -> list[tuple[Site, Site | None, dict[str, SAE]]]:
+    """(site spliced, site read or None, {name: SAE on lm's device}) per group, after checking
+    that each SAE fits its sites. SAEs group by their site (read = spliced: None); transcoders
+    by (source, target): they read the source and are spliced at the target."""
+    groups: dict[tuple[str, str], tuple[Site, Site | None, dict[str, SAE]]] = {}
     widths: dict[str, int] = {}
     model = lm.identity.get("name", "")
-    for c in checkpoints:
+
+    def resolve(c: Checkpoint, name: str, dim: str, what: str) -> Site:
+        width = getattr(c.sae.cfg, dim)
         try:
-            site = lm.site(c.site)
+            site = lm.site(name)
         except UserError as err:
-            raise UserError(f"Checkpoint {c.path} was trained at site '{c.site}', which model '{model}' lacks. {err}") from err
+            raise UserError(f"Checkpoint {c.path} {what} site '{name}', which model '{model}' lacks. {err}") from err
         if site.name not in widths:
             widths[site.name] = lm.site_width(site)
-        if c.sae.cfg.d_in != widths[site.name]:
+        if width != widths[site.name]:
             raise UserError(
-                f"Checkpoint {c.path} has d_in={c.sae.cfg.d_in}, but site '{site.name}' of model '{model}' "
-                f"has width {widths[site.name]}. The SAE was trained on another model or site; pass the "
+                f"Checkpoint {c.path} has {dim}={width} for the site it {what}, '{site.name}', but model '{model}' has "
+                f"width {widths[site.name]} there. The SAE was trained on another model or site; pass the "
                 "model it was trained on (model.name=...) or the right checkpoint."
             )
-        groups.setdefault(site.name, (site, {}))[1][c.name] = c.sae.to(lm.device).eval()
+        return site
+
+    for c in checkpoints:
+        cfg = c.sae.cfg
+        source = resolve(c, c.site, "d_in", "reads")
+        target = resolve(c, cfg.target, "d_out", "writes") if cfg.is_transcoder else None
+        key = (source.name, cfg.target)
+        spliced, read = (source, None) if target is None else (target, source)
+        groups.setdefault(key, (spliced, read, {}))[2][c.name] = c.sae.to(lm.device).eval()
     return list(groups.values())

@@ -10,18 +10,24 @@ scored predictions live for the whole batch, because every KL needs them.
 Mean ablation replaces the site by its mean over the batch's counted tokens: an extra pass to
 get the mean over all eval tokens would cost a forward per batch, and over B x T tokens the
 batch mean is already that mean to within noise.
+
+Transcoders (an evaluator with a `source`): the site is their target (e.g. an MLP's output),
+the reconstruction metrics compare their output with the target's activation, and the
+spliced condition replaces the target by the transcoder applied to the source's activation
+read in that same forward (the MLP's actual input). The ablations ablate the target.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from sae_train.eval.metrics import LossStats, ReconstructionStats, ce_recovered
 from sae_train.lm import LanguageModel, Site
-from sae_train.lm.hooks import SpliceFn
+from sae_train.lm.hooks import SourceSpliceFn, SpliceFn
 from sae_train.sae import SAE
 
 ABLATIONS = ("zero", "mean")
@@ -44,6 +50,18 @@ def next_token_log_probs(logits: Tensor, scored: Tensor) -> Tensor:
     return torch.log_softmax(logits[:, :-1][scored].float(), dim=-1)
 
 
+def _transcode_at(counted: Tensor, sae: SAE) -> SourceSpliceFn:
+    """Source-splice function: the transcoder's output on the source at the counted positions,
+    the clean target elsewhere."""
+
+    def replace(source: Tensor, target: Tensor) -> Tensor:
+        out = target.clone()
+        out[counted] = sae.reconstruct(source[counted].float())[1].to(target.dtype)
+        return out
+
+    return replace
+
+
 def _replace_at(counted: Tensor, values: Tensor) -> SpliceFn:
     """Splice function: values at the counted positions, the clean activation elsewhere."""
 
@@ -60,16 +78,18 @@ class SiteEvaluator:
 
     `saes` maps a name to an inference SAE (folded: it acts on raw activations) on the model's
     device; `ablations` names the reference conditions to run besides clean ("zero", "mean").
+    `source`: the site transcoders read (their target being `site`); None for SAEs.
     """
 
     def __init__(self, site: Site, saes: Mapping[str, SAE], *, downstream: bool = True,
-                 ablations: Sequence[str] = ABLATIONS):
+                 ablations: Sequence[str] = ABLATIONS, source: Site | None = None):
         unknown = set(ablations) - set(ABLATIONS)
         if unknown:
             raise ValueError(f"unknown ablations {sorted(unknown)}; use {ABLATIONS}")
         self.site, self.saes, self.downstream, self.ablations = site, dict(saes), downstream, tuple(ablations)
+        self.source = source
         self.recon = {
-            name: ReconstructionStats(sae.cfg.d_in, sae.cfg.d_sae, sae.W_dec.device) for name, sae in self.saes.items()
+            name: ReconstructionStats(sae.cfg.d_out, sae.cfg.d_sae, sae.W_dec.device) for name, sae in self.saes.items()
         }
         self.reference = {name: LossStats() for name in ("clean", *self.ablations)}
         self.spliced = {name: LossStats() for name in self.saes}
@@ -82,33 +102,37 @@ class SiteEvaluator:
     @torch.no_grad()
     def add_batch(self, lm: LanguageModel, input_ids: Tensor, counted: Tensor) -> None:
         """Evaluate one batch of windows [B, T] (on lm's device); counted is bool [B, T]."""
+        sources = [] if self.source is None else [self.source]
         if not self.downstream:
-            activation = lm.capture([self.site], input_ids)[self.site.name]
-            x = activation[counted].float()
+            acts = lm.capture([self.site, *sources], input_ids)
+            y = acts[self.site.name][counted].float()
+            x = y if self.source is None else acts[self.source.name][counted].float()
             for name, sae in self.saes.items():
-                latents = sae.encode(x)
-                self.recon[name].update(x, sae.decode(latents), latents)
+                latents, y_hat = sae.reconstruct(x)
+                self.recon[name].update(y, y_hat, latents)
             return
 
-        prefix = lm.shared_prefix(self.site, input_ids)
-        x = prefix.activation[counted].float()
+        prefix = lm.shared_prefix(self.site, input_ids, sources)
+        y = prefix.activation[counted].float()
+        x = y if self.source is None else prefix.sources[self.source.name][counted].float()
         scored = counted[:, 1:]
         targets = input_ids[:, 1:][scored]
         clean = next_token_log_probs(prefix.clean.logits, scored)
         prefix.clean = None  # drop the [B, T, vocab] clean logits: only `clean` is needed from here on
         self.reference["clean"].update(clean, clean, targets)
 
-        def score(stats: LossStats, values: Tensor) -> None:
-            logits = prefix.run(_replace_at(counted, values)).logits
-            stats.update(next_token_log_probs(logits, scored), clean, targets)
+        def score(stats: LossStats, output: Any) -> None:
+            stats.update(next_token_log_probs(output.logits, scored), clean, targets)
 
         for name, sae in self.saes.items():
-            latents = sae.encode(x)
-            x_hat = sae.decode(latents)
-            self.recon[name].update(x, x_hat, latents)
-            score(self.spliced[name], x_hat)
+            latents, y_hat = sae.reconstruct(x)
+            self.recon[name].update(y, y_hat, latents)
+            if self.source is None:
+                score(self.spliced[name], prefix.run(_replace_at(counted, y_hat)))
+            else:
+                score(self.spliced[name], prefix.run_from(self.source, _transcode_at(counted, sae)))
         for ablation in self.ablations:
-            score(self.reference[ablation], x.new_zeros(()) if ablation == "zero" else x.mean(0))
+            score(self.reference[ablation], prefix.run(_replace_at(counted, y.new_zeros(()) if ablation == "zero" else y.mean(0))))
 
     def results(self, dense_threshold: float) -> dict[str, dict[str, float]]:
         """Per SAE name: its metrics (see sae_train/eval/metrics.py and the report's Definitions)."""

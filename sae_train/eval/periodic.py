@@ -9,7 +9,7 @@ stage that owns both wires it in as a trainer callback, e.g.
     def callback(info: StepInfo) -> dict[str, dict[str, float]] | None:
         if info.step % every and info.step != info.n_steps:
             return None
-        return periodic({run.tag: (run.site, run.sae.fold(run.scale)) for run in info.runs})
+        return periodic({run.tag: (run.site, run.inference()) for run in info.runs})
 """
 
 from __future__ import annotations
@@ -51,12 +51,14 @@ class PeriodicEval:
     def __call__(self, saes: Mapping[str, tuple[str, SAE]]) -> dict[str, dict[str, float]]:
         """saes: tag -> (site name, inference SAE acting on raw activations, i.e. `sae.fold(scale)`);
         each SAE is moved to the model's device (pass copies, as fold makes)."""
-        by_site: dict[str, dict[str, SAE]] = {}
+        by_site: dict[tuple[str, str], dict[str, SAE]] = {}  # (site read, target: "" for SAEs)
         for tag, (site, sae) in saes.items():
             if not sae.folded:
                 raise ValueError(f"{tag}: pass the folded inference copy (sae.fold(scale)), which acts on raw activations")
-            by_site.setdefault(site, {})[tag] = sae.to(self.lm.device)
-        evaluators = [SiteEvaluator(self.lm.site(site), group, ablations=("zero",)) for site, group in by_site.items()]
+            by_site.setdefault((site, sae.cfg.target), {})[tag] = sae.to(self.lm.device)
+        evaluators = [SiteEvaluator(self.lm.site(target or site), group, ablations=("zero",),
+                                    source=self.lm.site(site) if target else None)
+                      for (site, target), group in by_site.items()]
         for input_ids, counted in self.batches:
             for evaluator in evaluators:
                 evaluator.add_batch(self.lm, input_ids, counted)

@@ -77,6 +77,7 @@ def _sae_entry(c: Checkpoint, site: str, metrics: dict[str, float], density: dic
     return {
         "checkpoint": str(c.path),
         "site": site,
+        **({"target": cfg.target, "d_out": cfg.d_out} if cfg.is_transcoder else {}),
         "architecture": cfg.architecture,
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
@@ -99,7 +100,7 @@ def run(cfg: EvalConfig, lm: LanguageModel | None = None) -> EvalSummary:
     windows = held_out_windows(lm.tokenizer, data, text, cfg.n_tokens)
     tokens = TokenSpec.from_tokenizer(lm.tokenizer, text)
 
-    evaluators = [SiteEvaluator(site, saes, downstream=cfg.downstream) for site, saes in groups]
+    evaluators = [SiteEvaluator(site, saes, downstream=cfg.downstream, source=source) for site, source, saes in groups]
     counted_tokens = predictions = 0
     for batch in tqdm(windows.split(cfg.batch_size), desc="eval", unit="batch", disable=not cfg.progress):
         input_ids = batch.to(lm.device)
@@ -118,9 +119,10 @@ def run(cfg: EvalConfig, lm: LanguageModel | None = None) -> EvalSummary:
         for name, metrics in evaluator.results(cfg.dense_threshold).items():
             stats = evaluator.recon[name]
             frequencies[name] = stats.frequency
-            entries[name] = _sae_entry(by_name[name], site.name, metrics, density_histogram(stats.frequency, stats.n))
+            entries[name] = _sae_entry(by_name[name], by_name[name].site, metrics,
+                                       density_histogram(stats.frequency, stats.n))
         if cfg.downstream:
-            cost[site.name] = {"n_layers": lm.n_layers, "resume_layer": site.resume_layer,
+            cost[site.name if evaluator.source is None else f"{evaluator.source.name}->{site.name}"] = {"n_layers": lm.n_layers, "resume_layer": site.resume_layer,
                                "conditions": evaluator.n_conditions,
                                **layer_forwards(lm.n_layers, site.resume_layer, evaluator.n_conditions)}
     payload = {

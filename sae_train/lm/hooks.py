@@ -1,9 +1,11 @@
 """Reading and replacing activations inside a Hugging Face forward pass.
 
-Three operations on a resolved `Site`:
+Operations on resolved `Site`s:
 - `capture`: record site activations, stopping the forward once the last one is recorded;
 - `splice`: replace a site's value by f(value) for the whole forward pass;
-- `SharedPrefix`: the fast twin of `splice` for comparing many replacements on one batch.
+- `splice_from`: replace a target site's value by f(source value, target value), the source read
+  earlier in the same forward pass (a transcoder replacing an MLP's output from its actual input);
+- `SharedPrefix`: the fast twin of both for comparing many replacements on one batch.
   The clean forward runs once; each replacement then reruns only the layers from the site on,
   the earlier layers being stubbed to return their cached output. Tests pin it to `splice`.
 """
@@ -20,6 +22,8 @@ from torch import nn
 from sae_train.lm.sites import Site
 
 SpliceFn = Callable[[torch.Tensor], torch.Tensor]
+SourceSpliceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(source activation, target activation) -> the target's replacement."""
 
 
 class _StopForward(Exception):
@@ -100,6 +104,25 @@ def splice(model: nn.Module, site: Site, fn: SpliceFn) -> Iterator[None]:
 
 
 @contextmanager
+def splice_from(model: nn.Module, source: Site, target: Site, fn: SourceSpliceFn) -> Iterator[None]:
+    """Within the block, every forward pass sees fn(source, target) at `target`, where source is
+    the `source` site's activation in that same pass; `source` must be computed before `target`."""
+    seen: list[torch.Tensor] = []
+
+    def record(x: torch.Tensor) -> None:
+        seen[:] = [x.detach().clone()]  # clone: a later module may modify the buffer in place
+
+    def replace(y: torch.Tensor) -> torch.Tensor:
+        if not seen:
+            raise RuntimeError(f"site {target.name} was reached before {source.name} in the forward pass; "
+                               "a splice can only read a site computed earlier")
+        return fn(seen.pop(), y).to(y.dtype)
+
+    with _site_hook(model, source, record), _site_hook(model, target, replace):
+        yield
+
+
+@contextmanager
 def _stub_layers(layers: nn.ModuleList, count: int, cached_output: Any) -> Iterator[None]:
     """Make layers[:count] return the cached output of layers[count-1] without computing.
 
@@ -123,30 +146,49 @@ def _stub_layers(layers: nn.ModuleList, count: int, cached_output: Any) -> Itera
 class SharedPrefix:
     """One clean forward pass, then any number of spliced forwards that skip the shared layers.
 
-    After construction, `clean` holds the clean model output and `activation` the clean
-    activation at the site. `run(fn)` returns the model output with fn spliced at the site,
-    computing only layers >= site.resume_layer (plus embeddings and the head).
+    After construction, `clean` holds the clean model output, `activation` the clean activation
+    at the site and `sources[name]` that of each site in `sources`. `run(fn)` returns the model
+    output with fn spliced at the site, computing only layers >= site.resume_layer (plus
+    embeddings and the head); `run_from(s, fn)` splices fn(s's activation, site's activation),
+    s read in that same forward (`splice_from`), or its clean value where s lies in the skipped
+    layers (which compute what the clean pass did).
     """
 
-    def __init__(self, model: nn.Module, layers: nn.ModuleList, site: Site, input_ids: torch.Tensor):
+    def __init__(self, model: nn.Module, layers: nn.ModuleList, site: Site, input_ids: torch.Tensor,
+                 sources: Sequence[Site] = ()):
         self.model, self.layers, self.site, self.input_ids = model, layers, site, input_ids
         captured: dict[str, Any] = {}
 
-        def keep_activation(x: torch.Tensor) -> None:
-            captured["activation"] = x.detach().clone()
+        def keeper(name: str) -> Callable[[torch.Tensor], None]:
+            def keep(x: torch.Tensor) -> None:
+                captured[name] = x.detach().clone()
+            return keep
 
         def keep_layer_output(_mod: nn.Module, _args: tuple, output: Any) -> None:
             captured["resume_input"] = output
 
-        with torch.no_grad(), _site_hook(model, site, keep_activation), ExitStack() as stack:
+        with torch.no_grad(), ExitStack() as stack:
+            for s in (site, *sources):
+                stack.enter_context(_site_hook(model, s, keeper(s.name)))
             if site.resume_layer > 0:
                 handle = layers[site.resume_layer - 1].register_forward_hook(keep_layer_output)
                 stack.callback(handle.remove)
             self.clean = _forward(model, input_ids)
-        self.activation: torch.Tensor = captured["activation"]
+        self.activation: torch.Tensor = captured[site.name]
+        self.sources: dict[str, torch.Tensor] = {s.name: captured[s.name] for s in sources}
         self._resume_input = captured.get("resume_input")
 
     @torch.no_grad()
     def run(self, fn: SpliceFn) -> Any:
         with _stub_layers(self.layers, self.site.resume_layer, self._resume_input), splice(self.model, self.site, fn):
+            return _forward(self.model, self.input_ids)
+
+    @torch.no_grad()
+    def run_from(self, source: Site, fn: SourceSpliceFn) -> Any:
+        if source.layer is not None and source.layer >= self.site.resume_layer:
+            replacement = splice_from(self.model, source, self.site, fn)
+        else:
+            clean = self.sources[source.name]
+            replacement = splice(self.model, self.site, lambda y: fn(clean, y))
+        with _stub_layers(self.layers, self.site.resume_layer, self._resume_input), replacement:
             return _forward(self.model, self.input_ids)

@@ -232,5 +232,8 @@ class LanguageModel:
     def splice(self, site: Site, fn: hooks.SpliceFn) -> AbstractContextManager[None]:
         return hooks.splice(self.model, site, fn)
 
-    def shared_prefix(self, site: Site, input_ids: torch.Tensor) -> hooks.SharedPrefix:
-        return hooks.SharedPrefix(self.model, self.layers, site, input_ids)
+    def splice_from(self, source: Site, target: Site, fn: hooks.SourceSpliceFn) -> AbstractContextManager[None]:
+        return hooks.splice_from(self.model, source, target, fn)
+
+    def shared_prefix(self, site: Site, input_ids: torch.Tensor, sources: Sequence[Site] = ()) -> hooks.SharedPrefix:
+        return hooks.SharedPrefix(self.model, self.layers, site, input_ids, sources)

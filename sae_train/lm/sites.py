@@ -17,7 +17,10 @@ from torch import nn
 
 from sae_train.errors import UserError
 
-SITE_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out", "mlp.hook_post")
+SITE_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out", "mlp.hook_in", "mlp.hook_post")
+"""`mlp.hook_in` is the MLP's input: the normalised residual stream it reads (circuit-tracer's
+and SAELens's name; TransformerLens calls it `ln2.hook_normalized`), the source of a transcoder
+whose target is `hook_mlp_out`."""
 _SITE_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in SITE_KINDS) + r")$")
 
 
@@ -25,14 +28,17 @@ _SITE_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in SITE
 class Family:
     """Where a model family keeps its decoder layers and the modules inside one layer.
 
-    Paths inside a layer are relative to it. `mlp_down` is the MLP's output projection: its
-    input is the MLP hidden activation (`mlp.hook_post`), for gated MLPs act(gate) * up.
+    Paths inside a layer are relative to it. `mlp` is the MLP module: its input is
+    `mlp.hook_in` (every family calls it on the normalised residual stream). `mlp_down` is the
+    MLP's output projection: its input is the MLP hidden activation (`mlp.hook_post`), for
+    gated MLPs act(gate) * up.
     """
 
     layers: str
     attn_out: str
     mlp_out: str
     mlp_down: str
+    mlp: str = "mlp"
 
 
 _LLAMA = Family("model.layers", attn_out="self_attn", mlp_out="mlp", mlp_down="mlp.down_proj")
@@ -119,8 +125,10 @@ def resolve_site(model: nn.Module, name: str) -> Site:
             return Site(name, prefix, on_input=True, layer=layer, resume_layer=layer)
         if kind == "hook_resid_post":
             return Site(name, prefix, on_input=False, layer=layer, resume_layer=layer + 1)
-        sub = {"hook_attn_out": family.attn_out, "hook_mlp_out": family.mlp_out, "mlp.hook_post": family.mlp_down}[kind]
-        return Site(name, f"{prefix}.{sub}", on_input=kind == "mlp.hook_post", layer=layer, resume_layer=layer)
+        sub = {"hook_attn_out": family.attn_out, "hook_mlp_out": family.mlp_out, "mlp.hook_in": family.mlp,
+               "mlp.hook_post": family.mlp_down}[kind]
+        return Site(name, f"{prefix}.{sub}", on_input=kind in ("mlp.hook_in", "mlp.hook_post"), layer=layer,
+                    resume_layer=layer)
 
     modules = dict(model.named_modules())
     if name in modules and name != "":

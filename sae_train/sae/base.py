@@ -1,6 +1,9 @@
 """The `SAE` interface shared by every architecture, and its output types.
 
 Math (every architecture): f = sigma((x - b_dec) @ W_enc + b_enc), x_hat = f @ W_dec + b_dec.
+A transcoder (cfg.target set: it writes another site than it reads, of width d_out) does not
+centre its input, b_dec living in the output space: f = sigma(x @ W_enc + b_enc), y_hat =
+f @ W_dec + b_dec [+ x @ W_skip], and its losses compare y_hat with the target site's batch.
 Parameters are fp32 master weights; `compute_dtype` (float32 or bfloat16) is the dtype of the
 encoder/decoder GEMMs only. `forward` has training semantics and returns the losses;
 `encode`/`decode` have inference semantics. A training model works in normalised units (the
@@ -79,7 +82,7 @@ class SAEOutput:
     """Result of `SAE.forward` (training semantics, normalised units)."""
 
     x_hat: Tensor
-    """[B, d_in] fp32 reconstruction."""
+    """[B, d_out] fp32 reconstruction (of the target, for a transcoder)."""
     losses: dict[str, Tensor]
     """"loss": the total to backward; plus each term unweighted ("mse", and "l1" | "l0" |
     "auxk"), so loss = mse + coefficient * term."""
@@ -119,11 +122,15 @@ class SAE(nn.Module, abc.ABC):
     """The dense GEMMs one training step cannot avoid (the roofline, train/roofline.py)."""
     base_lr: ClassVar[float] = 1.6e-3
     """Adam lr at d_sae = 2**14 (see `default_lr`)."""
-    inference_tensors: ClassVar[tuple[str, ...]] = ("W_enc", "W_dec", "b_enc", "b_dec")
-    """The tensors of the folded checkpoint (Contract 2) and of its SAELens export."""
+    inference_tensors: tuple[str, ...] = ("W_enc", "W_dec", "b_enc", "b_dec")
+    """The tensors of the folded checkpoint (Contract 2) and of its SAELens export (a trait; an
+    instance with a skip connection adds W_skip)."""
     saelens_architecture: ClassVar[str] = "standard"
     """The SAELens v6 inference architecture that computes what the folded SAE computes
     (sae/saelens.py)."""
+    fused_transcoders: ClassVar[bool] = False
+    """Whether `_forward_fast` also trains transcoders (its fused ops take the encoder's input and
+    the target apart); else transcoders train through `_forward_torch`."""
     saelens_training_architecture: ClassVar[str] = "standard"
     """SAELens's name for how it was trained (`metadata.training_architecture`). Where it equals
     `saelens_architecture`, SAELens SAEs of that architecture load as this one."""
@@ -142,17 +149,26 @@ class SAE(nn.Module, abc.ABC):
         # "auto": fused kernels where they apply, else PyTorch; "torch": always PyTorch.
         self.impl = "auto"
         # An inference copy made by `fold` (or loaded from a checkpoint) acts on raw
-        # activations; normalization_scale is the scale folded into it (x_raw * scale = x_norm).
+        # activations; normalization_scale is the scale folded into it (x_raw * scale = x_norm),
+        # target_normalization_scale the target's (a transcoder's; the same for an SAE).
         self.folded = False
-        self.normalization_scale = 1.0
-        d_in, d_sae = cfg.d_in, cfg.d_sae
+        self.normalization_scale = self.target_normalization_scale = 1.0
+        d_in, d_out, d_sae = cfg.d_in, cfg.d_out, cfg.d_sae
         gen = torch.Generator().manual_seed(cfg.seed)
-        W_dec = torch.randn(d_sae, d_in, generator=gen)
+        W_dec = torch.randn(d_sae, d_out, generator=gen)
         W_dec *= self._decoder_init_norm() / W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.t().contiguous())  # row-major: the layout the GEMMs and grads use
+        if cfg.is_transcoder:  # input and output spaces differ: an independent encoder, unit-norm columns
+            W_enc = torch.randn(d_in, d_sae, generator=gen)
+            W_enc /= W_enc.norm(dim=0, keepdim=True)
+        else:
+            W_enc = W_dec.t().contiguous()  # row-major: the layout the GEMMs and grads use
+        self.W_enc = nn.Parameter(W_enc)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(d_in, d_out))
+            self.inference_tensors = (*type(self).inference_tensors, "W_skip")
         self._gemm_copies = _GemmCopies()  # see gemm_weight
 
     # ------------------------------------------------------------------ architecture hooks
@@ -177,14 +193,17 @@ class SAE(nn.Module, abc.ABC):
         safe for long runs."""
         return self.base_lr * math.sqrt(2**14 / self.cfg.d_sae)
 
-    def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
-        """Training forward through the fused kernels (sae/ops.py); autograd-compatible. An
-        architecture without kernels runs its reference forward everywhere."""
-        return self._forward_torch(x, dead_mask, sparsity_scale)
+    def _forward_fast(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
+        """Training forward through the fused kernels (sae/ops.py); autograd-compatible. Called
+        with target = x (an SAE), or any target where `fused_transcoders`. An architecture
+        without kernels runs its reference forward everywhere."""
+        return self._forward_torch(x, target, dead_mask, sparsity_scale)
 
     @abc.abstractmethod
-    def _forward_torch(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
-        """The same training forward in plain PyTorch: the reference the fused path is tested against."""
+    def _forward_torch(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
+        """The same training forward in plain PyTorch: the reference the fused path is tested
+        against. The losses compare the reconstruction with `target` (x itself for an SAE; the
+        target site's batch, minus the skip term, for a transcoder)."""
 
     @abc.abstractmethod
     def _activation(self, z: Tensor) -> Tensor:
@@ -195,19 +214,32 @@ class SAE(nn.Module, abc.ABC):
 
     # ------------------------------------------------------------------ public API
 
-    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0) -> SAEOutput:
+    def forward(self, x: Tensor, *, target: Tensor | None = None, dead_mask: Tensor | None = None,
+                sparsity_scale: float = 1.0) -> SAEOutput:
         """Training step semantics on normalised inputs x [B, d_in]: reconstruction + losses.
 
-        dead_mask (bool [d_sae]) marks latents the trainer considers dead (AuxK uses them);
-        sparsity_scale multiplies the sparsity coefficient (the trainer's warm-up).
+        target [B, d_out]: what a transcoder must reproduce (its target site's batch, same rows
+        as x); an SAE reconstructs x and takes none. dead_mask (bool [d_sae]) marks latents
+        the trainer considers dead (AuxK uses them); sparsity_scale multiplies the sparsity
+        coefficient (the trainer's warm-up).
+
+        The skip term s = x @ W_skip is handled here for every architecture: the dictionary is
+        trained towards target - s (differentiable in W_skip), which is the same loss as
+        ||f @ W_dec + b_dec + s - target||^2, and s is added to the returned reconstruction.
         """
         x = self._check_input(x)
+        target = self._check_target(x, target)
         if dead_mask is not None and dead_mask.shape != (self.cfg.d_sae,):
             raise ValueError(f"dead_mask must be bool [{self.cfg.d_sae}], got {tuple(dead_mask.shape)}")
+        fast = self._fast_path(x) and (self.fused_transcoders or not self.cfg.is_transcoder)
+        step = self._forward_fast if fast else self._forward_torch
         with torch.autocast(x.device.type, enabled=False):  # compute_dtype decides, not autocast
-            if self._fast_path(x):
-                return self._forward_fast(x, dead_mask, sparsity_scale)
-            return self._forward_torch(x, dead_mask, sparsity_scale)
+            if not self.cfg.skip:
+                return step(x, target, dead_mask, sparsity_scale)
+            skip = self._matmul(x, self.W_skip)
+            out = step(x, target - skip, dead_mask, sparsity_scale)
+            out.x_hat = out.x_hat + skip
+            return out
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense latents [B, d_sae] (fp32) with inference semantics, `CHUNK_TOKENS` tokens at a time."""
@@ -221,33 +253,46 @@ class SAE(nn.Module, abc.ABC):
             return out
 
     def decode(self, f: Tensor) -> Tensor:
-        """Reconstruction [B, d_in] (fp32) from dense latents."""
+        """f @ W_dec + b_dec [B, d_out] (fp32) from dense latents: the reconstruction of an SAE and
+        of a transcoder without skip connection (`reconstruct` adds the skip term)."""
         with torch.autocast(f.device.type, enabled=False):
             return self._matmul(f, self.W_dec) + self.b_dec
 
-    @torch.no_grad()
-    def init_from_data(self, x: Tensor) -> None:
-        """Data-dependent initialisation from a sample x [n, d_in] (normalised units).
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(latents [B, d_sae], output [B, d_out]) for inputs x with inference semantics:
+        decode(encode(x)), plus x @ W_skip for a transcoder with a skip connection."""
+        latents = self.encode(x)
+        out = self.decode(latents)
+        if self.cfg.skip:
+            with torch.autocast(x.device.type, enabled=False):
+                out = out + self._matmul(self._check_input(x), self.W_skip)
+        return latents, out
 
-        b_dec: geometric median / mean / zeros (cfg.b_dec_init). For unit-norm decoders, W_enc
-        (= W_dec^T at construction) is then scaled by the least-squares factor for the sample:
-        x_hat - b_dec is proportional to that scale (ReLU and top-k are positively homogeneous,
-        b_enc = 0), and with it a ReLU SAE does not start at MSE ~ (d_sae/2d_in + 1)^2. The
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, target: Tensor | None = None) -> None:
+        """Data-dependent initialisation from a sample x [n, d_in] (normalised units) and, for
+        a transcoder, the target's rows [n, d_out].
+
+        b_dec: geometric median / mean / zeros (cfg.b_dec_init) of the target. For unit-norm
+        decoders, W_enc is then scaled by the least-squares factor for the sample: x_hat - b_dec
+        is proportional to that scale (ReLU and top-k are positively homogeneous, b_enc = 0,
+        W_skip = 0), and with it a ReLU SAE does not start at MSE ~ (d_sae/2d_in + 1)^2. The
         forward runs `CHUNK_TOKENS` tokens at a time (BatchTopK selects within each chunk).
         """
         x = self._check_input(x)
+        y = self._check_target(x, target)
         if self.cfg.b_dec_init == "geometric_median":
-            self.b_dec.copy_(geometric_median(x))
+            self.b_dec.copy_(geometric_median(y))
         elif self.cfg.b_dec_init == "mean":
-            self.b_dec.copy_(x.mean(0))
+            self.b_dec.copy_(y.mean(0))
         else:
             self.b_dec.zero_()
         if not self.unit_norm_decoder:
             return
         num, denom = x.new_zeros(()), x.new_zeros(())
-        for chunk in x.split(CHUNK_TOKENS):
-            r = self.forward(chunk).x_hat - self.b_dec
-            num += (r * (chunk - self.b_dec)).sum()
+        for chunk, y_chunk in zip(x.split(CHUNK_TOKENS), y.split(CHUNK_TOKENS)):
+            r = self.forward(chunk, target=y_chunk if target is not None else None).x_hat - self.b_dec
+            num += (r * (y_chunk - self.b_dec)).sum()
             denom += (r * r).sum()
         scale = torch.where(denom > 0, num / denom, torch.ones_like(num))
         self.W_enc.mul_(torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale)).to(self.W_enc.dtype))
@@ -309,29 +354,37 @@ class SAE(nn.Module, abc.ABC):
         """After the optimizer step (and constrain_): update non-gradient state. Default: none."""
 
     @torch.no_grad()
-    def fold(self, scale: float) -> SAE:
-        """Inference copy acting on raw activations (x_raw * scale = x_normalised).
+    def fold(self, scale: float, target_scale: float | None = None) -> SAE:
+        """Inference copy acting on raw activations (x_raw * scale = x_normalised; for a
+        transcoder, y_raw * target_scale = y_normalised; an SAE has one scale).
 
-        Exact by positive homogeneity: with f' = f * n / scale (n = decoder-row norms),
-        W_enc' = W_enc * n, b_enc' = b_enc * n / scale, W_dec' = W_dec / n, b_dec' = b_dec /
-        scale reproduce training_model(x_raw * scale).x_hat / scale, and thresholds scale like
-        latents. Rows with zero norm are left as they are (they decode to nothing anyway).
+        Exact by positive homogeneity: with t = target_scale and f' = f * n / t (n = decoder-row
+        norms), W_enc' = W_enc * n * scale / t, b_enc' = b_enc * n / t, W_dec' = W_dec / n,
+        b_dec' = b_dec / t, W_skip' = W_skip * scale / t reproduce
+        training_model(x_raw * scale).x_hat / t, and thresholds scale like latents (an SAE's
+        centring x - b_dec folds the same way: b_dec' = b_dec / scale). Rows with zero norm are
+        left as they are (they decode to nothing anyway).
         """
         if self.folded:
             raise ValueError("this SAE is already folded; fold the training model instead")
-        if not scale > 0:
-            raise ValueError(f"normalization scale must be > 0, got {scale}")
+        t = scale if target_scale is None else target_scale
+        if not (scale > 0 and t > 0):
+            raise ValueError(f"normalization scales must be > 0, got {scale} and {t}")
+        if t != scale and not self.cfg.is_transcoder:
+            raise ValueError("an SAE has one normalization scale (its input is its target)")
         sae = copy.deepcopy(self)
         norms = sae.W_dec.norm(dim=1)
         norms = torch.where(norms > 0, norms, torch.ones_like(norms))
-        latent_scale = norms / scale
-        sae.W_enc.mul_(norms)
+        latent_scale = norms / t
+        sae.W_enc.mul_(norms * (scale / t))
         sae.b_enc.mul_(latent_scale)
         sae.W_dec.div_(norms[:, None])
-        sae.b_dec.div_(scale)
+        sae.b_dec.div_(t)
+        if self.cfg.skip:
+            sae.W_skip.mul_(scale / t)
         sae._fold_extra(latent_scale)
         sae.folded = True
-        sae.normalization_scale = float(scale)
+        sae.normalization_scale, sae.target_normalization_scale = float(scale), float(t)
         return sae
 
     # ------------------------------------------------------------------ helpers for subclasses
@@ -348,6 +401,21 @@ class SAE(nn.Module, abc.ABC):
         if self.compute_dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {_COMPUTE_DTYPES}, got {self.compute_dtype}")
         return x.to(self._acc_dtype)
+
+    def _check_target(self, x: Tensor, target: Tensor | None) -> Tensor:
+        """The training target: x for an SAE, the given rows [B, d_out] for a transcoder."""
+        if not self.cfg.is_transcoder:
+            if target is not None:
+                raise ValueError("an SAE reconstructs its input; pass no target (set cfg.target for a transcoder)")
+            return x
+        if target is None:
+            raise ValueError(f"a transcoder needs the rows of its target site ({self.cfg.target}) as target")
+        if target.shape != (x.shape[0], self.cfg.d_out):
+            raise UserError(
+                f"Transcoder target has shape {tuple(target.shape)}; expected [{x.shape[0]}, {self.cfg.d_out}]: one row "
+                f"of site {self.cfg.target} (width d_out) per input row, the same tokens in the same order."
+            )
+        return target.to(self._acc_dtype)
 
     @property
     def _acc_dtype(self) -> torch.dtype:
@@ -374,9 +442,19 @@ class SAE(nn.Module, abc.ABC):
         cd = self._gemm_dtype
         return (a.to(cd) @ w.to(cd)).to(self._acc_dtype)
 
+    def _encoder_input(self, x: Tensor) -> Tensor:
+        """What the encoder multiplies: x - b_dec for an SAE, x for a transcoder."""
+        return x if self.cfg.is_transcoder else x - self.b_dec
+
+    def _encoder_centre(self) -> Tensor:
+        """The vector the fused ops subtract from x before the encoder: b_dec for an SAE; zeros
+        (no gradient) for a transcoder, whose b_dec is an output bias."""
+        return self.b_dec.new_zeros(self.cfg.d_in) if self.cfg.is_transcoder else self.b_dec
+
     def _preact(self, x: Tensor) -> Tensor:
-        """Pre-activations (x - b_dec) @ W_enc + b_enc: GEMM in compute_dtype, bias in fp32."""
-        return _Encoder.apply(x, self.b_dec, self.W_enc, self.b_enc, self.gemm_weight("W_enc"))
+        """Pre-activations (x - b_dec) @ W_enc + b_enc (transcoder: x @ W_enc + b_enc): GEMM in
+        compute_dtype, bias in fp32."""
+        return _Encoder.apply(x, self._encoder_centre(), self.W_enc, self.b_enc, self.gemm_weight("W_enc"))
 
     def _mse(self, x_hat: Tensor, x: Tensor) -> Tensor:
         return (x_hat - x).pow(2).sum(-1).mean()

@@ -3,12 +3,17 @@
 A training run's `out_dir` holds `run_state.json` (the committed step, data position and
 config: what resume reads) and one directory per SAE, named after its tag. An SAE directory
 holds the inference artifact — `sae.safetensors` (the architecture's `inference_tensors`:
-W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec, plus threshold where it has one; fp32)
-and `cfg.json` (the SAEConfig fields, the caller's metadata, normalization_scale and
+W_enc [d_in, d_sae], W_dec [d_sae, d_out], b_enc [d_sae], b_dec [d_out], plus threshold where
+it has one and W_skip [d_in, d_out] for a transcoder with a skip connection; fp32) and
+`cfg.json` (the SAEConfig fields — `target` and `d_out` among them —, the caller's metadata
+(`site`: the site read), normalization_scale, target_normalization_scale for a transcoder, and
 sae_train_version; sorted keys) — whose weights always act on raw activations (only folded
-SAEs, `SAE.fold`, are saved); and beside it the training-only state: `training_weights.safetensors`
-(the unfolded weights and the dead-latent counters), `optimizer.pt` (tensors and numbers only,
-read with weights_only=True) and `trainer_state.json`. No pickle.
+SAEs, `SAE.fold`, are saved). An SAE computes f = act((x - b_dec) @ W_enc + b_enc), x_hat =
+f @ W_dec + b_dec; a transcoder's encoder reads x itself: f = act(x @ W_enc + b_enc), y_hat =
+f @ W_dec + b_dec [+ x @ W_skip], in raw units of its target site. Beside it lies the
+training-only state: `training_weights.safetensors` (the unfolded weights and the dead-latent
+counters), `optimizer.pt` (tensors and numbers only, read with weights_only=True) and
+`trainer_state.json`. No pickle.
 
 Several SAEs train together and must resume from the same step, so a save is a small
 transaction: every SAE directory is first written complete under its hidden temporary name
@@ -74,6 +79,8 @@ def save_sae(sae: SAE, path: str | os.PathLike, cfg_extra: dict[str, Any] | None
             f"scale folded into this SAE ({sae.normalization_scale})"
         )
     meta = {**cfg, **extra, "normalization_scale": sae.normalization_scale, "sae_train_version": __version__}
+    if sae.cfg.is_transcoder:
+        meta["target_normalization_scale"] = sae.target_normalization_scale
     text = json.dumps(meta, sort_keys=True, indent=2) + "\n"
     tensors = {n: getattr(sae, n).detach().to("cpu", torch.float32).contiguous() for n in sae.inference_tensors}
     directory = Path(path)
@@ -118,6 +125,7 @@ def load_sae(path: str | os.PathLike, *, compute_dtype: torch.dtype = torch.floa
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"SAE checkpoint: {weights_file} is corrupt or not a safetensors file ({exc}).") from exc
     return load_folded(cfg, tensors, normalization_scale=meta.get("normalization_scale", 1.0),
+                       target_normalization_scale=meta.get("target_normalization_scale"),
                        compute_dtype=compute_dtype, source=f"SAE checkpoint: {weights_file}")
 
 

@@ -38,6 +38,18 @@ class SAEConfig:
     d_sae: int = 0
     """Number of latents. 0 = expansion_factor * d_in."""
 
+    target: str = ""
+    """Transcoders: the site the dictionary writes while it reads another (the training site),
+    e.g. blocks.8.hook_mlp_out for an SAE trained at blocks.8.mlp.hook_in. "" = an SAE, which
+    reconstructs its own input. Works with every architecture."""
+
+    d_out: int = 0
+    """Output width (the target's); 0 = filled in from the data (d_in for an SAE)."""
+
+    skip: bool = False
+    """Transcoders: add a linear skip connection x @ W_skip ([d_in, d_out], zero at init) to the
+    output (Paulo et al. 2025, "Transcoders beat sparse autoencoders")."""
+
     expansion_factor: int = 8
     """d_sae / d_in when d_sae is 0."""
 
@@ -103,7 +115,7 @@ class SAEConfig:
 
         if self.architecture not in ARCHITECTURES:
             raise bad("architecture", f"one of {', '.join(sorted(ARCHITECTURES))}", "Set sae.architecture to one of them.")
-        for name in ("d_in", "d_sae", "aux_k", "seed"):
+        for name in ("d_in", "d_sae", "d_out", "aux_k", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise bad(name, "an integer >= 0 (0 = automatic)", f"Fix sae.{name}.")
         if not isinstance(self.expansion_factor, int) or self.expansion_factor < 1:
@@ -124,27 +136,44 @@ class SAEConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise bad(name, "a finite number > 0", f"Fix sae.{name}.")
+        if not isinstance(self.target, str):
+            raise bad("target", "a site name (or \"\" for an SAE)", "Set sae.target=blocks.<L>.hook_mlp_out, for example.")
+        if self.skip and not self.target:
+            raise bad("skip", "false for an SAE", "A skip connection is a transcoder option: set sae.target too, or remove sae.skip.")
+        if not self.target and self.d_in and self.d_out not in (0, self.d_in):
+            raise bad("d_out", f"{self.d_in} (d_in) for an SAE", "Remove sae.d_out, or set sae.target to train a transcoder.")
+        if not self.target and self.d_in and not self.d_out:
+            self.d_out = self.d_in  # an SAE writes what it reads (cfg.json of older versions lacks d_out)
         if not 0 <= self.batchtopk_threshold_beta < 1:
             raise bad("batchtopk_threshold_beta", "a number in [0, 1)", "Use e.g. 0.999.")
         ARCHITECTURES[self.architecture].check_config(self)
 
     @property
-    def is_resolved(self) -> bool:
-        """Whether d_in (hence d_sae and aux_k) are known."""
-        return self.d_in > 0
+    def is_transcoder(self) -> bool:
+        """Whether it writes another site than it reads (`target`)."""
+        return bool(self.target)
 
-    def resolved(self, d_in: int) -> SAEConfig:
-        """A copy with d_in, d_sae and aux_k filled in (validated again)."""
-        if self.d_in and self.d_in != d_in:
-            raise UserError(
-                f"SAE config: d_in={self.d_in} but the activations have width {d_in}. "
-                f"Remove sae.d_in (it is read from the data) or point the trainer at the right site."
-            )
+    @property
+    def is_resolved(self) -> bool:
+        """Whether d_in and d_out (hence d_sae and aux_k) are known."""
+        return self.d_in > 0 and self.d_out > 0
+
+    def resolved(self, d_in: int, d_out: int = 0) -> SAEConfig:
+        """A copy with d_in, d_out (the target's width; d_in for an SAE), d_sae and aux_k filled
+        in (validated again)."""
+        for name, have, got in (("d_in", self.d_in, d_in), ("d_out", self.d_out, d_out)):
+            if have and got and have != got:
+                raise UserError(
+                    f"SAE config: {name}={have} but the activations have width {got}. "
+                    f"Remove sae.{name} (it is read from the data) or point the trainer at the right site."
+                )
+        d_out = d_out or self.d_out or d_in
         return dataclasses.replace(
             self,
             d_in=d_in,
+            d_out=d_out if self.target else d_in,
             d_sae=self.d_sae or self.expansion_factor * d_in,
-            aux_k=self.aux_k or max(1, d_in // 2),
+            aux_k=self.aux_k or max(1, d_out // 2),
         )
 
     def to_dict(self) -> dict:

@@ -66,6 +66,7 @@ class JumpReLUSAE(SAE):
     base_lr = 1.1e-3  # 5.5x Gao et al.'s: the thresholds close latents for good at higher rates
     inference_tensors = (*SAE.inference_tensors, "threshold")
     saelens_architecture = saelens_training_architecture = "jumprelu"
+    fused_transcoders = True
 
     def __init__(self, cfg: SAEConfig, *, compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__(cfg, compute_dtype=compute_dtype)
@@ -86,19 +87,19 @@ class JumpReLUSAE(SAE):
         loss = mse + self.cfg.l0_coefficient * scale * l0
         return SAEOutput(x_hat, {"loss": loss, "mse": mse, "l0": l0}, n_active.detach(), fired, f.detach())
 
-    def _forward_torch(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
+    def _forward_torch(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
         z = self._preact(x)
         eps = self.cfg.jumprelu_bandwidth
         f = JumpReLUFunction.apply(z, self.threshold, eps).to(self._gemm_dtype)
         l0 = StepFunction.apply(z, self.threshold, eps).sum(-1).mean()
         x_hat = self._matmul(f, self.W_dec) + self.b_dec
         active = f != 0
-        return self._output(x, x_hat, l0, f, active.sum(-1).float().mean(), active.any(0), sparsity_scale)
+        return self._output(target, x_hat, l0, f, active.sum(-1).float().mean(), active.any(0), sparsity_scale)
 
-    def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
+    def _forward_fast(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
         spec = DenseSpec(self.gemm_weights(), jumprelu_bandwidth=self.cfg.jumprelu_bandwidth)
         dec, row_l0, f, n_active, col_fired = DenseSAEFunction.apply(
-            x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, None, self.threshold, spec
+            x, self._encoder_centre(), self.W_enc, self.b_enc, self.W_dec, None, self.threshold, spec
         )
         x_hat = dec + self.b_dec
-        return self._output(x, x_hat, row_l0.mean(), f, n_active.mean(), col_fired > 0, sparsity_scale)
+        return self._output(target, x_hat, row_l0.mean(), f, n_active.mean(), col_fired > 0, sparsity_scale)

@@ -48,17 +48,22 @@ def create_sae(cfg: SAEConfig, *, compute_dtype: torch.dtype = torch.float32) ->
 
 
 def load_folded(cfg: SAEConfig, tensors: Mapping[str, Tensor], *, normalization_scale: float = 1.0,
-                compute_dtype: torch.dtype = torch.float32, source: str = "SAE weights") -> SAE:
+                target_normalization_scale: float | None = None, compute_dtype: torch.dtype = torch.float32,
+                source: str = "SAE weights") -> SAE:
     """The inference SAE (acting on raw activations, DESIGN.md Contract 2) with resolved config
-    `cfg` and weights `tensors`: exactly its architecture's `inference_tensors`, in the shapes
-    cfg implies. Every reader of a folded SAE (checkpoint, SAELens export) builds it here;
-    `source` names the weights in errors."""
+    `cfg` and weights `tensors`: exactly its architecture's `inference_tensors` (plus W_skip for
+    a transcoder with a skip connection), in the shapes cfg implies. Every reader of a folded SAE
+    (checkpoint, SAELens export) builds it here; `source` names the weights in errors. The
+    scales are records only (what was folded in); target_normalization_scale defaults to
+    normalization_scale (an SAE's one scale)."""
     if not cfg.is_resolved:
         raise UserError(f"{source}: the SAE config has no d_in; the file is incomplete.")
     sae = create_sae(cfg, compute_dtype=compute_dtype)
     load_weights(sae, tensors, sae.inference_tensors, source=source)
     sae.folded = True
     sae.normalization_scale = float(normalization_scale)
+    sae.target_normalization_scale = float(normalization_scale if target_normalization_scale is None
+                                           else target_normalization_scale)
     return sae
 
 
@@ -75,6 +80,6 @@ def load_weights(sae: SAE, tensors: Mapping[str, Tensor], names: Iterable[str], 
         if value.shape != target.shape:
             raise UserError(
                 f"{source} has {name} of shape {tuple(value.shape)}, but the SAE's config (d_in={sae.cfg.d_in}, "
-                f"d_sae={sae.cfg.d_sae}) implies {tuple(target.shape)}."
+                f"d_sae={sae.cfg.d_sae}, d_out={sae.cfg.d_out}) implies {tuple(target.shape)}."
             )
         target.copy_(value)

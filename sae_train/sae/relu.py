@@ -22,6 +22,7 @@ class ReLUSAE(SAE):
     # re-point dead latents at badly reconstructed inputs instead (Anthropic 2023)
     revival = "resample"
     saelens_architecture = saelens_training_architecture = "standard"
+    fused_transcoders = True
 
     @property
     def unit_norm_decoder(self) -> bool:
@@ -41,19 +42,19 @@ class ReLUSAE(SAE):
         loss = mse + self.cfg.l1_coefficient * scale * l1
         return SAEOutput(x_hat, {"loss": loss, "mse": mse, "l1": l1}, l0.detach(), fired, f.detach())
 
-    def _forward_torch(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
+    def _forward_torch(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
         f = torch.relu(self._preact(x)).to(self._gemm_dtype)  # the latents the decoder sees
         x_hat = self._matmul(f, self.W_dec) + self.b_dec
         fa = f.to(x_hat.dtype)
         w = self._l1_weights()
         l1 = (fa if w is None else fa * w).sum(-1).mean()
         active = fa != 0
-        return self._output(x, x_hat, l1, f, active.sum(-1).float().mean(), active.any(0), sparsity_scale)
+        return self._output(target, x_hat, l1, f, active.sum(-1).float().mean(), active.any(0), sparsity_scale)
 
-    def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
+    def _forward_fast(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
         spec = DenseSpec(self.gemm_weights())
         dec, row_l1, f, row_l0, col_fired = DenseSAEFunction.apply(
-            x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, self._l1_weights(), None, spec
+            x, self._encoder_centre(), self.W_enc, self.b_enc, self.W_dec, self._l1_weights(), None, spec
         )
         x_hat = dec + self.b_dec
-        return self._output(x, x_hat, row_l1.mean(), f, row_l0.mean(), col_fired > 0, sparsity_scale)
+        return self._output(target, x_hat, row_l1.mean(), f, row_l0.mean(), col_fired > 0, sparsity_scale)

@@ -16,6 +16,12 @@ relu(z) * [z > t] equals our z * [z > t] exactly when t >= 0, which our threshol
 Our checkpoints are already folded (raw activations, unit-norm decoder rows), so the export
 says normalize_activations "none".
 
+Transcoders go out as SAELens's transcoder classes (sae_lens/saes/transcoder.py), whose encoder
+reads x itself (apply_b_dec_to_input false, like ours) and whose W_skip is [d_out, d_in] (ours
+transposed): relu -> `transcoder` / `skip_transcoder`, jumprelu and batchtopk ->
+`jumprelu_transcoder` / `jumprelu_skip_transcoder`; metadata.hook_name is the site read,
+metadata.hook_name_out the target. SAELens has no TopK transcoder, so a topk one cannot go out.
+
 Our own record (the checkpoint's whole cfg.json) rides in `metadata.sae_train`: SAELens keeps
 unknown metadata keys as attributes and ignores them otherwise, and `from_saelens` uses it to
 rebuild exactly the SAE that was exported (BatchTopK included). SAELens SAEs trained elsewhere
@@ -53,10 +59,40 @@ LOG_SPARSITY_FLOOR = 1e-10
 """log10(frequency + floor): SAELens's convention, so dead latents read -10 rather than -inf."""
 
 
+TRANSCODERS = {("standard", False): "transcoder", ("standard", True): "skip_transcoder",
+               ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder"}
+"""(SAE inference architecture, skip connection) -> SAELens's transcoder architecture."""
+_TRANSCODER_BASE = {name: key for key, name in TRANSCODERS.items()}
+
+
+def _base(saelens_architecture: str) -> tuple[str, bool, bool]:
+    """(SAE architecture computing its latents, is a transcoder, has a skip connection)."""
+    if saelens_architecture in _TRANSCODER_BASE:
+        base, skip = _TRANSCODER_BASE[saelens_architecture]
+        return base, True, skip
+    return saelens_architecture, False, False
+
+
 def _tensor_names(saelens_architecture: str) -> list[str]:
     """The weights of a SAELens SAE of this inference architecture."""
+    base, _, skip = _base(saelens_architecture)
     names = ["W_enc", "W_dec", "b_enc", "b_dec"]
-    return names + ["threshold"] if saelens_architecture == "jumprelu" else names
+    return names + ["threshold"] * (base == "jumprelu") + ["W_skip"] * skip
+
+
+def saelens_architecture_of(sae: SAE) -> str:
+    """The SAELens architecture `sae` exports as (a UserError where SAELens has none)."""
+    arch = sae.saelens_architecture
+    if not sae.cfg.is_transcoder:
+        return arch
+    key = (arch, sae.cfg.skip)
+    if key not in TRANSCODERS:
+        raise UserError(
+            f"SAELens has no {arch} transcoder (it loads {', '.join(TRANSCODERS.values())}), so this "
+            f"{sae.cfg.architecture} transcoder cannot be exported to its layout. Train it with "
+            "sae.architecture=batchtopk (exported as JumpReLU: k per token on average), jumprelu or relu."
+        )
+    return TRANSCODERS[key]
 
 
 def _loadable() -> list[str]:
@@ -74,13 +110,15 @@ def to_saelens(sae: SAE, metadata: Mapping[str, Any]) -> tuple[dict[str, Any], d
     """
     if not sae.folded:
         raise ValueError("to_saelens converts inference SAEs (acting on raw activations); pass sae.fold(scale)")
-    ours, arch = sae.cfg.architecture, sae.saelens_architecture
+    ours, arch = sae.cfg.architecture, saelens_architecture_of(sae)
     if sorted(sae.inference_tensors) != sorted(_tensor_names(arch)):
         raise ValueError(f"architecture {ours!r} has tensors {list(sae.inference_tensors)} but exports as a "
                          f"SAELens {arch!r} SAE, which has {_tensor_names(arch)}: fix its saelens_architecture")
     with torch.no_grad():
         tensors = {name: getattr(sae, name).detach().to("cpu", torch.float32).clone().contiguous()
                    for name in _tensor_names(arch)}
+        if "W_skip" in tensors:  # SAELens: x @ W_skip.T with W_skip [d_out, d_in]
+            tensors["W_skip"] = tensors["W_skip"].t().contiguous()
     if "threshold" in tensors and bool((tensors["threshold"] < 0).any()):
         n = int((tensors["threshold"] < 0).sum())
         raise UserError(
@@ -94,10 +132,12 @@ def to_saelens(sae: SAE, metadata: Mapping[str, Any]) -> tuple[dict[str, Any], d
         "d_sae": sae.cfg.d_sae,
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not sae.cfg.is_transcoder,
         "normalize_activations": "none",
         "reshape_activations": "none",
     }
+    if sae.cfg.is_transcoder:
+        cfg["d_out"] = sae.cfg.d_out
     if arch == "topk":
         cfg["k"] = sae.cfg.k
         cfg["rescale_acts_by_decoder_norm"] = False
@@ -117,15 +157,18 @@ def _bad(source: str, what: str) -> UserError:
 
 def _weights(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The tensors SAELens's architecture reads (others in the file are ignored), fp32 on CPU."""
-    return {n: tensors[n].detach().to("cpu", torch.float32) for n in _tensor_names(cfg["architecture"]) if n in tensors}
+    weights = {n: tensors[n].detach().to("cpu", torch.float32) for n in _tensor_names(cfg["architecture"]) if n in tensors}
+    if "W_skip" in weights:
+        weights["W_skip"] = weights["W_skip"].t().contiguous()  # SAELens's [d_out, d_in] -> ours
+    return weights
 
 
 def _check_cfg(cfg: Mapping[str, Any], source: str) -> None:
     arch = cfg.get("architecture")
-    if not isinstance(arch, str) or for_saelens(arch) is None:
+    if not isinstance(arch, str) or for_saelens(_base(arch)[0]) is None:
         raise _bad(source, f"architecture {arch!r} is not one sae_train can run; it loads SAELens "
-                           f"{', '.join(_loadable())} SAEs. Load this one with sae_lens itself.")
-    for key in ("d_in", "d_sae"):
+                           f"{', '.join(_loadable())} SAEs and their transcoders. Load this one with sae_lens itself.")
+    for key in ("d_in", "d_sae", *(("d_out",) if _base(arch)[1] else ())):
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
             raise _bad(source, f"{key}={cfg.get(key)!r}; expected a positive integer.")
     norm = cfg.get("normalize_activations", "none")
@@ -164,27 +207,40 @@ def _from_our_export(cfg: Mapping[str, Any], weights: dict[str, Tensor], record:
     if not isinstance(meta, Mapping):
         raise _bad(source, f"metadata.{METADATA_KEY} has no checkpoint_cfg; the export is incomplete. Export it again.")
     ours = SAEConfig.from_dict(dict(meta), source=f"{source} (metadata.{METADATA_KEY}.checkpoint_cfg)")
-    expected = {"architecture": ARCHITECTURES[ours.architecture].saelens_architecture, "d_in": ours.d_in, "d_sae": ours.d_sae}
+    arch = ARCHITECTURES[ours.architecture].saelens_architecture
+    expected = {"architecture": TRANSCODERS.get((arch, ours.skip), arch) if ours.is_transcoder else arch,
+                "d_in": ours.d_in, "d_sae": ours.d_sae}
+    if ours.is_transcoder:
+        expected["d_out"] = ours.d_out
     if expected["architecture"] == "topk":
         expected["k"] = ours.k
     clash = {k: (cfg.get(k), v) for k, v in expected.items() if cfg.get(k) != v}
-    if clash or cfg.get("apply_b_dec_to_input", True) is not True or cfg.get("rescale_acts_by_decoder_norm", False):
+    centred = not ours.is_transcoder
+    if clash or cfg.get("apply_b_dec_to_input", centred) is not centred or cfg.get("rescale_acts_by_decoder_norm", False):
         raise _bad(source, f"cfg.json disagrees with the sae_train record in its metadata ({clash or 'bias/rescale flags'}); "
                            "the file was edited after export. Export the checkpoint again.")
-    return load_folded(ours, weights, normalization_scale=meta.get("normalization_scale", 1.0), source=source)
+    return load_folded(ours, weights, normalization_scale=meta.get("normalization_scale", 1.0),
+                       target_normalization_scale=meta.get("target_normalization_scale"), source=source)
 
 
 def _from_foreign(cfg: Mapping[str, Any], weights: dict[str, Tensor], source: str) -> SAE:
-    arch = cfg["architecture"]
+    arch, transcoder, skip = _base(cfg["architecture"])
     ours = for_saelens(arch)
     assert ours is not None, arch  # the caller checked that we run this SAELens architecture
     fields: dict[str, Any] = {"architecture": ours.architecture, "d_sae": cfg["d_sae"]}
     if arch == "topk":
         fields["k"] = cfg["k"]
-    sae = load_folded(SAEConfig(**fields).resolved(cfg["d_in"]), weights, source=source)
+    if transcoder:
+        metadata = cfg.get("metadata") or {}
+        target = metadata.get("hook_name_out") if isinstance(metadata, Mapping) else None
+        if not isinstance(target, str) or not target:
+            raise _bad(source, "a transcoder without metadata.hook_name_out: the site it writes is unknown. "
+                               "Add hook_name_out to its cfg.json metadata.")
+        fields |= {"target": target, "skip": skip}
+    sae = load_folded(SAEConfig(**fields).resolved(cfg["d_in"], cfg.get("d_out", 0)), weights, source=source)
     with torch.no_grad():
         W_enc, W_dec, b_enc, b_dec = (getattr(sae, n).double() for n in ("W_enc", "W_dec", "b_enc", "b_dec"))
-        if not cfg.get("apply_b_dec_to_input", True):
+        if not transcoder and not cfg.get("apply_b_dec_to_input", True):  # transcoders never centre, like ours
             # x @ W_enc + b_enc == (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
             b_enc = b_enc + b_dec @ W_enc
         if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
@@ -205,10 +261,11 @@ def saelens_reference(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], x: 
     The plain-torch twin of sae_lens's StandardSAE/TopKSAE/JumpReLUSAE encode and decode
     (normalize_activations "none"), for checking conversions without importing sae_lens.
     """
-    arch = cfg["architecture"]
+    arch, transcoder, skip = _base(cfg["architecture"])
     W_enc, W_dec, b_enc, b_dec = (tensors[n].float() for n in ("W_enc", "W_dec", "b_enc", "b_dec"))
     x = x.float()
-    z = (x - b_dec * bool(cfg.get("apply_b_dec_to_input", True))) @ W_enc + b_enc
+    centred = not transcoder and bool(cfg.get("apply_b_dec_to_input", True))
+    z = (x - b_dec if centred else x) @ W_enc + b_enc
     rescale = arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False)
     if rescale:
         z = z * W_dec.norm(dim=-1)
@@ -222,4 +279,6 @@ def saelens_reference(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], x: 
     else:
         raise ValueError(f"no reference for SAELens architecture {arch!r}")
     decoded = (f / W_dec.norm(dim=-1) if rescale else f) @ W_dec + b_dec
+    if skip:
+        decoded = decoded + x @ tensors["W_skip"].float().T
     return f, decoded

@@ -87,12 +87,12 @@ class TopKSAE(SAE):
         l0 = active.sum() / x.shape[0]
         return SAEOutput(x_hat, {"loss": loss, "mse": mse, "auxk": auxk}, l0, counts > 0, latents)
 
-    def _forward_torch(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
+    def _forward_torch(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
         """The sparse step in plain PyTorch (sae/sparse.py): encoder GEMM, selection, embedding-bag
-        decode; every gradient from the selected entries only."""
+        decode; every gradient from the selected entries only. `target`: x for an SAE."""
         B, world = x.shape[0], sparse.selection_world()
         with torch.no_grad():
-            xc = x - self.b_dec
+            xc = self._encoder_input(x)
             z = xc.to(self._gemm_dtype) @ self.gemm_weight("W_enc")
             offsets, ids, rows, keep, min_kept = self._select_torch(z, world)
             n_main = ids.numel()
@@ -101,7 +101,7 @@ class TopKSAE(SAE):
                 aux_k = aux_ids.numel() // B
                 ids = torch.cat([ids, aux_ids])
                 rows = torch.cat([rows, torch.arange(B * aux_k, device=x.device) // aux_k])
-        pre = sparse.SparsePreact.apply(z, xc, rows, ids, self.b_dec, self.W_enc, self.b_enc)
+        pre = sparse.SparsePreact.apply(z, xc, rows, ids, self._encoder_centre(), self.W_enc, self.b_enc)
         del z
         vals = torch.relu(pre[:n_main])
         if keep is not None:
@@ -116,13 +116,14 @@ class TopKSAE(SAE):
             a_vals = torch.where(aux_valid, torch.relu(pre[n_main:]), torch.zeros_like(pre[n_main:]))
             a_offsets = torch.arange(0, B * aux_k + 1, aux_k, device=x.device)
             e_hat = sparse.SparseDecode.apply(a_vals, W_dec, aux_ids, rows[n_main:], a_offsets)
-            auxk = torch.where(dead_mask.any(), auxk_ratio(e_hat, (x - x_hat).detach()), auxk)
-        out = self._output(x, x_hat, self._mse(x_hat, x), auxk, SparseLatents(vals.detach(), ids[:n_main], offsets, self.cfg.d_sae))
+            auxk = torch.where(dead_mask.any(), auxk_ratio(e_hat, (target - x_hat).detach()), auxk)
+        out = self._output(x, x_hat, self._mse(x_hat, target), auxk, SparseLatents(vals.detach(), ids[:n_main], offsets, self.cfg.d_sae))
         if min_kept is not None:
             out.stats["min_kept"] = min_kept
         return out
 
-    def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
+    def _forward_fast(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
+        """The fused CPU step (sae/ops.py); SAEs only (the TopK family has no fused transcoder step)."""
         dead = None if dead_mask is None else dead_mask.nonzero().squeeze(1)  # CPU only: no sync to avoid
         dead = dead if dead is not None and dead.numel() else None
         aux_k = 0 if dead is None else min(self.cfg.aux_k, dead.numel())

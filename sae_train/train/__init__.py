@@ -24,10 +24,11 @@ __all__ = ["Callback", "Preempted", "SAERun", "StepInfo", "TrainConfig", "TrainS
 
 def build_source(cfg: TrainConfig, dist: Dist, lm: LanguageModel | None = None) -> ActivationSource:
     if cfg.source == "store":
-        return StoreSource(cfg.store, list(cfg.sites), cfg.batch_size, dist, seed=cfg.seed, window_shards=cfg.shuffle_window)
+        return StoreSource(cfg.store, cfg.data_sites, cfg.batch_size, dist, seed=cfg.seed, window_shards=cfg.shuffle_window,
+                           target=cfg.sae.target)
     # Each rank runs its own copy of the model on its own device.
     lm = lm or LanguageModel.load(replace(cfg.model, device=str(dist.device)))
-    return LiveSource(lm, list(cfg.sites), cfg.data, cfg.text, cfg.batch_size, dist, seed=cfg.seed,
+    return LiveSource(lm, cfg.data_sites, cfg.data, cfg.text, cfg.batch_size, dist, seed=cfg.seed,
                       buffer_tokens=cfg.live_buffer_tokens)
 
 

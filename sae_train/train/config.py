@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,8 @@ class TrainConfig:
     text: TextConfig = field(default_factory=TextConfig)
     """source=live: how the text becomes windows (a store records its own)."""
     sites: list[str] = field(default_factory=list)
-    """Sites to train on; empty = every site in the store (source=store)."""
+    """Sites to train on (each SAE reads one); empty = every site in the store (source=store)
+    except `sae.target`. A transcoder (sae.target set) reads these and writes the target."""
     sae: SAEConfig = field(default_factory=SAEConfig)
     sweep: dict[str, list[Any]] = field(default_factory=dict)
     """One-pass sweep: SAE fields (or `lr`) to vary, e.g. +sweep.k=[16,32,64]. Every
@@ -111,11 +113,26 @@ class TrainConfig:
             raise UserError(f"dtype='{self.dtype}' must be one of {', '.join(COMPUTE_DTYPES)}.")
         if self.n_tokens < self.batch_size or self.batch_size <= 0:
             raise UserError(f"n_tokens={self.n_tokens} must be at least one batch (batch_size={self.batch_size}).")
+        if "target" in self.sweep:
+            raise UserError("sweep.target: one run has one target site; train each target in its own run "
+                            "(or several source sites, sites=[...], towards one target).")
+        if self.sae.target and self.sites == [self.sae.target]:
+            raise UserError(f"sites=[{self.sae.target}] equals sae.target: a transcoder reads another site than it writes. "
+                            "Set sites to its source (e.g. blocks.L.mlp.hook_in), or remove sae.target for an SAE.")
         for key in self.sweep:
             if key not in SAEConfig.__dataclass_fields__ and key != "lr":
                 raise UserError(f"sweep key '{key}' is not an SAE field or lr; valid: lr, {', '.join(SAEConfig.__dataclass_fields__)}.")
         if not 0 <= self.lr_warmup + self.lr_decay <= 1 or not 0 <= self.sparsity_warmup <= 1:
             raise UserError("lr_warmup + lr_decay and sparsity_warmup are fractions of the run in [0, 1].")
+
+    @property
+    def data_sites(self) -> list[str]:
+        """The sites the activation stream must carry: `sites` plus a transcoder's target
+        (empty: every site of the store)."""
+        sites = list(self.sites)
+        if sites and self.sae.target and self.sae.target not in sites:
+            sites.append(self.sae.target)
+        return sites
 
     @property
     def n_steps(self) -> int:
@@ -128,9 +145,12 @@ _LEGACY_TEXT_KEYS = ("context_size", "prepend_bos", "exclude_special_tokens")
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The fields of a TrainConfig dict that a resumed run must share with the original (the rest
-    may change); a run saved with the text settings at the top level compares as today's shape."""
+    may change). Runs written by older versions compare in today's shape: text settings saved at
+    the top level as the `text` block, SAE fields added since (e.g. `target`) as their defaults."""
     free = {"progress", "log_every", "checkpoint_every_tokens", "wandb", "resume", "out_dir", "device"}
-    config = dict(config)
-    if "text" not in config and any(k in config for k in _LEGACY_TEXT_KEYS):
-        config["text"] = {k: config.pop(k) for k in _LEGACY_TEXT_KEYS if k in config}
-    return {k: v for k, v in config.items() if k not in free}
+    out = {k: v for k, v in config.items() if k not in free}
+    if "text" not in out and any(k in out for k in _LEGACY_TEXT_KEYS):
+        out["text"] = {k: out.pop(k) for k in _LEGACY_TEXT_KEYS if k in out}
+    if isinstance(out.get("sae"), dict):
+        out["sae"] = {**dataclasses.asdict(SAEConfig()), **out["sae"]}
+    return out

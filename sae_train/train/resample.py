@@ -2,7 +2,9 @@
 
 A dead latent is pointed at an input the SAE reconstructs badly: its decoder row becomes that
 input's (centred, normalised) direction, its encoder column the same direction scaled to 0.2x
-the mean alive encoder norm, its encoder bias 0, and its Adam moments are reset. Inputs are
+the mean alive encoder norm, its encoder bias 0, and its Adam moments are reset. For a
+transcoder the decoder row is the badly reconstructed target's direction (centred by b_dec)
+and the encoder column the input's. Inputs are
 drawn with probability proportional to their squared reconstruction error. Rank 0 decides and
 broadcasts, so every rank holds the same weights afterwards.
 """
@@ -21,22 +23,29 @@ SAMPLE_TOKENS = 16_384
 
 @torch.no_grad()
 def resample_dead_(sae: SAE, optimizer: torch.optim.Optimizer, dead: torch.Tensor,
-                   sample: Callable[[int], dict[str, torch.Tensor]], dist: Dist, site: str, scale: float) -> int:
-    """Resample the latents in `dead`; returns how many (the same on every rank)."""
+                   sample: Callable[[int], dict[str, torch.Tensor]], dist: Dist, source: tuple[str, float],
+                   target: tuple[str, float]) -> int:
+    """Resample the latents in `dead`; returns how many (the same on every rank). source and
+    target are (site, normalisation scale); the target is the source for an SAE."""
     dead_idx = dead.nonzero().flatten()
     if dead_idx.numel() == 0:
         return 0
     if dist.is_main:
-        x = sample(SAMPLE_TOKENS)[site].to(dead.device, torch.float32) * scale
-        errors = (sae(x).x_hat - x).pow(2).sum(dim=1)
+        rows = sample(SAMPLE_TOKENS)
+        x = rows[source[0]].to(dead.device, torch.float32) * source[1]
+        y = rows[target[0]].to(dead.device, torch.float32) * target[1] if sae.cfg.is_transcoder else None
+        errors = (sae(x, target=y).x_hat - (x if y is None else y)).pow(2).sum(dim=1)
         if float(errors.sum()) > 0:
             picks = torch.multinomial(errors, dead_idx.numel(), replacement=dead_idx.numel() > len(x))
-            directions = x[picks] - sae.b_dec
+            directions = (x if y is None else y)[picks] - sae.b_dec
             directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            enc_directions = directions
+            if y is not None:
+                enc_directions = x[picks] / x[picks].norm(dim=1, keepdim=True).clamp_min(1e-8)
             alive = ~dead
             enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
             sae.W_dec[dead_idx] = directions * sae.W_dec[alive].norm(dim=1).mean().clamp_min(1e-8) if alive.any() else directions
-            sae.W_enc[:, dead_idx] = directions.T * 0.2 * enc_norm
+            sae.W_enc[:, dead_idx] = enc_directions.T * 0.2 * enc_norm
             sae.b_enc[dead_idx] = 0.0
     for tensor in (sae.W_dec, sae.W_enc, sae.b_enc):
         dist.broadcast_(tensor.data)

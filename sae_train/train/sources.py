@@ -21,6 +21,7 @@ from sae_train.data.packing import keep_mask
 from sae_train.errors import UserError
 from sae_train.lm import LanguageModel
 from sae_train.store import ActivationStore, ShuffledBatches
+from sae_train.store.shardfile import read_header
 from sae_train.train.dist import Dist
 
 
@@ -51,11 +52,14 @@ class StoreSource:
     For a GPU the prefetch thread gathers rows in the store's dtype (bf16: half the bytes)
     into pinned memory, and the trainer converts on the device; for the CPU, fp32 rows."""
 
-    def __init__(self, path: str, sites: list[str], batch_size: int, dist: Dist, *, seed: int, window_shards: int):
+    def __init__(self, path: str, sites: list[str], batch_size: int, dist: Dist, *, seed: int, window_shards: int,
+                 target: str = ""):
         self.store = ActivationStore(path)
         if self.store.n_tokens == 0:
             raise UserError(f"Activation store {path} holds no tokens yet; run (or finish) `sae-train cache ... out_dir={path}` first.")
         self.sites = sites or list(self.store.sites)
+        if target:
+            self._check_target(target, [s for s in self.sites if s != target])
         unknown = [s for s in self.sites if s not in self.store.sites]
         if unknown:
             raise UserError(f"Store {path} has no site {unknown}; it holds {list(self.store.sites)}. Fix sites=[...].")
@@ -63,6 +67,22 @@ class StoreSource:
         spec = self.store.manifest.spec
         self.provenance = {"source": "store", "store": str(path), **{k: spec.get(k) for k in ("model", "data", "text")}}
         self._reader: ShuffledBatches | None = None
+
+    def _check_target(self, target: str, sources: list[str]) -> None:
+        """A transcoder's target must be in the store, row for row with its sources (each shard
+        one tensor per site over the same tokens; checked on the shard headers)."""
+        fix = (f"A transcoder trains on its source and target sites cached in one pass, so their rows are the same "
+               f"tokens: `sae-train cache sites=[{','.join(sources) or '<source>'},{target}] ...` into a new "
+               "out_dir, or train with source=live.")
+        if target not in self.store.sites:
+            raise UserError(f"sae.target={target} is not in activation store {self.store.root}, which holds "
+                            f"{list(self.store.sites)}. {fix}")
+        for info in self.store.manifest.shards:
+            entries = read_header(self.store.root / info.file)
+            rows = {s: entries[s].shape[0] for s in (*sources, target) if s in entries}
+            if any(n != info.n_tokens for n in rows.values()):
+                raise UserError(f"Shard {info.file} of activation store {self.store.root} records {info.n_tokens} tokens "
+                                f"but holds rows {rows}: the target's rows do not line up with the source's. {fix}")
 
     def d_in(self, site: str) -> int:
         return self.store.sites[site].d_in

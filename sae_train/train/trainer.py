@@ -1,6 +1,7 @@
 """The training loop: several SAEs on one activation stream, single process or DDP.
 
-Per step every SAE takes its site's batch (normalised by its own constant), computes its loss
+Per step every SAE takes its site's batch (normalised by its own constant; a transcoder also
+its target site's rows of the same tokens, normalised by the target's constant), computes its loss
 and gradients, and starts averaging them over ranks (in place, fp32, asynchronously); then ONE
 small all-reduce carries every SAE's batch statistics (loss terms, FVU sums, L0, which latents
 fired) and the stop flags. Every rank therefore makes the same decisions (clip, step, dead
@@ -58,6 +59,9 @@ class SAERun:
 
     tag: str
     site: str
+    """The site the SAE reads."""
+    target: str
+    """The site it reconstructs: `site` for an SAE, sae.cfg.target for a transcoder."""
     sae: SAE
     optimizer: torch.optim.Optimizer
     lr: float
@@ -66,6 +70,8 @@ class SAERun:
     """Time of the dense GEMMs of one step on this machine (the roofline)."""
     scale: float = 1.0
     """Normalisation constant: the SAE sees x * scale, which has unit mean L2 norm."""
+    target_scale: float = 1.0
+    """The target's (a transcoder's target is y * target_scale, of unit mean norm; = scale for an SAE)."""
     since_fired: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     """Tokens since each latent last fired (dead-latent tracking)."""
     loss_names: tuple[str, ...] = ()
@@ -78,6 +84,10 @@ class SAERun:
     """Known on the host: an upper bound on the latents dead at the next step (those one batch
     from the dead threshold at the end of the step before, read one step late like the losses).
     0: none can be dead, so the step skips revival work; None: unknown (first step of a call)."""
+
+    def inference(self) -> SAE:
+        """The inference copy acting on raw activations (`SAE.fold` with this run's scales)."""
+        return self.sae.fold(self.scale, self.target_scale if self.target != self.site else None)
 
     def dead_mask(self, after_tokens: int) -> torch.Tensor:
         return self.since_fired >= after_tokens
@@ -169,7 +179,8 @@ class Trainer:
             raise UserError(f"batch_size={cfg.batch_size} must divide evenly across {dist.world_size} ranks.")
         if dist.device.type == "cuda" and self.compute_dtype == torch.float32:
             enable_tf32()
-        self.runs = [self._build_run(tag, site, overrides) for tag, site, overrides in sae_plan(cfg, source.sites)]
+        sites = [s for s in source.sites if s != cfg.sae.target]  # a transcoder's target is no training site
+        self.runs = [self._build_run(tag, site, overrides) for tag, site, overrides in sae_plan(cfg, sites)]
         self.step = self.tokens = self.position = 0
         self._pending: DeferredRead | None = None  # the last step's losses and stop flags
         self._pending_step = self._pending_start = 0
@@ -191,7 +202,9 @@ class Trainer:
                 f"sae.d_in={sae_cfg.d_in} does not match site {site} of the data, whose activations have "
                 f"d_in={d_in}. Remove sae.d_in (it is read from the data) or pick the matching site."
             )
-        sae = create_sae(sae_cfg.resolved(d_in), compute_dtype=self.compute_dtype).to(self.dist.device)
+        target = sae_cfg.target or site
+        d_out = self.source.d_in(target) if sae_cfg.target else 0
+        sae = create_sae(sae_cfg.resolved(d_in, d_out), compute_dtype=self.compute_dtype).to(self.dist.device)
         lr = lr or sae.default_lr()
         beta1, beta2 = self.cfg.adam_betas
         # The fused kernel is ~3x faster than the default multi-tensor Adam on CPU (one pass over
@@ -200,7 +213,7 @@ class Trainer:
                                      fused=self.dist.device.type in ("cpu", "cuda"))
         bound = _step_gemm_seconds(sae.cfg.architecture, self.local_batch, d_in, sae.cfg.d_sae,
                                    self.compute_dtype, self.dist.device)
-        return SAERun(tag=tag, site=site, sae=sae, optimizer=optimizer, lr=lr, directory=self.out_dir / tag,
+        return SAERun(tag=tag, site=site, target=target, sae=sae, optimizer=optimizer, lr=lr, directory=self.out_dir / tag,
                       bound_seconds=bound, since_fired=torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.dist.device))
 
     @torch.no_grad()
@@ -209,15 +222,21 @@ class Trainer:
         rank 0 and broadcast so every rank starts from identical weights."""
         sample = self.source.sample(self.cfg.init_tokens) if self.dist.is_main else None
         for run in self.runs:
-            scale = torch.zeros(1, dtype=torch.float64, device=self.dist.device)
+            scales = torch.zeros(2, dtype=torch.float64, device=self.dist.device)  # source's, target's
             if sample is not None:
-                x = sample[run.site].to(self.dist.device, torch.float32)
-                mean_norm = float(x.norm(dim=1).mean())
-                if not math.isfinite(mean_norm) or mean_norm == 0.0:
-                    raise self.source.nonfinite_error(run.site, 0, len(x), sample=True) or UserError(f"Activations of {run.site} have mean norm {mean_norm}; the data is degenerate (all zero or non-finite).")
-                scale[0] = 1.0 / mean_norm
-                run.sae.init_from_data(x * scale.item())
-            run.scale = float(self.dist.broadcast_(scale).item())
+                rows = {}
+                for i, site in enumerate(dict.fromkeys((run.site, run.target))):
+                    rows[site] = sample[site].to(self.dist.device, torch.float32)
+                    mean_norm = float(rows[site].norm(dim=1).mean())
+                    if not math.isfinite(mean_norm) or mean_norm == 0.0:
+                        raise self.source.nonfinite_error(site, 0, len(rows[site]), sample=True) or UserError(f"Activations of {site} have mean norm {mean_norm}; the data is degenerate (all zero or non-finite).")
+                    scales[i] = 1.0 / mean_norm
+                if run.target == run.site:
+                    scales[1] = scales[0]
+                    run.sae.init_from_data(rows[run.site] * scales[0].item())
+                else:
+                    run.sae.init_from_data(rows[run.site] * scales[0].item(), rows[run.target] * scales[1].item())
+            run.scale, run.target_scale = self.dist.broadcast_(scales).tolist()
             for tensor in itertools.chain(run.sae.parameters(), run.sae.buffers()):
                 self.dist.broadcast_(tensor.data)
                 torch.autograd.graph.increment_version(tensor)  # .data writes skip the version counter
@@ -240,6 +259,7 @@ class Trainer:
             load_weights(run.sae, tensors, run.sae.state_dict(), source=f"Training checkpoint {directory}")
             run.optimizer.load_state_dict(optimizer)
             run.scale = sae_state["scale"]
+            run.target_scale = sae_state.get("target_scale", run.scale)
         self.step, self.tokens, self.position = state["step"], state["tokens"], state["position"]
         self.wandb_id = state.get("wandb_id", "")
         log.info("resumed %s at step %d (%d tokens)", self.out_dir, self.step, self.tokens)
@@ -286,13 +306,17 @@ class Trainer:
         step late on every rank alike, so the host never waits for the step it just queued.
         """
         sparsity = sparsity_factor(self.step, self.n_steps, self.cfg.sparsity_warmup)
-        batch = {run.site: batch[run.site].to(self.dist.device, non_blocking=True) for run in self.runs}  # once per site
+        needed = {site for run in self.runs for site in (run.site, run.target)}
+        batch = {site: batch[site].to(self.dist.device, non_blocking=True) for site in needed}  # once per site
         stats, outs, finishers = [], [], []
         for run in self.runs:
             x, var = self._normalised(batch[run.site], run.scale)
+            y = None
+            if run.target != run.site:  # a transcoder: the FVU's variance is the target's
+                y, var = self._normalised(batch[run.target], run.target_scale)
             run.sae.max_dead = run.dead_bound
             dead = None if run.dead_bound == 0 else run.dead_mask(self.cfg.dead_after_tokens)
-            out = run.sae(x, dead_mask=dead, sparsity_scale=sparsity)
+            out = run.sae(x, target=y, dead_mask=dead, sparsity_scale=sparsity)
             out.losses["loss"].backward()
             finishers.append(self.dist.start_grad_average(run.params))
             run.loss_names = tuple(out.losses)
@@ -333,7 +357,9 @@ class Trainer:
             offset += len(run.loss_names)
             if not all(math.isfinite(v) for v in losses.values()):
                 start = self._pending_start
-                raise self.source.nonfinite_error(run.site, start, start + self.cfg.batch_size) or UserError(
+                stop = start + self.cfg.batch_size
+                raise next((err for site in dict.fromkeys((run.site, run.target))
+                            if (err := self.source.nonfinite_error(site, start, stop))), None) or UserError(
                     f"Non-finite loss for SAE {run.tag} at step {self._pending_step} ({losses}). Training stopped; the "
                     "last checkpoint was left untouched. Lower lr, use dtype=float32, or check the activations."
                 )
@@ -404,7 +430,7 @@ class Trainer:
         for run in self.runs:
             if run.sae.revival == "resample":
                 count = resample_dead_(run.sae, run.optimizer, run.dead_mask(self.cfg.dead_after_tokens),
-                                       sample, self.dist, run.site, run.scale)
+                                       sample, self.dist, (run.site, run.scale), (run.target, run.target_scale))
                 if count:
                     log.info("%s: resampled %d dead latents at step %d", run.tag, count, self.step)
 
@@ -452,9 +478,9 @@ class Trainer:
         if self.dist.is_main:
             for run in self.runs:
                 staging = staging_dir(run.directory)
-                save_sae(run.sae.fold(run.scale), staging, self._inference_metadata(run))
-                state = {"step": self.step, "tokens": self.tokens, "scale": run.scale, "tag": run.tag, "site": run.site,
-                         "sae": asdict(run.sae.cfg)}
+                save_sae(run.inference(), staging, self._inference_metadata(run))
+                state = {"step": self.step, "tokens": self.tokens, "scale": run.scale, "target_scale": run.target_scale,
+                         "tag": run.tag, "site": run.site, "sae": asdict(run.sae.cfg)}
                 ckpt.write_training_state(staging, {**run.sae.state_dict(), "since_fired": run.since_fired},
                                           run.optimizer.state_dict(), state)
             ckpt.commit(self.out_dir, [r.directory for r in self.runs], {
