@@ -9,18 +9,23 @@ Several SAEs train together and must resume from the same step, so a save is a s
 transaction: every SAE directory is first written complete under a temporary name, then each
 is swapped in (the old one kept as `.prev`), then the run-level `train_state.json` is replaced
 atomically — the commit point — and the `.prev` copies are deleted. A crash at any instant
-leaves, for every SAE, a directory (or its `.prev`) matching the committed step.
+leaves, for every SAE, a directory (or its `.prev`) matching the committed step. A write that
+fails (full disk, quota) stops training with a `UserError` and leaves the committed checkpoint
+as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sae_train.atomic import fsync_dir, write_text_atomic
@@ -68,6 +73,29 @@ def commit(out_dir: Path, sae_dirs: list[Path], run_state: dict) -> None:
     for directory in sae_dirs:
         if _prev(directory).exists():
             shutil.rmtree(_prev(directory))
+
+
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+"""What the writers raise when a write fails: Python's files OSError, torch.save RuntimeError,
+safetensors SafetensorError."""
+
+
+@contextlib.contextmanager
+def failed_writes_stop(out_dir: Path, sae_dirs: list[Path], step: int) -> Iterator[None]:
+    """Around one save: a failed write removes this save's half-written staging directories
+    and becomes a UserError; the committed checkpoint stays loadable (an SAE already swapped
+    in has its `.prev`, which resuming restores)."""
+    try:
+        yield
+    except WRITE_ERRORS as err:
+        for directory in sae_dirs:
+            shutil.rmtree(_tmp(directory), ignore_errors=True)
+        free = shutil.disk_usage(out_dir).free if out_dir.exists() else 0
+        raise UserError(
+            f"Could not write the checkpoint of step {step} into {out_dir} ({err}; {free / 2**20:,.0f} MiB free "
+            "there). Training stopped; the previous checkpoint is intact. Free disk space (or fix the directory's "
+            "permissions), then rerun the same command to resume from it."
+        ) from err
 
 
 def staging_dir(directory: Path) -> Path:
@@ -125,5 +153,6 @@ def read_training_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict,
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The config fields a resumed run must share with the original (the rest may change)."""
-    free = {"progress", "log_every", "checkpoint_every_tokens", "wandb", "resume", "out_dir", "device"}
+    free = {"progress", "log_every", "checkpoint_every_tokens", "wandb", "resume", "out_dir", "device",
+            "dist_timeout_s"}
     return {k: v for k, v in config.items() if k not in free}

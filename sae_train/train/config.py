@@ -67,6 +67,10 @@ class TrainConfig(TextConfig):
     Master weights and optimizer state stay float32."""
     device: str = "auto"
     """cpu | cuda | auto. Under torchrun each rank takes its LOCAL_RANK GPU."""
+    dist_timeout_s: float = 1800.0
+    """DDP: seconds a rank waits in a collective for the others before it stops with an error
+    (a hung rank or a lost node; a rank that dies on a healthy node fails the others at once).
+    It must exceed the longest rank-0-only work: a checkpoint save, a periodic eval."""
     init_tokens: int = 32_768
     """Tokens sampled once to set the normalisation constant and b_dec."""
     dead_after_tokens: int = 20_000

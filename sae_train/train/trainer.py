@@ -412,19 +412,20 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint every SAE (rank 0 writes; every rank waits so none runs ahead)."""
         if self.dist.is_main:
-            for run in self.runs:
-                staging = ckpt.staging_dir(run.directory)
-                save_sae(run.sae.fold(run.scale), staging, self._inference_metadata(run))
-                state = {"step": self.step, "tokens": self.tokens, "scale": run.scale, "tag": run.tag, "site": run.site,
-                         "sae": asdict(run.sae.cfg)}
-                ckpt.write_training_state(staging, {**run.sae.state_dict(), "since_fired": run.since_fired},
-                                          run.optimizer.state_dict(), state)
-            ckpt.commit(self.out_dir, [r.directory for r in self.runs], {
-                "step": self.step, "tokens": self.tokens, "position": self.position, "n_steps": self.n_steps,
-                "config": self.config_dict, "saes": [r.tag for r in self.runs], "wandb_id": self.wandb_id,
-                "world_size": self.dist.world_size,
-                "provenance": provenance(),
-            })
+            with ckpt.failed_writes_stop(self.out_dir, [r.directory for r in self.runs], self.step):
+                for run in self.runs:
+                    staging = ckpt.staging_dir(run.directory)
+                    save_sae(run.sae.fold(run.scale), staging, self._inference_metadata(run))
+                    state = {"step": self.step, "tokens": self.tokens, "scale": run.scale, "tag": run.tag,
+                             "site": run.site, "sae": asdict(run.sae.cfg)}
+                    ckpt.write_training_state(staging, {**run.sae.state_dict(), "since_fired": run.since_fired},
+                                              run.optimizer.state_dict(), state)
+                ckpt.commit(self.out_dir, [r.directory for r in self.runs], {
+                    "step": self.step, "tokens": self.tokens, "position": self.position, "n_steps": self.n_steps,
+                    "config": self.config_dict, "saes": [r.tag for r in self.runs], "wandb_id": self.wandb_id,
+                    "world_size": self.dist.world_size,
+                    "provenance": provenance(),
+                })
         self.dist.barrier()
 
     def _inference_metadata(self, run: SAERun) -> dict[str, Any]:
