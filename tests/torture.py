@@ -139,20 +139,36 @@ def _new_entries(before: dict, after: dict) -> dict:
     return {path: stat for path, stat in after.items() if before.get(path) != stat}
 
 
-def torture(scenario: Scenario, launcher: Launcher, work: Path, seed: int, kills: int = 20) -> Report:
-    """Reference run into work/ref, then `kills` kills of the same command into work/out."""
-    started = time.perf_counter()
-    report = Report(scenario.name, seed)
-    ref, out = work / "ref", work / "out"
-    for path in (ref, out):
-        shutil.rmtree(path, ignore_errors=True)
+@dataclass
+class Reference:
+    """An uninterrupted run: what it left and how long it took."""
+
+    expected: dict[str, object]
+    duration: float
+    startup: float
+    """Time of the same command rerun on its finished output (start-up only)."""
+
+
+def reference(scenario: Scenario, launcher: Launcher, ref: Path) -> Reference:
+    """Run the command once into `ref`, then again: the rerun of a finished command must change nothing."""
+    shutil.rmtree(ref, ignore_errors=True)
     duration = launcher.run(scenario.argv(ref))
     expected = scenario.result(ref)
-    startup = launcher.run(scenario.argv(ref))  # rerunning a finished command only starts up...
-    report.identical &= equal(scenario.result(ref), expected)  # ...and changes nothing
+    startup = launcher.run(scenario.argv(ref))
+    if not equal(scenario.result(ref), expected):
+        raise AssertionError(f"{scenario.name}: rerunning a finished command changed its output")
+    return Reference(expected, duration, startup)
+
+
+def torture(scenario: Scenario, launcher: Launcher, ref: Reference, out: Path, seed: int, kills: int = 20) -> Report:
+    """`kills` kills of the command writing into `out` (emptied first), each followed by a rerun."""
+    started = time.perf_counter()
+    report = Report(scenario.name, seed)
+    shutil.rmtree(out, ignore_errors=True)
+    expected = ref.expected
     # On average a chain of `kills` runs covers the work once: each run starts up, then works for
     # (duration - startup) / kills on average before it is killed.
-    window = startup + 2 * max(duration - startup, 0.0) / kills
+    window = ref.startup + 2 * max(ref.duration - ref.startup, 0.0) / kills
     rng = random.Random(seed)
     while report.kills < kills:
         before = scenario.staging(out)
@@ -249,12 +265,12 @@ def cache_scenario(model_dir: Path, corpus: Path) -> Scenario:
 
 # ---- the training scenario ------------------------------------------------------------------
 def train_scenario(store: Path) -> Scenario:
-    """Two SAEs of a sweep trained together on a synthetic store, a checkpoint every 2 steps."""
+    """Two SAEs of a sweep trained together on a synthetic store, a checkpoint every 4 steps."""
 
     def argv(out: Path) -> list[str]:
         return ["train", f"store={store}", f"out_dir={out}", "dtype=float32", "device=cpu", "progress=false",
-                "sae=topk", "sae.expansion_factor=4", "+sweep.k=[4,8]", "n_tokens=32768", "batch_size=256",
-                "checkpoint_every_tokens=512", "log_every=4", "init_tokens=2048"]
+                "sae=topk", "sae.expansion_factor=4", "+sweep.k=[4,8]", "n_tokens=16384", "batch_size=256",
+                "checkpoint_every_tokens=1024", "log_every=4", "init_tokens=2048"]
 
     def staging(out: Path) -> dict[str, tuple[int, int]]:
         if not out.is_dir():
