@@ -49,15 +49,15 @@ def main() -> None:
             "train": lambda: torture.train_scenario(write_store(work / "store", true_directions(64, 32), 32_768,
                                                                 tokens_per_shard=4096)),
         }
-        totals: dict[str, Counter] = {}
+        totals: dict[str, Counter] = {name: Counter() for name in a.scenarios}
         different, started = 0, time.perf_counter()
-        for name in a.scenarios:
-            scenario = scenarios[name]()
-            ref = torture.reference(scenario, launcher, work / name / "ref")
+        chosen = {name: scenarios[name]() for name in a.scenarios}
+        refs = {name: torture.reference(scenario, launcher, work / name / "ref") for name, scenario in chosen.items()}
+        for name, ref in refs.items():
             print(f"{name}: uninterrupted run {ref.duration:.2f} s, start-up {ref.startup:.2f} s", flush=True)
-            totals[name] = Counter()
-            for seed in range(a.first_seed, a.first_seed + a.seeds):
-                report = torture.torture(scenario, launcher, ref, work / name / "out", seed, a.kills)
+        for seed in range(a.first_seed, a.first_seed + a.seeds):
+            for name, scenario in chosen.items():
+                report = torture.torture(scenario, launcher, refs[name], work / name / "out", seed, a.kills)
                 print(report.line(), flush=True)
                 totals[name].update(report.landed)
                 totals[name]["kills"] += report.kills
