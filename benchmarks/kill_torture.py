@@ -31,6 +31,15 @@ from tests import tiny, torture  # noqa: E402
 from tests.synthetic import true_directions, write_store  # noqa: E402
 
 
+def scenario(name: str, work: Path) -> torture.Scenario:
+    """The scenario `name` with its inputs (a tiny model and text, or a synthetic store) in `work`."""
+    if name == "cache":
+        model = tiny.save_tiny_model(work / "model", "llama", tiny.tiny_tokenizer())
+        return torture.cache_scenario(model, torture.write_corpus(work / "corpus"))
+    store = write_store(work / "store", true_directions(64, 32), 32_768, tokens_per_shard=4096)
+    return torture.train_scenario(store)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=10, help="how many seeds per scenario")
@@ -43,21 +52,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
         work = Path(tmp)
         launcher = torture.Launcher(work / "runs.log")
-        scenarios = {
-            "cache": lambda: torture.cache_scenario(tiny.save_tiny_model(work / "model", "llama", tiny.tiny_tokenizer()),
-                                                    torture.write_corpus(work / "corpus")),
-            "train": lambda: torture.train_scenario(write_store(work / "store", true_directions(64, 32), 32_768,
-                                                                tokens_per_shard=4096)),
-        }
         totals: dict[str, Counter] = {name: Counter() for name in a.scenarios}
         different, started = 0, time.perf_counter()
-        chosen = {name: scenarios[name]() for name in a.scenarios}
-        refs = {name: torture.reference(scenario, launcher, work / name / "ref") for name, scenario in chosen.items()}
+        chosen = {name: scenario(name, work) for name in a.scenarios}
+        refs = {name: torture.reference(s, launcher, work / name / "ref") for name, s in chosen.items()}
         for name, ref in refs.items():
             print(f"{name}: uninterrupted run {ref.duration:.2f} s, start-up {ref.startup:.2f} s", flush=True)
         for seed in range(a.first_seed, a.first_seed + a.seeds):
-            for name, scenario in chosen.items():
-                report = torture.torture(scenario, launcher, refs[name], work / name / "out", seed, a.kills)
+            for name, chosen_scenario in chosen.items():
+                report = torture.torture(chosen_scenario, launcher, refs[name], work / name / "out", seed, a.kills)
                 print(report.line(), flush=True)
                 totals[name].update(report.landed)
                 totals[name]["kills"] += report.kills

@@ -126,13 +126,19 @@ class Report:
     completions: int = 0
     """Runs that finished before their kill instant (each compared with the reference)."""
     landed: Counter = field(default_factory=Counter)
-    identical: bool = True
+    different: list[str] = field(default_factory=list)
+    """What differed from the uninterrupted run (files, tensors), over every completed run."""
     seconds: float = 0.0
+
+    @property
+    def identical(self) -> bool:
+        return not self.different
 
     def line(self) -> str:
         where = ", ".join(f"{k} {v}" for k, v in sorted(self.landed.items()))
-        return (f"{self.scenario} seed {self.seed}: {self.kills} kills ({where}), {self.completions} early completions, "
-                f"{'identical' if self.identical else 'DIFFERENT'}, {self.seconds:.1f} s")
+        outcome = "identical" if self.identical else f"DIFFERENT: {self.different[:5]}"
+        return (f"{self.scenario} seed {self.seed}: {self.kills} kills ({where}), "
+                f"{self.completions} early completions, {outcome}, {self.seconds:.1f} s")
 
 
 def _new_entries(before: dict, after: dict) -> dict:
@@ -155,8 +161,9 @@ def reference(scenario: Scenario, launcher: Launcher, ref: Path) -> Reference:
     duration = launcher.run(scenario.argv(ref))
     expected = scenario.result(ref)
     startup = launcher.run(scenario.argv(ref))
-    if not equal(scenario.result(ref), expected):
-        raise AssertionError(f"{scenario.name}: rerunning a finished command changed its output")
+    changed = differences(scenario.result(ref), expected)
+    if changed:
+        raise AssertionError(f"{scenario.name}: rerunning a finished command changed {changed}")
     return Reference(expected, duration, startup)
 
 
@@ -184,25 +191,25 @@ def torture(scenario: Scenario, launcher: Launcher, ref: Reference, out: Path, s
         if proc.exitcode != 0:
             raise AssertionError(f"{scenario.name}: a rerun exited with {proc.exitcode}:\n{launcher.tail()}")
         report.completions += 1
-        report.identical &= equal(scenario.result(out), expected)
+        report.different += differences(scenario.result(out), expected)
         shutil.rmtree(out)
     launcher.run(scenario.argv(out))
-    report.identical &= equal(scenario.result(out), expected)
+    report.different += differences(scenario.result(out), expected)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def equal(got: dict[str, object], expected: dict[str, object]) -> bool:
-    if got.keys() != expected.keys():
-        return False
-    for key, value in expected.items():
-        other = got[key]
+def differences(got: dict[str, object], expected: dict[str, object]) -> list[str]:
+    """The keys whose values differ (tensors: dtype and every bit), missing or extra."""
+    out = sorted(set(got) ^ set(expected))
+    for key in sorted(set(got) & set(expected)):
+        value, other = expected[key], got[key]
         if isinstance(value, torch.Tensor):
             if not (isinstance(other, torch.Tensor) and other.dtype == value.dtype and torch.equal(other, value)):
-                return False
+                out.append(key)
         elif other != value:
-            return False
-    return True
+            out.append(key)
+    return out
 
 
 def _stats(paths: list[Path], root: Path) -> dict[str, tuple[int, int]]:
@@ -270,7 +277,7 @@ def train_scenario(store: Path) -> Scenario:
     def argv(out: Path) -> list[str]:
         return ["train", f"store={store}", f"out_dir={out}", "dtype=float32", "device=cpu", "progress=false",
                 "sae=topk", "sae.expansion_factor=4", "+sweep.k=[4,8]", "n_tokens=16384", "batch_size=256",
-                "checkpoint_every_tokens=1024", "log_every=4", "init_tokens=2048"]
+                "checkpoint_every_tokens=1024", "log_every=1", "init_tokens=2048"]
 
     def staging(out: Path) -> dict[str, tuple[int, int]]:
         if not out.is_dir():
@@ -303,6 +310,8 @@ def train_scenario(store: Path) -> Scenario:
             got |= {f"{tag}/inference/{k}": v for k, v in load_file(str(out / tag / "sae.safetensors")).items()}
             for index, moments in optimizer["state"].items():
                 got |= {f"{tag}/adam/{index}/{k}": v for k, v in moments.items()}
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        got["logged"] = [(row["step"], row["sae"]) for row in rows]  # each step once, in order
         leftovers = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.name.endswith((".tmp", ".prev")))
         got["leftovers"] = leftovers
         return got

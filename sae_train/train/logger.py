@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sae_train.atomic import write_text_atomic
 from sae_train.errors import UserError
 from sae_train.train.config import WandbConfig
 
@@ -58,6 +59,16 @@ class MetricsLogger:
             self.run_id = self._wandb.id
             log.info("W&B run %s (%s) in %s", self.run_id, wandb_mode(wandb_cfg), self._wandb.dir)
 
+    def rewind(self, step: int) -> None:
+        """Drop the rows after `step` (and a line torn by a kill): a run that stopped after its
+        last checkpoint logged them, and the resumed run logs those steps again."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _step(line) <= step]
+        if len(kept) < len(lines):
+            write_text_atomic(self.path, "".join(kept))
+
     def log(self, step: int, tokens: int, tag: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
@@ -86,6 +97,14 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _step(line: str) -> float:
+    """The step of a metrics line; infinite for a line a kill cut short."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _plain(value: float) -> float | None:

@@ -160,6 +160,7 @@ class Trainer:
         if not (cfg.resume and self._restore()):
             self._initialise()
         self.logger = MetricsLogger(self.out_dir, dist.is_main, cfg.wandb, self.config_dict, self.wandb_id)
+        self.logger.rewind(self.step)
         self.wandb_id = self.logger.run_id
 
     # ---- set-up -------------------------------------------------------------------------
