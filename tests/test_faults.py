@@ -180,3 +180,18 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(store, tmp_path, m
     run(config(out))
     got, expected = torture.train_scenario(store).result(out), torture.train_scenario(store).result(tmp_path / "whole")
     assert not torture.differences(got, expected)
+
+
+def test_rerun_removes_what_a_killed_save_left(store, tmp_path):
+    """A kill inside a save leaves a staging directory and a uniquely named temp file of the run
+    state, which no later save replaces; resuming removes them (the kill torture checks this
+    too, where its kills land there)."""
+    config = TrainConfig(store=str(store), out_dir=str(tmp_path), n_tokens=4096, batch_size=512, dtype="float32",
+                         progress=False, sae=SAEConfig(architecture="topk", k=4, expansion_factor=4))
+    run(config)
+    staging = tmp_path / "synthetic.tmp"
+    staging.mkdir()
+    (staging / "sae.safetensors").write_bytes(b"\0" * 7)
+    (tmp_path / f".{ckpt.RUN_STATE}.k2j9x1.tmp").write_text("{")
+    run(config)
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]

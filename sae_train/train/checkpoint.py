@@ -107,6 +107,15 @@ def staging_dir(directory: Path) -> Path:
     return tmp
 
 
+def remove_stale(out_dir: Path, sae_dirs: list[Path]) -> None:
+    """Remove what a save killed midway left: staging directories and the run state's temp files
+    (uniquely named, so no later save replaces them)."""
+    for directory in sae_dirs:
+        shutil.rmtree(_tmp(directory), ignore_errors=True)
+    for path in out_dir.glob(f".{RUN_STATE}.*.tmp"):
+        path.unlink(missing_ok=True)
+
+
 def read_run_state(out_dir: Path) -> dict | None:
     path = out_dir / RUN_STATE
     if not path.exists():
@@ -117,7 +126,7 @@ def read_run_state(out_dir: Path) -> dict | None:
         raise UserError(f"{path} is corrupt ({err}); remove it to start over, or restore a copy.") from err
 
 
-def restore_committed(directory: Path, step: int) -> Path:
+def restore_committed(directory: Path, step: int) -> None:
     """Make `directory` hold its checkpoint of the committed `step` again.
 
     After a crash between swapping SAE directories and committing, the committed copy of some
@@ -128,12 +137,12 @@ def restore_committed(directory: Path, step: int) -> Path:
         return json.loads(state_file.read_text()).get("step") if state_file.exists() else None
 
     if step_of(directory) == step:
-        return directory
+        return
     if step_of(_prev(directory)) == step:
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(_prev(directory), directory)
-        return directory
+        return
     raise UserError(
         f"No checkpoint of step {step} in {directory} (or {_prev(directory).name}) although {RUN_STATE} "
         "records it; the run directory was modified. Remove it to start over."

@@ -157,6 +157,8 @@ class Trainer:
         self.step = self.tokens = self.position = 0
         self.wandb_id = ""
         self.config_dict = asdict(cfg)
+        if dist.is_main:
+            ckpt.remove_stale(self.out_dir, [r.directory for r in self.runs])
         if not (cfg.resume and self._restore()):
             self._initialise()
         self.logger = MetricsLogger(self.out_dir, dist.is_main, cfg.wandb, self.config_dict, self.wandb_id)
@@ -216,9 +218,12 @@ class Trainer:
                 f"{self.out_dir} holds a training run with a different config ({'; '.join(diffs)}). Use the original "
                 "settings to resume it, a new out_dir, or resume=false to start over in this directory."
             )
+        if self.dist.is_main:  # one rank repairs what a crash during a save left; the others wait
+            for run in self.runs:
+                ckpt.restore_committed(run.directory, state["step"])
+        self.dist.barrier()
         for run in self.runs:
-            directory = ckpt.restore_committed(run.directory, state["step"])
-            tensors, optimizer, sae_state = ckpt.read_training_state(directory)
+            tensors, optimizer, sae_state = ckpt.read_training_state(run.directory)
             run.since_fired = tensors.pop("since_fired").to(self.dist.device)
             run.sae.load_state_dict({k: v.to(self.dist.device) for k, v in tensors.items()})
             run.optimizer.load_state_dict(optimizer)
