@@ -119,7 +119,7 @@ def test_ddp_hung_rank_fails_the_others_after_dist_timeout(store, tmp_path):
     finally:
         os.kill(workers[1], signal.SIGKILL)  # torchrun would, after its own grace period
     _, stderr = proc.communicate(timeout=120)
-    assert 8 <= waited < 40
+    assert 7 <= waited < 40  # rank 0 may have been waiting already when rank 1 stopped
     assert "Rank 0 of 2 lost the other ranks" in stderr and "dist_timeout_s" in stderr
 
 

@@ -6,10 +6,10 @@ A torture of one scenario (`cache` or `train`) draws every kill instant from
 uninterrupted reference run (its start-up plus twice its share of the work), so a chain of
 kills, each followed by the same command that may itself be killed, covers the whole run on
 average and ends in a run that completes. A run that completes before its kill instant is
-compared with the reference and the chain starts over from nothing. After
-each kill the output must already be valid (a store of whole shards, a loadable checkpoint),
-and where the kill landed is read from what it left: a shard or checkpoint half written.
-The seed fixes the instants; where they land also depends on the machine's speed.
+compared with the reference and the chain starts over from nothing. After each kill the
+output must already be valid (a store of whole shards, a loadable checkpoint), and where the
+kill landed is read from what it left: a shard or checkpoint half written. The seed fixes the
+instants; where they land also depends on the machine's speed.
 
 Starting Python, torch and transformers costs seconds per command, more than the commands
 themselves, so every run is a fork of a warm `multiprocessing` forkserver that has imported
