@@ -3,9 +3,9 @@ what it leaves equals an uninterrupted run's.
 
 A torture of one scenario (`cache` or `train`) draws every kill instant from
 `random.Random(seed)`, uniform from the start of the process over a window sized from the
-uninterrupted reference run (its start-up plus twice its share of the work), so a chain of
-kills, each followed by the same command that may itself be killed, covers the whole run on
-average and ends in a run that completes. A run that completes before its kill instant is
+uninterrupted reference run (`kill_window`) so that a chain of kills, each followed by the
+same command that may itself be killed, covers the whole run on average and ends in a run
+that completes. A run that completes before its kill instant is
 compared with the reference and the chain starts over from nothing. After each kill the
 output must already be valid (a store of whole shards, a loadable checkpoint), and where the
 kill landed is read from what it left: a shard or checkpoint half written. The seed fixes the
@@ -23,6 +23,7 @@ benchmarks/kill_torture.py (N seeds).
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -174,15 +175,21 @@ def reference(scenario: Scenario, launcher: Launcher, ref: Path) -> Reference:
     return Reference(expected, duration, startup)
 
 
+def kill_window(ref: Reference, kills: int) -> float:
+    """The span after a run's start that its kill instant is drawn from, uniformly: its start-up
+    `s` plus `w` of work, where w solves w^2 / (2 (s + w)) = work / kills (the mean of
+    max(0, instant - s)), so that on average a chain of `kills` runs covers the work once."""
+    s, share = ref.startup, max(ref.duration - ref.startup, 0.0) / kills
+    return s + share + math.sqrt(share * share + 2 * share * s)
+
+
 def torture(scenario: Scenario, launcher: Launcher, ref: Reference, out: Path, seed: int, kills: int = 20) -> Report:
     """`kills` kills of the command writing into `out` (emptied first), each followed by a rerun."""
     started = time.perf_counter()
     report = Report(scenario.name, seed)
     shutil.rmtree(out, ignore_errors=True)
     expected = ref.expected
-    # On average a chain of `kills` runs covers the work once: each run starts up, then works for
-    # (duration - startup) / kills on average before it is killed.
-    window = ref.startup + 2 * max(ref.duration - ref.startup, 0.0) / kills
+    window = kill_window(ref, kills)
     rng = random.Random(seed)
     while report.kills < kills:
         before = scenario.staging(out)
@@ -244,13 +251,13 @@ def write_corpus(directory: Path) -> Path:
 
 
 def cache_scenario(model_dir: Path, corpus: Path) -> Scenario:
-    """A 12-shard cache run of a tiny model, two sites, over the files in `corpus`."""
+    """A 32-shard cache run of a tiny model, two sites, over the files in `corpus`."""
 
     def argv(out: Path) -> list[str]:
         return ["cache", f"model.name={model_dir}", "model.dtype=float32", "model.device=cpu",
                 "data.source=files", f"data.path={corpus}",
-                "sites=[blocks.2.hook_resid_post,blocks.1.hook_mlp_out]", "n_tokens=12288", "context_size=32",
-                "tokens_per_shard=1024", "batch_size=2", f"out_dir={out}", "progress=false"]
+                "sites=[blocks.2.hook_resid_post,blocks.1.hook_mlp_out]", "n_tokens=16384", "context_size=32",
+                "tokens_per_shard=512", "batch_size=2", f"out_dir={out}", "progress=false"]
 
     def staging(out: Path) -> dict[str, tuple[int, int]]:
         if not out.is_dir():
