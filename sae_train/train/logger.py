@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sae_train.atomic import write_text_atomic
 from sae_train.errors import UserError
 from sae_train.train.config import WandbConfig
 
@@ -64,10 +63,14 @@ class MetricsLogger:
         last checkpoint logged them, and the resumed run logs those steps again."""
         if not self.enabled or not self.path.exists():
             return
-        lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if _step(line) <= step]
-        if len(kept) < len(lines):
-            write_text_atomic(self.path, "".join(kept))
+        data = self.path.read_bytes()
+        keep = 0
+        for line in data.splitlines(keepends=True):  # steps only grow down the file: keep a prefix
+            if _step(line) > step:
+                break
+            keep += len(line)
+        if keep < len(data):
+            os.truncate(self.path, keep)  # in place: a kill leaves the old file or the shorter one
 
     def log(self, step: int, tokens: int, tag: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -99,10 +102,10 @@ class MetricsLogger:
             self._wandb = None
 
 
-def _step(line: str) -> float:
+def _step(line: bytes) -> float:
     """The step of a metrics line; infinite for a line a kill cut short."""
     try:
-        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+        return json.loads(line)["step"] if line.endswith(b"\n") else math.inf
     except (ValueError, KeyError, TypeError):
         return math.inf
 
