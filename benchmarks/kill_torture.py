@@ -3,6 +3,7 @@ instants per seed, rerunning the same command after each kill, and check the fin
 byte-identical and the final weights bitwise equal to an uninterrupted run's.
 
     python benchmarks/kill_torture.py --seeds 200 [--first-seed 0] [--kills 20] [--scenarios cache train]
+                                      [--minutes 60]
 
 Prints one line per seed and scenario (where its kills landed: mid-shard, mid-manifest,
 shard-unlisted, between-writes for the cache; mid-checkpoint, between-checkpoints for
@@ -46,6 +47,7 @@ def main() -> None:
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--kills", type=int, default=20, help="kills per seed and scenario")
     p.add_argument("--scenarios", nargs="+", choices=["cache", "train"], default=["cache", "train"])
+    p.add_argument("--minutes", type=float, default=0, help="start no seed after this many minutes (0: no limit)")
     p.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     a = p.parse_args()
 
@@ -58,7 +60,11 @@ def main() -> None:
         refs = {name: torture.reference(s, launcher, work / name / "ref") for name, s in chosen.items()}
         for name, ref in refs.items():
             print(f"{name}: uninterrupted run {ref.duration:.2f} s, start-up {ref.startup:.2f} s", flush=True)
+        seeds = 0
         for seed in range(a.first_seed, a.first_seed + a.seeds):
+            if a.minutes and time.perf_counter() - started > 60 * a.minutes:
+                break
+            seeds += 1
             for name, chosen_scenario in chosen.items():
                 report = torture.torture(chosen_scenario, launcher, refs[name], work / name / "out", seed, a.kills)
                 print(report.line(), flush=True)
@@ -66,7 +72,7 @@ def main() -> None:
                 totals[name]["kills"] += report.kills
                 totals[name]["early completions"] += report.completions
                 different += not report.identical
-        print(f"\n{a.seeds} seeds x {a.kills} kills per scenario, {time.perf_counter() - started:,.0f} s")
+        print(f"\n{seeds} seeds x {a.kills} kills per scenario, {time.perf_counter() - started:,.0f} s")
         for name, counts in totals.items():
             print(f"{name:6s} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         print("all results identical to the uninterrupted runs" if not different else f"{different} results DIFFERED")

@@ -150,6 +150,7 @@ def _new_entries(before: dict, after: dict) -> dict:
 class Reference:
     """An uninterrupted run: what it left and how long it took."""
 
+    path: Path
     expected: dict[str, object]
     duration: float
     startup: float
@@ -172,14 +173,14 @@ def reference(scenario: Scenario, launcher: Launcher, ref: Path) -> Reference:
         if changed:
             raise AssertionError(f"{scenario.name}: {what} {changed}")
     shutil.rmtree(again)
-    return Reference(expected, duration, startup)
+    return Reference(ref, expected, duration, startup)
 
 
-def kill_window(ref: Reference, kills: int) -> float:
+def kill_window(startup: float, work: float, kills: int) -> float:
     """The span after a run's start that its kill instant is drawn from, uniformly: its start-up
     `s` plus `w` of work, where w solves w^2 / (2 (s + w)) = work / kills (the mean of
     max(0, instant - s)), so that on average a chain of `kills` runs covers the work once."""
-    s, share = ref.startup, max(ref.duration - ref.startup, 0.0) / kills
+    s, share = startup, work / kills
     return s + share + math.sqrt(share * share + 2 * share * s)
 
 
@@ -189,7 +190,9 @@ def torture(scenario: Scenario, launcher: Launcher, ref: Reference, out: Path, s
     report = Report(scenario.name, seed)
     shutil.rmtree(out, ignore_errors=True)
     expected = ref.expected
-    window = kill_window(ref, kills)
+    # The machine's speed drifts (other jobs): time the start-up again and scale the work with it.
+    startup = launcher.run(scenario.argv(ref.path))
+    window = kill_window(startup, max(ref.duration - ref.startup, 0.0) * startup / ref.startup, kills)
     rng = random.Random(seed)
     while report.kills < kills:
         before = scenario.staging(out)
