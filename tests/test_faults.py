@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -183,15 +184,17 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(store, tmp_path, m
 
 
 def test_rerun_removes_what_a_killed_save_left(store, tmp_path):
-    """A kill inside a save leaves a staging directory and a uniquely named temp file of the run
-    state, which no later save replaces; resuming removes them (the kill torture checks this
-    too, where its kills land there)."""
+    """A kill inside a save leaves a staging directory, a uniquely named temp file of the run
+    state, or (after the commit) the previous checkpoint's `.prev` copy; when the save was the
+    last one no later save replaces them, so resuming removes them (the kill torture found
+    these)."""
     config = TrainConfig(store=str(store), out_dir=str(tmp_path), n_tokens=4096, batch_size=512, dtype="float32",
                          progress=False, sae=SAEConfig(architecture="topk", k=4, expansion_factor=4))
     run(config)
+    shutil.copytree(tmp_path / "synthetic", tmp_path / "synthetic.prev")  # killed after the commit
     staging = tmp_path / "synthetic.tmp"
     staging.mkdir()
     (staging / "sae.safetensors").write_bytes(b"\0" * 7)
     (tmp_path / f".{ckpt.RUN_STATE}.k2j9x1.tmp").write_text("{")
     run(config)
-    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith((".tmp", ".prev"))]

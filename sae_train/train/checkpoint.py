@@ -131,12 +131,14 @@ def restore_committed(directory: Path, step: int) -> None:
 
     After a crash between swapping SAE directories and committing, the committed copy of some
     SAEs is their `.prev`; it is moved back into place so the next save starts from a clean state.
+    After a crash between committing and removing the `.prev` copies, they are removed.
     """
     def step_of(candidate: Path) -> int | None:
         state_file = candidate / SAE_STATE
         return json.loads(state_file.read_text()).get("step") if state_file.exists() else None
 
     if step_of(directory) == step:
+        shutil.rmtree(_prev(directory), ignore_errors=True)  # a crash after the commit, while removing it
         return
     if step_of(_prev(directory)) == step:
         if directory.exists():
