@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sae_train import __version__
-from sae_train.atomic import drop_previous, previous, swap_dir, write_atomic, write_json_atomic, write_text_atomic
+from sae_train.atomic import (
+    drop_previous,
+    previous,
+    swap_dir,
+    temporary,
+    write_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from sae_train.errors import UserError
 from sae_train.sae.base import SAE
 from sae_train.sae.config import SAEConfig
@@ -203,6 +212,39 @@ def commit(out_dir: Path, sae_dirs: list[Path], run_state: dict) -> None:
         drop_previous(directory)
 
 
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+"""What the writers raise when a write fails (full disk, quota): Python's files OSError,
+torch.save RuntimeError, safetensors SafetensorError."""
+
+
+@contextlib.contextmanager
+def failed_writes_stop(out_dir: Path, sae_dirs: list[Path], step: int) -> Iterator[None]:
+    """Around one save: a failed write removes this save's half-written staging directories
+    and becomes a UserError; the committed checkpoint stays loadable (an SAE already swapped
+    in has its previous copy, which resuming restores)."""
+    try:
+        yield
+    except WRITE_ERRORS as err:
+        for directory in sae_dirs:
+            shutil.rmtree(temporary(directory), ignore_errors=True)
+        free = shutil.disk_usage(out_dir).free if out_dir.exists() else 0
+        raise UserError(
+            f"Could not write the checkpoint of step {step} into {out_dir} ({err}; {free / 2**20:,.0f} MiB free "
+            "there). Training stopped; the previous checkpoint is intact. Free disk space (or fix the directory's "
+            "permissions), then rerun the same command to resume from it."
+        ) from err
+
+
+def remove_stale(out_dir: Path, sae_dirs: list[Path]) -> None:
+    """Remove what a save killed midway left and no later save would replace when it was the
+    last one: staging directories and the run state's temporaries."""
+    for directory in sae_dirs:
+        shutil.rmtree(temporary(directory), ignore_errors=True)
+    for name in (RUN_STATE_FILE, LEGACY_RUN_STATE_FILE):
+        for path in out_dir.glob(f".{name}.*tmp"):
+            path.unlink(missing_ok=True)
+
+
 def read_run_state(out_dir: Path) -> dict | None:
     """The committed run state of a training out_dir (None: no run was committed there)."""
     path = out_dir / RUN_STATE_FILE
@@ -216,23 +258,25 @@ def read_run_state(out_dir: Path) -> dict | None:
         raise UserError(f"{path} is corrupt ({err}); remove it to start over, or restore a copy.") from err
 
 
-def restore_committed(directory: Path, step: int) -> Path:
+def restore_committed(directory: Path, step: int) -> None:
     """Make `directory` hold its checkpoint of the committed `step` again.
 
     After a crash between swapping SAE directories and committing, the committed copy of some
     SAEs is their previous one; it is moved back into place so the next save starts clean.
+    After a crash between committing and deleting the previous copies, they are deleted.
     """
     def step_of(candidate: Path) -> int | None:
         state_file = candidate / TRAINER_STATE_FILE
         return json.loads(state_file.read_text()).get("step") if state_file.exists() else None
 
     if step_of(directory) == step:
-        return directory
+        drop_previous(directory)
+        return
     if step_of(previous(directory)) == step:
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(previous(directory), directory)
-        return directory
+        return
     raise UserError(
         f"No checkpoint of step {step} in {directory} (or {previous(directory).name}) although the run state "
         "records it; the run directory was modified. Remove it to start over."

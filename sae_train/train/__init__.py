@@ -34,7 +34,7 @@ def build_source(cfg: TrainConfig, dist: Dist, lm: LanguageModel | None = None) 
 
 def run(cfg: TrainConfig, callbacks: Sequence[Callback] = (), lm: LanguageModel | None = None) -> TrainSummary:
     """Train the SAEs `cfg` describes (resuming a checkpoint in out_dir) and return a summary."""
-    dist = init_distributed(cfg.device)
+    dist = init_distributed(cfg.device, cfg.dist_timeout_s)
     try:
         return Trainer(cfg, build_source(cfg, dist, lm), dist, callbacks).fit()
     finally:

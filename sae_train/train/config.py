@@ -72,6 +72,10 @@ class TrainConfig:
     Master weights and optimizer state stay float32."""
     device: str = "auto"
     """cpu | cuda | auto. Under torchrun each rank takes its LOCAL_RANK GPU."""
+    dist_timeout_s: float = 1800.0
+    """DDP: seconds a rank waits in a collective for the others before it stops with an error
+    (a hung rank or a lost node; a rank that dies on a healthy node fails the others at once).
+    It must exceed the longest rank-0-only work: a checkpoint save, a periodic eval."""
     init_tokens: int = 32_768
     """Tokens sampled once to set the normalisation constant and b_dec."""
     dead_after_tokens: int = 20_000
@@ -147,7 +151,7 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The fields of a TrainConfig dict that a resumed run must share with the original (the rest
     may change). Runs written by older versions compare in today's shape: text settings saved at
     the top level as the `text` block, SAE fields added since (e.g. `target`) as their defaults."""
-    free = {"progress", "log_every", "checkpoint_every_tokens", "wandb", "resume", "out_dir", "device"}
+    free = {"progress", "log_every", "checkpoint_every_tokens", "wandb", "resume", "out_dir", "device", "dist_timeout_s"}
     out = {k: v for k, v in config.items() if k not in free}
     if "text" not in out and any(k in out for k in _LEGACY_TEXT_KEYS):
         out["text"] = {k: out.pop(k) for k in _LEGACY_TEXT_KEYS if k in out}

@@ -58,6 +58,20 @@ class MetricsLogger:
             self.run_id = self._wandb.id
             log.info("W&B run %s (%s) in %s", self.run_id, wandb_mode(wandb_cfg), self._wandb.dir)
 
+    def rewind(self, step: int) -> None:
+        """Drop the rows after `step` (and a line torn by a kill): a run that stopped after its
+        last checkpoint logged them, and the resumed run logs those steps again."""
+        if not self.enabled or not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        keep = 0
+        for line in data.splitlines(keepends=True):  # steps only grow down the file: keep a prefix
+            if _step(line) > step:
+                break
+            keep += len(line)
+        if keep < len(data):
+            os.truncate(self.path, keep)  # in place: a kill leaves the old file or the shorter one
+
     def log(self, step: int, tokens: int, tag: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
@@ -86,6 +100,14 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _step(line: bytes) -> float:
+    """The step of a metrics line; infinite for a line a kill cut short."""
+    try:
+        return json.loads(line)["step"] if line.endswith(b"\n") else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _plain(value: float) -> float | None:

@@ -186,9 +186,12 @@ class Trainer:
         self._pending_step = self._pending_start = 0
         self.wandb_id = ""
         self.config_dict = asdict(cfg)
+        if dist.is_main:
+            ckpt.remove_stale(self.out_dir, [r.directory for r in self.runs])
         if not (cfg.resume and self._restore()):
             self._initialise()
         self.logger = MetricsLogger(self.out_dir, dist.is_main, cfg.wandb, self.config_dict, self.wandb_id)
+        self.logger.rewind(self.step)
         self.wandb_id = self.logger.run_id
 
     # ---- set-up -------------------------------------------------------------------------
@@ -252,11 +255,14 @@ class Trainer:
                 f"{self.out_dir} holds a training run with a different config ({'; '.join(diffs)}). Use the original "
                 "settings to resume it, a new out_dir, or resume=false to start over in this directory."
             )
+        if self.dist.is_main:  # one rank repairs what a crash during a save left; the others wait
+            for run in self.runs:
+                ckpt.restore_committed(run.directory, state["step"])
+        self.dist.barrier()
         for run in self.runs:
-            directory = ckpt.restore_committed(run.directory, state["step"])
-            tensors, optimizer, sae_state = ckpt.read_training_state(directory)
+            tensors, optimizer, sae_state = ckpt.read_training_state(run.directory)
             run.since_fired = tensors.pop("since_fired").to(self.dist.device)
-            load_weights(run.sae, tensors, run.sae.state_dict(), source=f"Training checkpoint {directory}")
+            load_weights(run.sae, tensors, run.sae.state_dict(), source=f"Training checkpoint {run.directory}")
             run.optimizer.load_state_dict(optimizer)
             run.scale = sae_state["scale"]
             run.target_scale = sae_state.get("target_scale", run.scale)
@@ -476,19 +482,20 @@ class Trainer:
         checking the last step's losses: a non-finite step raises here instead of being saved."""
         self._settle()
         if self.dist.is_main:
-            for run in self.runs:
-                staging = staging_dir(run.directory)
-                save_sae(run.inference(), staging, self._inference_metadata(run))
-                state = {"step": self.step, "tokens": self.tokens, "scale": run.scale, "target_scale": run.target_scale,
-                         "tag": run.tag, "site": run.site, "sae": asdict(run.sae.cfg)}
-                ckpt.write_training_state(staging, {**run.sae.state_dict(), "since_fired": run.since_fired},
-                                          run.optimizer.state_dict(), state)
-            ckpt.commit(self.out_dir, [r.directory for r in self.runs], {
-                "step": self.step, "tokens": self.tokens, "position": self.position, "n_steps": self.n_steps,
-                "config": self.config_dict, "saes": [r.tag for r in self.runs], "wandb_id": self.wandb_id,
-                "world_size": self.dist.world_size,
-                "provenance": provenance(),
-            })
+            with ckpt.failed_writes_stop(self.out_dir, [r.directory for r in self.runs], self.step):
+                for run in self.runs:
+                    staging = staging_dir(run.directory)
+                    save_sae(run.inference(), staging, self._inference_metadata(run))
+                    state = {"step": self.step, "tokens": self.tokens, "scale": run.scale, "target_scale": run.target_scale,
+                             "tag": run.tag, "site": run.site, "sae": asdict(run.sae.cfg)}
+                    ckpt.write_training_state(staging, {**run.sae.state_dict(), "since_fired": run.since_fired},
+                                              run.optimizer.state_dict(), state)
+                ckpt.commit(self.out_dir, [r.directory for r in self.runs], {
+                    "step": self.step, "tokens": self.tokens, "position": self.position, "n_steps": self.n_steps,
+                    "config": self.config_dict, "saes": [r.tag for r in self.runs], "wandb_id": self.wandb_id,
+                    "world_size": self.dist.world_size,
+                    "provenance": provenance(),
+                })
         self.dist.barrier()
 
     def _inference_metadata(self, run: SAERun) -> dict[str, Any]:
