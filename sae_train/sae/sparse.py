@@ -1,18 +1,18 @@
 """The device-agnostic sparse step of the TopK family, in plain PyTorch ops.
 
 What CUDA runs, and what the CPU runs with SAE_TRAIN_KERNELS=torch or in float64. The only
-[B, d_sae] tensors are the pre-activations (and their selection key); there is no host-device
-sync (no nonzero, boolean indexing, bincount or .item()) and every reduction is ordered, so the
-step is deterministic.
+[B, d_sae] tensor is the pre-activations (the exact fp32 values z + b_enc are formed a block of
+rows at a time); there is no host-device sync (no nonzero, boolean indexing, bincount or
+.item()) and every reduction is ordered, so the step is deterministic.
 
 Selection follows the rule of sae/ops.py (value descending, NaN first, ties to the lower
-index). `torch.topk` picks c = k + margin candidates per row on a cheap key -- on CUDA with a bf16
-GEMM the bf16 pre-activations plus bias, rounded once (rounding is monotone, so the exact top k
-is among the candidates unless more than `margin` entries share the k-th entry's bf16 value) --
-and the candidates are then ranked exactly (fp32 value, then index) by two small sorts.
-torch.topk's choice among tied entries is unspecified on CUDA; ranking the candidates by index
-makes the result deterministic and equal to the C kernels' whenever the tie group at the k-th
-place fits in the margin. Only degenerate rows (e.g. x = b_dec while b_enc = 0) tie more
+index). Wide rows go through groups of columns (`_top_groups`): one strided max per group,
+`torch.topk` over the group maxima, then over the c*GROUP columns of the c = k + margin best
+groups, keeping c candidates, which are ranked exactly (value, then index) by a stable sort.
+The exact top k is among the candidates unless more than `margin` entries (or groups) tie at
+the k-th place; torch.topk's choice among tied entries is unspecified on CUDA, and ranking the
+candidates by index makes the result deterministic and equal to the C kernels' whenever the
+tie group fits in the margin. Only degenerate rows (e.g. x = b_dec while b_enc = 0) tie more
 widely; they still get a valid top k.
 
 Gradients: autograd, with two custom pieces.
@@ -27,7 +27,6 @@ Gradients: autograd, with two custom pieces.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,64 +36,111 @@ from torch import Tensor
 
 
 def _margin(n: int, k: int) -> int:
-    """Extra candidates beyond the k best of n: covers the entries sharing the k-th entry's bf16
-    value (a few per row at d_sae 65k, ~n/2^14 for Gaussian-like pre-activations; ~k/9 over a
-    BatchTopK batch at b_enc = 0), with room to spare."""
+    """Extra candidates beyond the k best of n: covers the entries sharing the k-th entry's value
+    (bf16 GEMM outputs tie often: a few per row at d_sae 65k, ~n/2^14 for Gaussian-like
+    pre-activations; ~k/9 over a BatchTopK batch at b_enc = 0), with room to spare."""
     return max(8, k // 4, n // 1024)
 
 
-def ranked_top(key: Tensor, k: int, exact: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-    """Per row of key [R, N], the k largest entries under the selection rule, best first.
+GROUP = 16
+"""Columns per group in the selection's first pass (`_top_groups`)."""
+_CHUNK = {"cpu": 1 << 18}
+"""Elements per pass of `_group_max` by device type (CPU: an L2-sized block); others: 1 << 26."""
 
-    `key` orders like the exact values up to ties (the exact values, or a monotone rounding of
-    them); `exact(ids [R, c])` returns the exact values at those columns. Returns (column ids
-    [R, k], exact values [R, k]) ranked by value descending, then column ascending.
+
+def _top_groups(gmax: Tensor, c: int, n: int) -> Tensor:
+    """Ascending columns [R, c*GROUP (+ N % GROUP)] of rows of N columns that hold each row's c
+    largest entries (up to ties at the c-th place, as torch.topk), from the group maxima gmax
+    [R, N // GROUP] (group j: columns j, j + N // GROUP, ...; the N % GROUP last columns are
+    candidates outright).
+
+    The c largest entries lie in the c groups with the largest maxima (a group outside them has
+    c groups above it, each holding an entry larger than all of its own), so torch.topk runs
+    on N/GROUP maxima and then, in `_ranked`, on c*GROUP candidates instead of N columns: the
+    work beyond one strided max (memory speed) grows with c, not N.
     """
-    n = key.shape[1]
-    cand = key.topk(min(n, k + _margin(n, k)), dim=1, sorted=False).indices.sort(dim=1).values
-    vals, order = exact(cand).sort(dim=1, descending=True, stable=True)
+    n_rows, n_groups = gmax.shape
+    best = gmax.topk(c, dim=1, sorted=False).indices.sort(dim=1).values
+    grouped = n_groups * GROUP
+    strides = torch.arange(0, grouped, n_groups, device=gmax.device)
+    cand = (best.unsqueeze(1) + strides.unsqueeze(1)).flatten(1)  # block by block: ascending
+    if grouped == n:
+        return cand
+    return torch.cat([cand, torch.arange(grouped, n, device=gmax.device).expand(n_rows, -1)], dim=1)
+
+
+def _grouped(n: int, c: int) -> bool:
+    """Whether rows of n columns are selected through groups: enough of them to pay off."""
+    return n // GROUP >= 4 * c
+
+
+def _ranked(cand: Tensor, vals: Tensor, k: int, c: int) -> tuple[Tensor, Tensor]:
+    """The k best of candidate columns cand [R, C] (ascending) with exact values vals [R, C],
+    ranked by value descending, then column ascending: (columns [R, k], values [R, k]).
+
+    Beyond c candidates, torch.topk first keeps c of them (exact unless more than c - k tie at
+    the k-th place); a stable sort of the rest makes the ranking and its ties deterministic."""
+    if cand.shape[1] > c:
+        keep = vals.topk(c, dim=1, sorted=False).indices.sort(dim=1).values
+        cand, vals = cand.gather(1, keep), vals.gather(1, keep)
+    vals, order = vals.sort(dim=1, descending=True, stable=True)
     return cand.gather(1, order[:, :k]), vals[:, :k]
 
 
-def _keys(z: Tensor, bias: Tensor, colmask: Tensor | None) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """Selection key and exact values of z + bias (z in the GEMM dtype, bias in fp32/fp64).
-
-    The key is z + bias rounded to z's dtype on CUDA (a bf16 torch.topk reads half the bytes of
-    an fp32 one), the exact fp32 sum elsewhere (a CPU's topk is compute-bound, and the mixed
-    bf16 output costs an extra pass there)."""
-    acc = bias.dtype
-    if z.dtype == acc or not z.is_cuda:
-        key = _exact_key(z, bias)
-        if colmask is not None:
-            key.masked_fill_(~colmask, float("-inf"))
-        return key, lambda ids: key.gather(1, ids)
-    key = torch.empty_like(z)
-    torch.add(z, bias, out=key)  # computed in fp32, rounded once: monotone in the exact value
-    if colmask is not None:
-        key.masked_fill_(~colmask, float("-inf"))
-
-    def exact(ids: Tensor) -> Tensor:
-        v = z.gather(1, ids).to(acc) + bias[ids]
-        return v if colmask is None else v.masked_fill(~colmask[ids], float("-inf"))
-
-    return key, exact
+def ranked_top(key: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per row of key [R, N] (exact values), the k largest entries under the selection rule, best
+    first: (column ids [R, k], values [R, k]) by value descending, then column ascending."""
+    n = key.shape[1]
+    c = min(n, k + _margin(n, k))
+    if _grouped(n, c):
+        grouped = n // GROUP * GROUP
+        cand = _top_groups(key[:, :grouped].unflatten(1, (GROUP, n // GROUP)).amax(1), c, n)
+    else:
+        cand = key.topk(c, dim=1, sorted=False).indices.sort(dim=1).values
+    return _ranked(cand, key.gather(1, cand), k, c)
 
 
-def _exact_key(z: Tensor, bias: Tensor) -> Tensor:
-    """z + bias in bias's dtype, as a new tensor (a separate cast then an in-place add is ~2x
-    faster on CPU than a mixed-dtype add)."""
-    return z + bias if z.dtype == bias.dtype else z.to(bias.dtype).add_(bias)
+def _exact(z: Tensor, bias: Tensor, colmask: Tensor | None, ids: Tensor | None = None) -> Tensor:
+    """z + bias in bias's dtype (at columns ids [R, c] of each row, else everywhere), -inf where
+    colmask is unset. (A cast then an in-place add: ~2x faster on CPU than a mixed-dtype add.)"""
+    if ids is None:
+        v = z.to(bias.dtype, copy=True).add_(bias)
+        return v if colmask is None else v.masked_fill_(~colmask, float("-inf"))
+    v = z.gather(1, ids).to(bias.dtype).add_(bias[ids])
+    return v if colmask is None else v.masked_fill_(~colmask[ids], float("-inf"))
+
+
+def _group_max(z: Tensor, bias: Tensor, colmask: Tensor | None) -> Tensor:
+    """Per row, the maxima [B, N // GROUP] of the exact values (`_exact`) over the groups of
+    `_top_groups`, a block of rows at a time: the fp32 values never exist for all of z."""
+    B, n = z.shape
+    n_groups = n // GROUP
+    grouped = n_groups * GROUP
+    z, bias = z[:, :grouped], bias[:grouped]
+    colmask = None if colmask is None else colmask[:grouped]
+    rows = max(1, _CHUNK.get(z.device.type, 1 << 26) // n)
+    gmax = torch.empty(B, n_groups, dtype=bias.dtype, device=z.device)
+    for start in range(0, B, rows):
+        block = _exact(z[start : start + rows], bias, colmask)
+        torch.amax(block.unflatten(1, (GROUP, n_groups)), 1, out=gmax[start : start + rows])
+    return gmax
 
 
 def topk_rows(z: Tensor, bias: Tensor, k: int, colmask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Per row of z + bias, the k largest entries (among columns with colmask set).
+    """Per row of z + bias (z in the GEMM dtype, bias in fp32/fp64), the k largest entries
+    (among columns with colmask set).
 
     Returns (ids [B, k] ascending, values [B, k] in bias's dtype; -inf at masked columns, which
     are picked only when fewer than k columns are allowed)."""
-    key, exact = _keys(z, bias, colmask)
-    ids, _ = ranked_top(key, k, exact)
-    ids = ids.sort(dim=1).values
-    return ids, exact(ids)
+    n = z.shape[1]
+    c = min(n, k + _margin(n, k))
+    if _grouped(n, c):
+        cand = _top_groups(_group_max(z, bias, colmask), c, n)
+    else:
+        cand = _exact(z, bias, colmask).topk(c, dim=1, sorted=False).indices.sort(dim=1).values
+    ids, vals = _ranked(cand, _exact(z, bias, colmask, cand), k, c)
+    ids, order = ids.sort(dim=1)
+    return ids, vals.gather(1, order)
 
 
 @dataclass
@@ -126,10 +172,9 @@ def batch_topk(z: Tensor, bias: Tensor, k: int, world: int = 1) -> BatchSelectio
     entries that are not positive get value 0 after ReLU, as in TopK.
     """
     B, n = z.shape
-    key = _exact_key(z, bias)  # exact values: global_cut compares them across ranks
+    key = _exact(z, bias, None)  # exact values: global_cut compares them across ranks
     n_keep = min(k * B * world, key.numel())
-    flat = key.view(1, -1)
-    ranked, vals = ranked_top(flat, n_keep, lambda ids: flat.gather(1, ids))
+    ranked, vals = ranked_top(key.view(1, -1), n_keep)
     ranked, vals = ranked[0], vals[0]
     keep = None
     if world > 1:
