@@ -101,7 +101,10 @@ class TopKSAE(SAE):
                 aux_k = aux_ids.numel() // B
                 ids = torch.cat([ids, aux_ids])
                 rows = torch.cat([rows, torch.arange(B * aux_k, device=x.device) // aux_k])
-        pre = sparse.SparsePreact.apply(z, xc, rows, ids, self.b_dec, self.W_enc, self.b_enc)
+        d_sae = self.cfg.d_sae
+        main = sparse.ByLatent(ids[:n_main], d_sae)  # its sort serves both backward passes when no AuxK
+        every = main if dead_mask is None else sparse.ByLatent(ids, d_sae)
+        pre = sparse.SparsePreact.apply(z, xc, rows, every, self.b_dec, self.W_enc, self.b_enc)
         del z
         vals = torch.relu(pre[:n_main])
         if keep is not None:
@@ -109,13 +112,13 @@ class TopKSAE(SAE):
         W_dec = self.W_dec
         if self._gemm_dtype != W_dec.dtype:  # decode with the weights the GEMM path uses
             W_dec = sparse.RoundThrough.apply(W_dec, self.gemm_weight("W_dec"))
-        x_hat = sparse.SparseDecode.apply(vals, W_dec, ids[:n_main], rows[:n_main], offsets) + self.b_dec
+        x_hat = sparse.SparseDecode.apply(vals, W_dec, main, rows[:n_main], offsets) + self.b_dec
         auxk = x_hat.new_zeros(())
         if dead_mask is not None:
             aux_ids = ids[n_main:]
             a_vals = torch.where(aux_valid, torch.relu(pre[n_main:]), torch.zeros_like(pre[n_main:]))
             a_offsets = torch.arange(0, B * aux_k + 1, aux_k, device=x.device)
-            e_hat = sparse.SparseDecode.apply(a_vals, W_dec, aux_ids, rows[n_main:], a_offsets)
+            e_hat = sparse.SparseDecode.apply(a_vals, W_dec, sparse.ByLatent(aux_ids, d_sae), rows[n_main:], a_offsets)
             auxk = torch.where(dead_mask.any(), auxk_ratio(e_hat, (x - x_hat).detach()), auxk)
         out = self._output(x, x_hat, self._mse(x_hat, x), auxk, SparseLatents(vals.detach(), ids[:n_main], offsets, self.cfg.d_sae))
         if min_kept is not None:
