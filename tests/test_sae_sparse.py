@@ -47,6 +47,16 @@ def test_topk_rows_with_column_mask(dtype, N, k):
     assert torch.equal(ids, ref[0]) and torch.equal(vals, ref[1])
 
 
+def test_topk_rows_through_groups_reaches_the_last_columns():
+    """Columns past the last full group (N % GROUP of them) are candidates too."""
+    z, bias = _rows(5, 1100, torch.float32, "none", seed=7)
+    assert 1100 % sparse.GROUP and sparse._grouped(1100, 8 + sparse._margin(1100, 8))
+    z[:, -3:] += 10.0  # the three last columns win every row
+    ids, vals = sparse.topk_rows(z, bias, 8)
+    ref_ids, ref_vals = ops.topk_rows_torch(z + bias, 8)
+    assert torch.equal(ids, ref_ids) and torch.equal(vals, ref_vals) and (ids[:, -3:] == torch.arange(1097, 1100)).all()
+
+
 def test_ties_wider_than_the_margin_still_give_a_top_k():
     z, bias = _rows(9, 2000, torch.float32, "many", seed=5)
     ids, vals = sparse.topk_rows(z, bias, 10)
@@ -133,7 +143,7 @@ class _Recorder(TorchDispatchMode):
         if name in ("mm", "addmm", "bmm", "matmul"):
             self.mm.append((name, tuple(args[-2].shape), tuple(args[-1].shape)))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and not name.endswith("_"):  # in place: no new buffer
+            if isinstance(t, torch.Tensor) and not name.endswith("_") and not func.is_view:  # in place, views: no new buffer
                 self.outputs.append(tuple(t.shape))
         return out
 

@@ -28,6 +28,7 @@ Gradients: autograd, with two custom pieces.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -44,30 +45,9 @@ def _margin(n: int, k: int) -> int:
 
 
 GROUP = 16
-"""Columns per group in the selection's first pass (`_top_groups`)."""
+"""Columns per group in the selection's first pass (`_best_groups`)."""
 _CHUNK = {"cpu": 1 << 18}
 """Elements per pass of `_group_max` by device type (CPU: an L2-sized block); others: 1 << 26."""
-
-
-def _top_groups(gmax: Tensor, c: int, n: int) -> Tensor:
-    """Ascending columns [R, c*GROUP (+ N % GROUP)] of rows of N columns that hold each row's c
-    largest entries (up to ties at the c-th place, as torch.topk), from the group maxima gmax
-    [R, N // GROUP] (group j: columns j, j + N // GROUP, ...; the N % GROUP last columns are
-    candidates outright).
-
-    The c largest entries lie in the c groups with the largest maxima (a group outside them has
-    c groups above it, each holding an entry larger than all of its own), so torch.topk runs
-    on N/GROUP maxima and then, in `_ranked`, on c*GROUP candidates instead of N columns: the
-    work beyond one strided max (memory speed) grows with c, not N.
-    """
-    n_rows, n_groups = gmax.shape
-    best = gmax.topk(c, dim=1, sorted=False).indices.sort(dim=1).values
-    grouped = n_groups * GROUP
-    strides = torch.arange(0, grouped, n_groups, device=gmax.device)
-    cand = (best.unsqueeze(1) + strides.unsqueeze(1)).flatten(1)  # block by block: ascending
-    if grouped == n:
-        return cand
-    return torch.cat([cand, torch.arange(grouped, n, device=gmax.device).expand(n_rows, -1)], dim=1)
 
 
 def _grouped(n: int, c: int) -> bool:
@@ -75,17 +55,50 @@ def _grouped(n: int, c: int) -> bool:
     return n // GROUP >= 4 * c
 
 
-def _ranked(cand: Tensor, vals: Tensor, k: int, c: int) -> tuple[Tensor, Tensor]:
-    """The k best of candidate columns cand [R, C] (ascending) with exact values vals [R, C],
-    ranked by value descending, then column ascending: (columns [R, k], values [R, k]).
+def _best_groups(gmax: Tensor, c: int) -> Tensor:
+    """The c groups [R, c] (ascending) with the largest maxima of each row of gmax [R, N // GROUP]
+    (group j: columns j, j + N // GROUP, ...). They hold the row's c largest entries, up to ties
+    at the c-th place as torch.topk: a group outside them has c groups above it, each holding
+    an entry larger than all of its own. So torch.topk runs on N/GROUP maxima and then, in
+    `_ranked`, on the c*GROUP columns of these groups (plus the N % GROUP last columns, which
+    are candidates outright) instead of N columns: beyond one strided max at memory speed, the
+    selection's work grows with c, not N."""
+    return gmax.topk(c, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def _group_gather(t: Tensor, best: Tensor) -> Tensor:
+    """t [R, N] at the columns of the groups best [R, c], then at the N % GROUP last columns:
+    [R, c*GROUP + N % GROUP], in ascending column order (group block s holds columns
+    best + s*N//GROUP)."""
+    n_rows, n = t.shape
+    n_groups = n // GROUP
+    grouped = n_groups * GROUP
+    idx = best.unsqueeze(1).expand(n_rows, GROUP, best.shape[1])
+    out = t[:, :grouped].unflatten(1, (GROUP, n_groups)).gather(2, idx).flatten(1)
+    return out if grouped == n else torch.cat([out, t[:, grouped:]], dim=1)
+
+
+def _group_columns(pos: Tensor, best: Tensor, n: int) -> Tensor:
+    """The columns of positions pos [R, m] of `_group_gather`'s output."""
+    c = best.shape[1]
+    n_groups = n // GROUP
+    cols = best.gather(1, pos % c) + pos // c * n_groups
+    return torch.where(pos < c * GROUP, cols, pos - c * GROUP + n_groups * GROUP)
+
+
+def _ranked(vals: Tensor, k: int, c: int) -> tuple[Tensor, Tensor]:
+    """The k best of candidates with exact values vals [R, C] (in ascending column order),
+    ranked by value descending, then column ascending: (positions in vals [R, k], values [R, k]).
 
     Beyond c candidates, torch.topk first keeps c of them (exact unless more than c - k tie at
     the k-th place); a stable sort of the rest makes the ranking and its ties deterministic."""
-    if cand.shape[1] > c:
-        keep = vals.topk(c, dim=1, sorted=False).indices.sort(dim=1).values
-        cand, vals = cand.gather(1, keep), vals.gather(1, keep)
+    pos = None
+    if vals.shape[1] > c:
+        pos = vals.topk(c, dim=1, sorted=False).indices.sort(dim=1).values
+        vals = vals.gather(1, pos)
     vals, order = vals.sort(dim=1, descending=True, stable=True)
-    return cand.gather(1, order[:, :k]), vals[:, :k]
+    order = order[:, :k]
+    return (order if pos is None else pos.gather(1, order)), vals[:, :k]
 
 
 def ranked_top(key: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -95,25 +108,24 @@ def ranked_top(key: Tensor, k: int) -> tuple[Tensor, Tensor]:
     c = min(n, k + _margin(n, k))
     if _grouped(n, c):
         grouped = n // GROUP * GROUP
-        cand = _top_groups(key[:, :grouped].unflatten(1, (GROUP, n // GROUP)).amax(1), c, n)
-    else:
-        cand = key.topk(c, dim=1, sorted=False).indices.sort(dim=1).values
-    return _ranked(cand, key.gather(1, cand), k, c)
+        best = _best_groups(key[:, :grouped].unflatten(1, (GROUP, n // GROUP)).amax(1), c)
+        pos, vals = _ranked(_group_gather(key, best), k, c)
+        return _group_columns(pos, best, n), vals
+    cand = key.topk(c, dim=1, sorted=False).indices.sort(dim=1).values
+    pos, vals = _ranked(key.gather(1, cand), k, c)
+    return cand.gather(1, pos), vals
 
 
-def _exact(z: Tensor, bias: Tensor, colmask: Tensor | None, ids: Tensor | None = None) -> Tensor:
-    """z + bias in bias's dtype (at columns ids [R, c] of each row, else everywhere), -inf where
-    colmask is unset. (A cast then an in-place add: ~2x faster on CPU than a mixed-dtype add.)"""
-    if ids is None:
-        v = z.to(bias.dtype, copy=True).add_(bias)
-        return v if colmask is None else v.masked_fill_(~colmask, float("-inf"))
-    v = z.gather(1, ids).to(bias.dtype).add_(bias[ids])
-    return v if colmask is None else v.masked_fill_(~colmask[ids], float("-inf"))
+def _exact(z: Tensor, bias: Tensor, colmask: Tensor | None) -> Tensor:
+    """z + bias in bias's dtype, -inf where colmask is unset. (A cast then an in-place add: ~2x
+    faster on CPU than a mixed-dtype add.)"""
+    v = z.to(bias.dtype, copy=True).add_(bias)
+    return v if colmask is None else v.masked_fill_(~colmask, float("-inf"))
 
 
 def _group_max(z: Tensor, bias: Tensor, colmask: Tensor | None) -> Tensor:
     """Per row, the maxima [B, N // GROUP] of the exact values (`_exact`) over the groups of
-    `_top_groups`, a block of rows at a time: the fp32 values never exist for all of z."""
+    `_best_groups`, a block of rows at a time: the fp32 values never exist for all of z."""
     B, n = z.shape
     n_groups = n // GROUP
     grouped = n_groups * GROUP
@@ -133,26 +145,34 @@ def topk_rows(z: Tensor, bias: Tensor, k: int, colmask: Tensor | None = None) ->
 
     Returns (ids [B, k] ascending, values [B, k] in bias's dtype; -inf at masked columns, which
     are picked only when fewer than k columns are allowed)."""
-    n = z.shape[1]
+    B, n = z.shape
     c = min(n, k + _margin(n, k))
     if _grouped(n, c):
-        cand = _top_groups(_group_max(z, bias, colmask), c, n)
+        best = _best_groups(_group_max(z, bias, colmask), c)
+        pick = functools.partial(_group_gather, best=best)
     else:
         cand = _exact(z, bias, colmask).topk(c, dim=1, sorted=False).indices.sort(dim=1).values
-    ids, vals = _ranked(cand, _exact(z, bias, colmask, cand), k, c)
+        pick = functools.partial(torch.gather, dim=1, index=cand)
+    vals = pick(z).to(bias.dtype).add_(pick(bias.expand(B, n)))
+    if colmask is not None:
+        vals.masked_fill_(~pick(colmask.expand(B, n)), float("-inf"))
+    pos, vals = _ranked(vals, k, c)
+    ids = _group_columns(pos, best, n) if _grouped(n, c) else cand.gather(1, pos)
     ids, order = ids.sort(dim=1)
     return ids, vals.gather(1, order)
 
 
 @dataclass
 class BatchSelection:
-    """BatchTopK's entries in CSR (row-major), with the statistic its threshold EMA needs."""
+    """The entries a TopK-family step selected, in CSR (row-major), with what BatchTopK adds: the
+    padding mask under DDP and the statistic its threshold EMA needs."""
 
     offsets: Tensor  # [B+1]
     ids: Tensor  # [nnz] latent ids, ascending within a token
     rows: Tensor  # [nnz] token of each entry
+    values: Tensor  # [nnz] their pre-activations z + bias (in bias's dtype)
     keep: Tensor | None  # bool [nnz]: entries past the global cut (DDP) are padding, else None
-    min_kept: Tensor  # smallest positive kept pre-activation over the global batch (0 if none)
+    min_kept: Tensor | None  # smallest positive kept pre-activation over the global batch (0 if none)
 
 
 def selection_world() -> int:
@@ -187,7 +207,7 @@ def batch_topk(z: Tensor, bias: Tensor, k: int, world: int = 1) -> BatchSelectio
     keep = None if keep is None else keep[order]
     rows = ids // n
     offsets = torch.searchsorted(rows, torch.arange(B + 1, device=z.device))
-    return BatchSelection(offsets, ids % n, rows, keep, min_kept)
+    return BatchSelection(offsets, ids % n, rows, vals[order], keep, min_kept)
 
 
 def _min_positive(v: Tensor) -> Tensor:
@@ -222,8 +242,9 @@ def global_cut(ranked_vals: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
 
 
 class SparsePreact(torch.autograd.Function):
-    """Pre-activations z[rows, ids] + b_enc[ids] of selected entries, differentiable in
-    W_enc, b_enc and b_dec (z = (x - b_dec) @ W_enc is given, computed without autograd).
+    """Pre-activations z[rows, ids] + b_enc[ids] of selected entries (`pre`, as the selection
+    computed them from z = (x - b_dec) @ W_enc without autograd), differentiable in W_enc, b_enc
+    and b_dec.
 
     With gp the entries' gradient and xc = x - b_dec:
         dW_enc[:, i] = sum over entries of latent i of gp * xc[row],  db_enc[i] = sum gp
@@ -233,11 +254,10 @@ class SparsePreact(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, xc: Tensor, rows: Tensor, groups: ByLatent, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, pre: Tensor, xc: Tensor, rows: Tensor, groups: ByLatent, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(xc, rows, W_enc)
         ctx.groups = groups
-        ids = groups.ids
-        return z.view(-1)[rows * z.shape[1] + ids].to(b_enc.dtype) + b_enc[ids]
+        return pre.view_as(pre)
 
     @staticmethod
     def backward(ctx, gp: Tensor):  # type: ignore[override]
