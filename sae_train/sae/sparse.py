@@ -28,7 +28,6 @@ Gradients: autograd, with two custom pieces.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +45,8 @@ def _margin(n: int, k: int) -> int:
 
 GROUP = 16
 """Columns per group in the selection's first pass (`_best_groups`)."""
+SUB = 4
+"""Blocks per sub-group in its second pass (`_refine`)."""
 _CHUNK = {"cpu": 1 << 18}
 """Elements per pass of `_group_max` by device type (CPU: an L2-sized block); others: 1 << 26."""
 
@@ -56,49 +57,59 @@ def _grouped(n: int, c: int) -> bool:
 
 
 def _best_groups(gmax: Tensor, c: int) -> Tensor:
-    """The c groups [R, c] (ascending) with the largest maxima of each row of gmax [R, N // GROUP]
-    (group j: columns j, j + N // GROUP, ...). They hold the row's c largest entries, up to ties
-    at the c-th place as torch.topk: a group outside them has c groups above it, each holding
-    an entry larger than all of its own. So torch.topk runs on N/GROUP maxima and then, in
-    `_ranked`, on the c*GROUP columns of these groups (plus the N % GROUP last columns, which
-    are candidates outright) instead of N columns: beyond one strided max at memory speed, the
-    selection's work grows with c, not N."""
-    return gmax.topk(c, dim=1, sorted=False).indices.sort(dim=1).values
+    """The c groups [R, c] with the largest maxima of each row of gmax [R, N // GROUP] (group j:
+    columns j, j + N // GROUP, ...). They hold the row's c largest entries, up to ties at the
+    c-th place as torch.topk: a group outside them has c groups above it, each holding an entry
+    larger than all of its own. So torch.topk runs on N/GROUP maxima, then (`_refine`) on the
+    c*GROUP/SUB maxima of their sub-groups and (`_ranked`) on the c*SUB columns of the best c
+    sub-groups (plus the N % GROUP last columns, candidates outright), instead of N columns:
+    beyond one strided max at memory speed, the selection's work grows with c, not N."""
+    return gmax.topk(c, dim=1, sorted=False).indices
 
 
-def _group_gather(t: Tensor, best: Tensor) -> Tensor:
-    """t [R, N] at the columns of the groups best [R, c], then at the N % GROUP last columns:
-    [R, c*GROUP + N % GROUP], in ascending column order (group block s holds columns
-    best + s*N//GROUP)."""
+def _grid(t: Tensor, best: Tensor) -> Tensor:
+    """t [R, N] at the columns of the groups best [R, c]: [R, GROUP, c], block s holding columns
+    best + s * (N // GROUP)."""
     n_rows, n = t.shape
     n_groups = n // GROUP
-    grouped = n_groups * GROUP
     idx = best.unsqueeze(1).expand(n_rows, GROUP, best.shape[1])
-    out = t[:, :grouped].unflatten(1, (GROUP, n_groups)).gather(2, idx).flatten(1)
-    return out if grouped == n else torch.cat([out, t[:, grouped:]], dim=1)
+    return t[:, : n_groups * GROUP].unflatten(1, (GROUP, n_groups)).gather(2, idx)
 
 
-def _group_columns(pos: Tensor, best: Tensor, n: int) -> Tensor:
-    """The columns of positions pos [R, m] of `_group_gather`'s output."""
-    c = best.shape[1]
-    n_groups = n // GROUP
-    cols = best.gather(1, pos % c) + pos // c * n_groups
-    return torch.where(pos < c * GROUP, cols, pos - c * GROUP + n_groups * GROUP)
+def _refine(grid: Tensor, best: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The groups' values grid [R, GROUP, c] (`_grid`) cut to the c sub-groups (SUB blocks of one
+    group) with the largest maxima, which hold the c largest values (as in `_best_groups`):
+    (columns [R, SUB*c], values [R, SUB*c])."""
+    c = grid.shape[2]
+    top = grid.unflatten(1, (GROUP // SUB, SUB)).amax(2).flatten(1).topk(c, dim=1, sorted=False).indices
+    part, group = top // c, top % c
+    blocks = part.unsqueeze(1) * SUB + torch.arange(SUB, device=grid.device).unsqueeze(1)  # [R, SUB, c]
+    vals = grid.flatten(1).gather(1, (blocks * c + group.unsqueeze(1)).flatten(1))
+    cols = best.gather(1, group).unsqueeze(1) + blocks * (n // GROUP)
+    return cols.flatten(1), vals
 
 
-def _ranked(vals: Tensor, k: int, c: int) -> tuple[Tensor, Tensor]:
-    """The k best of candidates with exact values vals [R, C] (in ascending column order),
-    ranked by value descending, then column ascending: (positions in vals [R, k], values [R, k]).
+def _with_tail(cols: Tensor, vals: Tensor, tail: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Candidates plus the N % GROUP last columns (their values tail [R, N % GROUP])."""
+    if tail.shape[1] == 0:
+        return cols, vals
+    tail_cols = torch.arange(n - tail.shape[1], n, device=cols.device).expand(cols.shape[0], -1)
+    return torch.cat([cols, tail_cols], dim=1), torch.cat([vals, tail], dim=1)
+
+
+def _ranked(cols: Tensor, vals: Tensor, k: int, c: int) -> tuple[Tensor, Tensor]:
+    """The k best of candidate columns cols [R, C] with exact values vals [R, C], ranked by value
+    descending, then column ascending: (columns [R, k], values [R, k]).
 
     Beyond c candidates, torch.topk first keeps c of them (exact unless more than c - k tie at
-    the k-th place); a stable sort of the rest makes the ranking and its ties deterministic."""
-    pos = None
-    if vals.shape[1] > c:
-        pos = vals.topk(c, dim=1, sorted=False).indices.sort(dim=1).values
-        vals = vals.gather(1, pos)
-    vals, order = vals.sort(dim=1, descending=True, stable=True)
-    order = order[:, :k]
-    return (order if pos is None else pos.gather(1, order)), vals[:, :k]
+    the k-th place); a stable sort of the rest, in column order, makes the ranking and its ties
+    deterministic."""
+    if cols.shape[1] > c:
+        top = vals.topk(c, dim=1, sorted=False)
+        cols, vals = cols.gather(1, top.indices), top.values
+    cols, order = cols.sort(dim=1)
+    vals, rank = vals.gather(1, order).sort(dim=1, descending=True, stable=True)
+    return cols.gather(1, rank[:, :k]), vals[:, :k]
 
 
 def ranked_top(key: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -109,11 +120,11 @@ def ranked_top(key: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if _grouped(n, c):
         grouped = n // GROUP * GROUP
         best = _best_groups(key[:, :grouped].unflatten(1, (GROUP, n // GROUP)).amax(1), c)
-        pos, vals = _ranked(_group_gather(key, best), k, c)
-        return _group_columns(pos, best, n), vals
-    cand = key.topk(c, dim=1, sorted=False).indices.sort(dim=1).values
-    pos, vals = _ranked(key.gather(1, cand), k, c)
-    return cand.gather(1, pos), vals
+        cols, vals = _with_tail(*_refine(_grid(key, best), best, n), key[:, grouped:], n)
+    else:
+        top = key.topk(c, dim=1, sorted=False)
+        cols, vals = top.indices, top.values
+    return _ranked(cols, vals, k, c)
 
 
 def _exact(z: Tensor, bias: Tensor, colmask: Tensor | None) -> Tensor:
@@ -149,15 +160,16 @@ def topk_rows(z: Tensor, bias: Tensor, k: int, colmask: Tensor | None = None) ->
     c = min(n, k + _margin(n, k))
     if _grouped(n, c):
         best = _best_groups(_group_max(z, bias, colmask), c)
-        pick = functools.partial(_group_gather, best=best)
+        grid = _grid(z, best).to(bias.dtype).add_(_grid(bias.expand(B, n), best))
+        if colmask is not None:
+            grid.masked_fill_(~_grid(colmask.expand(B, n), best), float("-inf"))
+        grouped = n // GROUP * GROUP
+        tail = _exact(z[:, grouped:], bias[grouped:], None if colmask is None else colmask[grouped:])
+        cols, vals = _with_tail(*_refine(grid, best, n), tail, n)
     else:
-        cand = _exact(z, bias, colmask).topk(c, dim=1, sorted=False).indices.sort(dim=1).values
-        pick = functools.partial(torch.gather, dim=1, index=cand)
-    vals = pick(z).to(bias.dtype).add_(pick(bias.expand(B, n)))
-    if colmask is not None:
-        vals.masked_fill_(~pick(colmask.expand(B, n)), float("-inf"))
-    pos, vals = _ranked(vals, k, c)
-    ids = _group_columns(pos, best, n) if _grouped(n, c) else cand.gather(1, pos)
+        top = _exact(z, bias, colmask).topk(c, dim=1, sorted=False)
+        cols, vals = top.indices, top.values
+    ids, vals = _ranked(cols, vals, k, c)
     ids, order = ids.sort(dim=1)
     return ids, vals.gather(1, order)
 
