@@ -47,8 +47,9 @@ GROUP = 16
 """Columns per group in the selection's first pass (`_best_groups`)."""
 SUB = 4
 """Blocks per sub-group in its second pass (`_refine`)."""
-_CHUNK = {"cpu": 1 << 18}
-"""Elements per pass of `_group_max` by device type (CPU: an L2-sized block); others: 1 << 26."""
+_CHUNK = {"cpu": 1 << 20}
+"""Elements per pass of `_group_max` by device type (CPU: a cache-sized block, few enough passes
+that a loaded host does not stall on each); others: 1 << 26."""
 
 
 def _grouped(n: int, c: int) -> bool:
