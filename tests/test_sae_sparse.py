@@ -29,7 +29,8 @@ def _rows(B, N, dtype, ties, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ties", ["none", "some"])
 @pytest.mark.parametrize("B, N, k", [(7, 100, 5), (33, 700, 32), (5, 64, 64), (9, 130, 1), (3, 5000, 300),
-                                     (6, 1030, 8), (5, 2048, 16)])  # the last two: through groups (with a tail)
+                                     (6, 1030, 8), (5, 2048, 16), (3, 4200, 8)])  # the last three: through groups
+                                     # (with a tail; the last also through groups of groups, with a tail)
 def test_topk_rows_equals_the_exact_rule(dtype, ties, B, N, k):
     z, bias = _rows(B, N, dtype, ties)
     ids, vals = sparse.topk_rows(z, bias, k)

@@ -64,8 +64,20 @@ def _best_groups(gmax: Tensor, c: int) -> Tensor:
     larger than all of its own. So torch.topk runs on N/GROUP maxima, then (`_refine`) on the
     c*GROUP/SUB maxima of their sub-groups and (`_ranked`) on the c*SUB columns of the best c
     sub-groups (plus the N % GROUP last columns, candidates outright), instead of N columns:
-    beyond one strided max at memory speed, the selection's work grows with c, not N."""
-    return gmax.topk(c, dim=1, sorted=False).indices
+    beyond one strided max at memory speed, the selection's work grows with c, not N.
+
+    Many groups (wide rows) are chosen the same way one level up, through the maxima of SUB
+    strided groups each (the n_groups % SUB last groups are candidates outright)."""
+    n_rows, n_groups = gmax.shape
+    if n_groups // SUB < 4 * c:
+        return gmax.topk(c, dim=1, sorted=False).indices
+    stride = n_groups // SUB
+    upper = _best_groups(gmax[:, : stride * SUB].unflatten(1, (SUB, stride)).amax(1), c)
+    cand = (upper.unsqueeze(1) + stride * torch.arange(SUB, device=gmax.device).unsqueeze(1)).flatten(1)
+    if stride * SUB < n_groups:
+        tail = torch.arange(stride * SUB, n_groups, device=gmax.device).expand(n_rows, -1)
+        cand = torch.cat([cand, tail], dim=1)
+    return cand.gather(1, gmax.gather(1, cand).topk(c, dim=1, sorted=False).indices)
 
 
 def _grid(t: Tensor, best: Tensor) -> Tensor:
