@@ -6,14 +6,15 @@ rows at a time); there is no host-device sync (no nonzero, boolean indexing, bin
 .item()) and every reduction is ordered, so the step is deterministic.
 
 Selection follows the rule of sae/ops.py (value descending, NaN first, ties to the lower
-index). Wide rows go through groups of columns (`_top_groups`): one strided max per group,
-`torch.topk` over the group maxima, then over the c*GROUP columns of the c = k + margin best
-groups, keeping c candidates, which are ranked exactly (value, then index) by a stable sort.
-The exact top k is among the candidates unless more than `margin` entries (or groups) tie at
-the k-th place; torch.topk's choice among tied entries is unspecified on CUDA, and ranking the
-candidates by index makes the result deterministic and equal to the C kernels' whenever the
-tie group fits in the margin. Only degenerate rows (e.g. x = b_dec while b_enc = 0) tie more
-widely; they still get a valid top k.
+index). Wide rows go through groups of columns (`_best_groups`): one strided max per group,
+`torch.topk` over the group maxima for the c = k + margin best groups, then over sub-group
+maxima and their columns (`_refine`, `_ranked`), keeping c candidates, which are ranked
+exactly (value, then index) by a stable sort; no torch.topk sees more than O(c) entries per
+row beyond the group maxima. The exact top k is among the candidates unless more than
+`margin` entries (or groups) tie at the k-th place; torch.topk's choice among tied entries is
+unspecified on CUDA, and ranking the candidates by index makes the result deterministic and
+equal to the C kernels' whenever the tie group fits in the margin. Only degenerate rows (e.g.
+x = b_dec while b_enc = 0) tie more widely; they still get a valid top k.
 
 Gradients: autograd, with two custom pieces.
 - `SparseDecode`: x_hat = embedding_bag(ids, W_dec, per_sample_weights=values) + b_dec; the
