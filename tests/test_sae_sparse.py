@@ -28,7 +28,9 @@ def _rows(B, N, dtype, ties, seed=0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ties", ["none", "some"])
-@pytest.mark.parametrize("B, N, k", [(7, 100, 5), (33, 700, 32), (5, 64, 64), (9, 130, 1), (3, 5000, 300)])
+@pytest.mark.parametrize("B, N, k", [(7, 100, 5), (33, 700, 32), (5, 64, 64), (9, 130, 1), (3, 5000, 300),
+                                     (6, 1030, 8), (5, 2048, 16), (3, 4200, 8)])  # the last three: through groups
+                                     # (with a tail; the last also through groups of groups, with a tail)
 def test_topk_rows_equals_the_exact_rule(dtype, ties, B, N, k):
     z, bias = _rows(B, N, dtype, ties)
     ids, vals = sparse.topk_rows(z, bias, k)
@@ -37,12 +39,23 @@ def test_topk_rows_equals_the_exact_rule(dtype, ties, B, N, k):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_topk_rows_with_column_mask(dtype):
-    z, bias = _rows(11, 300, dtype, "some", seed=1)
-    mask = torch.rand(300, generator=torch.Generator().manual_seed(2)) < 0.3
-    ids, vals = sparse.topk_rows(z, bias, 20, mask)
-    ref = ops.topk_rows_torch(z.float() + bias, 20, mask)
+@pytest.mark.parametrize("N, k", [(300, 20), (1500, 8)])
+def test_topk_rows_with_column_mask(dtype, N, k):
+    z, bias = _rows(11, N, dtype, "some", seed=1)
+    mask = torch.rand(N, generator=torch.Generator().manual_seed(2)) < 0.3
+    ids, vals = sparse.topk_rows(z, bias, k, mask)
+    ref = ops.topk_rows_torch(z.float() + bias, k, mask)
     assert torch.equal(ids, ref[0]) and torch.equal(vals, ref[1])
+
+
+def test_topk_rows_through_groups_reaches_the_last_columns():
+    """Columns past the last full group (N % GROUP of them) are candidates too."""
+    z, bias = _rows(5, 1100, torch.float32, "none", seed=7)
+    assert 1100 % sparse.GROUP and sparse._grouped(1100, 8 + sparse._margin(1100, 8))
+    z[:, -3:] += 10.0  # the three last columns win every row
+    ids, vals = sparse.topk_rows(z, bias, 8)
+    ref_ids, ref_vals = ops.topk_rows_torch(z + bias, 8)
+    assert torch.equal(ids, ref_ids) and torch.equal(vals, ref_vals) and (ids[:, -3:] == torch.arange(1097, 1100)).all()
 
 
 def test_ties_wider_than_the_margin_still_give_a_top_k():
@@ -53,11 +66,12 @@ def test_ties_wider_than_the_margin_still_give_a_top_k():
     assert torch.equal(ids, ids.sort(1).values) and torch.equal(z.gather(1, ids), vals)
 
 
-def test_nan_ranks_first():
-    z = torch.randn(4, 50, generator=torch.Generator().manual_seed(13))
+@pytest.mark.parametrize("N", [50, 1000])
+def test_nan_ranks_first(N):
+    z = torch.randn(4, N, generator=torch.Generator().manual_seed(13))
     z[1, 7] = float("nan")
     z[2, 20:26] = float("nan")  # six tied NaNs: the three lowest ids
-    ids, _ = sparse.topk_rows(z, torch.zeros(50), 3)
+    ids, _ = sparse.topk_rows(z, torch.zeros(N), 3)
     assert torch.equal(ids, ops.topk_rows_torch(z, 3)[0])
     assert 7 in ids[1] and ids[2].tolist() == [20, 21, 22]
 
@@ -130,7 +144,7 @@ class _Recorder(TorchDispatchMode):
         if name in ("mm", "addmm", "bmm", "matmul"):
             self.mm.append((name, tuple(args[-2].shape), tuple(args[-1].shape)))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and not name.endswith("_"):  # in place: no new buffer
+            if isinstance(t, torch.Tensor) and not name.endswith("_") and not func.is_view:  # in place, views: no new buffer
                 self.outputs.append(tuple(t.shape))
         return out
 

@@ -345,8 +345,8 @@ class SAE(nn.Module, abc.ABC):
         if not self.unit_norm_decoder or g is None:
             return
         w = self.W_dec
-        # Two fused passes, no [d_sae, d_in] temporaries (this runs every step).
-        coef = torch.linalg.vecdot(g, w, dim=1) / torch.linalg.vecdot(w, w, dim=1).clamp_min(1e-12)
+        # This runs every step: on CPU vecdot makes a [d_sae, d_in] product first, a row norm does not.
+        coef = torch.linalg.vecdot(g, w, dim=1) / torch.linalg.vector_norm(w, dim=1).square().clamp_min(1e-12)
         g.addcmul_(coef.unsqueeze(1), w, value=-1.0)
 
     @torch.no_grad()

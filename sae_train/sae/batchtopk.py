@@ -39,9 +39,8 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold", torch.zeros(cfg.d_sae))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
 
-    def _select_torch(self, z: Tensor, world: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-        sel = sparse.batch_topk(z, self.b_enc.detach(), self.cfg.k, world)
-        return sel.offsets, sel.ids, sel.rows, sel.keep, sel.min_kept
+    def _select_torch(self, z: Tensor, world: int) -> sparse.BatchSelection:
+        return sparse.batch_topk(z, self.b_enc.detach(), self.cfg.k, world)
 
     def _activation(self, z: Tensor) -> Tensor:
         return z * (z > self.threshold).to(z.dtype)

@@ -44,15 +44,15 @@ class TopKSAE(SAE):
 
     # ------------------------------------------------------------------ selection (torch path)
 
-    def _select_torch(self, z: Tensor, world: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-        """Training selection on pre-activations z (GEMM dtype, without b_enc): (offsets [B+1],
-        latent ids [nnz], token of each entry [nnz], keep mask [nnz] or None, BatchTopK's
-        min_kept or None). world: ranks a BatchTopK selection spans (`sparse.selection_world`)."""
+    def _select_torch(self, z: Tensor, world: int) -> sparse.BatchSelection:
+        """Training selection on pre-activations z (GEMM dtype, without b_enc); `keep` and
+        `min_kept` are BatchTopK's (None here). world: ranks a BatchTopK selection spans
+        (`sparse.selection_world`)."""
         B, k = z.shape[0], self.cfg.k
-        ids, _ = sparse.topk_rows(z, self.b_enc.detach(), k)
+        ids, vals = sparse.topk_rows(z, self.b_enc.detach(), k)
         offsets = torch.arange(0, B * k + 1, k, device=z.device)
         rows = torch.arange(B * k, device=z.device) // k
-        return offsets, ids.view(-1), rows, None, None
+        return sparse.BatchSelection(offsets, ids.view(-1), rows, vals.view(-1), None, None)
 
     def _activation(self, z: Tensor) -> Tensor:
         k = self.cfg.k
@@ -63,20 +63,21 @@ class TopKSAE(SAE):
             idx, val = sparse.topk_rows(z, bias, k)
         return torch.zeros_like(z).scatter(1, idx, val.relu())
 
-    def _select_aux(self, z: Tensor, dead_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def _select_aux(self, z: Tensor, dead_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """AuxK's entries, aux_k' = min(aux_k, columns searched) per token: (latent ids [B*aux_k'],
-        bool [B*aux_k'] whether the pick is a dead latent -- picks beyond n_dead are not)."""
+        their pre-activations (-inf where not dead), bool [B*aux_k'] whether the pick is a dead
+        latent -- picks beyond n_dead are not)."""
         d_sae, bias = self.cfg.d_sae, self.b_enc.detach()
         if self.max_dead is None or self.max_dead >= d_sae:
-            aux_ids, _ = sparse.topk_rows(z, bias, min(self.cfg.aux_k, d_sae), dead_mask)
+            aux_ids, vals = sparse.topk_rows(z, bias, min(self.cfg.aux_k, d_sae), dead_mask)
             aux_ids = aux_ids.view(-1)
-            return aux_ids, dead_mask[aux_ids]
+            return aux_ids, vals.view(-1), dead_mask[aux_ids]
         n_cols = max(1, self.max_dead)
         cols = torch.nonzero_static(dead_mask, size=n_cols, fill_value=d_sae).squeeze(1)  # ascending, padded
         valid = cols < d_sae
         cols = cols.clamp(max=d_sae - 1)
-        local, _ = sparse.topk_rows(z.index_select(1, cols), bias[cols], min(self.cfg.aux_k, n_cols), valid)
-        return cols[local].view(-1), valid[local].view(-1)
+        local, vals = sparse.topk_rows(z.index_select(1, cols), bias[cols], min(self.cfg.aux_k, n_cols), valid)
+        return cols[local].view(-1), vals.view(-1), valid[local].view(-1)
 
     # ------------------------------------------------------------------ forward
 
@@ -94,14 +95,18 @@ class TopKSAE(SAE):
         with torch.no_grad():
             xc = self._encoder_input(x)
             z = xc.to(self._gemm_dtype) @ self.gemm_weight("W_enc")
-            offsets, ids, rows, keep, min_kept = self._select_torch(z, world)
+            sel = self._select_torch(z, world)
+            offsets, ids, rows, pre, keep = sel.offsets, sel.ids, sel.rows, sel.values, sel.keep
             n_main = ids.numel()
             if dead_mask is not None:
-                aux_ids, aux_valid = self._select_aux(z, dead_mask)
+                aux_ids, aux_pre, aux_valid = self._select_aux(z, dead_mask)
                 aux_k = aux_ids.numel() // B
-                ids = torch.cat([ids, aux_ids])
+                ids, pre = torch.cat([ids, aux_ids]), torch.cat([pre, aux_pre])
                 rows = torch.cat([rows, torch.arange(B * aux_k, device=x.device) // aux_k])
-        pre = sparse.SparsePreact.apply(z, xc, rows, ids, self._encoder_centre(), self.W_enc, self.b_enc)
+        d_sae = self.cfg.d_sae
+        main = sparse.ByLatent(ids[:n_main], d_sae)  # its sort serves both backward passes when no AuxK
+        every = main if dead_mask is None else sparse.ByLatent(ids, d_sae)
+        pre = sparse.SparsePreact.apply(pre, xc, rows, every, self._encoder_centre(), self.W_enc, self.b_enc)
         del z
         vals = torch.relu(pre[:n_main])
         if keep is not None:
@@ -109,17 +114,17 @@ class TopKSAE(SAE):
         W_dec = self.W_dec
         if self._gemm_dtype != W_dec.dtype:  # decode with the weights the GEMM path uses
             W_dec = sparse.RoundThrough.apply(W_dec, self.gemm_weight("W_dec"))
-        x_hat = sparse.SparseDecode.apply(vals, W_dec, ids[:n_main], rows[:n_main], offsets) + self.b_dec
+        x_hat = sparse.SparseDecode.apply(vals, W_dec, main, rows[:n_main], offsets) + self.b_dec
         auxk = x_hat.new_zeros(())
         if dead_mask is not None:
             aux_ids = ids[n_main:]
             a_vals = torch.where(aux_valid, torch.relu(pre[n_main:]), torch.zeros_like(pre[n_main:]))
             a_offsets = torch.arange(0, B * aux_k + 1, aux_k, device=x.device)
-            e_hat = sparse.SparseDecode.apply(a_vals, W_dec, aux_ids, rows[n_main:], a_offsets)
+            e_hat = sparse.SparseDecode.apply(a_vals, W_dec, sparse.ByLatent(aux_ids, d_sae), rows[n_main:], a_offsets)
             auxk = torch.where(dead_mask.any(), auxk_ratio(e_hat, (target - x_hat).detach()), auxk)
         out = self._output(x, x_hat, self._mse(x_hat, target), auxk, SparseLatents(vals.detach(), ids[:n_main], offsets, self.cfg.d_sae))
-        if min_kept is not None:
-            out.stats["min_kept"] = min_kept
+        if sel.min_kept is not None:
+            out.stats["min_kept"] = sel.min_kept
         return out
 
     def _forward_fast(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
