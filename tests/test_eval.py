@@ -54,7 +54,7 @@ def save_checkpoint(directory: Path, lm: LanguageModel, data: DataConfig, site: 
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
-        if arch in ("jumprelu", "batchtopk"):
+        if arch in ("jumprelu", "batchtopk", "matryoshka"):
             sae.threshold.fill_(0.05)
     sae.constrain_()
     scale = 0.5

@@ -42,6 +42,7 @@ def cfg(store: Path, out: Path, **kw) -> TrainConfig:
 RECOVERY = {
     "topk": SAEConfig(architecture="topk", k=4, expansion_factor=2),
     "batchtopk": SAEConfig(architecture="batchtopk", k=4, expansion_factor=2),
+    "matryoshka": SAEConfig(architecture="matryoshka", k=4, expansion_factor=2),  # prefixes 4, 16, 64
     "relu-l1": SAEConfig(architecture="relu", l1_coefficient=0.05, expansion_factor=2),
     "relu-l1_decnorm": SAEConfig(architecture="relu", sparsity="l1_decnorm", l1_coefficient=0.05, expansion_factor=2),
     "jumprelu": SAEConfig(architecture="jumprelu", l0_coefficient=0.01, expansion_factor=2),
@@ -160,7 +161,7 @@ def test_changed_config_on_resume_is_refused(synthetic, tmp_path):
         run(cfg(store, tmp_path, n_tokens=8192, batch_size=256))
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "relu", "jumprelu"])
 def test_checkpoint_acts_on_raw_activations(synthetic, tmp_path, arch):
     """The shipped SAE on raw x equals the training SAE on normalised x, rescaled (1e-5)."""
     _, store = synthetic
