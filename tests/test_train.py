@@ -42,7 +42,6 @@ def cfg(store: Path, out: Path, **kw) -> TrainConfig:
 RECOVERY = {
     "topk": SAEConfig(architecture="topk", k=4, expansion_factor=2),
     "batchtopk": SAEConfig(architecture="batchtopk", k=4, expansion_factor=2),
-    "matryoshka": SAEConfig(architecture="matryoshka", k=4, expansion_factor=2),  # prefixes 4, 16, 64
     "relu-l1": SAEConfig(architecture="relu", l1_coefficient=0.05, expansion_factor=2),
     "relu-l1_decnorm": SAEConfig(architecture="relu", sparsity="l1_decnorm", l1_coefficient=0.05, expansion_factor=2),
     "jumprelu": SAEConfig(architecture="jumprelu", l0_coefficient=0.01, expansion_factor=2),
