@@ -222,7 +222,8 @@ def test_sweep_at_two_sites_in_one_call(lm, corpus, tmp_path):
     at_resid = [report["saes"][n]["metrics"] for n in names[1:]]
     assert len({m["ce_clean"] for m in at_resid}) == 1 and len({m["ce_zero"] for m in at_resid}) == 1
     cost = report["cost"]
-    assert cost[resid] == {"n_layers": 3, "resume_layer": 2, "conditions": 7, **layer_forwards(3, 2, 7)}
+    n = len(ARCHITECTURES) + 3  # clean, zero and mean ablation + one splice per SAE
+    assert cost[resid] == {"n_layers": 3, "resume_layer": 2, "conditions": n, **layer_forwards(3, 2, n)}
     assert cost[mlp]["conditions"] == 4 and cost[mlp]["shared"] == 3 + 3 * 3
 
     md = (out / "eval.md").read_text()

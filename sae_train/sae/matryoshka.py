@@ -9,10 +9,12 @@ to 1 (cfg.matryoshka_weights), the batch's BatchTopK selection f gives
 
 so the first latents must carry the most of the input alone: general features gather in the
 small prefixes and the wide ones add detail (less feature absorption). The latents keep their
-index order: the nesting is what orders them, nothing is permuted or sorted. This is
-dictionary_learning's MatryoshkaBatchTopK (b_dec at every level, equal weights normalised by
-default, AuxK on the full reconstruction's residual) and SAELens's matryoshka_batchtopk with
-use_matryoshka_aux_loss off (SAELens sums the levels unweighted: the same loss times L).
+index order: the nesting is what orders them, nothing is permuted or sorted. This is the loss
+of dictionary_learning's MatryoshkaBatchTopK (b_dec at every level, equal weights 1/L by
+default, AuxK on the full reconstruction's residual; it then averages the weighted terms, a
+further 1/L) and of SAELens's matryoshka_batchtopk with use_matryoshka_aux_loss off (it sums
+the levels unweighted: L times ours). Weights summing to 1 keep aux_coefficient meaning what it
+means for BatchTopK.
 "mse" stays the full reconstruction's, the one FVU and eval measure; "nested_mse" is the
 weighted sum and "mse_<m>" each inner prefix's.
 
