@@ -21,21 +21,23 @@ weighted sum and "mse_<m>" each inner prefix's.
 The prefix decodes cost one sparse decode, not L dense ones: the selection lists each token's
 latents in ascending order, so a token's entries below m_1, then in [m_1, m_2), ... are
 consecutive runs; one embedding bag sums each run (token b, level l) into D[b, l] and the
-prefix reconstructions are b_dec + cumsum_l D[b, l]. The encoder is BatchTopK's; on CPU the
-compiled kernel makes the selection (the same tensors as the PyTorch twin), the rest is PyTorch
-on both paths. Inference, the learned threshold and the SAELens export (as JumpReLU) are
+prefix reconstructions are b_dec + cumsum_l D[b, l]. The encoder is BatchTopK's; on CPU
+(`_SparseEncoder`) the compiled kernels select and take the encoder's gradient from the
+selected entries only, the decode is PyTorch on both paths. Inference, the learned threshold and the SAELens export (as JumpReLU) are
 BatchTopK's: the nesting only shapes training.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
+from sae_train.sae import kernels
 from sae_train.sae.base import SAEOutput, SparseLatents
 from sae_train.sae.batchtopk import BatchTopKSAE
 from sae_train.sae.config import SAEConfig, config_error
@@ -53,9 +55,7 @@ def prefix_widths(prefixes: Sequence[float], d_sae: int) -> list[int]:
 class MatryoshkaSAE(BatchTopKSAE):
     architecture = "matryoshka"
     config_fields = BatchTopKSAE.config_fields | {"matryoshka_prefixes", "matryoshka_weights"}
-    # the encoder GEMM, and the two of its dense backward (input gradient, the decoder's
-    # shape; weight gradient); decode and decoder gradient are sparse
-    step_gemms = ("encoder", "decoder", "encoder_grad")
+    # inherited step_gemms ("encoder"): the decode and every gradient are sparse on the fast path
     saelens_architecture, saelens_training_architecture = "jumprelu", "matryoshka_batchtopk"
 
     def __init__(self, cfg: SAEConfig, *, compute_dtype: torch.dtype = torch.float32) -> None:
@@ -95,23 +95,20 @@ class MatryoshkaSAE(BatchTopKSAE):
     # ------------------------------------------------------------------ forward
 
     def _forward_torch(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
-        return self._nested_forward(x, dead_mask, self._select_torch)
+        z = self._preact(x)
+        offsets, idx = self._select_torch(z.detach())
+        rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), offsets.diff())
+        return self._nested(x, dead_mask, torch.relu(z[rows, idx]), offsets, idx)
 
     def _forward_fast(self, x: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
-        return self._nested_forward(x, dead_mask, self._select_kernel)
+        vals, offsets, idx = _SparseEncoder.apply(x, self.b_dec, self.W_enc, self.b_enc,
+                                                  self.cfg.k * x.shape[0], self.gemm_weight("W_enc"))
+        return self._nested(x, dead_mask, vals, offsets, idx)
 
-    def _select_kernel(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """`_select_torch` through the compiled BatchTopK selection (identical tensors)."""
-        offsets, idx, _ = batch_topk_kernel(z.contiguous(), torch.zeros(z.shape[1]), self.cfg.k * z.shape[0])
-        return offsets, idx
-
-    def _nested_forward(self, x: Tensor, dead_mask: Tensor | None,
-                        select: Callable[[Tensor], tuple[Tensor, Tensor]]) -> SAEOutput:
-        z = self._preact(x)
+    def _nested(self, x: Tensor, dead_mask: Tensor | None, vals: Tensor, offsets: Tensor, idx: Tensor) -> SAEOutput:
+        """Every prefix's reconstruction and the losses from the selection (CSR, values with autograd)."""
         B, L = x.shape[0], len(self.widths)
-        offsets, idx = select(z.detach())
         rows = torch.repeat_interleave(torch.arange(B, device=x.device), offsets.diff())
-        vals = torch.relu(z[rows, idx])
         # bag (token b, level l) = the run of b's entries with level_starts[l-1] <= id < level_starts[l]
         bags = rows * L + torch.bucketize(idx, self.level_starts, right=True)
         sizes = torch.bincount(bags, minlength=B * L)
@@ -127,3 +124,34 @@ class MatryoshkaSAE(BatchTopKSAE):
         out.losses = {"loss": nested + self.cfg.aux_coefficient * auxk, "mse": mses[-1], "nested_mse": nested,
                       "auxk": auxk, **{f"mse_{m}": mses[i] for i, m in enumerate(self.widths[:-1])}}
         return out
+
+
+class _SparseEncoder(torch.autograd.Function):
+    """The fast CPU encoder: GEMM, BatchTopK selection (compiled kernel) and ReLU, returning the
+    selected values [nnz] with the CSR (offsets [B+1], ascending latent ids [nnz]); the same
+    tensors as the PyTorch twin. Its backward touches the selected entries only (CSR kernels,
+    as `SparseSAEFunction`'s): dL/dW_enc[:, i] = sum_b gv[b, i] (x - b_dec)[b], dL/db_enc its
+    column sums, dL/db_dec = -W_enc @ dL/db_enc, with gv the values' gradient through the ReLU.
+    """
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, n_keep: int, W_gemm: Tensor):  # type: ignore[override]
+        xc = kernels.center_cast(x.contiguous(), b_dec.detach(), W_gemm.dtype)  # (x - b_dec) in the GEMM dtype
+        offsets, idx, pre = batch_topk_kernel(xc @ W_gemm, b_enc.detach(), n_keep)
+        vals = pre.clamp_min(0)
+        ctx.csr = offsets, idx
+        ctx.save_for_backward(xc, W_enc, vals)
+        ctx.mark_non_differentiable(offsets, idx)
+        return vals, offsets, idx
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_vals, *_):  # type: ignore[override]
+        xc, W_enc, vals = ctx.saved_tensors
+        offsets, idx = ctx.csr
+        gv = (g_vals * (vals > 0)).float().contiguous()
+        coff, crow, perm = kernels.csr_transpose(offsets, idx, W_enc.shape[1])
+        grad_b_enc = torch.empty(W_enc.shape[1])
+        grad_W_enc = kernels.csr_spmm(coff, crow, gv, xc, perm=perm, transpose_out=True, val_sum=grad_b_enc)
+        grad_b_dec = -kernels.gemv(W_enc.detach(), grad_b_enc)
+        return None, grad_b_dec, grad_W_enc, grad_b_enc, None, None
