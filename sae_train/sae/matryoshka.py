@@ -14,17 +14,16 @@ of dictionary_learning's MatryoshkaBatchTopK (b_dec at every level, equal weight
 default, AuxK on the full reconstruction's residual; it then averages the weighted terms, a
 further 1/L) and of SAELens's matryoshka_batchtopk with use_matryoshka_aux_loss off (it sums
 the levels unweighted: L times ours). Weights summing to 1 keep aux_coefficient meaning what it
-means for BatchTopK.
-"mse" stays the full reconstruction's, the one FVU and eval measure; "nested_mse" is the
-weighted sum and "mse_<m>" each inner prefix's.
+means for BatchTopK. "mse" stays the full reconstruction's, the one FVU and eval measure;
+"nested_mse" is the weighted sum and "mse_<m>" each inner prefix's.
 
 The prefix decodes cost one sparse decode, not L dense ones: the selection lists each token's
 latents in ascending order, so a token's entries below m_1, then in [m_1, m_2), ... are
 consecutive runs; one embedding bag sums each run (token b, level l) into D[b, l] and the
 prefix reconstructions are b_dec + cumsum_l D[b, l]. The encoder is BatchTopK's; on CPU
 (`_SparseEncoder`) the compiled kernels select and take the encoder's gradient from the
-selected entries only, the decode is PyTorch on both paths. Inference, the learned threshold and the SAELens export (as JumpReLU) are
-BatchTopK's: the nesting only shapes training.
+selected entries only; the decode is PyTorch on both paths. Inference, the learned threshold
+and the SAELens export (as JumpReLU) are BatchTopK's: the nesting only shapes training.
 """
 
 from __future__ import annotations
@@ -83,9 +82,9 @@ class MatryoshkaSAE(BatchTopKSAE):
             raise config_error(cfg, "matryoshka_weights",
                                f"[] (equal weights) or {len(prefixes)} numbers >= 0 (one per prefix), not all 0",
                                "Give one weight per entry of sae.matryoshka_prefixes, or [] for equal weights.")
-        d_sae = cfg.d_sae or cfg.expansion_factor * cfg.d_in
         if not cfg.d_in and not cfg.d_sae:
             return  # widths are checked once d_sae is known (`resolved`)
+        d_sae = cfg.d_sae or cfg.expansion_factor * cfg.d_in
         widths = prefix_widths(prefixes, d_sae)
         if widths[0] < 1 or any(a >= b for a, b in zip(widths, widths[1:])) or widths[-1] != d_sae:
             raise config_error(cfg, "matryoshka_prefixes",
