@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             return  # widths are checked once d_sae is known (`resolved`)
         d_sae = cfg.d_sae or cfg.expansion_factor * cfg.d_in
         widths = prefix_widths(prefixes, d_sae)
-        if widths[0] < 1 or any(a >= b for a, b in zip(widths, widths[1:])) or widths[-1] != d_sae:
+        if widths[0] < 1 or any(a >= b for a, b in pairwise(widths)) or widths[-1] != d_sae:
             raise config_error(cfg, "matryoshka_prefixes",
                                f"strictly increasing widths ending at d_sae = {d_sae} (they are {widths})",
                                f"Make every prefix wider than the one before and the last 1.0 (or {d_sae}), {example}.")
