@@ -49,8 +49,8 @@ from sae_train.train.dist import Dist
 from sae_train.train.roofline import step_gemms
 
 D_IN, D_SAE, BATCH, K = 576, 4608, 4096, 32
-ARCHS = ["topk", "batchtopk", "relu", "jumprelu"]
-TARGET = {"topk": 2.0, "batchtopk": 2.0, "relu": 1.3, "jumprelu": 1.3}
+ARCHS = ["topk", "batchtopk", "matryoshka", "relu", "jumprelu"]
+TARGET = {"topk": 2.0, "batchtopk": 2.0, "matryoshka": 6.0, "relu": 1.3, "jumprelu": 1.3}
 SITE, TARGET_SITE = "x", "y"
 
 
@@ -155,6 +155,10 @@ def saelens(arch: str, dtype: str, x: torch.Tensor) -> Callable[[], object] | No
     try:
         from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
         from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+        from sae_lens.saes.matryoshka_batchtopk_sae import (
+            MatryoshkaBatchTopKTrainingSAE,
+            MatryoshkaBatchTopKTrainingSAEConfig,
+        )
         from sae_lens.saes.sae import TrainStepInput
         from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
         from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
@@ -164,6 +168,8 @@ def saelens(arch: str, dtype: str, x: torch.Tensor) -> Callable[[], object] | No
     classes = {
         "topk": (TopKTrainingSAE, TopKTrainingSAEConfig(k=K, **common)),
         "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig(k=K, **common)),
+        "matryoshka": (MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig(
+            k=K, matryoshka_widths=[D_SAE // 16, D_SAE // 4, D_SAE], **common)),  # our default prefixes
         "relu": (StandardTrainingSAE, StandardTrainingSAEConfig(**common)),
         "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig(**common)),
     }

@@ -1,7 +1,8 @@
 """Synthetic activations with known ground truth, written as a real activation store.
 
 Tokens are sparse non-negative combinations of `n_features` random unit directions in d_in
-dimensions (each feature fires independently with probability `p`, magnitude ~ 1 + Exp(1)),
+dimensions (each feature fires independently with probability `p`, one for all or one per
+feature, magnitude ~ 1 + Exp(1)),
 plus a constant offset (like an LM's mean activation) and isotropic noise. An SAE that learned
 the data has decoder rows matching the true directions.
 """
@@ -21,16 +22,16 @@ def true_directions(n_features: int, d_in: int, seed: int = 0) -> torch.Tensor:
     return dirs / dirs.norm(dim=1, keepdim=True)
 
 
-def sample(n: int, dirs: torch.Tensor, p: float, noise: float, gen: torch.Generator) -> torch.Tensor:
+def sample(n: int, dirs: torch.Tensor, p: float | list[float], noise: float, gen: torch.Generator) -> torch.Tensor:
     n_features, d_in = dirs.shape
-    active = torch.rand(n, n_features, generator=gen) < p
+    active = torch.rand(n, n_features, generator=gen) < torch.as_tensor(p)
     magnitude = 1.0 + torch.empty(n, n_features).exponential_(1.0, generator=gen)
     codes = active * magnitude
     offset = torch.linspace(-1.0, 1.0, d_in)
     return codes @ dirs + offset + noise * torch.randn(n, d_in, generator=gen)
 
 
-def write_store(root: Path, dirs: torch.Tensor, n_tokens: int, *, p: float = 0.05, noise: float = 0.02,
+def write_store(root: Path, dirs: torch.Tensor, n_tokens: int, *, p: float | list[float] = 0.05, noise: float = 0.02,
                 site: str = "synthetic", tokens_per_shard: int = 8192, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     gen = torch.Generator().manual_seed(seed)
     spec = {"synthetic": {"n_features": dirs.shape[0], "p": p, "noise": noise, "seed": seed}}

@@ -54,7 +54,7 @@ def save_checkpoint(directory: Path, lm: LanguageModel, data: DataConfig, site: 
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
-        if arch in ("jumprelu", "batchtopk"):
+        if arch in ("jumprelu", "batchtopk", "matryoshka"):
             sae.threshold.fill_(0.05)
     sae.constrain_()
     scale = 0.5
@@ -225,7 +225,8 @@ def test_sweep_at_two_sites_in_one_call(lm, corpus, tmp_path):
     at_resid = [report["saes"][n]["metrics"] for n in names[1:]]
     assert len({m["ce_clean"] for m in at_resid}) == 1 and len({m["ce_zero"] for m in at_resid}) == 1
     cost = report["cost"]
-    assert cost[resid] == {"n_layers": 3, "resume_layer": 2, "conditions": 7, **layer_forwards(3, 2, 7)}
+    n = len(ARCHITECTURES) + 3  # clean, zero and mean ablation + one splice per SAE
+    assert cost[resid] == {"n_layers": 3, "resume_layer": 2, "conditions": n, **layer_forwards(3, 2, n)}
     assert cost[mlp]["conditions"] == 4 and cost[mlp]["shared"] == 3 + 3 * 3
 
     md = (out / "eval.md").read_text()

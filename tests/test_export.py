@@ -28,8 +28,9 @@ from sae_train.train import TrainConfig
 from sae_train.train import run as train
 from tests.conftest import tiny_topk
 
-ARCHS = ["relu", "topk", "batchtopk", "jumprelu"]
-SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
+ARCHS = ["relu", "topk", "batchtopk", "matryoshka", "jumprelu"]
+SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "jumprelu": "jumprelu"}
+THRESHOLD_ARCHS = ("batchtopk", "matryoshka", "jumprelu")
 SWEEP_TAG = "synthetic/architecture={}"
 
 # Recorded by a live run of the embedded default (what real checkpoints hold; the synthetic store records none).
@@ -89,7 +90,7 @@ def test_layout_and_cfg_keys(sweep, exported, arch):
     assert cfg == expected
     assert Version(meta["sae_lens_version"]) >= Version("6.0.0")
     assert meta["hook_name"] == "synthetic"
-    assert meta["training_architecture"] == {"relu": "standard"}.get(arch, arch)
+    assert meta["training_architecture"] == {"relu": "standard", "matryoshka": "matryoshka_batchtopk"}.get(arch, arch)
     assert {"model_name", "context_size", "prepend_bos", "dataset_path"} <= set(meta)
     record = meta["sae_train"]
     checkpoint = sweep / SWEEP_TAG.format(arch)
@@ -100,7 +101,7 @@ def test_layout_and_cfg_keys(sweep, exported, arch):
     assert set(record["exported_by"]) == {"package", "version", "commit"}
 
     weights = load_file(folder / "sae_weights.safetensors")
-    names = {"W_enc", "W_dec", "b_enc", "b_dec"} | ({"threshold"} if arch in ("batchtopk", "jumprelu") else set())
+    names = {"W_enc", "W_dec", "b_enc", "b_dec"} | ({"threshold"} if arch in THRESHOLD_ARCHS else set())
     assert set(weights) == names
     assert weights["W_enc"].shape == (32, 128) and weights["W_dec"].shape == (128, 32)
     assert all(t.dtype == torch.float32 for t in weights.values())
@@ -237,7 +238,7 @@ def test_load_exported_round_trip(sweep, exported, arch):
 
 
 def test_load_exported_needs_a_folder_when_several(exported):
-    with pytest.raises(UserError, match="holds 4 SAEs; pass folder="):
+    with pytest.raises(UserError, match="holds 5 SAEs; pass folder="):
         load_exported(exported)
     with pytest.raises(UserError, match="not an exported SAE folder"):
         load_exported(exported, folder="synthetic")

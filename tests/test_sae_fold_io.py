@@ -25,7 +25,7 @@ def trained_like(arch: str, **cfg):
             sae.W_dec.mul_(torch.rand(sae.cfg.d_sae, 1, generator=g) + 0.5)
         if arch == "jumprelu":
             sae.threshold.copy_(0.05 * torch.rand(sae.cfg.d_sae, generator=g))
-        if arch == "batchtopk":
+        if arch in ("batchtopk", "matryoshka"):
             sae.threshold.fill_(0.04)
     sae.constrain_()
     return sae
@@ -45,7 +45,7 @@ def test_fold_reproduces_the_training_model_on_raw_activations(arch):
     x_raw = raw_data()
     with torch.no_grad():
         x_hat = folded.decode(folded.encode(x_raw))
-        if arch == "batchtopk":  # training forward selects over the batch; compare inference
+        if arch in ("batchtopk", "matryoshka"):  # training forward selects over the batch; compare inference
             expect = sae.decode(sae.encode(x_raw * SCALE)) / SCALE
         else:
             expect = sae(x_raw * SCALE).x_hat / SCALE
@@ -76,7 +76,7 @@ def test_save_load_roundtrip_is_exact(arch, tmp_path):
     text = (tmp_path / "site" / "cfg.json").read_text()
     assert list(json.loads(text)) == sorted(json.loads(text))
     names = set(load_file(tmp_path / "site" / "sae.safetensors"))
-    expected = {"W_enc", "W_dec", "b_enc", "b_dec"} | ({"threshold"} if arch in ("jumprelu", "batchtopk") else set())
+    expected = {"W_enc", "W_dec", "b_enc", "b_dec"} | ({"threshold"} if arch in ("jumprelu", "batchtopk", "matryoshka") else set())
     assert names == expected
     assert sorted(p.name for p in (tmp_path / "site").iterdir()) == ["cfg.json", "sae.safetensors"]
 

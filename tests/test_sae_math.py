@@ -8,6 +8,7 @@ import torch
 
 from sae_train.errors import UserError
 from sae_train.sae import ARCHITECTURES, SAE, SAEConfig, create_sae, kernels
+from sae_train.sae.matryoshka import prefix_widths
 
 fast_only = pytest.mark.skipif(not kernels.available(), reason="kernels unavailable (no C compiler, or SAE_TRAIN_KERNELS=torch)")
 
@@ -117,7 +118,7 @@ def naive(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None, scale: fl
         sparsity = cfg.l1_coefficient * scale * (f * w).sum(1).mean()
     elif arch == "topk":
         f = torch.relu(z) * _top_k_mask(z.detach(), cfg.k)
-    elif arch == "batchtopk":
+    elif arch in ("batchtopk", "matryoshka"):
         flat = torch.relu(z.detach()).flatten()
         order = torch.sort(flat, descending=True, stable=True).indices[: cfg.k * x.shape[0]]
         keep = torch.zeros_like(flat, dtype=torch.bool)
@@ -129,9 +130,14 @@ def naive(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None, scale: fl
         sparsity = cfg.l0_coefficient * scale * h.sum(1).mean()
     x_hat = f @ p["W_dec"] + p["b_dec"]
     loss = ((x_hat - x) ** 2).sum(1).mean()
+    if arch == "matryoshka":  # every prefix decoded densely on its own, b_dec included
+        widths = prefix_widths(cfg.matryoshka_prefixes, cfg.d_sae)
+        w = torch.tensor(cfg.matryoshka_weights or [1.0] * len(widths), dtype=torch.float64)
+        loss = sum(w_l / w.sum() * ((f[:, :m] @ p["W_dec"][:m] + p["b_dec"] - x) ** 2).sum(1).mean()
+                   for w_l, m in zip(w, widths))
     if sparsity is not None:
         loss = loss + sparsity
-    if arch in ("topk", "batchtopk") and dead is not None and dead.any():
+    if arch in ("topk", "batchtopk", "matryoshka") and dead is not None and dead.any():
         k_aux = min(cfg.aux_k, int(dead.sum()))
         f_aux = torch.relu(z) * _top_k_mask(z.detach(), k_aux, dead)
         e = (x - x_hat).detach()
@@ -157,7 +163,10 @@ def run(sae: SAE, x: torch.Tensor, dead=None, scale=1.0):
 
 
 CASES = [("relu", {}), ("relu", {"sparsity": "l1_decnorm"}), ("topk", {}), ("batchtopk", {}), ("jumprelu", {}),
-         ("topk", {"aux_k": 1000})]  # aux_k > n_dead: every dead latent joins AuxK (no selection)
+         ("topk", {"aux_k": 1000}),  # aux_k > n_dead: every dead latent joins AuxK (no selection)
+         ("matryoshka", {}),
+         # d_sae 128: widths 13, 64, 96, 128 (a weight of 0 drops a level from the loss)
+         ("matryoshka", {"matryoshka_prefixes": [0.1, 0.5, 0.75, 1.0], "matryoshka_weights": [4, 1, 0, 2]})]
 
 
 def _dead(sae):

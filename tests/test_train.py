@@ -175,7 +175,7 @@ def test_changed_config_on_resume_is_refused(synthetic, tmp_path):
         run(cfg(store, tmp_path, n_tokens=8192, batch_size=256))
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "relu", "jumprelu"])
 def test_checkpoint_acts_on_raw_activations(synthetic, tmp_path, arch):
     """The shipped SAE on raw x equals the training SAE on normalised x, rescaled (1e-5)."""
     _, store = synthetic

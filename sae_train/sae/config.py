@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sae_train.errors import UserError
 
@@ -29,8 +29,9 @@ class SAEConfig:
 
     architecture: str = "topk"
     """"relu" (L1 penalty), "topk" (k per token, Gao et al. 2024), "batchtopk" (k*B per batch,
-    Bussmann et al. 2024) or "jumprelu" (learned thresholds + L0 penalty, Rajamanoharan et al.
-    2024). See sae_train/sae/registry.py."""
+    Bussmann et al. 2024), "matryoshka" (BatchTopK with nested prefixes, Bussmann et al. 2025)
+    or "jumprelu" (learned thresholds + L0 penalty, Rajamanoharan et al. 2024). See
+    sae_train/sae/registry.py."""
 
     d_in: int = 0
     """Input width. 0 = filled in from the data (`resolved(d_in)`)."""
@@ -54,7 +55,7 @@ class SAEConfig:
     """d_sae / d_in when d_sae is 0."""
 
     k: int = 32
-    """topk: active latents per token; batchtopk: the average over a batch."""
+    """topk: active latents per token; batchtopk, matryoshka: the average over a batch."""
 
     sparsity: str = "l1"
     """relu only. "l1": lambda * sum_i f_i with unit-norm decoder rows (constrained every
@@ -86,15 +87,25 @@ class SAEConfig:
     pre-activations (~0.05), so training starts close to a ReLU SAE."""
 
     aux_k: int = 0
-    """topk/batchtopk: latents used by the AuxK loss to model the residual from dead latents.
+    """topk/batchtopk/matryoshka: latents used by the AuxK loss to model the residual from dead latents.
     0 = d_in // 2 (OpenAI)."""
 
     aux_coefficient: float = 1 / 32
-    """topk/batchtopk: weight of the AuxK loss (OpenAI, 1/32)."""
+    """topk/batchtopk/matryoshka: weight of the AuxK loss (OpenAI, 1/32)."""
 
     batchtopk_threshold_beta: float = 0.999
-    """batchtopk: EMA factor of the inference threshold, the running mean of the smallest
-    activation kept per batch (dictionary_learning's estimator)."""
+    """batchtopk, matryoshka: EMA factor of the inference threshold, the running mean of the
+    smallest activation kept per batch (dictionary_learning's estimator)."""
+
+    matryoshka_prefixes: list[float] = field(default_factory=lambda: [0.0625, 0.25, 1.0])
+    """matryoshka: the nested prefixes, each reconstructing the input from latents 0..m-1
+    alone; increasing, the last the whole dictionary. Either all fractions of d_sae (every
+    entry <= 1, rounded to the nearest latent) or all widths in latents (integers): [0.0625,
+    0.25, 1.0] and [288, 1152, 4608] are the same at d_sae 4608."""
+
+    matryoshka_weights: list[float] = field(default_factory=list)
+    """matryoshka: weight of each prefix's MSE in the loss, one per prefix, normalised to sum
+    to 1; [] = equal weights (dictionary_learning's default)."""
 
     b_dec_init: str = "geometric_median"
     """Decoder bias from a data sample: "geometric_median" (Weiszfeld; robust to the

@@ -17,6 +17,7 @@ from sae_train.sae.base import SAE
 from sae_train.sae.batchtopk import BatchTopKSAE
 from sae_train.sae.config import SAEConfig
 from sae_train.sae.jumprelu import JumpReLUSAE
+from sae_train.sae.matryoshka import MatryoshkaSAE
 from sae_train.sae.relu import ReLUSAE
 from sae_train.sae.topk import TopKSAE
 
@@ -32,7 +33,7 @@ def register(cls: type[SAE]) -> type[SAE]:
     return cls
 
 
-for _builtin in (ReLUSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE):
+for _builtin in (ReLUSAE, TopKSAE, BatchTopKSAE, MatryoshkaSAE, JumpReLUSAE):
     register(_builtin)
 
 

@@ -81,12 +81,24 @@ class TopKSAE(SAE):
 
     # ------------------------------------------------------------------ forward
 
-    def _output(self, x: Tensor, x_hat: Tensor, mse: Tensor, auxk: Tensor, latents: SparseLatents) -> SAEOutput:
-        loss = mse + self.cfg.aux_coefficient * auxk
+    def _output(self, x: Tensor, x_hat: Tensor, terms: dict[str, Tensor], auxk: Tensor, latents: SparseLatents) -> SAEOutput:
+        """terms: the reconstruction's loss terms (`_decode_train`), "mse" first."""
+        loss = self._reconstruction_loss(terms) + self.cfg.aux_coefficient * auxk
         active = (latents.values != 0).float()
         counts = torch.zeros(self.cfg.d_sae, device=x.device).index_add_(0, latents.indices, active)
         l0 = active.sum() / x.shape[0]
-        return SAEOutput(x_hat, {"loss": loss, "mse": mse, "auxk": auxk}, l0, counts > 0, latents)
+        return SAEOutput(x_hat, {"loss": loss, **terms, "auxk": auxk}, l0, counts > 0, latents)
+
+    def _reconstruction_loss(self, terms: dict[str, Tensor]) -> Tensor:
+        """The reconstruction part of the loss from `_decode_train`'s terms: the MSE."""
+        return terms["mse"]
+
+    def _decode_train(self, target: Tensor, vals: Tensor, W_dec: Tensor, groups: sparse.ByLatent, rows: Tensor,
+                      offsets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training decode of the selected entries (CSR `offsets`, token of each entry `rows`)
+        and its loss terms: (x_hat [B, d_out], {"mse": ...})."""
+        x_hat = sparse.SparseDecode.apply(vals, W_dec, groups, rows, offsets) + self.b_dec
+        return x_hat, {"mse": self._mse(x_hat, target)}
 
     def _forward_torch(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
         """The sparse step in plain PyTorch (sae/sparse.py): encoder GEMM, selection, embedding-bag
@@ -114,7 +126,7 @@ class TopKSAE(SAE):
         W_dec = self.W_dec
         if self._gemm_dtype != W_dec.dtype:  # decode with the weights the GEMM path uses
             W_dec = sparse.RoundThrough.apply(W_dec, self.gemm_weight("W_dec"))
-        x_hat = sparse.SparseDecode.apply(vals, W_dec, main, rows[:n_main], offsets) + self.b_dec
+        x_hat, terms = self._decode_train(target, vals, W_dec, main, rows[:n_main], offsets)
         auxk = x_hat.new_zeros(())
         if dead_mask is not None:
             aux_ids = ids[n_main:]
@@ -122,7 +134,7 @@ class TopKSAE(SAE):
             a_offsets = torch.arange(0, B * aux_k + 1, aux_k, device=x.device)
             e_hat = sparse.SparseDecode.apply(a_vals, W_dec, sparse.ByLatent(aux_ids, d_sae), rows[n_main:], a_offsets)
             auxk = torch.where(dead_mask.any(), auxk_ratio(e_hat, (target - x_hat).detach()), auxk)
-        out = self._output(x, x_hat, self._mse(x_hat, target), auxk, SparseLatents(vals.detach(), ids[:n_main], offsets, self.cfg.d_sae))
+        out = self._output(x, x_hat, terms, auxk, SparseLatents(vals.detach(), ids[:n_main], offsets, self.cfg.d_sae))
         if sel.min_kept is not None:
             out.stats["min_kept"] = sel.min_kept
         return out
@@ -135,7 +147,7 @@ class TopKSAE(SAE):
         spec = SparseSpec(self.batch_selection, self.cfg.k, self.gemm_weights(), dead, aux_k, sparse.selection_world())
         x_hat, mse, auxk, vals = SparseSAEFunction.apply(x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, spec)
         assert spec.idx is not None and spec.offsets is not None  # set by the forward
-        out = self._output(x, x_hat, mse, auxk, SparseLatents(vals, spec.idx, spec.offsets, self.cfg.d_sae))
+        out = self._output(x, x_hat, {"mse": mse}, auxk, SparseLatents(vals, spec.idx, spec.offsets, self.cfg.d_sae))
         if spec.min_kept is not None:
             out.stats["min_kept"] = spec.min_kept
         return out
