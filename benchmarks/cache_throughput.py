@@ -82,18 +82,30 @@ def main() -> None:
     lm = LanguageModel.load(cfg.model)
     layer = lm.site(SITE).layer
     spec = TokenSpec.from_tokenizer(lm.tokenizer, cfg.text)
-    windows = torch.stack(list(islice(iter_windows(iter_documents(cfg.data), lm.tokenizer, cfg.text, spec),
-                                      args.tokens // cfg.text.context_size)))
+    windows = torch.stack(
+        list(
+            islice(
+                iter_windows(iter_documents(cfg.data), lm.tokenizer, cfg.text, spec),
+                args.tokens // cfg.text.context_size,
+            )
+        )
+    )
     tokens = windows.numel()
     per_forward = max(1, args.batch // cfg.text.context_size)
-    print(f"model {lm.identity['name']} ({lm.identity['dtype']}), site {SITE}, {tokens:,} tokens, "
-          f"context {cfg.text.context_size}, {per_forward} windows/forward, {torch.get_num_threads()} threads")
+    print(
+        f"model {lm.identity['name']} ({lm.identity['dtype']}), site {SITE}, {tokens:,} tokens, "
+        f"context {cfg.text.context_size}, {per_forward} windows/forward, {torch.get_num_threads()} threads"
+    )
 
     plain_forward_seconds(lm, windows[:per_forward], layer, per_forward)  # warm-up
     plain = tokens / plain_forward_seconds(lm, windows, layer, per_forward)
     with tempfile.TemporaryDirectory() as tmp:
-        summary = cache.run(CacheConfig(sites=[SITE], n_tokens=args.tokens, batch_size=args.batch,
-                                        out_dir=f"{tmp}/acts", progress=False), lm)
+        summary = cache.run(
+            CacheConfig(
+                sites=[SITE], n_tokens=args.tokens, batch_size=args.batch, out_dir=f"{tmp}/acts", progress=False
+            ),
+            lm,
+        )
     # The store drops BOS/separator rows; compare on tokens run through the model.
     cached = tokens / summary.seconds
 
@@ -102,15 +114,23 @@ def main() -> None:
     b = torch.randn(lm.d_model, lm.model.config.intermediate_size).to(lm.dtype)
     gemm_flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] / best_time(lambda: a @ b, torch.device("cpu"), 5)
     model_flops = flops_per_token(lm, layer + 1, cfg.text.context_size)
-    print(f"plain forward (layers 0..{layer})  {plain:10,.0f} tok/s   {plain * model_flops / gemm_flops:5.1%} of GEMM roofline")
-    print(f"cache stage (capture + store)   {cached:10,.0f} tok/s   {cached * model_flops / gemm_flops:5.1%} of GEMM roofline")
+    print(
+        f"plain forward (layers 0..{layer})  {plain:10,.0f} tok/s   {plain * model_flops / gemm_flops:5.1%} of GEMM roofline"
+    )
+    print(
+        f"cache stage (capture + store)   {cached:10,.0f} tok/s   {cached * model_flops / gemm_flops:5.1%} of GEMM roofline"
+    )
     print(f"cache / plain                   {cached / plain:10.3f}   (target >= 0.9)")
-    print(f"GEMM roofline: {gemm_flops / 1e9:,.0f} GFLOP/s ({lm.identity['dtype']}), {model_flops / 1e6:,.1f} MFLOP/token")
+    print(
+        f"GEMM roofline: {gemm_flops / 1e9:,.0f} GFLOP/s ({lm.identity['dtype']}), {model_flops / 1e6:,.1f} MFLOP/token"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.rss:
             row = peak_rss_child(n, Path(tmp) / f"acts-{n}")
-            print(f"cache {row['tokens']:>8,} tokens: peak RSS {row['peak_rss_mib']:7,.0f} MiB  ({row['tok_s']:,.0f} tok/s)")
+            print(
+                f"cache {row['tokens']:>8,} tokens: peak RSS {row['peak_rss_mib']:7,.0f} MiB  ({row['tok_s']:,.0f} tok/s)"
+            )
 
 
 if __name__ == "__main__":

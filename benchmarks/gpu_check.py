@@ -58,17 +58,26 @@ def test_outcomes(junit: Path) -> dict[str, str]:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# gpu-check: {report['device_name']}", "",
-             f"{report['date']}, torch {report['torch']}, Python {report['python']}; tests {report['tests']['seconds']:.0f} s "
-             f"(exit {report['tests']['exit_code']}), benchmark {report['benchmark']['seconds']:.0f} s "
-             f"(exit {report['benchmark']['exit_code']}).", "", "## Tests (`pytest -m cuda`)", "",
-             "| test | outcome |", "| --- | --- |"]
+    lines = [
+        f"# gpu-check: {report['device_name']}",
+        "",
+        f"{report['date']}, torch {report['torch']}, Python {report['python']}; tests {report['tests']['seconds']:.0f} s "
+        f"(exit {report['tests']['exit_code']}), benchmark {report['benchmark']['seconds']:.0f} s "
+        f"(exit {report['benchmark']['exit_code']}).",
+        "",
+        "## Tests (`pytest -m cuda`)",
+        "",
+        "| test | outcome |",
+        "| --- | --- |",
+    ]
     lines += [f"| `{name}` | {outcome} |" for name, outcome in report["tests"]["outcomes"].items()]
     if report["tests"]["exit_code"] not in (0, 5):
         lines += ["", "```", report["tests"]["tail"], "```"]
     lines += ["", "## Benchmark", ""]
     if report["benchmark"].get("markdown"):
-        lines.append(report["benchmark"]["markdown"].replace("# GPU training throughput", "### GPU training throughput"))
+        lines.append(
+            report["benchmark"]["markdown"].replace("# GPU training throughput", "### GPU training throughput")
+        )
     else:
         lines += ["```", report["benchmark"]["tail"], "```"]
     return "\n".join(lines) + "\n"
@@ -81,26 +90,51 @@ def main() -> int:
     parser.add_argument("--cpu", action="store_true", help="smoke test on a machine without CUDA")
     args = parser.parse_args()
     if not args.cpu and not torch.cuda.is_available():
-        print(f"gpu-check: torch {torch.__version__} sees no CUDA device. Run it on a GPU machine (or --cpu for a "
-              "smoke test of this script).", file=sys.stderr)
+        print(
+            f"gpu-check: torch {torch.__version__} sees no CUDA device. Run it on a GPU machine (or --cpu for a "
+            "smoke test of this script).",
+            file=sys.stderr,
+        )
         return 2
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu else "cpu"
     started = time.perf_counter()
-    report: dict = {"check": "gpu-check", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                    "device_name": device_name, "torch": torch.__version__, "python": sys.version.split()[0]}
+    report: dict = {
+        "check": "gpu-check",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device_name": device_name,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"
-        code, tail, seconds = run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rA", "-p", "no:cacheprovider",
-                                   f"--junitxml={junit}"], timeout=0.45 * args.budget)
+        code, tail, seconds = run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-m",
+                "cuda",
+                "-q",
+                "-rA",
+                "-p",
+                "no:cacheprovider",
+                f"--junitxml={junit}",
+            ],
+            timeout=0.45 * args.budget,
+        )
         report["tests"] = {"exit_code": code, "seconds": seconds, "outcomes": test_outcomes(junit), "tail": tail}
         bench = [sys.executable, str(HERE / "gpu_train_throughput.py"), "--out", tmp]
         bench += ["--device", "cpu", "--small", "--steps", "3", "--warmup", "1"] if args.cpu else []
         remaining = args.budget - (time.perf_counter() - started) - 15
         code_b, tail_b, seconds_b = run(bench, timeout=max(remaining, 30))
         written = sorted(Path(tmp).glob("gpu_train_throughput-*.json"))
-        report["benchmark"] = {"exit_code": code_b, "seconds": seconds_b, "tail": tail_b,
-                               "result": json.loads(written[0].read_text()) if written else None,
-                               "markdown": written[0].with_suffix(".md").read_text() if written else ""}
+        report["benchmark"] = {
+            "exit_code": code_b,
+            "seconds": seconds_b,
+            "tail": tail_b,
+            "result": json.loads(written[0].read_text()) if written else None,
+            "markdown": written[0].with_suffix(".md").read_text() if written else "",
+        }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()

@@ -44,7 +44,14 @@ from sae_train.train.update import update
 sys.path.insert(0, str(Path(__file__).parent))
 from train_throughput import FixedBatch  # noqa: E402  (the sibling benchmark's one-batch source)
 
-FULL = {"d_in": 2304, "d_sae": 65536, "k": 64, "batch": 8192, "topk_widths": [65536, 131072], "adam_params": 300_000_000}
+FULL = {
+    "d_in": 2304,
+    "d_sae": 65536,
+    "k": 64,
+    "batch": 8192,
+    "topk_widths": [65536, 131072],
+    "adam_params": 300_000_000,
+}
 SMALL = {"d_in": 256, "d_sae": 4096, "k": 32, "batch": 1024, "topk_widths": [4096, 8192], "adam_params": 3_000_000}
 
 
@@ -118,14 +125,25 @@ def make_trainer(arch: str, size: dict, dtype: str, device: torch.device, tmp: P
     else:
         source = FixedBatch(synthetic(size["batch"], size["d_in"], device))
     sae = SAEConfig(architecture=arch, k=size["k"], d_sae=size["d_sae"], l1_coefficient=1e-3)
-    cfg = TrainConfig(store=store or "-", out_dir=str(tmp / arch), n_tokens=10**12, batch_size=size["batch"], dtype=dtype,
-                      device=device.type, progress=False, resume=False, init_tokens=size["batch"],
-                      dead_after_tokens=10**15, sae=sae)  # no dead latents: AuxK off, as in sparsify's step
+    cfg = TrainConfig(
+        store=store or "-",
+        out_dir=str(tmp / arch),
+        n_tokens=10**12,
+        batch_size=size["batch"],
+        dtype=dtype,
+        device=device.type,
+        progress=False,
+        resume=False,
+        init_tokens=size["batch"],
+        dead_after_tokens=10**15,
+        sae=sae,
+    )  # no dead latents: AuxK off, as in sparsify's step
     return Trainer(cfg, source, dist)
 
 
-def time_ours(arch: str, size: dict, dtype: str, device: torch.device, tmp: Path, store: str | None,
-              steps: int, warmup: int) -> dict:
+def time_ours(
+    arch: str, size: dict, dtype: str, device: torch.device, tmp: Path, store: str | None, steps: int, warmup: int
+) -> dict:
     """The trainer's step: tokens/s over `steps` back-to-back steps, peak memory, phases."""
     trainer = make_trainer(arch, size, dtype, device, tmp, store)
     batches = trainer.source.batches(0)
@@ -142,8 +160,13 @@ def time_ours(arch: str, size: dict, dtype: str, device: torch.device, tmp: Path
     peak = peak_memory(device)
     phases = time_phases(trainer, next(batches), steps, device)
     phases["trainer"] = max(step_s - sum(phases.values()), 0.0)
-    return {"step_s": step_s, "tokens_per_s": size["batch"] / step_s, "peak_bytes": peak, "phases_s": phases,
-            "d_in": trainer.runs[0].sae.cfg.d_in}
+    return {
+        "step_s": step_s,
+        "tokens_per_s": size["batch"] / step_s,
+        "peak_bytes": peak,
+        "phases_s": phases,
+        "d_in": trainer.runs[0].sae.cfg.d_in,
+    }
 
 
 def time_phases(trainer: Trainer, batch: dict[str, torch.Tensor], steps: int, device: torch.device) -> dict[str, float]:
@@ -200,7 +223,9 @@ def _topk_seconds(batch: int, width: int, k: int, dtype: torch.dtype, device: to
     return best_time(lambda: z.topk(k, dim=1, sorted=False), device, repeats)
 
 
-def _embedding_bag_seconds(batch: int, k: int, d_sae: int, d_in: int, device: torch.device, repeats: int) -> tuple[float, float]:
+def _embedding_bag_seconds(
+    batch: int, k: int, d_sae: int, d_in: int, device: torch.device, repeats: int
+) -> tuple[float, float]:
     """(forward, forward + backward) of the sparse decode: k rows of a bf16 [d_sae, d_in] table per token."""
     table = torch.randn(d_sae, d_in, device=device, dtype=torch.bfloat16, requires_grad=True)
     idx = torch.randint(0, d_sae, (batch, k), device=device)
@@ -243,23 +268,32 @@ def markdown(report: dict) -> str:
     size, lines = report["size"], []
     lines.append(f"# GPU training throughput: {report['device_name']} ({report['device']})")
     lines.append("")
-    lines.append(f"{report['date']}, torch {report['torch']}, {report['dtype']} GEMMs, d_in {size['d_in']}, "
-                 f"d_sae {size['d_sae']}, k {size['k']}, batch {size['batch']}, data {report['data']}.")
+    lines.append(
+        f"{report['date']}, torch {report['torch']}, {report['dtype']} GEMMs, d_in {size['d_in']}, "
+        f"d_sae {size['d_sae']}, k {size['k']}, batch {size['batch']}, data {report['data']}."
+    )
     lines.append(f"Command: `{report['command']}`")
     lines.append("")
-    lines.append("| arch | step ms | tok/s | bound ms | bound fraction | peak GiB | forward ms | backward ms | optimizer ms | trainer ms |")
+    lines.append(
+        "| arch | step ms | tok/s | bound ms | bound fraction | peak GiB | forward ms | backward ms | optimizer ms | trainer ms |"
+    )
     lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for arch, r in report["results"].items():
         p = r["phases_s"]
-        lines.append(f"| {arch} | {r['step_s'] * 1e3:.2f} | {r['tokens_per_s']:,.0f} | {r['bound_s'] * 1e3:.2f} | "
-                     f"{r['bound_fraction']:.1%} | {r['peak_bytes'] / 2**30:.2f} | {p['forward'] * 1e3:.2f} | "
-                     f"{p['backward'] * 1e3:.2f} | {p['optimizer'] * 1e3:.2f} | {p['trainer'] * 1e3:.2f} |")
+        lines.append(
+            f"| {arch} | {r['step_s'] * 1e3:.2f} | {r['tokens_per_s']:,.0f} | {r['bound_s'] * 1e3:.2f} | "
+            f"{r['bound_fraction']:.1%} | {r['peak_bytes'] / 2**30:.2f} | {p['forward'] * 1e3:.2f} | "
+            f"{p['backward'] * 1e3:.2f} | {p['optimizer'] * 1e3:.2f} | {p['trainer'] * 1e3:.2f} |"
+        )
     if report.get("sparsify"):
         s = report["sparsify"]
         ours = report["results"].get("topk")
         ratio = f", ours {ours['tokens_per_s'] / s['tokens_per_s']:.1f}x" if ours else ""
-        lines += ["", f"sparsify SparseCoder (TopK, same size and device): {s['step_s'] * 1e3:.2f} ms/step, "
-                      f"{s['tokens_per_s']:,.0f} tok/s{ratio}."]
+        lines += [
+            "",
+            f"sparsify SparseCoder (TopK, same size and device): {s['step_s'] * 1e3:.2f} ms/step, "
+            f"{s['tokens_per_s']:,.0f} tok/s{ratio}.",
+        ]
     if report.get("micro"):
         lines += ["", "| microbenchmark | ms |", "| --- | ---: |"]
         lines += [f"| {name} | {seconds * 1e3:.3f} |" for name, seconds in report["micro"].items()]
@@ -269,7 +303,9 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="cuda | cuda:N | cpu | auto (cuda when present)")
-    parser.add_argument("--arch", nargs="*", default=["topk", "relu"], choices=["topk", "batchtopk", "relu", "jumprelu"])
+    parser.add_argument(
+        "--arch", nargs="*", default=["topk", "relu"], choices=["topk", "batchtopk", "relu", "jumprelu"]
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--small", action="store_true", help="scaled-down sizes (a CPU smoke test)")
     for name in ("d_in", "d_sae", "k", "batch"):
@@ -282,25 +318,40 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="benchmarks/results", help="directory for the JSON and markdown reports")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     size = dict(SMALL if args.small else FULL)
     size.update({k: getattr(args, k) for k in ("d_in", "d_sae", "k", "batch") if getattr(args, k) is not None})
     report = {
-        "benchmark": "gpu_train_throughput", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": str(device), "device_name": device_name(device), "torch": torch.__version__, "dtype": args.dtype,
-        "size": size, "data": f"store {args.store}" if args.store else "synthetic, on the device",
+        "benchmark": "gpu_train_throughput",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "size": size,
+        "data": f"store {args.store}" if args.store else "synthetic, on the device",
         "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(["python", __file__, *argv]),
         "results": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.arch:
             result = time_ours(arch, size, args.dtype, device, Path(tmp), args.store, args.steps, args.warmup)
-            bound = step_gemm_seconds(arch, size["batch"], result["d_in"], size["d_sae"], getattr(torch, args.dtype), device)
+            bound = step_gemm_seconds(
+                arch, size["batch"], result["d_in"], size["d_sae"], getattr(torch, args.dtype), device
+            )
             result.update(bound_s=bound, bound_fraction=bound / result["step_s"])
             report["results"][arch] = result
-            print(f"{arch:9s} {result['step_s'] * 1e3:8.2f} ms/step  {result['tokens_per_s']:12,.0f} tok/s  "
-                  f"{result['bound_fraction']:6.1%} of the bound  peak {result['peak_bytes'] / 2**30:.2f} GiB", flush=True)
+            print(
+                f"{arch:9s} {result['step_s'] * 1e3:8.2f} ms/step  {result['tokens_per_s']:12,.0f} tok/s  "
+                f"{result['bound_fraction']:6.1%} of the bound  peak {result['peak_bytes'] / 2**30:.2f} GiB",
+                flush=True,
+            )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if args.others and "topk" in args.arch:

@@ -93,8 +93,11 @@ def main() -> None:
                 if rep:
                     best = {n: min(best.get(n, float("inf")), t) for n, t in times.items()}
             roof = sum(best[n] for n in gemms)
-            what = "encoder GEMM" if len(gemms) == 1 else (
-                f"{len(gemms)} GEMMs (" + " + ".join(f"{best[n] * 1e3:.1f}" for n in gemms) + ")")
+            what = (
+                "encoder GEMM"
+                if len(gemms) == 1
+                else (f"{len(gemms)} GEMMs (" + " + ".join(f"{best[n] * 1e3:.1f}" for n in gemms) + ")")
+            )
             print(f"{arch:9s} {dname}: roofline {what} = {roof * 1e3:.1f} ms")
             for impl in impls:
                 t = best[impl]

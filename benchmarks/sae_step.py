@@ -45,11 +45,15 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(0))
     print(f"{args.arch}, d_in {D_IN}, batch {BATCH}, {args.dtype}, {torch.get_num_threads()} threads")
-    print(f"{'d_sae':>6s} {'k':>4s} {'path':6s} {'auxk':5s} {'step ms':>8s} {'tok/s':>8s} {'GEMM ms':>8s} {'beyond GEMM ms':>15s}")
+    print(
+        f"{'d_sae':>6s} {'k':>4s} {'path':6s} {'auxk':5s} {'step ms':>8s} {'tok/s':>8s} {'GEMM ms':>8s} {'beyond GEMM ms':>15s}"
+    )
     for d_sae in args.d_sae:
         for k in args.k:
-            sae = create_sae(SAEConfig(architecture=args.arch, k=k, expansion_factor=d_sae // D_IN).resolved(D_IN),
-                             compute_dtype=dtype)
+            sae = create_sae(
+                SAEConfig(architecture=args.arch, k=k, expansion_factor=d_sae // D_IN).resolved(D_IN),
+                compute_dtype=dtype,
+            )
             a, w = x.to(dtype), sae.W_enc.detach().to(dtype)
             gemm = best_seconds(lambda a=a, w=w: a @ w, args.steps)
             for impl in ("auto", "torch"):
@@ -61,8 +65,11 @@ def main() -> None:
                         sae(x, dead_mask=dead).losses["loss"].backward()
 
                     s = best_seconds(step, args.steps)
-                    print(f"{d_sae:6d} {k:4d} {impl:6s} {'on' if dead is not None else 'off':5s} {s * 1e3:8.1f} "
-                          f"{BATCH / s:8,.0f} {gemm * 1e3:8.1f} {(s - gemm) * 1e3:15.1f}", flush=True)
+                    print(
+                        f"{d_sae:6d} {k:4d} {impl:6s} {'on' if dead is not None else 'off':5s} {s * 1e3:8.1f} "
+                        f"{BATCH / s:8,.0f} {gemm * 1e3:8.1f} {(s - gemm) * 1e3:15.1f}",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

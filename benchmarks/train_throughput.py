@@ -80,7 +80,9 @@ def activations(store: str | None) -> torch.Tensor:
         from sae_train.store import ActivationStore, ShuffledBatches
 
         s = ActivationStore(store)
-        return next(iter(ShuffledBatches(s, [next(iter(s.sites))], BATCH, dtype=torch.float32, prefetch=0)))[next(iter(s.sites))]
+        return next(iter(ShuffledBatches(s, [next(iter(s.sites))], BATCH, dtype=torch.float32, prefetch=0)))[
+            next(iter(s.sites))
+        ]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, D_IN, generator=gen) * torch.empty(BATCH, 1).exponential_(1.0, generator=gen)
     x[:, :4] *= 20
@@ -101,8 +103,9 @@ def time_steps(step: Callable[[], object], steps: int, warmup: int = 2) -> float
     return min(_seconds(step) for _ in range(steps))
 
 
-def time_against_roofline(step: Callable[[], object], gemms: list[Callable[[], object]], steps: int,
-                          warmup: int = 2) -> tuple[float, float, float, float]:
+def time_against_roofline(
+    step: Callable[[], object], gemms: list[Callable[[], object]], steps: int, warmup: int = 2
+) -> tuple[float, float, float, float]:
     """Our step and the roofline GEMMs, timed alternately in one loop, so that a noisy host
     (VM neighbours, frequency changes) hits both alike. Returns (best step, median step,
     best roofline, median roofline) in seconds; the roofline is the sum of its GEMMs' times."""
@@ -120,19 +123,40 @@ def time_against_roofline(step: Callable[[], object], gemms: list[Callable[[], o
     return min(step_times), statistics.median(step_times), best_roof, median_roof
 
 
-def ours(arch: str, dtype: str, x: torch.Tensor, tmp: Path, dead_frac: float = 0.0,
-         kernel_mode: str = "auto", d_sae: int = D_SAE, k: int = K, transcoder: bool = False) -> Callable[[], object]:
+def ours(
+    arch: str,
+    dtype: str,
+    x: torch.Tensor,
+    tmp: Path,
+    dead_frac: float = 0.0,
+    kernel_mode: str = "auto",
+    d_sae: int = D_SAE,
+    k: int = K,
+    transcoder: bool = False,
+) -> Callable[[], object]:
     """Our trainer's step on the fixed batch, built and run with SAE_TRAIN_KERNELS=kernel_mode.
     Replaying one batch, latents it never fires would count as dead after dead_after_tokens
     (5 steps by default) and switch AuxK on: so no latent is ever dead here (the tracking
     itself still runs), except, with dead_frac > 0, a fixed random fraction kept dead on
     purpose to show AuxK's cost."""
     os.environ[kernels.ENV_VAR] = kernel_mode
-    cfg = TrainConfig(store="-", out_dir=str(tmp / f"{arch}-{dtype}-{kernel_mode}-{d_sae}-{k}-{transcoder}"),
-                      n_tokens=10**9, batch_size=BATCH, dtype=dtype, progress=False, resume=False,
-                      dead_after_tokens=10**15,
-                      sae=SAEConfig(architecture=arch, k=k, expansion_factor=d_sae // D_IN,
-                                    target=TARGET_SITE if transcoder else "", skip=transcoder))
+    cfg = TrainConfig(
+        store="-",
+        out_dir=str(tmp / f"{arch}-{dtype}-{kernel_mode}-{d_sae}-{k}-{transcoder}"),
+        n_tokens=10**9,
+        batch_size=BATCH,
+        dtype=dtype,
+        progress=False,
+        resume=False,
+        dead_after_tokens=10**15,
+        sae=SAEConfig(
+            architecture=arch,
+            k=k,
+            expansion_factor=d_sae // D_IN,
+            target=TARGET_SITE if transcoder else "",
+            skip=transcoder,
+        ),
+    )
     source = FixedBatch(x, torch.tanh(x) if transcoder else None)
     trainer = Trainer(cfg, source, Dist())
     batch = source.rows
@@ -168,8 +192,10 @@ def saelens(arch: str, dtype: str, x: torch.Tensor) -> Callable[[], object] | No
     classes = {
         "topk": (TopKTrainingSAE, TopKTrainingSAEConfig(k=K, **common)),
         "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig(k=K, **common)),
-        "matryoshka": (MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig(
-            k=K, matryoshka_widths=[D_SAE // 16, D_SAE // 4, D_SAE], **common)),  # our default prefixes
+        "matryoshka": (
+            MatryoshkaBatchTopKTrainingSAE,
+            MatryoshkaBatchTopKTrainingSAEConfig(k=K, matryoshka_widths=[D_SAE // 16, D_SAE // 4, D_SAE], **common),
+        ),  # our default prefixes
         "relu": (StandardTrainingSAE, StandardTrainingSAEConfig(**common)),
         "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig(**common)),
     }
@@ -180,8 +206,15 @@ def saelens(arch: str, dtype: str, x: torch.Tensor) -> Callable[[], object] | No
 
     def step() -> None:
         with _autocast(dtype):
-            out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients=coefficients, dead_neuron_mask=None,
-                                                           n_training_steps=0, is_logging_step=False))
+            out = sae.training_forward_pass(
+                TrainStepInput(
+                    sae_in=x,
+                    coefficients=coefficients,
+                    dead_neuron_mask=None,
+                    n_training_steps=0,
+                    is_logging_step=False,
+                )
+            )
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -215,17 +248,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="*", default=ARCHS, choices=ARCHS)
     parser.add_argument("--dtype", nargs="*", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
-    parser.add_argument("--steps", type=int, default=8, help="timed steps (each after its roofline GEMMs) per measurement")
+    parser.add_argument(
+        "--steps", type=int, default=8, help="timed steps (each after its roofline GEMMs) per measurement"
+    )
     parser.add_argument("--store", default=None, help="activation store to take the batch from (default: synthetic)")
-    parser.add_argument("--others", action=argparse.BooleanOptionalAction, default=True, help="also time SAELens/sparsify")
-    parser.add_argument("--dead-frac", type=float, default=0.0,
-                        help="fraction of latents kept dead in our step (TopK family: AuxK runs; targets assume 0)")
-    parser.add_argument("--kernels", nargs="+", default=[os.environ.get(kernels.ENV_VAR, "auto")],
-                        choices=["auto", "c", "torch"], help="SAE_TRAIN_KERNELS mode(s) to time our step with")
+    parser.add_argument(
+        "--others", action=argparse.BooleanOptionalAction, default=True, help="also time SAELens/sparsify"
+    )
+    parser.add_argument(
+        "--dead-frac",
+        type=float,
+        default=0.0,
+        help="fraction of latents kept dead in our step (TopK family: AuxK runs; targets assume 0)",
+    )
+    parser.add_argument(
+        "--kernels",
+        nargs="+",
+        default=[os.environ.get(kernels.ENV_VAR, "auto")],
+        choices=["auto", "c", "torch"],
+        help="SAE_TRAIN_KERNELS mode(s) to time our step with",
+    )
     parser.add_argument("--d-sae", type=int, nargs="+", default=[D_SAE], help="dictionary widths (multiples of 576)")
     parser.add_argument("--k", type=int, default=K, help="active latents per token (TopK family)")
-    parser.add_argument("--transcoder", action="store_true",
-                        help="time skip transcoders (a second target site) instead of SAEs; see above")
+    parser.add_argument(
+        "--transcoder",
+        action="store_true",
+        help="time skip transcoders (a second target site) instead of SAEs; see above",
+    )
     args = parser.parse_args()
 
     import tempfile
@@ -234,13 +283,17 @@ def main() -> None:
     # so the roofline GEMM and every library's step are timed on equal terms.
     kernels.keep_freed_memory()
     x = activations(args.store)
-    print(f"workload: d_in {D_IN}, d_sae {' '.join(map(str, args.d_sae))}, batch {BATCH}, k {args.k}; "
-          f"{torch.get_num_threads()} threads; data {'from ' + args.store if args.store else 'synthetic'}")
+    print(
+        f"workload: d_in {D_IN}, d_sae {' '.join(map(str, args.d_sae))}, batch {BATCH}, k {args.k}; "
+        f"{torch.get_num_threads()} threads; data {'from ' + args.store if args.store else 'synthetic'}"
+    )
     for kernel_mode in args.kernels:
         os.environ[kernels.ENV_VAR] = kernel_mode
         print(f"{kernels.ENV_VAR}={kernel_mode}: {kernels.describe()}")
-    header = (f"{'arch':10s} {'d_sae':>6s} {'dtype':9s} {'kernels':7s} {'step ms':>8s} {'tok/s':>9s} {'roofline ms':>11s} {'x roofline':>10s} "
-              f"{'target':>7s}   {'median: step ms':>15s} {'roofline ms':>11s} {'x roofline':>10s}")
+    header = (
+        f"{'arch':10s} {'d_sae':>6s} {'dtype':9s} {'kernels':7s} {'step ms':>8s} {'tok/s':>9s} {'roofline ms':>11s} {'x roofline':>10s} "
+        f"{'target':>7s}   {'median: step ms':>15s} {'roofline ms':>11s} {'x roofline':>10s}"
+    )
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtype:
@@ -253,11 +306,18 @@ def main() -> None:
                     ours_s, ours_med, bound, bound_med = time_against_roofline(step, gemms, args.steps)
                     ratio = ours_s / bound
                     first = first or ours_s
-                    vs_first = f"   {first / ours_s:.2f}x the speed of {args.kernels[0]}" if kernel_mode != args.kernels[0] else ""
-                    print(f"{arch:10s} {d_sae:6d} {dtype:9s} {kernel_mode:7s} {ours_s * 1e3:8.1f} {BATCH / ours_s:9,.0f} "
-                          f"{bound * 1e3:11.1f} {ratio:10.2f} {'ok' if ratio <= TARGET[arch] else 'MISS':>4s}"
-                          f"<={TARGET[arch]}   {ours_med * 1e3:15.1f} {bound_med * 1e3:11.1f} "
-                          f"{ours_med / bound_med:10.2f}{vs_first}", flush=True)
+                    vs_first = (
+                        f"   {first / ours_s:.2f}x the speed of {args.kernels[0]}"
+                        if kernel_mode != args.kernels[0]
+                        else ""
+                    )
+                    print(
+                        f"{arch:10s} {d_sae:6d} {dtype:9s} {kernel_mode:7s} {ours_s * 1e3:8.1f} {BATCH / ours_s:9,.0f} "
+                        f"{bound * 1e3:11.1f} {ratio:10.2f} {'ok' if ratio <= TARGET[arch] else 'MISS':>4s}"
+                        f"<={TARGET[arch]}   {ours_med * 1e3:15.1f} {bound_med * 1e3:11.1f} "
+                        f"{ours_med / bound_med:10.2f}{vs_first}",
+                        flush=True,
+                    )
                 others = []
                 # the others are SAEs built at the reference size
                 if args.others and not args.transcoder and (d_sae, args.k) == (D_SAE, K):
@@ -267,7 +327,10 @@ def main() -> None:
                             theirs = time_steps(step, max(3, args.steps // 2), warmup=1)
                             others.append(f"{name} {BATCH / theirs:,.0f} ({theirs / first:.1f}x)")
                 if others:
-                    print(f"{'':10s} {'':6s} {'':9s} others (tok/s, speedup of {args.kernels[0]}): " + ", ".join(others), flush=True)
+                    print(
+                        f"{'':10s} {'':6s} {'':9s} others (tok/s, speedup of {args.kernels[0]}): " + ", ".join(others),
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ def write_atomic(target: Path, write: Callable[[Path], object], *, concurrent: b
 
 def write_bytes_atomic(target: Path, chunks: Iterable[memoryview | bytes]) -> None:
     """`write_atomic` of the concatenated chunks, streamed (never all in memory at once)."""
+
     def write(tmp: Path) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:

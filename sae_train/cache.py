@@ -130,7 +130,9 @@ def _shard_rows(
     return acts, token_ids[keep].to(torch.int32), positions[keep]
 
 
-def _shards(windows: Iterator[torch.Tensor], per_shard: int, n_windows: int) -> Iterator[tuple[int, list[torch.Tensor]]]:
+def _shards(
+    windows: Iterator[torch.Tensor], per_shard: int, n_windows: int
+) -> Iterator[tuple[int, list[torch.Tensor]]]:
     """(shard index, its windows) for the first n_windows windows; the last shard may be short."""
     index = 0
     while index * per_shard < n_windows:
@@ -161,16 +163,23 @@ def run(cfg: CacheConfig, lm: LanguageModel | None = None) -> CacheSummary:
     n_windows = math.ceil(cfg.n_tokens / cfg.text.context_size)
     widths = {site.name: lm.site_width(site) for site in sites}
     spec = store_spec(cfg, lm, tokens, per_shard)
-    with (StoreWriter(cfg.out_dir, spec, widths, DTYPES[cfg.store_dtype], rank=rank, world_size=world) as writer,
-          ThreadPoolExecutor(1, thread_name_prefix="store-writer") as background):
+    with (
+        StoreWriter(cfg.out_dir, spec, widths, DTYPES[cfg.store_dtype], rank=rank, world_size=world) as writer,
+        ThreadPoolExecutor(1, thread_name_prefix="store-writer") as background,
+    ):
         done = writer.done
         mine = [i for i in range(math.ceil(n_windows / per_shard)) if i % world == rank]
         todo = sum(1 for i in mine if i not in done)
         log.info("rank %d/%d: %d of my %d shards to compute", rank, world, todo, len(mine))
 
         written, seen_windows, started = 0, 0, time.perf_counter()
-        bar = tqdm(total=todo * per_shard * cfg.text.context_size, unit="tok", unit_scale=True,
-                   disable=not cfg.progress or todo == 0, desc=f"cache r{rank}")
+        bar = tqdm(
+            total=todo * per_shard * cfg.text.context_size,
+            unit="tok",
+            unit_scale=True,
+            disable=not cfg.progress or todo == 0,
+            desc=f"cache r{rank}",
+        )
         writing: Future | None = None  # the previous shard, being written while this one is computed
         for index, chunk in _shards(windows, per_shard, n_windows):
             seen_windows += len(chunk)

@@ -29,8 +29,10 @@ def _int(name: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise UserError(f"Environment variable {name}={value!r} is not an integer; it is set by the launcher "
-                        "(torchrun, Slurm). Unset it, or launch through torchrun/srun.") from None
+        raise UserError(
+            f"Environment variable {name}={value!r} is not an integer; it is set by the launcher "
+            "(torchrun, Slurm). Unset it, or launch through torchrun/srun."
+        ) from None
 
 
 def torchrun() -> Torchrun:
@@ -38,8 +40,10 @@ def torchrun() -> Torchrun:
     if "WORLD_SIZE" not in os.environ or _int("WORLD_SIZE") <= 1:
         return Torchrun()
     if "RANK" not in os.environ:
-        raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but RANK is not: launch every rank with "
-                        "torchrun (it sets both), or unset WORLD_SIZE for a single process.")
+        raise UserError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but RANK is not: launch every rank with "
+            "torchrun (it sets both), or unset WORLD_SIZE for a single process."
+        )
     local = _int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
     return Torchrun(rank=_int("RANK"), world_size=_int("WORLD_SIZE"), local_rank=local)
 

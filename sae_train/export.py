@@ -85,11 +85,15 @@ class ExportConfig:
         if not self.out_dir:
             raise UserError("out_dir is empty; pass out_dir=<directory for the export>, e.g. out_dir=runs/export.")
         if self.push_to_hub and not self.repo_id:
-            raise UserError("push_to_hub=true needs repo_id=<owner/name>, the hub repository to upload to "
-                            "(created if it does not exist), e.g. repo_id=my-org/sae-smollm2-135m.")
+            raise UserError(
+                "push_to_hub=true needs repo_id=<owner/name>, the hub repository to upload to "
+                "(created if it does not exist), e.g. repo_id=my-org/sae-smollm2-135m."
+            )
         if self.private and not self.push_to_hub:
-            raise UserError("private=true sets the visibility of the hub repository that push_to_hub=true creates; "
-                            "add push_to_hub=true repo_id=<owner/name>, or drop private=true.")
+            raise UserError(
+                "private=true sets the visibility of the hub repository that push_to_hub=true creates; "
+                "add push_to_hub=true repo_id=<owner/name>, or drop private=true."
+            )
         if self.repo_id:
             from sae_train.hub import check_repo_id
 
@@ -136,7 +140,11 @@ class ExportSummary:
         width = max(len(s.name) for s in self.saes)
         lines = [f"export       {self.out_dir}: {len(self.saes)} SAE(s) in the SAELens layout + {README}"]
         for s in self.saes:
-            arch = s.architecture if s.architecture == s.saelens_architecture else f"{s.architecture} (as {s.saelens_architecture})"
+            arch = (
+                s.architecture
+                if s.architecture == s.saelens_architecture
+                else f"{s.architecture} (as {s.saelens_architecture})"
+            )
             extra = f"k {s.k}  " if s.k else ""
             status = "evaluated" if s.eval_name else "not evaluated"
             sparsity = ", sparsity" if any(f.endswith(SPARSITY_FILE) for f in s.files) else ""
@@ -150,8 +158,10 @@ def _export_name(meta: dict[str, Any], directory: Path) -> str:
     name = meta.get("tag") or meta.get("site") or directory.name
     parts = str(name).split("/")
     if any(p in ("", ".", "..") or p.startswith(".") for p in parts):
-        raise UserError(f"Checkpoint {directory} has tag {name!r}, which cannot name an export folder. "
-                        "Fix 'tag' in its cfg.json (the site, then the sweep values, e.g. blocks.8.hook_resid_post/k=16).")
+        raise UserError(
+            f"Checkpoint {directory} has tag {name!r}, which cannot name an export folder. "
+            "Fix 'tag' in its cfg.json (the site, then the sweep values, e.g. blocks.8.hook_resid_post/k=16)."
+        )
     return str(name)
 
 
@@ -174,36 +184,50 @@ def _plan(cfg: ExportConfig) -> tuple[Path, list[_Plan]]:
     root, directories = find_checkpoints(cfg.checkpoint)
     out_r, root_r = out.resolve(), root.resolve()
     if out_r == root_r or root_r in out_r.parents:
-        raise UserError(f"out_dir={cfg.out_dir} is inside checkpoint={cfg.checkpoint}; an export there would mix "
-                        "with the checkpoints. Choose an out_dir outside it, e.g. runs/export.")
+        raise UserError(
+            f"out_dir={cfg.out_dir} is inside checkpoint={cfg.checkpoint}; an export there would mix "
+            "with the checkpoints. Choose an out_dir outside it, e.g. runs/export."
+        )
     plans = []
     for directory in directories:
         meta = load_sae_cfg(directory)
         if not isinstance(meta.get("site"), str) or not meta["site"]:
-            raise UserError(f"Checkpoint {directory}: {CHECKPOINT_CFG} records no activation site ('site'), which "
-                            "SAELens needs (hook_name). Checkpoints written by sae-train train always have one.")
+            raise UserError(
+                f"Checkpoint {directory}: {CHECKPOINT_CFG} records no activation site ('site'), which "
+                "SAELens needs (hook_name). Checkpoints written by sae-train train always have one."
+            )
         plans.append(_Plan(_export_name(meta, directory), directory, meta))
     names: dict[str, Path] = {}
     for p in plans:
         if p.name in names:
-            raise UserError(f"Checkpoints {names[p.name]} and {p.directory} have the same tag {p.name!r}, so they "
-                            "would export to the same folder. Export them in separate calls, to different out_dirs.")
+            raise UserError(
+                f"Checkpoints {names[p.name]} and {p.directory} have the same tag {p.name!r}, so they "
+                "would export to the same folder. Export them in separate calls, to different out_dirs."
+            )
         names[p.name] = p.directory
     for a in names:
         for b in names:
             if b.startswith(a + "/"):
-                raise UserError(f"Export folders {a!r} and {b!r} would nest (one SAE folder inside another). "
-                                "Export these checkpoints in separate calls, to different out_dirs.")
+                raise UserError(
+                    f"Export folders {a!r} and {b!r} would nest (one SAE folder inside another). "
+                    "Export these checkpoints in separate calls, to different out_dirs."
+                )
     checkpoints = [d.resolve() for d in directories]
     for p in plans:
         target = out / p.name
         if any(_overlaps(target.resolve(), c) for c in checkpoints):
             raise UserError(f"Exporting to {target} would overwrite checkpoint data. Choose another out_dir.")
         if target.exists():
-            foreign = sorted(c.name for c in target.iterdir() if c.name not in EXPORT_FILES) if target.is_dir() else [target.name]
+            foreign = (
+                sorted(c.name for c in target.iterdir() if c.name not in EXPORT_FILES)
+                if target.is_dir()
+                else [target.name]
+            )
             if foreign:
-                raise UserError(f"{target} exists and holds {', '.join(foreign[:5])}, which an export did not write; "
-                                "it is not replaced. Choose another out_dir or move it away.")
+                raise UserError(
+                    f"{target} exists and holds {', '.join(foreign[:5])}, which an export did not write; "
+                    "it is not replaced. Choose another out_dir or move it away."
+                )
     return out, plans
 
 
@@ -234,20 +258,26 @@ class EvalResults:
 def read_eval(eval_dir: str) -> EvalResults:
     directory = Path(eval_dir)
     if not directory.is_dir():
-        raise UserError(f"eval_dir={eval_dir} is not a directory. Pass the out_dir of sae-train eval, or leave "
-                        "eval_dir empty to export without eval numbers.")
+        raise UserError(
+            f"eval_dir={eval_dir} is not a directory. Pass the out_dir of sae-train eval, or leave "
+            "eval_dir empty to export without eval numbers."
+        )
     json_file, md_file = directory / EVAL_JSON, directory / EVAL_MD
     if not json_file.is_file() and not md_file.is_file():
-        raise UserError(f"eval_dir={eval_dir} holds neither {EVAL_JSON} nor {EVAL_MD}. Run sae-train eval with "
-                        f"out_dir={eval_dir} first, or leave eval_dir empty.")
+        raise UserError(
+            f"eval_dir={eval_dir} holds neither {EVAL_JSON} nor {EVAL_MD}. Run sae-train eval with "
+            f"out_dir={eval_dir} first, or leave eval_dir empty."
+        )
     entries: dict[str, dict[str, Any]] = {}
     if json_file.is_file():
         try:
             payload = json.loads(json_file.read_text())
             entries = dict(payload["saes"])
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{json_file} is unreadable or not an eval report ({type(exc).__name__}: {exc}). "
-                            "Run sae-train eval again.") from exc
+            raise UserError(
+                f"{json_file} is unreadable or not an eval report ({type(exc).__name__}: {exc}). "
+                "Run sae-train eval again."
+            ) from exc
     markdown = md_file.read_text() if md_file.is_file() else ""
     frequencies: dict[str, torch.Tensor] = {}
     freq_file = directory / EVAL_FREQUENCY_FILE
@@ -279,8 +309,11 @@ def saelens_metadata(meta: dict[str, Any]) -> dict[str, Any]:
         "exclude_special_tokens": text.get("exclude_special_tokens"),
         # SAELens reads dataset_path as a hub dataset id; local and stdlib corpora have none.
         "dataset_path": data.get("path") if data.get("source") == "hf" else None,
-        METADATA_KEY: {"architecture": meta["architecture"], "checkpoint_cfg": public_record(meta),
-                       "exported_by": provenance()},
+        METADATA_KEY: {
+            "architecture": meta["architecture"],
+            "checkpoint_cfg": public_record(meta),
+            "exported_by": provenance(),
+        },
     }
 
 
@@ -305,7 +338,9 @@ def verify(sae: SAE, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], *, n
         )
 
 
-def _write_folder(target: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], sparsity: torch.Tensor | None) -> list[str]:
+def _write_folder(
+    target: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], sparsity: torch.Tensor | None
+) -> list[str]:
     """Write one SAE folder complete under a temporary name, then swap it in; returns its file names."""
     staging = staging_dir(target)
     try:
@@ -333,25 +368,39 @@ def _export_one(plan: _Plan, out: Path, results: EvalResults | None) -> Exported
     if results is not None and eval_name is not None and eval_name in results.frequencies:
         frequency = results.frequencies[eval_name]
         if frequency.shape != (sae.cfg.d_sae,):
-            raise UserError(f"{results.directory / EVAL_FREQUENCY_FILE} has {eval_name!r} of shape "
-                            f"{tuple(frequency.shape)}; the SAE has d_sae={sae.cfg.d_sae}. Run sae-train eval again.")
+            raise UserError(
+                f"{results.directory / EVAL_FREQUENCY_FILE} has {eval_name!r} of shape "
+                f"{tuple(frequency.shape)}; the SAE has d_sae={sae.cfg.d_sae}. Run sae-train eval again."
+            )
         sparsity = log_sparsity(frequency)
     names = _write_folder(out / plan.name, cfg, tensors, sparsity)
     log.info("exported %s -> %s", plan.directory, out / plan.name)
     arch = sae.cfg.architecture
     return ExportedSAE(
-        name=plan.name, checkpoint=str(plan.directory), site=plan.meta["site"], architecture=arch,
-        saelens_architecture=cfg["architecture"], d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae,
-        k=sae.cfg.k if "k" in sae.config_fields else None, tokens_trained=plan.meta.get("tokens_trained"),
-        files=[f"{plan.name}/{n}" for n in names], eval_name=eval_name,
+        name=plan.name,
+        checkpoint=str(plan.directory),
+        site=plan.meta["site"],
+        architecture=arch,
+        saelens_architecture=cfg["architecture"],
+        d_in=sae.cfg.d_in,
+        d_sae=sae.cfg.d_sae,
+        k=sae.cfg.k if "k" in sae.config_fields else None,
+        tokens_trained=plan.meta.get("tokens_trained"),
+        files=[f"{plan.name}/{n}" for n in names],
+        eval_name=eval_name,
         metrics=dict(results.entries[eval_name].get("metrics") or {}) if results and eval_name is not None else {},
     )
 
 
 # ---------------------------------------------------------------------------------- model card
 
-_CARD_METRICS = [("L0", "l0", "{:.1f}"), ("FVU", "fvu", "{:.4f}"), ("dead", "dead_fraction", "{:.1%}"),
-                 ("CE recovered", "ce_recovered", "{:.4f}"), ("KL", "kl", "{:.4f}")]
+_CARD_METRICS = [
+    ("L0", "l0", "{:.1f}"),
+    ("FVU", "fvu", "{:.4f}"),
+    ("dead", "dead_fraction", "{:.1%}"),
+    ("CE recovered", "ce_recovered", "{:.4f}"),
+    ("KL", "kl", "{:.4f}"),
+]
 
 
 def _fmt(fmt: str, value: Any) -> str:
@@ -388,10 +437,15 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
 
     model_text = ", ".join(f"`{m}`" for m in (models or names)) or "an unrecorded model"
     datas = _distinct([s.get("data") for s in sources])
-    data_text = "; ".join(
-        d.get("source", "?") + (f" `{d['path']}`" if d.get("path") else "") + (f" ({d['name']})" if d.get("name") else "")
-        for d in datas
-    ) or "unrecorded data"
+    data_text = (
+        "; ".join(
+            d.get("source", "?")
+            + (f" `{d['path']}`" if d.get("path") else "")
+            + (f" ({d['name']})" if d.get("name") else "")
+            for d in datas
+        )
+        or "unrecorded data"
+    )
     versions = _distinct([(m.get("provenance") or {}).get("version") for m in metas])
     commits = _distinct([(m.get("provenance") or {}).get("commit") for m in metas])
     repo = repo_id or "<owner/name>"
@@ -403,47 +457,81 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
         columns += [c[0] for c in _CARD_METRICS]
     rows = []
     for s in saes:
-        arch = s.architecture if s.architecture == s.saelens_architecture else f"{s.architecture} (SAELens {s.saelens_architecture})"
-        row = [f"`{s.name}`", f"`{s.site}`", arch, str(s.d_in), str(s.d_sae), str(s.k) if s.k else "–",
-               f"{s.tokens_trained:,}" if isinstance(s.tokens_trained, int) else "–"]
+        arch = (
+            s.architecture
+            if s.architecture == s.saelens_architecture
+            else f"{s.architecture} (SAELens {s.saelens_architecture})"
+        )
+        row = [
+            f"`{s.name}`",
+            f"`{s.site}`",
+            arch,
+            str(s.d_in),
+            str(s.d_sae),
+            str(s.k) if s.k else "–",
+            f"{s.tokens_trained:,}" if isinstance(s.tokens_trained, int) else "–",
+        ]
         if evaluated:
-            row += [_fmt(fmt, s.metrics.get(key)) for _, key, fmt in _CARD_METRICS] if s.eval_name else ["not evaluated"] * len(_CARD_METRICS)
+            row += (
+                [_fmt(fmt, s.metrics.get(key)) for _, key, fmt in _CARD_METRICS]
+                if s.eval_name
+                else ["not evaluated"] * len(_CARD_METRICS)
+            )
         rows.append(row)
     table = ["| " + " | ".join(r) + " |" for r in [columns, ["---"] * len(columns), *rows]]
 
     lines = [
-        *header, "",
-        f"# Sparse autoencoders for {model_text}", "",
+        *header,
+        "",
+        f"# Sparse autoencoders for {model_text}",
+        "",
         f"{len(saes)} sparse autoencoder(s) trained with sae-train "
-        f"{', '.join(versions) or __version__} on activations of {model_text} ({data_text}).", "",
-        *table, "",
+        f"{', '.join(versions) or __version__} on activations of {model_text} ({data_text}).",
+        "",
+        *table,
+        "",
         "Every SAE acts on raw activations of its site (TransformerLens hook names): "
         "`f = σ((x − b_dec) W_enc + b_enc)`, `x̂ = f W_dec + b_dec`, with the training-time input "
         "normalisation folded into the weights (`normalize_activations: none`) and unit-norm decoder rows. "
         "Where the table names a SAELens architecture, the SAE is stored as that SAELens architecture, "
         "which computes exactly what it computes at inference (a BatchTopK SAE, for instance, as a JumpReLU "
-        "SAE with its inference threshold).", "",
-        *([("A transcoder (a SAELens `*transcoder` architecture) reads its site and writes another "
-            "(`metadata.hook_name_out`): `f = σ(x W_enc + b_enc)`, `ŷ = f W_dec + b_dec (+ x W_skipᵀ)`, both sites' "
-            "normalisations folded in; with sae-train, `sae.reconstruct(x)` returns (latents, output)."), ""]
-          if any(s.saelens_architecture.endswith("transcoder") for s in saes) else []),
-        "## Usage", "",
-        "With [SAELens](https://github.com/decoderesearch/SAELens) (>= 6):", "",
+        "SAE with its inference threshold).",
+        "",
+        *(
+            [
+                (
+                    "A transcoder (a SAELens `*transcoder` architecture) reads its site and writes another "
+                    "(`metadata.hook_name_out`): `f = σ(x W_enc + b_enc)`, `ŷ = f W_dec + b_dec (+ x W_skipᵀ)`, both sites' "
+                    "normalisations folded in; with sae-train, `sae.reconstruct(x)` returns (latents, output)."
+                ),
+                "",
+            ]
+            if any(s.saelens_architecture.endswith("transcoder") for s in saes)
+            else []
+        ),
+        "## Usage",
+        "",
+        "With [SAELens](https://github.com/decoderesearch/SAELens) (>= 6):",
+        "",
         "```python",
         "from sae_lens import SAE",
         "",
         f'sae = SAE.from_pretrained("{repo}", "{example}")   # from the hub: repo id, then the SAE folder',
         f'sae = SAE.load_from_disk("path/to/export/{example}")   # or from a local copy',
-        "```", "",
-        "With sae-train:", "",
+        "```",
+        "",
+        "With sae-train:",
+        "",
         "```python",
         "from sae_train.hub import load_exported",
         "",
         f'sae = load_exported("{repo}", folder="{example}")',
         "latents = sae.encode(x)          # x: [n_tokens, d_in] raw activations",
         "x_hat = sae.decode(latents)",
-        "```", "",
-        "## Evaluation", "",
+        "```",
+        "",
+        "## Evaluation",
+        "",
     ]
     if results is None:
         lines.append("Not evaluated.")
@@ -454,11 +542,14 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
     else:
         lines.append(f"The numbers in the table above come from `sae-train eval` ({EVAL_JSON}).")
     lines += [
-        "", "## Provenance", "",
+        "",
+        "## Provenance",
+        "",
         f"Trained with sae-train {', '.join(versions) or '?'} (commit {', '.join(c for c in commits if c) or 'unknown'}); "
         f"exported with sae-train {__version__}. Each SAE's `cfg.json` holds the full training record under "
         f"`metadata.{METADATA_KEY}` (SAE config, normalisation constant, tokens trained, model and data, "
-        "optimiser settings); SAELens ignores it.", "",
+        "optimiser settings); SAELens ignores it.",
+        "",
     ]
     return "\n".join(lines)
 

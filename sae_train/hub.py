@@ -28,8 +28,10 @@ from sae_train.sae.saelens import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, from_sa
 
 log = logging.getLogger(__name__)
 
-TOKEN_HELP = ("Set the HF_TOKEN environment variable to a write token (huggingface.co/settings/tokens), "
-              "or log in once with `hf auth login` (`huggingface-cli login` in older huggingface_hub).")
+TOKEN_HELP = (
+    "Set the HF_TOKEN environment variable to a write token (huggingface.co/settings/tokens), "
+    "or log in once with `hf auth login` (`huggingface-cli login` in older huggingface_hub)."
+)
 
 
 def resolve_token(token: str | None = None) -> str:
@@ -139,17 +141,25 @@ def find_exports(root: str | os.PathLike) -> list[str]:
     base = Path(root)
     if _is_export_folder(base):
         return ["."]
-    return sorted(path.parent.relative_to(base).as_posix() for path in base.rglob(CFG_FILE)
-                  if (path.parent / WEIGHTS_FILE).is_file()
-                  and not any(part.startswith(".") for part in path.parent.relative_to(base).parts))
+    return sorted(
+        path.parent.relative_to(base).as_posix()
+        for path in base.rglob(CFG_FILE)
+        if (path.parent / WEIGHTS_FILE).is_file()
+        and not any(part.startswith(".") for part in path.parent.relative_to(base).parts)
+    )
 
 
-def _snapshot(repo_id: str, patterns: list[str], revision: str | None, cache_dir: str | None, token: str | None) -> Path:
+def _snapshot(
+    repo_id: str, patterns: list[str], revision: str | None, cache_dir: str | None, token: str | None
+) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, repo_type="model", revision=revision, cache_dir=cache_dir,
-                                      allow_patterns=patterns, token=token))
+        return Path(
+            snapshot_download(
+                repo_id, repo_type="model", revision=revision, cache_dir=cache_dir, allow_patterns=patterns, token=token
+            )
+        )
     except _network_errors() as exc:
         raise UserError(
             f"{repo_id!r} is not a local directory, and downloading it as a hub repository failed "
@@ -242,8 +252,10 @@ def load_exported(
             folder = _choose(_cfg_folders(listing), repo_id)
         target = pull(repo_id, folder=folder, revision=revision, cache_dir=cache_dir, token=token) / folder
         if not _is_export_folder(target):
-            raise UserError(f"Hub repository {repo_id} has no exported SAE in folder {folder!r} "
-                            f"({CFG_FILE} and {WEIGHTS_FILE} expected there).")
+            raise UserError(
+                f"Hub repository {repo_id} has no exported SAE in folder {folder!r} "
+                f"({CFG_FILE} and {WEIGHTS_FILE} expected there)."
+            )
     cfg, tensors = read_export(target)
     return from_saelens(cfg, tensors, source=str(target))
 

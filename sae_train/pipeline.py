@@ -33,13 +33,16 @@ STATE_FILE = "pipeline_state.json"
 
 # ---- train with periodic eval ---------------------------------------------------------------
 
+
 def _recorded_model_and_text(cfg: train.TrainConfig) -> tuple[ModelConfig, DataConfig, TextConfig]:
     """The model, data and text settings behind the training activations."""
     if cfg.source == "live":
         return cfg.model, cfg.data, cfg.text
     spec = ActivationStore(cfg.store).manifest.spec
     if "model" not in spec or "data" not in spec:
-        raise UserError(f"eval_every_tokens needs a store written by `sae-train cache`; {cfg.store} records no model/data.")
+        raise UserError(
+            f"eval_every_tokens needs a store written by `sae-train cache`; {cfg.store} records no model/data."
+        )
     # The recorded model (name, revision, dtype) on the device training runs on.
     model = model_config(spec["model"], ModelConfig(name="", device=cfg.device))
     return model, data_config(spec["data"]), text_config(spec.get("text"))
@@ -68,10 +71,16 @@ def log_eval_to_wandb(cfg: train.TrainConfig, evaluation: eval_stage.EvalSummary
         return
     logger = MetricsLogger(Path(cfg.out_dir), True, cfg.wandb, state["config"], run_id=state["wandb_id"])
     try:
-        rows = [{"sae": name, "site": info["site"], "architecture": info["architecture"], **info["metrics"]}
-                for name, info in evaluation.saes.items()]
-        summary = {f"{row['sae']}/eval/{key}": value for row in rows for key, value in row.items()
-                   if isinstance(value, (int, float))}
+        rows = [
+            {"sae": name, "site": info["site"], "architecture": info["architecture"], **info["metrics"]}
+            for name, info in evaluation.saes.items()
+        ]
+        summary = {
+            f"{row['sae']}/eval/{key}": value
+            for row in rows
+            for key, value in row.items()
+            if isinstance(value, (int, float))
+        }
         logger.log_results(summary, {"eval/table": rows}, {"eval/density": Path(evaluation.out_dir) / "density.png"})
     finally:
         logger.close()
@@ -84,6 +93,7 @@ def train_stage(cfg: train.TrainConfig, lm: LanguageModel | None = None) -> trai
 
 
 # ---- the pipeline ------------------------------------------------------------------------------
+
 
 @dataclass
 class PipelineConfig:
@@ -207,5 +217,12 @@ def run(cfg: PipelineConfig) -> PipelineSummary:
         state["export"] = {"fingerprint": export_key, "table": export_summary.table()}
         write_json_atomic(state_path, state)
 
-    return PipelineSummary(out_dir=str(out), seconds=time.perf_counter() - started, cache=cache_summary,
-                           train=train_summary, eval=eval_summary, export=export_summary, reused=reused)
+    return PipelineSummary(
+        out_dir=str(out),
+        seconds=time.perf_counter() - started,
+        cache=cache_summary,
+        train=train_summary,
+        eval=eval_summary,
+        export=export_summary,
+        reused=reused,
+    )

@@ -56,7 +56,9 @@ def synthetic_store(tmp_path_factory):
         key = (n_tokens, n_features, d_in, tokens_per_shard)
         if key not in made:
             root = tmp_path_factory.mktemp(f"synthetic-{n_tokens}-{n_features}x{d_in}") / "store"
-            made[key] = write_store(root, true_directions(n_features, d_in), n_tokens, tokens_per_shard=tokens_per_shard)
+            made[key] = write_store(
+                root, true_directions(n_features, d_in), n_tokens, tokens_per_shard=tokens_per_shard
+            )
         return made[key]
 
     return make
@@ -65,6 +67,11 @@ def synthetic_store(tmp_path_factory):
 def tiny_topk(**overrides: object) -> TrainConfig:
     """The tiny training run the suite builds on: TopK k=4 at 4x over a synthetic store, fp32,
     batch 512, no progress bar; `overrides` are TrainConfig fields (store and out_dir at least)."""
-    base: dict[str, object] = dict(n_tokens=8192, batch_size=512, dtype="float32", progress=False,
-                                   sae=SAEConfig(architecture="topk", k=4, expansion_factor=4))
+    base: dict[str, object] = dict(
+        n_tokens=8192,
+        batch_size=512,
+        dtype="float32",
+        progress=False,
+        sae=SAEConfig(architecture="topk", k=4, expansion_factor=4),
+    )
     return TrainConfig(**(base | overrides))  # type: ignore[arg-type]

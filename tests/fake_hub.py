@@ -16,8 +16,10 @@ import pytest
 
 _http = importlib.import_module("huggingface_hub.utils._http")
 if not hasattr(_http, "set_client_factory"):
-    pytest.skip("huggingface_hub < 1.0 sends requests with `requests`; the fake hub needs its httpx client",
-                allow_module_level=True)
+    pytest.skip(
+        "huggingface_hub < 1.0 sends requests with `requests`; the fake hub needs its httpx client",
+        allow_module_level=True,
+    )
 # The HTTP client package huggingface_hub uses (httpx in 1.x, its fork httpx2 in 2.x).
 httpx = importlib.import_module(type(_http.default_client_factory()).__module__.split(".")[0])
 
@@ -41,11 +43,23 @@ class FakeHub:
             return httpx.Response(200, json={"errors": [], "warnings": []})
         if path.endswith("/preupload/main"):
             files = json.loads(request.content)["files"]
-            return httpx.Response(200, json={"files": [
-                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files]})
+            return httpx.Response(
+                200,
+                json={
+                    "files": [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files
+                    ]
+                },
+            )
         if path.endswith("/commit/main"):
-            return httpx.Response(200, json={"commitUrl": f"https://huggingface.co/{self.repo_id}/commit/{'0' * 40}",
-                                             "commitOid": "0" * 40, "success": True})
+            return httpx.Response(
+                200,
+                json={
+                    "commitUrl": f"https://huggingface.co/{self.repo_id}/commit/{'0' * 40}",
+                    "commitOid": "0" * 40,
+                    "success": True,
+                },
+            )
         return httpx.Response(404, json={"error": f"unexpected {request.method} {path}"})
 
     def json_of(self, path_suffix: str) -> dict:
@@ -56,8 +70,11 @@ class FakeHub:
         (request,) = [r for r in self.requests if r.url.path.endswith("/commit/main")]
         lines = [json.loads(line) for line in request.content.decode().splitlines()]
         assert lines[0]["key"] == "header"
-        return {item["value"]["path"]: base64.b64decode(item["value"]["content"]) for item in lines[1:]
-                if item["key"] == "file"}
+        return {
+            item["value"]["path"]: base64.b64decode(item["value"]["content"])
+            for item in lines[1:]
+            if item["key"] == "file"
+        }
 
 
 @contextmanager
@@ -67,8 +84,12 @@ def serve(fake: FakeHub) -> Iterator[str]:
     class Handler(BaseHTTPRequestHandler):
         def _answer(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length") or 0))
-            request = httpx.Request(self.command, f"http://{self.headers['host']}{self.path}",
-                                    headers=dict(self.headers.items()), content=body)
+            request = httpx.Request(
+                self.command,
+                f"http://{self.headers['host']}{self.path}",
+                headers=dict(self.headers.items()),
+                content=body,
+            )
             response = fake(request)
             self.send_response(response.status_code)
             self.send_header("content-type", "application/json")

@@ -52,8 +52,9 @@ def ensure_installed(timeout: float = 300) -> None:
     if not _missing():
         return
     if os.geteuid() != 0:
-        raise SlurmUnavailable(f"{', '.join(_missing())} not installed and not root "
-                               f"(apt-get install {' '.join(APT_PACKAGES)})")
+        raise SlurmUnavailable(
+            f"{', '.join(_missing())} not installed and not root (apt-get install {' '.join(APT_PACKAGES)})"
+        )
     if shutil.which("apt-get") is None:
         raise SlurmUnavailable(f"{', '.join(_missing())} not installed and no apt-get")
     env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
@@ -104,8 +105,11 @@ class SlurmCluster:
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """Environment for client commands and jobs: this cluster's SLURM_CONF, no inherited
         SLURM_* job variables (a test run inside a real Slurm job must not leak its own)."""
-        env = {k: v for k, v in (os.environ if base is None else base).items()
-               if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
+        env = {
+            k: v
+            for k, v in (os.environ if base is None else base).items()
+            if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))
+        }
         path = os.pathsep.join([str(self.root / "bin"), env.get("PATH", os.defpath), *SBIN])
         return env | {"SLURM_CONF": str(self.conf), "PATH": path}
 
@@ -137,17 +141,30 @@ class SlurmCluster:
             raise ClusterError(f"socket path too long for a unix socket: {sock}")
         self._check([_which("mungekey"), "--create", f"--keyfile={key}"], "mungekey")
         os.chmod(key, 0o600)
-        self._spawn("munged", [_which("munged"), "--foreground", "--force", f"--key-file={key}", f"--socket={sock}",
-                               f"--pid-file={root / 'munge' / 'munged.pid'}", f"--log-file={root / 'log' / 'munged.log'}",
-                               f"--seed-file={root / 'munge' / 'munged.seed'}"])
+        self._spawn(
+            "munged",
+            [
+                _which("munged"),
+                "--foreground",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={sock}",
+                f"--pid-file={root / 'munge' / 'munged.pid'}",
+                f"--log-file={root / 'log' / 'munged.log'}",
+                f"--seed-file={root / 'munge' / 'munged.seed'}",
+            ],
+        )
         self._wait_for(lambda: sock.exists(), timeout, "munged socket", "munged")
 
         node = _node_line(_which("slurmd"))
         self.host = re.match(r"NodeName=(\S+)", node).group(1)
         node = re.sub(r"\s*(UpTime|Boards)=\S+", "", node)
         ctld_port, slurmd_port = _free_ports(2)
-        self.conf.write_text(SLURM_CONF.format(
-            host=self.host, node=node, root=root, sock=sock, ctld_port=ctld_port, slurmd_port=slurmd_port))
+        self.conf.write_text(
+            SLURM_CONF.format(
+                host=self.host, node=node, root=root, sock=sock, ctld_port=ctld_port, slurmd_port=slurmd_port
+            )
+        )
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._spawn("slurmd", [_which("slurmd"), "-D", "-f", str(self.conf), "-N", self.host])
         self._wait_for(self._idle, timeout, f"node {self.host} idle in sinfo", "slurmctld", "slurmd")
@@ -160,13 +177,15 @@ class SlurmCluster:
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.stdout", "w")
         # Own session: a Ctrl-C in the terminal goes to pytest, which then stops the daemons.
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True, env=self.env())
+        self.procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=self.env()
+        )
         log.close()
 
     def _idle(self) -> bool:
-        out = subprocess.run([_which("sinfo"), "-h", "-N", "-o", "%T"], env=self.env(), capture_output=True, text=True,
-                             timeout=30)
+        out = subprocess.run(
+            [_which("sinfo"), "-h", "-N", "-o", "%T"], env=self.env(), capture_output=True, text=True, timeout=30
+        )
         return out.returncode == 0 and out.stdout.strip() == "idle"
 
     def _wait_for(self, ready, timeout: float, what: str, *daemons: str) -> None:
@@ -192,8 +211,9 @@ class SlurmCluster:
     def stop(self) -> None:
         """Cancel every job, then stop slurmd, slurmctld and munged (TERM, then KILL)."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
-            subprocess.run([_which("scancel"), "--full", f"--user={os.getuid()}"], env=self.env(), capture_output=True,
-                           timeout=30)
+            subprocess.run(
+                [_which("scancel"), "--full", f"--user={os.getuid()}"], env=self.env(), capture_output=True, timeout=30
+            )
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline and self.squeue():
                 time.sleep(0.3)
@@ -246,8 +266,13 @@ class SlurmCluster:
     def records(self, job_id: str) -> list[dict[str, str]]:
         """`scontrol show job` of a job (one record per array task); finished jobs stay visible
         for MinJobAge seconds."""
-        out = subprocess.run([_which("scontrol"), "-o", "show", "job", job_id], env=self.env(), capture_output=True,
-                             text=True, timeout=30)
+        out = subprocess.run(
+            [_which("scontrol"), "-o", "show", "job", job_id],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in out.stdout.splitlines() if line.strip()]
 
     def submit(self, args: list[str], *, env: dict[str, str], log_dir: Path) -> str:
@@ -255,8 +280,13 @@ class SlurmCluster:
         log_dir.mkdir(parents=True, exist_ok=True)
         array = any(a.startswith(("--array", "-a")) for a in args)
         output = log_dir / ("slurm-%A_%a.out" if array else "slurm-%j.out")
-        out = subprocess.run([_which("sbatch"), "--parsable", f"--output={output}", *args], env=self.env(env),
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [_which("sbatch"), "--parsable", f"--output={output}", *args],
+            env=self.env(env),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if out.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(args)} failed: {out.stderr.strip()}")
         return out.stdout.strip().split(";")[0]
@@ -298,15 +328,20 @@ class Job:
 
     @property
     def ok(self) -> bool:
-        return not self.problem and bool(self.records) and all(
-            r.get("JobState") == "COMPLETED" and r.get("ExitCode") == "0:0" for r in self.records)
+        return (
+            not self.problem
+            and bool(self.records)
+            and all(r.get("JobState") == "COMPLETED" and r.get("ExitCode") == "0:0" for r in self.records)
+        )
 
     @property
     def states(self) -> list[tuple[str, str]]:
         return [(r.get("JobState", "?"), r.get("ExitCode", "?")) for r in self.records]
 
     def files(self) -> list[Path]:
-        return sorted([*self.log_dir.glob(f"slurm-{self.job_id}.out"), *self.log_dir.glob(f"slurm-{self.job_id}_*.out")])
+        return sorted(
+            [*self.log_dir.glob(f"slurm-{self.job_id}.out"), *self.log_dir.glob(f"slurm-{self.job_id}_*.out")]
+        )
 
     def output(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in self.files())

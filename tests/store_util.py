@@ -34,8 +34,9 @@ def make_shard(index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch
     return acts, torch.full((n,), index, dtype=torch.int32), torch.arange(n, dtype=torch.int32)
 
 
-def write_store(root: Path, n_shards: int, dtype: torch.dtype = torch.bfloat16, *, rank: int = 0,
-                world_size: int = 1) -> None:
+def write_store(
+    root: Path, n_shards: int, dtype: torch.dtype = torch.bfloat16, *, rank: int = 0, world_size: int = 1
+) -> None:
     with StoreWriter(root, SPEC, SITES, dtype, rank=rank, world_size=world_size) as w:
         for i in range(rank, n_shards, world_size):
             if i not in w.done:
@@ -66,8 +67,14 @@ class Tripwire:
     `pattern` (op: write, fsync, replace). Installs itself by patching `os`; `setattr` lets a
     test route the patching through pytest's monkeypatch so it is undone afterwards."""
 
-    def __init__(self, op: str, pattern: str, occurrence: int, action: Callable[[], None],
-                 setattr: Callable[[object, str, object], None] = setattr) -> None:
+    def __init__(
+        self,
+        op: str,
+        pattern: str,
+        occurrence: int,
+        action: Callable[[], None],
+        setattr: Callable[[object, str, object], None] = setattr,
+    ) -> None:
         self.op, self.pattern, self.occurrence, self.action = op, pattern, occurrence, action
         self.count, self.paths = 0, {}
         real = {name: getattr(os, name) for name in ("open", "write", "fsync", "replace")}
@@ -90,8 +97,15 @@ class Tripwire:
         return fn(*args)
 
 
-def spawn_writer(root: Path, n_shards: int, *, rank: int = 0, world_size: int = 1,
-                 kill_at: tuple[str, str, int] | None = None, wait: bool = False) -> subprocess.Popen:
+def spawn_writer(
+    root: Path,
+    n_shards: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    kill_at: tuple[str, str, int] | None = None,
+    wait: bool = False,
+) -> subprocess.Popen:
     """Start a child that writes its shards of 0..n_shards-1 into root (resuming), printing
     "ready" once the writer is open; with wait=True it then waits for a line on stdin."""
     cmd = [sys.executable, str(HERE), str(root), str(n_shards), str(rank), str(world_size)]

@@ -18,8 +18,16 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _ALWAYS = {
-    "aten::_local_scalar_dense", "aten::nonzero", "aten::nonzero_numpy", "aten::masked_select", "aten::bincount",
-    "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::equal",
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::nonzero_numpy",
+    "aten::masked_select",
+    "aten::bincount",
+    "aten::_unique",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+    "aten::equal",
     "aten::lift_fresh",
 }
 _BOOL_INDEXED = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
@@ -39,11 +47,17 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         name = func._schema.name
-        if (name in _ALWAYS
-                or (name in _BOOL_INDEXED and len(args) > 1 and _bool_index(args[1]))
-                or (name == "aten::repeat_interleave" and isinstance(args[0] if args else None, torch.Tensor)
-                    and kwargs.get("output_size") is None and (len(args) < 4 or args[3] is None)
-                    and func._overloadname != "self_int")):
+        if (
+            name in _ALWAYS
+            or (name in _BOOL_INDEXED and len(args) > 1 and _bool_index(args[1]))
+            or (
+                name == "aten::repeat_interleave"
+                and isinstance(args[0] if args else None, torch.Tensor)
+                and kwargs.get("output_size") is None
+                and (len(args) < 4 or args[3] is None)
+                and func._overloadname != "self_int"
+            )
+        ):
             self.ops.append(name)
         return func(*args, **kwargs)
 

@@ -31,8 +31,18 @@ def sample(n: int, dirs: torch.Tensor, p: float | list[float], noise: float, gen
     return codes @ dirs + offset + noise * torch.randn(n, d_in, generator=gen)
 
 
-def write_store(root: Path, dirs: torch.Tensor, n_tokens: int, *, p: float | list[float] = 0.05, noise: float = 0.02,
-                site: str = "synthetic", tokens_per_shard: int = 8192, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+def write_store(
+    root: Path,
+    dirs: torch.Tensor,
+    n_tokens: int,
+    *,
+    p: float | list[float] = 0.05,
+    noise: float = 0.02,
+    site: str = "synthetic",
+    tokens_per_shard: int = 8192,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     gen = torch.Generator().manual_seed(seed)
     spec = {"synthetic": {"n_features": dirs.shape[0], "p": p, "noise": noise, "seed": seed}}
     with StoreWriter(root, spec, {site: dirs.shape[1]}, dtype) as writer:

@@ -27,8 +27,16 @@ CTX = 32
 
 
 def config(model_dir: Path, out: Path, **kw) -> CacheConfig:
-    base = dict(model=ModelConfig(name=str(model_dir), dtype="float32", device="cpu"), text=TextConfig(context_size=CTX),
-                n_tokens=2048, tokens_per_shard=512, batch_size=4 * CTX, store_dtype="float32", out_dir=str(out), progress=False)
+    base = dict(
+        model=ModelConfig(name=str(model_dir), dtype="float32", device="cpu"),
+        text=TextConfig(context_size=CTX),
+        n_tokens=2048,
+        tokens_per_shard=512,
+        batch_size=4 * CTX,
+        store_dtype="float32",
+        out_dir=str(out),
+        progress=False,
+    )
     return CacheConfig(**(base | kw))
 
 
@@ -39,7 +47,9 @@ def stored_rows(store: ActivationStore, name: str) -> torch.Tensor:
 def reference(lm: LanguageModel, cfg: CacheConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The windows the store should hold and the mask of kept (non-special) tokens."""
     spec = TokenSpec.from_tokenizer(lm.tokenizer, cfg.text)
-    windows = torch.stack(list(islice(iter_windows(iter_documents(cfg.data), lm.tokenizer, cfg.text, spec), cfg.n_tokens // CTX)))
+    windows = torch.stack(
+        list(islice(iter_windows(iter_documents(cfg.data), lm.tokenizer, cfg.text, spec), cfg.n_tokens // CTX))
+    )
     return windows, ~torch.isin(windows, torch.tensor(spec.special))
 
 
@@ -57,12 +67,16 @@ def test_store_holds_the_models_hidden_states(tiny_model_dir, tmp_path, family):
     hooked: dict[str, list[torch.Tensor]] = {"attn": [], "mlp": []}
     attn = lm.model.get_submodule(lm.site("blocks.0.hook_attn_out").module)
     mlp = lm.model.get_submodule(lm.site("blocks.2.hook_mlp_out").module)
-    handles = [attn.register_forward_hook(lambda m, a, o: hooked["attn"].append(o[0] if isinstance(o, tuple) else o)),
-               mlp.register_forward_hook(lambda m, a, o: hooked["mlp"].append(o[0] if isinstance(o, tuple) else o))]
+    handles = [
+        attn.register_forward_hook(lambda m, a, o: hooked["attn"].append(o[0] if isinstance(o, tuple) else o)),
+        mlp.register_forward_hook(lambda m, a, o: hooked["mlp"].append(o[0] if isinstance(o, tuple) else o)),
+    ]
     try:
         with torch.no_grad():
             # The cache runs windows in batches of 4; the same batches give bit-identical values.
-            hidden = [lm.model(windows[i : i + 4], output_hidden_states=True).hidden_states for i in range(0, len(windows), 4)]
+            hidden = [
+                lm.model(windows[i : i + 4], output_hidden_states=True).hidden_states for i in range(0, len(windows), 4)
+            ]
     finally:
         for h in handles:
             h.remove()
@@ -86,7 +100,9 @@ def test_rerun_resumes_and_extends(tiny_model_dir, tmp_path):
     assert first.written_tokens > 0 and first.n_shards == 4
     again = cache.run(cfg)
     assert again.written_tokens == 0 and again.n_tokens == first.n_tokens
-    longer = cache.run(config(tiny_model_dir("gpt2"), tmp_path / "acts", sites=["blocks.1.hook_resid_post"], n_tokens=3072))
+    longer = cache.run(
+        config(tiny_model_dir("gpt2"), tmp_path / "acts", sites=["blocks.1.hook_resid_post"], n_tokens=3072)
+    )
     assert longer.n_shards == 6 and 0 < longer.written_tokens < first.n_tokens
 
 
@@ -103,13 +119,30 @@ def test_ranks_write_the_same_shards_as_one_process(tiny_model_dir, tmp_path):
 
 
 def _cli(model_dir: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "sae_train.cli", "cache", f"model.name={model_dir}", "model.dtype=float32",
-            "model.device=cpu", "sites=[blocks.2.hook_resid_post,blocks.1.hook_mlp_out]", "n_tokens=12288",
-            f"text.context_size={CTX}", "tokens_per_shard=1024", f"batch_size={2 * CTX}", f"out_dir={out}", "progress=false"]
+    return [
+        sys.executable,
+        "-m",
+        "sae_train.cli",
+        "cache",
+        f"model.name={model_dir}",
+        "model.dtype=float32",
+        "model.device=cpu",
+        "sites=[blocks.2.hook_resid_post,blocks.1.hook_mlp_out]",
+        "n_tokens=12288",
+        f"text.context_size={CTX}",
+        "tokens_per_shard=1024",
+        f"batch_size={2 * CTX}",
+        f"out_dir={out}",
+        "progress=false",
+    ]
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }
 
 
 def test_sigkill_mid_shard_then_rerun_is_byte_identical(tiny_model_dir, tmp_path):
@@ -153,8 +186,14 @@ def test_bad_input_is_refused_before_anything_is_written(tiny_model_dir, tmp_pat
     for i in range(3):
         (empty / f"{i}.txt").write_text("")
     with pytest.raises(UserError, match="holds no text"):
-        cache.run(config(model, tmp_path / "c", sites=["blocks.1.hook_resid_post"],
-                         data=DataConfig(source="files", path=str(empty), split_by="document")))
+        cache.run(
+            config(
+                model,
+                tmp_path / "c",
+                sites=["blocks.1.hook_resid_post"],
+                data=DataConfig(source="files", path=str(empty), split_by="document"),
+            )
+        )
     assert not (tmp_path / "c").exists()
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(UserError, match="file"):
@@ -167,7 +206,9 @@ def test_changed_config_on_resume_is_refused_and_store_untouched(tiny_model_dir,
     cache.run(config(model, tmp_path / "acts", sites=["blocks.1.hook_resid_post"]))
     before = _tree(tmp_path / "acts")
     with pytest.raises(UserError, match="context_size"):
-        cache.run(config(model, tmp_path / "acts", sites=["blocks.1.hook_resid_post"], text=TextConfig(context_size=16)))
+        cache.run(
+            config(model, tmp_path / "acts", sites=["blocks.1.hook_resid_post"], text=TextConfig(context_size=16))
+        )
     with pytest.raises(UserError, match="store_dtype"):
         cache.run(config(model, tmp_path / "acts", sites=["blocks.1.hook_resid_post"], store_dtype="bfloat16"))
     assert _tree(tmp_path / "acts") == before

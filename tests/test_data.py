@@ -51,7 +51,9 @@ def test_single_file_needs_document_split(tmp_path):
     with pytest.raises(UserError, match="single file.*split_by=document"):
         list(iter_documents(DataConfig(source="files", path=str(tmp_path / "a.jsonl"))))
     train = list(iter_documents(DataConfig(source="files", path=str(tmp_path / "a.jsonl"), split_by="document")))
-    eval_ = list(iter_documents(DataConfig(source="files", path=str(tmp_path / "a.jsonl"), split_by="document", split="eval")))
+    eval_ = list(
+        iter_documents(DataConfig(source="files", path=str(tmp_path / "a.jsonl"), split_by="document", split="eval"))
+    )
     assert sorted(train + eval_) == rows[:20]
 
 
@@ -61,8 +63,13 @@ def test_parquet_and_bad_column(tmp_path):
 
     for i in range(3):
         pq.write_table(pa.table({"body": [f"parquet doc {i}-{j}" for j in range(5)]}), tmp_path / f"p{i}.parquet")
-    both = [d for s in ("train", "eval") for d in iter_documents(
-        DataConfig(source="files", path=str(tmp_path / "*.parquet"), text_column="body", split=s))]
+    both = [
+        d
+        for s in ("train", "eval")
+        for d in iter_documents(
+            DataConfig(source="files", path=str(tmp_path / "*.parquet"), text_column="body", split=s)
+        )
+    ]
     assert sorted(both) == sorted(f"parquet doc {i}-{j}" for i in range(3) for j in range(5))
     with pytest.raises(UserError, match="no column 'text'.*body"):
         list(iter_documents(DataConfig(source="files", path=str(tmp_path / "*.parquet"), split_by="document")))
@@ -96,10 +103,20 @@ def test_windows_pack_the_token_stream(tiny_tokenizer):
     windows = list(iter_windows(docs, tiny_tokenizer, text, spec))
     assert windows and all(w.shape == (16,) and w.dtype == torch.int64 for w in windows)
     assert all(w[0] == tiny_tokenizer.bos_token_id for w in windows)
-    stream = [t for d in docs for t in tiny_tokenizer(d, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]]
+    stream = [
+        t
+        for d in docs
+        for t in tiny_tokenizer(d, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+    ]
     body = torch.cat([w[1:] for w in windows]).tolist()
     assert body == stream[: len(body)] and len(stream) - len(body) < 15
-    no_bos = list(iter_windows(docs, tiny_tokenizer, TextConfig(context_size=16, prepend_bos=False),
-                               TokenSpec.from_tokenizer(tiny_tokenizer, TextConfig(context_size=16, prepend_bos=False))))
+    no_bos = list(
+        iter_windows(
+            docs,
+            tiny_tokenizer,
+            TextConfig(context_size=16, prepend_bos=False),
+            TokenSpec.from_tokenizer(tiny_tokenizer, TextConfig(context_size=16, prepend_bos=False)),
+        )
+    )
     assert torch.cat(no_bos).tolist() == stream[: 16 * len(no_bos)]
     assert set(spec.special) >= {tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id}

@@ -27,13 +27,16 @@ from tests.synthetic import true_directions, write_store
 without_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize(("env", "gpus", "expect"), [
-    ({"LOCAL_RANK": "3"}, 4, "cuda:3"),
-    ({"SLURM_LOCALID": "1"}, 4, "cuda:1"),
-    ({"LOCAL_RANK": "2", "SLURM_LOCALID": "0"}, 4, "cuda:2"),  # torchrun inside srun: torchrun's rank
-    ({"LOCAL_RANK": "1"}, 1, "cuda:0"),  # a rank that sees only its own GPU (CUDA_VISIBLE_DEVICES per task)
-    ({}, 4, "cuda"),
-])
+@pytest.mark.parametrize(
+    ("env", "gpus", "expect"),
+    [
+        ({"LOCAL_RANK": "3"}, 4, "cuda:3"),
+        ({"SLURM_LOCALID": "1"}, 4, "cuda:1"),
+        ({"LOCAL_RANK": "2", "SLURM_LOCALID": "0"}, 4, "cuda:2"),  # torchrun inside srun: torchrun's rank
+        ({"LOCAL_RANK": "1"}, 1, "cuda:0"),  # a rank that sees only its own GPU (CUDA_VISIBLE_DEVICES per task)
+        ({}, 4, "cuda"),
+    ],
+)
 def test_cuda_means_the_local_ranks_gpu(monkeypatch, env, gpus, expect):
     for name in ("LOCAL_RANK", "SLURM_LOCALID"):
         monkeypatch.delenv(name, raising=False)
@@ -52,8 +55,17 @@ def store(synthetic_store):
 
 
 def _config(store: Path, out: Path, device: str) -> TrainConfig:
-    return TrainConfig(store=str(store), out_dir=str(out), n_tokens=8192, batch_size=256, dtype="float32", device=device,
-                       progress=False, log_every=8, sae=SAEConfig(architecture="relu", l1_coefficient=0.05, expansion_factor=4))
+    return TrainConfig(
+        store=str(store),
+        out_dir=str(out),
+        n_tokens=8192,
+        batch_size=256,
+        dtype="float32",
+        device=device,
+        progress=False,
+        log_every=8,
+        sae=SAEConfig(architecture="relu", l1_coefficient=0.05, expansion_factor=4),
+    )
 
 
 def _sigterm_at_step_16(info: StepInfo) -> None:
@@ -70,7 +82,10 @@ def test_checkpoints_cross_cuda_and_cpu(store, tmp_path, first, then):
         run(_config(store, tmp_path / "run", first), callbacks=[_sigterm_at_step_16])
     run(_config(store, tmp_path / "run", then))
     run(_config(store, tmp_path / "whole", then))
-    a, b = load_file(str(tmp_path / "run" / "synthetic" / WEIGHTS)), load_file(str(tmp_path / "whole" / "synthetic" / WEIGHTS))
+    a, b = (
+        load_file(str(tmp_path / "run" / "synthetic" / WEIGHTS)),
+        load_file(str(tmp_path / "whole" / "synthetic" / WEIGHTS)),
+    )
     for key in a:  # TF32 on the GPU: close, not equal
         torch.testing.assert_close(a[key].float(), b[key].float(), rtol=2e-2, atol=2e-3, msg=key)
 
@@ -81,9 +96,17 @@ def test_cache_on_cuda_equals_the_cpu(tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir("llama")
     stores = {}
     for device in ("cpu", "cuda"):
-        cfg = CacheConfig(model=ModelConfig(name=str(model_dir), dtype="bfloat16", device=device), text=TextConfig(context_size=32),
-                          n_tokens=2048, tokens_per_shard=512, batch_size=128, store_dtype="bfloat16",
-                          sites=["blocks.1.hook_resid_post"], out_dir=str(tmp_path / device), progress=False)
+        cfg = CacheConfig(
+            model=ModelConfig(name=str(model_dir), dtype="bfloat16", device=device),
+            text=TextConfig(context_size=32),
+            n_tokens=2048,
+            tokens_per_shard=512,
+            batch_size=128,
+            store_dtype="bfloat16",
+            sites=["blocks.1.hook_resid_post"],
+            out_dir=str(tmp_path / device),
+            progress=False,
+        )
         cache.run(cfg)
         stores[device] = ActivationStore(cfg.out_dir)
     cpu, gpu = stores["cpu"], stores["cuda"]
@@ -91,8 +114,9 @@ def test_cache_on_cuda_equals_the_cpu(tiny_model_dir, tmp_path):
     for i in range(cpu.n_shards):
         a, b = cpu.shard(i), gpu.shard(i)
         assert torch.equal(a["token_ids"], b["token_ids"]) and torch.equal(a["position"], b["position"])
-        torch.testing.assert_close(b["blocks.1.hook_resid_post"].float(), a["blocks.1.hook_resid_post"].float(),
-                                   rtol=5e-2, atol=5e-2)
+        torch.testing.assert_close(
+            b["blocks.1.hook_resid_post"].float(), a["blocks.1.hook_resid_post"].float(), rtol=5e-2, atol=5e-2
+        )
 
 
 @pytest.mark.cuda
@@ -104,13 +128,15 @@ def test_model_lands_on_the_local_ranks_gpu(tiny_model_dir, monkeypatch):
     assert lm.device == torch.device("cuda", last)
 
 
-
 def test_device_batches_carry_the_position_after_each_batch(store):
     """On the CPU the source's batches pass through, each with the position to checkpoint."""
     source = StoreSource(str(store), [], 256, Dist(), seed=0, window_shards=2)
     fed = device_batches(source, 512, torch.device("cpu"))
-    direct = iter(ShuffledBatches(ActivationStore(store), ["synthetic"], 256, window_shards=2, position=512,
-                                  dtype=torch.float32, prefetch=0))
+    direct = iter(
+        ShuffledBatches(
+            ActivationStore(store), ["synthetic"], 256, window_shards=2, position=512, dtype=torch.float32, prefetch=0
+        )
+    )
     try:
         for step in range(3):
             batch, position = next(fed)
@@ -125,8 +151,14 @@ def test_device_batches_carry_the_position_after_each_batch(store):
 def test_pinned_bf16_batches_on_the_gpu_equal_the_cpu_batches(tmp_path):
     """bf16 rows gathered into pinned memory, copied on a side stream, converted on the GPU."""
     bf16 = write_store(tmp_path / "bf16", true_directions(32, 16), 8192, dtype=torch.bfloat16)
-    fed = {name: device_batches(StoreSource(str(bf16), [], 256, Dist(device=torch.device(name)), seed=0, window_shards=2),
-                                256, torch.device(name)) for name in ("cpu", "cuda")}
+    fed = {
+        name: device_batches(
+            StoreSource(str(bf16), [], 256, Dist(device=torch.device(name)), seed=0, window_shards=2),
+            256,
+            torch.device(name),
+        )
+        for name in ("cpu", "cuda")
+    }
     for _ in range(5):
         (cpu, at_cpu), (gpu, at_gpu) = next(fed["cpu"]), next(fed["cuda"])
         assert at_cpu == at_gpu and gpu["synthetic"].is_cuda and gpu["synthetic"].dtype == torch.bfloat16
@@ -139,8 +171,16 @@ def test_pinned_bf16_batches_on_the_gpu_equal_the_cpu_batches(tmp_path):
 def test_gpu_precision_policy(store, tmp_path, dtype):
     """fp32 master weights and state on the GPU; float32 GEMMs in TF32; bf16 GEMMs read one bf16
     copy of W_enc/W_dec made by the optimizer step; JumpReLU's threshold stays fp32."""
-    cfg = TrainConfig(store=str(store), out_dir=str(tmp_path), n_tokens=2048, batch_size=256, dtype=dtype, device="cuda",
-                      progress=False, sae=SAEConfig(architecture="jumprelu", l0_coefficient=0.01, expansion_factor=4))
+    cfg = TrainConfig(
+        store=str(store),
+        out_dir=str(tmp_path),
+        n_tokens=2048,
+        batch_size=256,
+        dtype=dtype,
+        device="cuda",
+        progress=False,
+        sae=SAEConfig(architecture="jumprelu", l0_coefficient=0.01, expansion_factor=4),
+    )
     dist = Dist(device=torch.device("cuda"))
     trainer = Trainer(cfg, StoreSource(cfg.store, [], cfg.batch_size, dist, seed=0, window_shards=2), dist)
     batch, _ = next(device_batches(trainer.source, 0, dist.device))
@@ -148,7 +188,9 @@ def test_gpu_precision_policy(store, tmp_path, dtype):
     sae = trainer.runs[0].sae
     assert all(p.dtype == torch.float32 and p.is_cuda for p in sae.parameters())
     assert sae.threshold.dtype == torch.float32
-    assert all(v.dtype == torch.float32 for s in trainer.runs[0].optimizer.state.values() for k, v in s.items() if k != "step")
+    assert all(
+        v.dtype == torch.float32 for s in trainer.runs[0].optimizer.state.values() for k, v in s.items() if k != "step"
+    )
     if dtype == "float32":
         assert torch.backends.cuda.matmul.fp32_precision == "tf32"
     else:

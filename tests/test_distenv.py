@@ -10,18 +10,29 @@ from sae_train.distenv import Torchrun, is_main_process, store_writers, torchrun
 from sae_train.errors import UserError
 from sae_train.train.dist import init_distributed
 
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
-                 "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP", "SLURM_PROCID", "SLURM_NTASKS")
+LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_ARRAY_TASK_COUNT",
+    "SLURM_ARRAY_TASK_MIN",
+    "SLURM_ARRAY_TASK_STEP",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+)
 
 
 @pytest.fixture
 def env(monkeypatch):
     """Set exactly these launcher variables (the others unset)."""
+
     def set_env(**values: object) -> None:
         for name in LAUNCHER_VARS:
             monkeypatch.delenv(name, raising=False)
         for name, value in values.items():
             monkeypatch.setenv(name, str(value))
+
     set_env()
     return set_env
 

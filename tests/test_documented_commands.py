@@ -31,8 +31,15 @@ TRAIN = ["n_tokens=2048", "batch_size=512", "sae.expansion_factor=2", "dtype=flo
 
 def sae_train(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`sae-train <args>` in cwd; fails the test with its output unless it exits 0."""
-    result = subprocess.run([sys.executable, "-m", "sae_train.cli", *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=300, check=False, env=os.environ | {"OMP_NUM_THREADS": "1"} | (env or {}))
+    result = subprocess.run(
+        [sys.executable, "-m", "sae_train.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=os.environ | {"OMP_NUM_THREADS": "1"} | (env or {}),
+    )
     assert result.returncode == 0, f"sae-train {' '.join(args)}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -41,16 +48,30 @@ def sae_train(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subpr
 def tiny(tiny_model_dir, tmp_path_factory) -> list[str]:
     """The overrides that make the documented model and data tiny."""
     corpus = write_corpus(tmp_path_factory.mktemp("corpus"), n_files=40, n_words=200)
-    return [f"model.name={tiny_model_dir('llama')}", "model.dtype=float32", "data=files", f"data.path={corpus}",
-            "data.eval_fraction=0.25"]
+    return [
+        f"model.name={tiny_model_dir('llama')}",
+        "model.dtype=float32",
+        "data=files",
+        f"data.path={corpus}",
+        "data.eval_fraction=0.25",
+    ]
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, tiny) -> Path:
     """A working directory after the README's first two commands: cache, then train on the store."""
     home = tmp_path_factory.mktemp("home")
-    cached = sae_train(home, "cache", *tiny, f"sites=[{SITE}]", "n_tokens=4096", "text.context_size=32", "out_dir=runs/acts",
-                       "tokens_per_shard=1024", "progress=false")
+    cached = sae_train(
+        home,
+        "cache",
+        *tiny,
+        f"sites=[{SITE}]",
+        "n_tokens=4096",
+        "text.context_size=32",
+        "out_dir=runs/acts",
+        "tokens_per_shard=1024",
+        "progress=false",
+    )
     assert "runs/acts" in cached.stdout
     trained = sae_train(home, "train", "store=runs/acts", "sae=topk", "sae.k=4", *TRAIN, "out_dir=runs/sae")
     assert SITE in trained.stdout and "fvu" in trained.stdout
@@ -98,31 +119,50 @@ def test_export_push_to_hub_reaches_the_hub_api_with_the_token(home, evaluated):
     repo = "my-org/saes-tiny"
     hub = FakeHub(repo)
     with serve(hub) as endpoint:
-        pushed = sae_train(home, "export", "checkpoint=runs/sae", "eval_dir=runs/eval", "out_dir=runs/export-hub",
-                           "push_to_hub=true", f"repo_id={repo}",
-                           env={"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": TOKEN})
+        pushed = sae_train(
+            home,
+            "export",
+            "checkpoint=runs/sae",
+            "eval_dir=runs/eval",
+            "out_dir=runs/export-hub",
+            "push_to_hub=true",
+            f"repo_id={repo}",
+            env={"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": TOKEN},
+        )
     assert TOKEN not in pushed.stdout + pushed.stderr
     created = hub.json_of("/api/repos/create")
     assert (created["organization"], created["name"]) == tuple(repo.split("/"))
     commit = [r for r in hub.requests if r.url.path == f"/api/models/{repo}/commit/main"]
     assert len(commit) == 1 and commit[0].headers["authorization"] == f"Bearer {TOKEN}"
     files = hub.committed_files()
-    assert set(files) == {"README.md", *(f"{SITE}/{name}" for name in ("cfg.json", "sae_weights.safetensors",
-                                                                     "sparsity.safetensors"))}
+    assert set(files) == {
+        "README.md",
+        *(f"{SITE}/{name}" for name in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")),
+    }
     for path, content in files.items():
         assert content == (home / "runs/export-hub" / path).read_bytes(), path
 
 
 def test_train_live_without_a_store(home, tiny):
-    sae_train(home, "train", "source=live", *tiny, f"sites=[{SITE}]", "text.context_size=32", "live_buffer_tokens=1024",
-              *TRAIN, "out_dir=runs/live")
+    sae_train(
+        home,
+        "train",
+        "source=live",
+        *tiny,
+        f"sites=[{SITE}]",
+        "text.context_size=32",
+        "live_buffer_tokens=1024",
+        *TRAIN,
+        "out_dir=runs/live",
+    )
     assert (home / f"runs/live/{SITE}/sae.safetensors").exists()
     assert not list((home / "runs/live").rglob("shard-*"))  # no disk: nothing cached
 
 
 def test_one_pass_sweep_trains_every_combination(home):
-    sae_train(home, "train", "store=runs/acts", "+sweep.k=[2,4]", "+sweep.lr=[1e-3,3e-3]", *TRAIN,
-              "out_dir=runs/one-pass")
+    sae_train(
+        home, "train", "store=runs/acts", "+sweep.k=[2,4]", "+sweep.lr=[1e-3,3e-3]", *TRAIN, "out_dir=runs/one-pass"
+    )
     runs = sorted(p.name for p in (home / "runs/one-pass" / SITE).iterdir() if (p / "sae.safetensors").exists())
     assert runs == ["k=2-lr=0.001", "k=2-lr=0.003", "k=4-lr=0.001", "k=4-lr=0.003"]
     assert json.loads((home / f"runs/one-pass/{SITE}/k=4-lr=0.003/cfg.json").read_text())["k"] == 4
@@ -147,15 +187,28 @@ def test_every_architecture_then_one_eval_of_all(home):
 
 
 def test_eval_of_a_live_multirun_sweep(home, tiny):
-    sae_train(home, "-m", "train", "source=live", *tiny, f"sites=[{SITE}]", "text.context_size=32",
-              "live_buffer_tokens=1024", "sae.k=2,4", *TRAIN, "out_dir=runs/live-sweep")
-    sae_train(home, "eval", "checkpoint=runs/live-sweep", "n_tokens=512", "out_dir=runs/live-sweep-eval",
-              "progress=false")
+    sae_train(
+        home,
+        "-m",
+        "train",
+        "source=live",
+        *tiny,
+        f"sites=[{SITE}]",
+        "text.context_size=32",
+        "live_buffer_tokens=1024",
+        "sae.k=2,4",
+        *TRAIN,
+        "out_dir=runs/live-sweep",
+    )
+    sae_train(
+        home, "eval", "checkpoint=runs/live-sweep", "n_tokens=512", "out_dir=runs/live-sweep-eval", "progress=false"
+    )
 
 
 def test_train_with_periodic_eval_logs_held_out_metrics(home):
-    sae_train(home, "train", "store=runs/acts", "eval_every_tokens=1024", "eval_tokens=128", *TRAIN,
-              "out_dir=runs/periodic")
+    sae_train(
+        home, "train", "store=runs/acts", "eval_every_tokens=1024", "eval_tokens=128", *TRAIN, "out_dir=runs/periodic"
+    )
     evals = [row for row in metric_rows(home / "runs/periodic") if "eval/fvu" in row]
     assert [row["step"] for row in evals] == [2, 4]
     assert all({"eval/ce_recovered", "eval/kl", "eval/l0"} <= row.keys() for row in evals)

@@ -45,8 +45,16 @@ def corpus(tmp_path_factory) -> DataConfig:
     return DataConfig(source="files", path=str(write_corpus(tmp_path_factory.mktemp("corpus"))), eval_fraction=0.35)
 
 
-def save_checkpoint(directory: Path, lm: LanguageModel, data: DataConfig, site: str, arch: str = "topk",
-                    seed: int = 0, d_in: int | None = None, text: TextConfig = TEXT) -> Path:
+def save_checkpoint(
+    directory: Path,
+    lm: LanguageModel,
+    data: DataConfig,
+    site: str,
+    arch: str = "topk",
+    seed: int = 0,
+    d_in: int | None = None,
+    text: TextConfig = TEXT,
+) -> Path:
     """A folded SAE with non-trivial weights and the metadata the trainer records."""
     d_in = d_in or lm.site_width(lm.site(site))
     sae = create_sae(SAEConfig(architecture=arch, k=4, d_sae=2 * d_in, seed=seed).resolved(d_in))
@@ -59,8 +67,11 @@ def save_checkpoint(directory: Path, lm: LanguageModel, data: DataConfig, site: 
     sae.constrain_()
     scale = 0.5
     source = {"source": "live", "model": lm.identity, "data": data.describe(), "text": asdict(text)}
-    save_sae(sae.fold(scale), directory, {"site": site, "tag": directory.name, "normalization_scale": scale,
-                                          "tokens_trained": 1000, "source": source})
+    save_sae(
+        sae.fold(scale),
+        directory,
+        {"site": site, "tag": directory.name, "normalization_scale": scale, "tokens_trained": 1000, "source": source},
+    )
     return directory
 
 
@@ -135,6 +146,7 @@ def naive_numbers(lm, site, saes, ids, counted) -> dict[str, tuple[float, float]
         values |= {"zero": torch.zeros(x.shape[-1]), "mean": x[counted].float().mean(0)}
         numbers = {}
         for name, value in values.items():
+
             def fn(a, value=value):
                 out = a.clone()
                 out[counted] = value.to(a.dtype)
@@ -149,14 +161,18 @@ def naive_numbers(lm, site, saes, ids, counted) -> dict[str, tuple[float, float]
     return numbers
 
 
-@pytest.mark.parametrize("site_name", ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post",
-                                       "blocks.2.hook_attn_out", "blocks.1.mlp.hook_post"])
+@pytest.mark.parametrize(
+    "site_name",
+    ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.2.hook_attn_out", "blocks.1.mlp.hook_post"],
+)
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_shared_prefix_numbers_equal_full_forward_numbers(tiny_model_dir, corpus, tmp_path, family, site_name):
     lm = load(tiny_model_dir(family))
     site = lm.site(site_name)
-    saes = {arch: load_sae(save_checkpoint(tmp_path / arch, lm, corpus, site_name, arch, seed=i))
-            for i, arch in enumerate(("relu", "topk"))}
+    saes = {
+        arch: load_sae(save_checkpoint(tmp_path / arch, lm, corpus, site_name, arch, seed=i))
+        for i, arch in enumerate(("relu", "topk"))
+    }
     ids, counted = batch(lm, corpus)
     evaluator = SiteEvaluator(site, saes)
     layer_calls = []
@@ -215,8 +231,20 @@ def test_sweep_at_two_sites_in_one_call(lm, corpus, tmp_path):
     assert tokens["run"] == 10 * 32 and 0 < tokens["counted"] < tokens["run"]  # BOS/EOS never count
     for name, info in report["saes"].items():
         m = info["metrics"]
-        for key in ("mse", "fvu", "explained_variance", "l0", "dead_fraction", "dense_fraction", "ce_clean",
-                    "ce_sae", "ce_zero", "ce_mean", "ce_recovered", "kl"):
+        for key in (
+            "mse",
+            "fvu",
+            "explained_variance",
+            "l0",
+            "dead_fraction",
+            "dense_fraction",
+            "ce_clean",
+            "ce_sae",
+            "ce_zero",
+            "ce_mean",
+            "ce_recovered",
+            "kl",
+        ):
             assert isinstance(m[key], float), (name, key)
         assert m["n_tokens"] == tokens["counted"] and m["n_predictions"] == tokens["predictions"]
         assert sum(info["density"]["counts"]) + info["density"]["n_dead"] == info["d_sae"]
@@ -243,11 +271,25 @@ def test_sweep_at_two_sites_in_one_call(lm, corpus, tmp_path):
 @pytest.mark.parametrize("exclude", [True, False])
 def test_eval_counts_exactly_the_positions_training_uses(lm, corpus, tmp_path, exclude):
     """Cache the eval windows: the store keeps one row per position eval counts, for both settings."""
-    text, site, n_tokens = TextConfig(context_size=32, exclude_special_tokens=exclude), "blocks.1.hook_resid_post", 6 * 32
-    stored = cache.run(cache.CacheConfig(
-        model=ModelConfig(name=lm.identity["name"], dtype="float32", device="cpu"), data=replace(corpus, split="eval"),
-        text=text, sites=[site], n_tokens=n_tokens, tokens_per_shard=n_tokens, store_dtype="float32",
-        out_dir=str(tmp_path / "acts"), progress=False), lm)
+    text, site, n_tokens = (
+        TextConfig(context_size=32, exclude_special_tokens=exclude),
+        "blocks.1.hook_resid_post",
+        6 * 32,
+    )
+    stored = cache.run(
+        cache.CacheConfig(
+            model=ModelConfig(name=lm.identity["name"], dtype="float32", device="cpu"),
+            data=replace(corpus, split="eval"),
+            text=text,
+            sites=[site],
+            n_tokens=n_tokens,
+            tokens_per_shard=n_tokens,
+            store_dtype="float32",
+            out_dir=str(tmp_path / "acts"),
+            progress=False,
+        ),
+        lm,
+    )
     save_checkpoint(tmp_path / "sae", lm, corpus, site, text=text)
     summary = run(eval_config(tmp_path / "sae", tmp_path / "out", n_tokens=n_tokens, downstream=False), lm=lm)
     counted = summary.payload["tokens"]["counted"]
@@ -260,10 +302,25 @@ def test_live_runs_that_differ_in_lr_evaluate_together(lm, corpus, tmp_path):
     text settings, and only text settings."""
     site, text = "blocks.1.hook_resid_post", TextConfig(context_size=32)
     for lr in (1e-3, 3e-3):
-        train(TrainConfig(source="live", model=ModelConfig(name=lm.identity["name"], dtype="float32", device="cpu"),
-                          data=corpus, text=text, sites=[site], live_buffer_tokens=512, n_tokens=1024, batch_size=256,
-                          lr=lr, init_tokens=512, dtype="float32", progress=False, out_dir=str(tmp_path / "multirun" / f"lr={lr}"),
-                          sae=SAEConfig(architecture="topk", k=4, expansion_factor=2)), lm=lm)
+        train(
+            TrainConfig(
+                source="live",
+                model=ModelConfig(name=lm.identity["name"], dtype="float32", device="cpu"),
+                data=corpus,
+                text=text,
+                sites=[site],
+                live_buffer_tokens=512,
+                n_tokens=1024,
+                batch_size=256,
+                lr=lr,
+                init_tokens=512,
+                dtype="float32",
+                progress=False,
+                out_dir=str(tmp_path / "multirun" / f"lr={lr}"),
+                sae=SAEConfig(architecture="topk", k=4, expansion_factor=2),
+            ),
+            lm=lm,
+        )
     for lr in (1e-3, 3e-3):
         assert load_sae_cfg(tmp_path / "multirun" / f"lr={lr}" / site)["source"]["text"] == asdict(text)
     summary = run(eval_config(tmp_path / "multirun", tmp_path / "out", downstream=False), lm=lm)
@@ -335,8 +392,10 @@ def test_periodic_eval_matches_the_stage(lm, corpus, tmp_path):
     assert first == second  # fixed windows: comparable from call to call
     for site in sites:
         m = summary.saes[site]["metrics"]
-        assert first[site] == pytest.approx({"eval/fvu": m["fvu"], "eval/ce_recovered": m["ce_recovered"],
-                                             "eval/kl": m["kl"], "eval/l0": m["l0"]}, rel=1e-9)
+        assert first[site] == pytest.approx(
+            {"eval/fvu": m["fvu"], "eval/ce_recovered": m["ce_recovered"], "eval/kl": m["kl"], "eval/l0": m["l0"]},
+            rel=1e-9,
+        )
     with pytest.raises(ValueError, match="folded"):
         training_model = create_sae(SAEConfig(architecture="relu").resolved(32))
         periodic({"x": (sites[0], training_model)})

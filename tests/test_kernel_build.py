@@ -19,7 +19,9 @@ import pytest
 from sae_train.sae import kernels
 from sae_train.sae.kernels import build
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="kernels unavailable (no C compiler, or SAE_TRAIN_KERNELS=torch)")
+pytestmark = pytest.mark.skipif(
+    not kernels.available(), reason="kernels unavailable (no C compiler, or SAE_TRAIN_KERNELS=torch)"
+)
 
 SYMBOLS = list(kernels._SIGNATURES)
 
@@ -42,11 +44,14 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
     monkeypatch.delenv(build.CFLAGS_VAR, raising=False)
     log = tmp_path / "calls.log"
-    cc = _script(tmp_path / "fakecc", f"""
+    cc = _script(
+        tmp_path / "fakecc",
+        f"""
 [ "$1" = --version ] && {{ echo fakecc 1; exit 0; }}
 echo "$@" >> {log}
 while [ $# -gt 1 ]; do [ "$1" = -o ] && cp {built} "$2"; shift; done
-""")
+""",
+    )
     monkeypatch.setenv("CC", str(cc))
     return tmp_path
 
@@ -131,13 +136,16 @@ def test_a_compiler_refusing_march_native_still_gives_a_vectorised_build(tmp_pat
     """Compiles for real, through a wrapper that rejects -march=native as some compilers do."""
     real = shutil.which(os.environ.get("CC", "cc"))
     log = tmp_path / "calls.log"
-    cc = _script(tmp_path / "picky-cc", f"""
+    cc = _script(
+        tmp_path / "picky-cc",
+        f"""
 [ "$1" = --version ] || echo "$@" >> {log}
 for a in "$@"; do
   [ "$a" = -march=native ] && {{ echo "error: unknown target CPU 'native'" >&2; exit 1; }}
 done
 exec {real} "$@"
-""")
+""",
+    )
     monkeypatch.setenv("CC", str(cc))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv(build.CFLAGS_VAR, raising=False)
@@ -152,7 +160,9 @@ exec {real} "$@"
 
 
 def test_a_compiler_failing_every_target_reports_each_attempt(env, monkeypatch):
-    cc = _script(env / "broken-cc", '[ "$1" = --version ] && { echo broken 1; exit 0; }\necho "no such luck" >&2; exit 1\n')
+    cc = _script(
+        env / "broken-cc", '[ "$1" = --version ] && { echo broken 1; exit 0; }\necho "no such luck" >&2; exit 1\n'
+    )
     monkeypatch.setenv("CC", str(cc))
     with pytest.raises(RuntimeError, match="no such luck") as err:
         build.load(SYMBOLS)
@@ -167,19 +177,24 @@ def test_ranks_building_at_once_each_load_a_whole_library(env):
 
     built = Path(kernels._lib_or_raise()._name)
     half = built.stat().st_size // 2
-    _script(env / "fakecc", f"""
+    _script(
+        env / "fakecc",
+        f"""
 [ "$1" = --version ] && {{ echo fakecc 1; exit 0; }}
 while [ $# -gt 1 ]; do
   if [ "$1" = -o ]; then head -c {half} {built} > "$2"; sleep 0.5; tail -c +{half + 1} {built} >> "$2"; fi
   shift
 done
-""")
+""",
+    )
     code = (  # build.py by path: importing the package would import torch, seconds per process here
         f"import importlib.util as u; s = u.spec_from_file_location('build', {build.__file__!r}); b = u.module_from_spec(s); "
         f"s.loader.exec_module(b); print(b.load({SYMBOLS!r}).sae_vector_width())"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(4)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in outs]
     assert {out.strip() for out, _ in outs} == {str(kernels._width)}
@@ -190,8 +205,14 @@ done
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        ("flags : fpu sse2 avx avx2 fma f16c avx512f avx512bw avx512vl avx512dq",
-         [["-march=native"], ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"], []]),
+        (
+            "flags : fpu sse2 avx avx2 fma f16c avx512f avx512bw avx512vl avx512dq",
+            [
+                ["-march=native"],
+                ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+                [],
+            ],
+        ),
         ("flags : fpu sse2 avx avx2 fma f16c", [["-march=native"], ["-mavx2", "-mfma", "-mf16c"], []]),
         ("flags : fpu sse2 avx", [["-march=native"], []]),  # no AVX2+FMA: nothing worth naming
         ("Features : fp asimd evtstrm aes crc32", [["-march=native"], []]),  # Arm
@@ -201,8 +222,17 @@ def test_target_flags_follow_the_cpu(flags, expected):
     assert build.target_flag_sets(flags) == expected
 
 
-@pytest.mark.parametrize("width, mode, used", [(16, "auto", True), (8, "auto", True), (4, "auto", False),
-                                               (1, "auto", False), (4, "c", True), (16, "torch", False)])
+@pytest.mark.parametrize(
+    "width, mode, used",
+    [
+        (16, "auto", True),
+        (8, "auto", True),
+        (4, "auto", False),
+        (1, "auto", False),
+        (4, "c", True),
+        (16, "torch", False),
+    ],
+)
 def test_auto_uses_only_builds_with_wide_vectors(monkeypatch, width, mode, used):
     monkeypatch.setattr(kernels, "_width", width)
     monkeypatch.setenv(kernels.ENV_VAR, mode)
@@ -210,17 +240,25 @@ def test_auto_uses_only_builds_with_wide_vectors(monkeypatch, width, mode, used)
     assert kernels.describe().startswith("C kernels" if used else "PyTorch")
 
 
-@pytest.mark.skipif(sys.platform != "linux" or not {"avx2", "fma"} <= set(build.cpu_flags().split()),
-                    reason="needs an x86 CPU with AVX2 and FMA")
+@pytest.mark.skipif(
+    sys.platform != "linux" or not {"avx2", "fma"} <= set(build.cpu_flags().split()),
+    reason="needs an x86 CPU with AVX2 and FMA",
+)
 def test_an_sse_only_build_keeps_to_pytorch(tmp_path):
     """A real build without AVX2 reports 4-float vectors, and "auto" then uses PyTorch (the
     AVX2 build, reporting 8, is test_sae_kernels.py's portable-build test)."""
     import subprocess
 
     res = subprocess.run(
-        [sys.executable, "-c", "from sae_train.sae import kernels; print(kernels._lib_or_raise().sae_vector_width(), kernels.available(), kernels.describe())"],
+        [
+            sys.executable,
+            "-c",
+            "from sae_train.sae import kernels; print(kernels._lib_or_raise().sae_vector_width(), kernels.available(), kernels.describe())",
+        ],
         env={**os.environ, build.CFLAGS_VAR: "-mno-avx2", "XDG_CACHE_HOME": str(tmp_path)},
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     width, used, why = res.stdout.split(" ", 2)
     assert width == "4" and used == "False" and why.startswith("PyTorch (the C build has 4-float vectors")

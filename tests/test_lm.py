@@ -78,8 +78,10 @@ def test_mlp_input_site_is_what_the_mlp_reads(lm):
     output (hook_mlp_out, after Gemma-2's post-norm); for GPT-2 it is ln_2 of the residual."""
     tokens = ids(lm)
     layer = 1
-    acts = lm.capture([lm.site(f"blocks.{layer}.{n}") for n in ("mlp.hook_in", "hook_mlp_out", "hook_attn_out",
-                                                                 "hook_resid_pre")], tokens)
+    acts = lm.capture(
+        [lm.site(f"blocks.{layer}.{n}") for n in ("mlp.hook_in", "hook_mlp_out", "hook_attn_out", "hook_resid_pre")],
+        tokens,
+    )
     x = acts[f"blocks.{layer}.mlp.hook_in"]
     block = lm.layers[layer]
     with torch.no_grad():
@@ -119,8 +121,15 @@ def test_zero_splice_equals_manual_zero_ablation(lm):
 
 
 @pytest.mark.parametrize(
-    "site_name", ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.1.hook_attn_out",
-                  "blocks.2.mlp.hook_in", "blocks.2.mlp.hook_post", "blocks.2.hook_resid_post"]
+    "site_name",
+    [
+        "blocks.0.hook_resid_pre",
+        "blocks.1.hook_resid_post",
+        "blocks.1.hook_attn_out",
+        "blocks.2.mlp.hook_in",
+        "blocks.2.mlp.hook_post",
+        "blocks.2.hook_resid_post",
+    ],
 )
 def test_shared_prefix_equals_full_spliced_forward(lm, site_name):
     """The fast path (earlier layers stubbed) matches a full forward with the splice, bit for bit."""

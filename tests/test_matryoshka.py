@@ -34,7 +34,10 @@ def test_prefixes_are_fractions_or_widths():
         ({"matryoshka_prefixes": []}, "non-empty list"),
         ({"matryoshka_prefixes": [0.5, -0.1, 1.0]}, "non-empty list"),
         ({"matryoshka_prefixes": [0.25, 64, 128]}, "Do not mix"),
-        ({"matryoshka_prefixes": [0.5, 0.25, 1.0]}, "strictly increasing widths ending at d_sae = 128 (they are [64, 32, 128])"),
+        (
+            {"matryoshka_prefixes": [0.5, 0.25, 1.0]},
+            "strictly increasing widths ending at d_sae = 128 (they are [64, 32, 128])",
+        ),
         ({"matryoshka_prefixes": [0.25, 0.5]}, "ending at d_sae = 128"),
         ({"matryoshka_prefixes": [32, 64, 100]}, "ending at d_sae = 128"),
         ({"matryoshka_prefixes": [0.001, 1.0]}, "they are [0, 128]"),
@@ -83,8 +86,11 @@ def test_matches_saelens_matryoshka_training_sae():
         for p in ours.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
     ours.constrain_()
-    theirs = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
-        d_in=16, d_sae=128, k=4, matryoshka_widths=[8, 32, 128], apply_b_dec_to_input=True))
+    theirs = MatryoshkaBatchTopKTrainingSAE(
+        MatryoshkaBatchTopKTrainingSAEConfig(
+            d_in=16, d_sae=128, k=4, matryoshka_widths=[8, 32, 128], apply_b_dec_to_input=True
+        )
+    )
     with torch.no_grad():
         for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
             getattr(theirs, name).copy_(getattr(ours, name))
@@ -131,8 +137,17 @@ def test_first_prefix_learns_the_most_frequent_features(tmp_path):
     first = {}
     for arch in ("matryoshka", "batchtopk"):
         sae_cfg = SAEConfig(architecture=arch, k=4, expansion_factor=2, seed=1, matryoshka_prefixes=[0.25, 1.0])
-        summary = run(TrainConfig(store=str(store), out_dir=str(tmp_path / arch), n_tokens=196_608, batch_size=512,
-                                  dtype="float32", progress=False, sae=sae_cfg))
+        summary = run(
+            TrainConfig(
+                store=str(store),
+                out_dir=str(tmp_path / arch),
+                n_tokens=196_608,
+                batch_size=512,
+                dtype="float32",
+                progress=False,
+                sae=sae_cfg,
+            )
+        )
         W_dec = load_sae(summary.saes["synthetic"]["checkpoint"]).W_dec.detach()
         best = (dirs @ W_dec[:16].T).max(0)  # the true feature closest to each of the first 16 latents
         first[arch] = int(((best.values > 0.9) & (best.indices < 24)).sum())

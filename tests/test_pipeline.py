@@ -12,15 +12,33 @@ SITE = "blocks.1.hook_resid_post"
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sae_train.cli", *args], capture_output=True, text=True, timeout=600,
-                          env=os.environ | {"OMP_NUM_THREADS": "1"} | (env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "sae_train.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ | {"OMP_NUM_THREADS": "1"} | (env or {}),
+    )
 
 
 def pipeline_args(model: Path, out: Path) -> list[str]:
-    return ["pipeline", f"out_dir={out}", f"site={SITE}", "n_tokens=8192", f"cache.model.name={model}",
-            "cache.model.dtype=float32", "cache.text.context_size=32", "cache.tokens_per_shard=2048", "cache.progress=false",
-            "train.batch_size=512", "train.progress=false", "train.sae.k=4", "train.sae.expansion_factor=2",
-            "eval.n_tokens=1024", "eval.progress=false"]
+    return [
+        "pipeline",
+        f"out_dir={out}",
+        f"site={SITE}",
+        "n_tokens=8192",
+        f"cache.model.name={model}",
+        "cache.model.dtype=float32",
+        "cache.text.context_size=32",
+        "cache.tokens_per_shard=2048",
+        "cache.progress=false",
+        "train.batch_size=512",
+        "train.progress=false",
+        "train.sae.k=4",
+        "train.sae.expansion_factor=2",
+        "eval.n_tokens=1024",
+        "eval.progress=false",
+    ]
 
 
 def test_pipeline_runs_every_stage_then_reuses_them(tiny_model_dir, tmp_path):
@@ -30,8 +48,14 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_model_dir, tmp_path):
     for section in ("== cache ==", "== train ==", "== eval ==", "== export ==", "== artifacts =="):
         assert section in first.stdout
     assert "CE recovered" in first.stdout
-    for artifact in ("acts/manifest.json", f"sae/{SITE}/sae.safetensors", "eval/eval.md", "eval/density.png",
-                     f"export/{SITE}/sae_weights.safetensors", "export/README.md"):
+    for artifact in (
+        "acts/manifest.json",
+        f"sae/{SITE}/sae.safetensors",
+        "eval/eval.md",
+        "eval/density.png",
+        f"export/{SITE}/sae_weights.safetensors",
+        "export/README.md",
+    ):
         assert (out / artifact).exists(), artifact
     eval_json = (out / "eval" / "eval.json").read_bytes()
 
@@ -55,8 +79,12 @@ def test_bad_configuration_fails_before_any_work(tiny_model_dir, tmp_path):
     assert wrong_type.returncode == 1 and "batch_size" in wrong_type.stderr
     no_repo = cli(*pipeline_args(tiny_model_dir("llama"), out), "export.push_to_hub=true")
     assert no_repo.returncode == 1 and "repo_id" in no_repo.stderr
-    no_token = cli(*pipeline_args(tiny_model_dir("llama"), out), "export.push_to_hub=true", "export.repo_id=me/saes",
-                   env={"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf-home")})
+    no_token = cli(
+        *pipeline_args(tiny_model_dir("llama"), out),
+        "export.push_to_hub=true",
+        "export.repo_id=me/saes",
+        env={"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf-home")},
+    )
     assert no_token.returncode == 1 and "HF_TOKEN" in no_token.stderr and "Traceback" not in no_token.stderr
     assert not out.exists()
 
@@ -82,6 +110,7 @@ def test_wandb_gets_training_metrics_and_the_eval_in_one_run(tiny_model_dir, tmp
             if kind in ("history", "summary"):
                 items = record.history.item if kind == "history" else record.summary.update
                 kinds.setdefault(kind, set()).update(i.key or "/".join(i.nested_key) for i in items)
+
     def logged(kind: str, key: str) -> bool:  # media (tables, images) are logged as nested keys below their name
         return any(k == key or k.startswith(key + "/") for k in kinds[kind])
 
@@ -106,13 +135,39 @@ def test_periodic_eval_from_a_store_and_live(tiny_model_dir, tmp_path):
     from sae_train.train import TrainConfig
 
     model = ModelConfig(name=str(tiny_model_dir("llama")), dtype="float32", device="cpu")
-    cache.run(CacheConfig(model=model, sites=[SITE], n_tokens=4096, text=TextConfig(context_size=32), tokens_per_shard=2048,
-                          out_dir=str(tmp_path / "acts"), progress=False))
-    common = dict(n_tokens=3072, batch_size=512, eval_every_tokens=1024, eval_tokens=128, dtype="float32", device="cpu",
-                  progress=False, sae=SAEConfig(k=4, expansion_factor=2))
-    runs = {"store": TrainConfig(store=str(tmp_path / "acts"), out_dir=str(tmp_path / "from-store"), **common),
-            "live": TrainConfig(source="live", model=model, sites=[SITE], text=TextConfig(context_size=32), live_buffer_tokens=1024,
-                                out_dir=str(tmp_path / "live"), **common)}
+    cache.run(
+        CacheConfig(
+            model=model,
+            sites=[SITE],
+            n_tokens=4096,
+            text=TextConfig(context_size=32),
+            tokens_per_shard=2048,
+            out_dir=str(tmp_path / "acts"),
+            progress=False,
+        )
+    )
+    common = dict(
+        n_tokens=3072,
+        batch_size=512,
+        eval_every_tokens=1024,
+        eval_tokens=128,
+        dtype="float32",
+        device="cpu",
+        progress=False,
+        sae=SAEConfig(k=4, expansion_factor=2),
+    )
+    runs = {
+        "store": TrainConfig(store=str(tmp_path / "acts"), out_dir=str(tmp_path / "from-store"), **common),
+        "live": TrainConfig(
+            source="live",
+            model=model,
+            sites=[SITE],
+            text=TextConfig(context_size=32),
+            live_buffer_tokens=1024,
+            out_dir=str(tmp_path / "live"),
+            **common,
+        ),
+    }
     for name, cfg in runs.items():
         pipeline.train_stage(cfg)
         rows = eval_rows(Path(cfg.out_dir))

@@ -48,7 +48,9 @@ class ThresholdReLUSAE(SAE):
         mse, l1 = self._mse(x_hat, target), f.sum(-1).mean()
         active = f != 0
         loss = mse + self.cfg.l1_coefficient * sparsity_scale * l1
-        return SAEOutput(x_hat, {"loss": loss, "mse": mse, "l1": l1}, active.sum(-1).float().mean(), active.any(0), f.detach())
+        return SAEOutput(
+            x_hat, {"loss": loss, "mse": mse, "l1": l1}, active.sum(-1).float().mean(), active.any(0), f.detach()
+        )
 
 
 @pytest.fixture
@@ -62,11 +64,30 @@ def toy():
 
 def test_a_registered_toy_architecture_trains_evaluates_and_exports(toy, tiny_model_dir, tmp_path: Path):
     model = ModelConfig(name=str(tiny_model_dir("llama")), dtype="float32", device="cpu")
-    cache.run(CacheConfig(model=model, sites=[SITE], text=TextConfig(context_size=32), n_tokens=4096, tokens_per_shard=1024,
-                          batch_size=128, store_dtype="float32", out_dir=str(tmp_path / "acts"), progress=False))
-    summary = train.run(TrainConfig(store=str(tmp_path / "acts"), out_dir=str(tmp_path / "sae"), n_tokens=4096,
-                                    batch_size=256, dtype="float32", progress=False,
-                                    sae=SAEConfig(architecture="threshold_relu", l1_coefficient=0.01, expansion_factor=2)))
+    cache.run(
+        CacheConfig(
+            model=model,
+            sites=[SITE],
+            text=TextConfig(context_size=32),
+            n_tokens=4096,
+            tokens_per_shard=1024,
+            batch_size=128,
+            store_dtype="float32",
+            out_dir=str(tmp_path / "acts"),
+            progress=False,
+        )
+    )
+    summary = train.run(
+        TrainConfig(
+            store=str(tmp_path / "acts"),
+            out_dir=str(tmp_path / "sae"),
+            n_tokens=4096,
+            batch_size=256,
+            dtype="float32",
+            progress=False,
+            sae=SAEConfig(architecture="threshold_relu", l1_coefficient=0.01, expansion_factor=2),
+        )
+    )
     metrics = summary.saes[SITE]["metrics"]
     assert metrics["fvu"] < 0.5 and metrics["l0"] > 0
 
@@ -76,15 +97,25 @@ def test_a_registered_toy_architecture_trains_evaluates_and_exports(toy, tiny_mo
     # folding scaled the threshold with the latents: the raw-scale SAE fires where training did
     assert not torch.allclose(ours.threshold, torch.full_like(ours.threshold, 0.005))
 
-    evaluation = eval_stage.run(EvalConfig(checkpoint=str(tmp_path / "sae"), out_dir=str(tmp_path / "eval"),
-                                           model=ModelConfig(name="", device="cpu"), n_tokens=512, batch_size=4,
-                                           progress=False))
+    evaluation = eval_stage.run(
+        EvalConfig(
+            checkpoint=str(tmp_path / "sae"),
+            out_dir=str(tmp_path / "eval"),
+            model=ModelConfig(name="", device="cpu"),
+            n_tokens=512,
+            batch_size=4,
+            progress=False,
+        )
+    )
     (entry,) = evaluation.saes.values()
     assert entry["architecture"] == "threshold_relu" and 0 < entry["metrics"]["fvu"] < 1
     assert "ce_recovered" in entry["metrics"]
 
-    exported = export.run(ExportConfig(checkpoint=str(tmp_path / "sae"), out_dir=str(tmp_path / "export"),
-                                       eval_dir=str(tmp_path / "eval")))
+    exported = export.run(
+        ExportConfig(
+            checkpoint=str(tmp_path / "sae"), out_dir=str(tmp_path / "export"), eval_dir=str(tmp_path / "eval")
+        )
+    )
     (info,) = exported.saes
     assert (info.architecture, info.saelens_architecture, info.k) == ("threshold_relu", "jumprelu", None)
     back = load_exported(tmp_path / "export", folder=SITE)

@@ -76,7 +76,9 @@ def test_save_load_roundtrip_is_exact(arch, tmp_path):
     text = (tmp_path / "site" / "cfg.json").read_text()
     assert list(json.loads(text)) == sorted(json.loads(text))
     names = set(load_file(tmp_path / "site" / "sae.safetensors"))
-    expected = {"W_enc", "W_dec", "b_enc", "b_dec"} | ({"threshold"} if arch in ("jumprelu", "batchtopk", "matryoshka") else set())
+    expected = {"W_enc", "W_dec", "b_enc", "b_dec"} | (
+        {"threshold"} if arch in ("jumprelu", "batchtopk", "matryoshka") else set()
+    )
     assert names == expected
     assert sorted(p.name for p in (tmp_path / "site").iterdir()) == ["cfg.json", "sae.safetensors"]
 

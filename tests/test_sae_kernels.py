@@ -10,7 +10,9 @@ from sae_train.errors import UserError
 from sae_train.sae import kernels, ops
 from sae_train.sae.kernels import build
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="kernels unavailable (no C compiler, or SAE_TRAIN_KERNELS=torch)")
+pytestmark = pytest.mark.skipif(
+    not kernels.available(), reason="kernels unavailable (no C compiler, or SAE_TRAIN_KERNELS=torch)"
+)
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -196,7 +198,9 @@ def test_csr_transpose_is_a_stable_sort_by_column(batch, threads):
     rows = torch.repeat_interleave(torch.arange(53), offsets.diff())
     ref_perm = torch.sort(idx, stable=True).indices
     assert torch.equal(perm, ref_perm) and torch.equal(crow, rows[ref_perm])
-    assert torch.equal(coff, torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(idx, minlength=90).cumsum(0)]))
+    assert torch.equal(
+        coff, torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(idx, minlength=90).cumsum(0)])
+    )
     # a CSC pass can also sum each column's values: what index_add_ over the CSR entries gives
     g = torch.Generator().manual_seed(12)
     col_sum, W = torch.empty(90), torch.randn(8, 90, generator=g)
@@ -285,8 +289,21 @@ def test_optimizer_step_kernels_match_torch(threads):
             if project:
                 with torch.no_grad():
                     ref.div_(ref.norm(dim=1, keepdim=True).clamp_min(1e-12))
-            kernels.adam_rows(p, grad, m, v, step=float(step), lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-6,
-                              clip=clip, coef=coef, normalize=project, shadow=shadow)
+            kernels.adam_rows(
+                p,
+                grad,
+                m,
+                v,
+                step=float(step),
+                lr=1e-2,
+                beta1=0.9,
+                beta2=0.99,
+                eps=1e-6,
+                clip=clip,
+                coef=coef,
+                normalize=project,
+                shadow=shadow,
+            )
             st = opt.state[ref]
             tol = dict(rtol=1e-6, atol=1e-7)
             assert torch.allclose(m, st["exp_avg"], **tol) and torch.allclose(v, st["exp_avg_sq"], **tol)
@@ -325,11 +342,16 @@ def test_portable_build_passes_this_suite(tmp_path):
     env = {**os.environ, build.CFLAGS_VAR: "-mno-avx512f", "XDG_CACHE_HOME": str(tmp_path)}
     width = subprocess.run(
         [sys.executable, "-c", "from sae_train.sae import kernels; print(kernels._lib_or_raise().sae_vector_width())"],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert width == "8" and kernels._lib_or_raise().sae_vector_width() == 16
     res = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not portable_build"],
-        env=env, capture_output=True, text=True,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]

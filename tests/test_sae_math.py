@@ -10,7 +10,9 @@ from sae_train.errors import UserError
 from sae_train.sae import ARCHITECTURES, SAE, SAEConfig, create_sae, kernels
 from sae_train.sae.matryoshka import prefix_widths
 
-fast_only = pytest.mark.skipif(not kernels.available(), reason="kernels unavailable (no C compiler, or SAE_TRAIN_KERNELS=torch)")
+fast_only = pytest.mark.skipif(
+    not kernels.available(), reason="kernels unavailable (no C compiler, or SAE_TRAIN_KERNELS=torch)"
+)
 
 
 def make(arch: str, *, d_in=16, dtype=torch.float32, compute=None, **cfg) -> SAE:
@@ -133,8 +135,10 @@ def naive(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None, scale: fl
     if arch == "matryoshka":  # every prefix decoded densely on its own, b_dec included
         widths = prefix_widths(cfg.matryoshka_prefixes, cfg.d_sae)
         w = torch.tensor(cfg.matryoshka_weights or [1.0] * len(widths), dtype=torch.float64)
-        loss = sum(w_l / w.sum() * ((f[:, :m] @ p["W_dec"][:m] + p["b_dec"] - x) ** 2).sum(1).mean()
-                   for w_l, m in zip(w, widths))
+        loss = sum(
+            w_l / w.sum() * ((f[:, :m] @ p["W_dec"][:m] + p["b_dec"] - x) ** 2).sum(1).mean()
+            for w_l, m in zip(w, widths)
+        )
     if sparsity is not None:
         loss = loss + sparsity
     if arch in ("topk", "batchtopk", "matryoshka") and dead is not None and dead.any():
@@ -162,11 +166,17 @@ def run(sae: SAE, x: torch.Tensor, dead=None, scale=1.0):
     return out, {n: t.grad.detach().clone() for n, t in sae.named_parameters()}
 
 
-CASES = [("relu", {}), ("relu", {"sparsity": "l1_decnorm"}), ("topk", {}), ("batchtopk", {}), ("jumprelu", {}),
-         ("topk", {"aux_k": 1000}),  # aux_k > n_dead: every dead latent joins AuxK (no selection)
-         ("matryoshka", {}),
-         # d_sae 128: widths 13, 64, 96, 128 (a weight of 0 drops a level from the loss)
-         ("matryoshka", {"matryoshka_prefixes": [0.1, 0.5, 0.75, 1.0], "matryoshka_weights": [4, 1, 0, 2]})]
+CASES = [
+    ("relu", {}),
+    ("relu", {"sparsity": "l1_decnorm"}),
+    ("topk", {}),
+    ("batchtopk", {}),
+    ("jumprelu", {}),
+    ("topk", {"aux_k": 1000}),  # aux_k > n_dead: every dead latent joins AuxK (no selection)
+    ("matryoshka", {}),
+    # d_sae 128: widths 13, 64, 96, 128 (a weight of 0 drops a level from the loss)
+    ("matryoshka", {"matryoshka_prefixes": [0.1, 0.5, 0.75, 1.0], "matryoshka_weights": [4, 1, 0, 2]}),
+]
 
 
 def _dead(sae):
@@ -331,7 +341,9 @@ def test_batchtopk_threshold_ema():
     assert torch.allclose(sae.threshold, torch.full_like(sae.threshold, first))
     out2 = sae(data(seed=3))
     sae.after_step(out2)
-    assert torch.allclose(sae.threshold, torch.full_like(sae.threshold, 0.5 * first + 0.5 * out2.stats["min_kept"].item()))
+    assert torch.allclose(
+        sae.threshold, torch.full_like(sae.threshold, 0.5 * first + 0.5 * out2.stats["min_kept"].item())
+    )
 
 
 def test_auxk_only_reaches_dead_latents():

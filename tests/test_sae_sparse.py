@@ -28,9 +28,11 @@ def _rows(B, N, dtype, ties, seed=0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ties", ["none", "some"])
-@pytest.mark.parametrize("B, N, k", [(7, 100, 5), (33, 700, 32), (5, 64, 64), (9, 130, 1), (3, 5000, 300),
-                                     (6, 1030, 8), (5, 2048, 16), (3, 4200, 8)])  # the last three: through groups
-                                     # (with a tail; the last also through groups of groups, with a tail)
+@pytest.mark.parametrize(
+    "B, N, k",
+    [(7, 100, 5), (33, 700, 32), (5, 64, 64), (9, 130, 1), (3, 5000, 300), (6, 1030, 8), (5, 2048, 16), (3, 4200, 8)],
+)  # the last three: through groups
+# (with a tail; the last also through groups of groups, with a tail)
 def test_topk_rows_equals_the_exact_rule(dtype, ties, B, N, k):
     z, bias = _rows(B, N, dtype, ties)
     ids, vals = sparse.topk_rows(z, bias, k)
@@ -144,7 +146,9 @@ class _Recorder(TorchDispatchMode):
         if name in ("mm", "addmm", "bmm", "matmul"):
             self.mm.append((name, tuple(args[-2].shape), tuple(args[-1].shape)))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and not name.endswith("_") and not func.is_view:  # in place, views: no new buffer
+            if (
+                isinstance(t, torch.Tensor) and not name.endswith("_") and not func.is_view
+            ):  # in place, views: no new buffer
                 self.outputs.append(tuple(t.shape))
         return out
 
@@ -242,17 +246,23 @@ def test_encode_and_init_run_in_chunks(monkeypatch, arch):
     with _Recorder() as rec:
         again.init_from_data(x)
     assert not [s for s in rec.outputs if len(s) == 2 and s[1] == sae.cfg.d_sae and s[0] > 16]
-    if not getattr(ARCHITECTURES[arch], "batch_selection", False):  # BatchTopK selects within each chunk: a different (valid) init
+    if not getattr(
+        ARCHITECTURES[arch], "batch_selection", False
+    ):  # BatchTopK selects within each chunk: a different (valid) init
         for name, p in init.named_parameters():
             assert torch.allclose(p, dict(again.named_parameters())[name], rtol=1e-5, atol=1e-7), name
 
 
 # ----------------------------------------------------------------------------- BatchTopK over ranks
 
-TIED = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.5, -1.0],
-                     [2.0, 2.0, 0.0, 4.0, 1.0, 2.0],
-                     [2.0, 5.0, 2.0, 1.0, -2.0, 0.0],
-                     [1.0, 2.0, 3.0, 2.0, 2.0, 0.25]])  # many 2.0s straddle the cut at every k
+TIED = torch.tensor(
+    [
+        [3.0, 1.0, 2.0, 2.0, 0.5, -1.0],
+        [2.0, 2.0, 0.0, 4.0, 1.0, 2.0],
+        [2.0, 5.0, 2.0, 1.0, -2.0, 0.0],
+        [1.0, 2.0, 3.0, 2.0, 2.0, 0.25],
+    ]
+)  # many 2.0s straddle the cut at every k
 
 
 def _ranked_worker(rank: int, store_path: str, k: int, out_path: str) -> None:
@@ -260,10 +270,11 @@ def _ranked_worker(rank: int, store_path: str, k: int, out_path: str) -> None:
 
     tdist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     try:
-        sel = sparse.batch_topk(TIED[2 * rank: 2 * rank + 2], torch.zeros(6), k, world=2)
+        sel = sparse.batch_topk(TIED[2 * rank : 2 * rank + 2], torch.zeros(6), k, world=2)
         kept = sel.keep.nonzero().squeeze(1)
-        torch.save({"rows": sel.rows[kept] + 2 * rank, "ids": sel.ids[kept], "min_kept": sel.min_kept},
-                   f"{out_path}.{rank}")
+        torch.save(
+            {"rows": sel.rows[kept] + 2 * rank, "ids": sel.ids[kept], "min_kept": sel.min_kept}, f"{out_path}.{rank}"
+        )
     finally:
         tdist.destroy_process_group()
 

@@ -65,9 +65,23 @@ def run_state(out: Path) -> dict:
 def test_train_ddp_two_agents_rendezvous_and_checkpoint(cluster, store, tmp_path):
     """--ntasks-per-node=2 on one node: two torchrun agents, one worker each, one gloo group."""
     out = tmp_path / "sae"
-    job = cluster.run(["--nodes=1", "--ntasks-per-node=2", "--time=5", f"--chdir={tmp_path}", str(TRAIN_DDP),
-                       f"store={store}", f"out_dir={out}", "n_tokens=8192", "batch_size=512", *TINY_TRAIN],
-                      env=job_env(LOGLEVEL="INFO"), log_dir=tmp_path, timeout=150)
+    job = cluster.run(
+        [
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--time=5",
+            f"--chdir={tmp_path}",
+            str(TRAIN_DDP),
+            f"store={store}",
+            f"out_dir={out}",
+            "n_tokens=8192",
+            "batch_size=512",
+            *TINY_TRAIN,
+        ],
+        env=job_env(LOGLEVEL="INFO"),
+        log_dir=tmp_path,
+        timeout=150,
+    )
     log = job.output()
     assert job.ok, job.log()
     assert "2 agent(s) x 1 worker(s)" in log, job.log()
@@ -82,9 +96,24 @@ def test_train_ddp_preemption_notice_checkpoints_requeues_and_resumes(cluster, s
     """The time-limit notice (SIGUSR1 to the batch shell, sent here by hand) reaches every worker
     as SIGTERM; rank 0 checkpoints; the --requeue'd job restarts and resumes to the end."""
     out = tmp_path / "sae"
-    job_id = cluster.submit(["--nodes=1", "--ntasks-per-node=2", "--time=10", "--requeue", f"--chdir={tmp_path}",
-                             str(TRAIN_DDP), f"store={store}", f"out_dir={out}", "n_tokens=409600", "batch_size=256",
-                             "log_every=5", *TINY_TRAIN], env=job_env(), log_dir=tmp_path)
+    job_id = cluster.submit(
+        [
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--time=10",
+            "--requeue",
+            f"--chdir={tmp_path}",
+            str(TRAIN_DDP),
+            f"store={store}",
+            f"out_dir={out}",
+            "n_tokens=409600",
+            "batch_size=256",
+            "log_every=5",
+            *TINY_TRAIN,
+        ],
+        env=job_env(),
+        log_dir=tmp_path,
+    )
     metrics, deadline = out / "metrics.jsonl", time.monotonic() + 90
     while time.monotonic() < deadline and not (metrics.exists() and metrics.stat().st_size):
         time.sleep(0.1)
@@ -102,18 +131,38 @@ def test_train_ddp_preemption_notice_checkpoints_requeues_and_resumes(cluster, s
 
 
 def cache_args(model: Path, out: Path) -> list[str]:
-    return [f"model.name={model}", "model.dtype=float32", "model.device=cpu", "data=python-stdlib",
-            "sites=[blocks.1.hook_resid_post]", "n_tokens=6144", "text.context_size=64", "tokens_per_shard=512",
-            "batch_size=4", "store_dtype=float32", "progress=false", f"out_dir={out}"]
+    return [
+        f"model.name={model}",
+        "model.dtype=float32",
+        "model.device=cpu",
+        "data=python-stdlib",
+        "sites=[blocks.1.hook_resid_post]",
+        "n_tokens=6144",
+        "text.context_size=64",
+        "tokens_per_shard=512",
+        "batch_size=4",
+        "store_dtype=float32",
+        "progress=false",
+        f"out_dir={out}",
+    ]
 
 
 def test_cache_array_writes_one_store_equal_to_a_single_process(cluster, tiny_model_dir, tmp_path):
     model = tiny_model_dir("llama")
-    job = cluster.run(["--array=0-2", "--time=5", f"--chdir={tmp_path}", str(CACHE_ARRAY),
-                       *cache_args(model, tmp_path / "array")], env=job_env(), log_dir=tmp_path, timeout=180)
+    job = cluster.run(
+        ["--array=0-2", "--time=5", f"--chdir={tmp_path}", str(CACHE_ARRAY), *cache_args(model, tmp_path / "array")],
+        env=job_env(),
+        log_dir=tmp_path,
+        timeout=180,
+    )
     assert job.ok and len(job.records) == 3, job.log()
-    single = subprocess.run([sys.executable, "-m", "sae_train.cli", "cache", *cache_args(model, tmp_path / "single")],
-                            env=job_env(), capture_output=True, text=True, timeout=180)
+    single = subprocess.run(
+        [sys.executable, "-m", "sae_train.cli", "cache", *cache_args(model, tmp_path / "single")],
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
 
     array = json.loads((tmp_path / "array" / "manifest.json").read_text())
@@ -126,19 +175,46 @@ def test_cache_array_writes_one_store_equal_to_a_single_process(cluster, tiny_mo
 
 
 def test_cache_array_refuses_an_array_that_is_not_0_to_n(cluster, tiny_model_dir, tmp_path):
-    job = cluster.run(["--array=1-2", "--time=5", f"--chdir={tmp_path}", str(CACHE_ARRAY),
-                       *cache_args(tiny_model_dir("llama"), tmp_path / "acts")], env=job_env(), log_dir=tmp_path, timeout=60)
+    job = cluster.run(
+        [
+            "--array=1-2",
+            "--time=5",
+            f"--chdir={tmp_path}",
+            str(CACHE_ARRAY),
+            *cache_args(tiny_model_dir("llama"), tmp_path / "acts"),
+        ],
+        env=job_env(),
+        log_dir=tmp_path,
+        timeout=60,
+    )
     assert [state for state, _ in job.states] == ["FAILED", "FAILED"] and "NUM_RANKS" in job.output(), job.log()
     assert not (tmp_path / "acts").exists()
 
 
 def test_hydra_multirun_submits_one_slurm_job_per_sweep_point(cluster, store, tmp_path):
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "sae_train.cli", "-m", "train", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0",
-           "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=5",
-           f"store={store}", f"out_dir={out}", "n_tokens=4096", "batch_size=512", *TINY_TRAIN[:-1], "sae.k=4,8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sae_train.cli",
+        "-m",
+        "train",
+        "hydra/launcher=slurm",
+        "hydra.launcher.gpus_per_node=0",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=1",
+        "hydra.launcher.timeout_min=5",
+        f"store={store}",
+        f"out_dir={out}",
+        "n_tokens=4096",
+        "batch_size=512",
+        *TINY_TRAIN[:-1],
+        "sae.k=4,8",
+    ]
     try:
-        done = subprocess.run(cmd, env=cluster.env(job_env()), cwd=tmp_path, capture_output=True, text=True, timeout=180)
+        done = subprocess.run(
+            cmd, env=cluster.env(job_env()), cwd=tmp_path, capture_output=True, text=True, timeout=180
+        )
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"the sweep did not finish in 180 s:\n{(err.stderr or b'')[-3000:]!r}\n{_submitit_logs(out)}")
     assert done.returncode == 0, f"{done.stderr[-3000:]}\n{_submitit_logs(out)}"
@@ -157,4 +233,6 @@ def test_hydra_multirun_submits_one_slurm_job_per_sweep_point(cluster, store, tm
 
 
 def _submitit_logs(out: Path) -> str:
-    return "\n".join(f"--- {p} ---\n{p.read_text(errors='replace')[-2000:]}" for p in sorted(out.glob(".submitit/*/*.out")))
+    return "\n".join(
+        f"--- {p} ---\n{p.read_text(errors='replace')[-2000:]}" for p in sorted(out.glob(".submitit/*/*.out"))
+    )

@@ -64,8 +64,10 @@ def test_batches_are_the_documented_stream(store: ActivationStore, seed: int, wi
 def test_every_row_once_per_epoch_and_ranks_split_the_single_process_batch(store: ActivationStore, world: int) -> None:
     B = 6 * world
     single = list(ShuffledBatches(store, COLS, B, seed=3, window_shards=4, loop=False))
-    ranks = [list(ShuffledBatches(store, COLS, B, seed=3, window_shards=4, loop=False, rank=r, world_size=world))
-             for r in range(world)]
+    ranks = [
+        list(ShuffledBatches(store, COLS, B, seed=3, window_shards=4, loop=False, rank=r, world_size=world))
+        for r in range(world)
+    ]
     assert all(len(r) == len(single) == -(-N_ROWS // B) for r in ranks)  # same count on every rank
     seen = [tags(b) for r in ranks for b in r]
     flat = [t for batch in seen for t in batch]
@@ -115,8 +117,9 @@ def test_resume_from_position(store: ActivationStore, consumed: int, prefetch: i
         next(it)
     assert first.position == consumed * B  # what the consumer has seen, not what was prefetched
     it.close()
-    resumed = take(ShuffledBatches(store, COLS, B, seed=4, window_shards=3, rank=1, world_size=2,
-                                   position=first.position), 6)
+    resumed = take(
+        ShuffledBatches(store, COLS, B, seed=4, window_shards=3, rank=1, world_size=2, position=first.position), 6
+    )
     for a, b in zip(resumed, full[consumed:], strict=True):
         assert all(torch.equal(a[c], b[c]) for c in COLS)
 
@@ -195,6 +198,9 @@ def test_origin_names_the_shard_rows_of_every_batch(store):
     """origin(start, stop) is where stream rows [start, stop) were read: every rank's share of a batch."""
     reader = ShuffledBatches(store, ["token_ids", "position"], 16, seed=3, window_shards=4, prefetch=0)
     for t, batch in enumerate(islice(iter(reader), 15)):  # more than one epoch of 99 rows
-        rows = [(int(store.manifest.shards[s].index), int(r)) for s, shard_rows in reader.origin(16 * t, 16 * (t + 1))
-                for r in shard_rows]
+        rows = [
+            (int(store.manifest.shards[s].index), int(r))
+            for s, shard_rows in reader.origin(16 * t, 16 * (t + 1))
+            for r in shard_rows
+        ]
         assert sorted(rows) == sorted(tags(batch))

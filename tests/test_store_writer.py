@@ -170,8 +170,9 @@ def test_bad_writer_settings(tmp_path: Path) -> None:
         ("replace", ".r000.json.tmp"),
     ],
 )
-def test_full_disk_keeps_the_store_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op: str,
-                                              pattern: str) -> None:
+def test_full_disk_keeps_the_store_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op: str, pattern: str
+) -> None:
     w = StoreWriter(tmp_path, SPEC, SITES, torch.bfloat16)
     for i in range(2):
         w.write_shard(i, *make_shard(i))

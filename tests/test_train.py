@@ -32,8 +32,16 @@ def synthetic(synthetic_store):
 
 
 def cfg(store: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(store=str(store), out_dir=str(out), n_tokens=65_536, batch_size=512, dtype="float32",
-                progress=False, log_every=16, sae=SAEConfig(architecture="topk", k=4, expansion_factor=4))
+    base = dict(
+        store=str(store),
+        out_dir=str(out),
+        n_tokens=65_536,
+        batch_size=512,
+        dtype="float32",
+        progress=False,
+        log_every=16,
+        sae=SAEConfig(architecture="topk", k=4, expansion_factor=4),
+    )
     return TrainConfig(**(base | kw))
 
 
@@ -60,6 +68,7 @@ def _sigterm_at(step: int):
     def callback(info: StepInfo) -> None:
         if info.step == step:
             signal.raise_signal(signal.SIGTERM)
+
     return callback
 
 
@@ -98,7 +107,9 @@ def test_run_written_under_the_old_run_state_name_resumes(synthetic, tmp_path):
         run(cfg(store, tmp_path / "split", n_tokens=16_384), callbacks=[_sigterm_at(10)])
     (tmp_path / "split" / RUN_STATE_FILE).rename(tmp_path / "split" / LEGACY_RUN_STATE_FILE)
     resumed = run(cfg(store, tmp_path / "split", n_tokens=16_384))
-    assert resumed.new_steps == whole.steps - 12  # the signal at step 10 stops the run after step 12 (read one step late)
+    assert (
+        resumed.new_steps == whole.steps - 12
+    )  # the signal at step 10 stops the run after step 12 (read one step late)
     _same_training_weights(whole.saes[SITE]["checkpoint"], resumed.saes[SITE]["checkpoint"])
     assert (tmp_path / "split" / RUN_STATE_FILE).is_file()
     assert not (tmp_path / "split" / LEGACY_RUN_STATE_FILE).exists()  # the commit replaced it
@@ -256,10 +267,21 @@ def test_one_pass_sweep_over_sites_and_k(tmp_path):
 
     with StoreWriter(tmp_path / "store", {"two": 1}, {"a": 8, "b": 8}, torch.float32) as writer:
         x = sample(4096, dirs, 0.1, 0.01, gen)
-        writer.write_shard(0, {"a": x, "b": -x}, torch.arange(4096, dtype=torch.int32), torch.zeros(4096, dtype=torch.int32))
+        writer.write_shard(
+            0, {"a": x, "b": -x}, torch.arange(4096, dtype=torch.int32), torch.zeros(4096, dtype=torch.int32)
+        )
         writer.close()
-    summary = run(TrainConfig(store=str(tmp_path / "store"), out_dir=str(tmp_path / "out"), n_tokens=4096, batch_size=512,
-                              sae=SAEConfig(architecture="topk"), sweep={"k": [2, 4]}, progress=False))
+    summary = run(
+        TrainConfig(
+            store=str(tmp_path / "store"),
+            out_dir=str(tmp_path / "out"),
+            n_tokens=4096,
+            batch_size=512,
+            sae=SAEConfig(architecture="topk"),
+            sweep={"k": [2, 4]},
+            progress=False,
+        )
+    )
     assert sorted(summary.saes) == ["a/k=2", "a/k=4", "b/k=2", "b/k=4"]
     for tag, info in summary.saes.items():
         shipped = load_sae(info["checkpoint"])
@@ -268,15 +290,25 @@ def test_one_pass_sweep_over_sites_and_k(tmp_path):
 
 
 def live_cfg(model_dir: Path, out: Path) -> TrainConfig:
-    return TrainConfig(source="live", model=ModelConfig(name=str(model_dir), dtype="float32", device="cpu"),
-                       sites=["blocks.1.hook_resid_post"], text=TextConfig(context_size=32), live_buffer_tokens=1024,
-                       n_tokens=4096, batch_size=256, out_dir=str(out), progress=False, dtype="float32",
-                       sae=SAEConfig(architecture="topk", k=4, expansion_factor=2))
+    return TrainConfig(
+        source="live",
+        model=ModelConfig(name=str(model_dir), dtype="float32", device="cpu"),
+        sites=["blocks.1.hook_resid_post"],
+        text=TextConfig(context_size=32),
+        live_buffer_tokens=1024,
+        n_tokens=4096,
+        batch_size=256,
+        out_dir=str(out),
+        progress=False,
+        dtype="float32",
+        sae=SAEConfig(architecture="topk", k=4, expansion_factor=2),
+    )
 
 
 def test_live_source_trains_and_resumes(tiny_model_dir, tmp_path):
     def live(out: Path) -> TrainConfig:
         return live_cfg(tiny_model_dir("llama"), out)
+
     whole = run(live(tmp_path / "whole"))
     with pytest.raises(Preempted):
         run(live(tmp_path / "split"), callbacks=[_sigterm_at(7)])
@@ -294,10 +326,16 @@ def test_non_finite_live_activations_are_named(tiny_model_dir, tmp_path, monkeyp
     capture_rows = LanguageModel.capture_rows
 
     def overflowing(self, sites, windows, batch_size):
-        return {k: v.index_fill(0, torch.tensor([5]), float("inf")) for k, v in capture_rows(self, sites, windows, batch_size).items()}
+        return {
+            k: v.index_fill(0, torch.tensor([5]), float("inf"))
+            for k, v in capture_rows(self, sites, windows, batch_size).items()
+        }
 
     monkeypatch.setattr(LanguageModel, "capture_rows", overflowing)
-    with pytest.raises(UserError, match=r"produced non-finite activations .* site blocks\.1\.hook_resid_post on block 0 .*model\.dtype=float32"):
+    with pytest.raises(
+        UserError,
+        match=r"produced non-finite activations .* site blocks\.1\.hook_resid_post on block 0 .*model\.dtype=float32",
+    ):
         run(live_cfg(tiny_model_dir("llama"), tmp_path))
 
 
@@ -343,8 +381,14 @@ def test_wandb_offline_logs_metrics_and_resume_keeps_the_run(synthetic, tmp_path
 def _twin_saes(arch: str, compute: torch.dtype, seed: int = 1234):
     """Two identical SAEs, each with its own fused-kernel Adam, and a stream of gradients."""
     architecture, _, variant = arch.partition("-")  # relu-decnorm: ReLU with free decoder norms
-    sae_cfg = SAEConfig(architecture=architecture, k=4, expansion_factor=4, l1_coefficient=0.05, l0_coefficient=0.01,
-                        sparsity="l1_decnorm" if variant == "decnorm" else "l1").resolved(24)
+    sae_cfg = SAEConfig(
+        architecture=architecture,
+        k=4,
+        expansion_factor=4,
+        l1_coefficient=0.05,
+        l0_coefficient=0.01,
+        sparsity="l1_decnorm" if variant == "decnorm" else "l1",
+    ).resolved(24)
     saes = [create_sae(sae_cfg, compute_dtype=compute) for _ in range(2)]
     opts = [torch.optim.Adam(s.parameters(), lr=3e-2, betas=(0.9, 0.999), eps=1e-8, fused=True) for s in saes]
     gen = torch.Generator().manual_seed(seed)

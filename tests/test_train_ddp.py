@@ -24,8 +24,18 @@ ENV = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 def train_cmd(store: Path, out: Path, *extra: str, ranks: int = 1) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-    return launcher + ["-m", "sae_train.cli", "train", f"store={store}", f"out_dir={out}", "dtype=float32",
-                       "progress=false", "sae.expansion_factor=4", "sae.k=4", *extra]
+    return launcher + [
+        "-m",
+        "sae_train.cli",
+        "train",
+        f"store={store}",
+        f"out_dir={out}",
+        "dtype=float32",
+        "progress=false",
+        "sae.expansion_factor=4",
+        "sae.k=4",
+        *extra,
+    ]
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -37,13 +47,19 @@ def store(synthetic_store) -> Path:
     return synthetic_store(32_768, tokens_per_shard=4096)
 
 
-@pytest.mark.parametrize("arch, kernels", [("topk", "auto"), ("relu", "auto"), ("batchtopk", "auto"), ("batchtopk", "torch")])
+@pytest.mark.parametrize(
+    "arch, kernels", [("topk", "auto"), ("relu", "auto"), ("batchtopk", "auto"), ("batchtopk", "torch")]
+)
 def test_two_ranks_equal_one_process(store, tmp_path, arch, kernels):
     """BatchTopK too: its selection is global across ranks (the C path and the PyTorch path)."""
     args = ("n_tokens=8192", "batch_size=512", f"sae={arch}", "sae.l1_coefficient=0.05")
     env = ENV | {"SAE_TRAIN_KERNELS": kernels}
-    subprocess.run(train_cmd(store, tmp_path / "one", *args, ranks=1), check=True, env=env, capture_output=True, timeout=300)
-    subprocess.run(train_cmd(store, tmp_path / "two", *args, ranks=2), check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run(
+        train_cmd(store, tmp_path / "one", *args, ranks=1), check=True, env=env, capture_output=True, timeout=300
+    )
+    subprocess.run(
+        train_cmd(store, tmp_path / "two", *args, ranks=2), check=True, env=env, capture_output=True, timeout=300
+    )
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     for key in one:
         torch.testing.assert_close(two[key].float(), one[key].float(), rtol=1e-4, atol=1e-5, msg=key)
@@ -54,16 +70,27 @@ def test_two_ranks_equal_one_process(store, tmp_path, arch, kernels):
 def test_uneven_shards_across_ranks_do_not_hang(tmp_path):
     """A store whose ranks wrote 3 and 1 shards of different sizes; training on 2 ranks finishes."""
     dirs, gen = true_directions(16, 32), torch.Generator().manual_seed(1)
-    writers = [StoreWriter(tmp_path / "store", {"uneven": 1}, {SITE: 32}, torch.float32, rank=r, world_size=2) for r in (0, 1)]
+    writers = [
+        StoreWriter(tmp_path / "store", {"uneven": 1}, {SITE: 32}, torch.float32, rank=r, world_size=2) for r in (0, 1)
+    ]
     for index, n in enumerate([3000, 700, 2500, 0, 1800]):
         if index == 3:
             continue
-        writers[index % 2].write_shard(index, {SITE: sample(n, dirs, 0.1, 0.01, gen)}, torch.zeros(n, dtype=torch.int32),
-                                       torch.zeros(n, dtype=torch.int32))
+        writers[index % 2].write_shard(
+            index,
+            {SITE: sample(n, dirs, 0.1, 0.01, gen)},
+            torch.zeros(n, dtype=torch.int32),
+            torch.zeros(n, dtype=torch.int32),
+        )
     for w in writers:
         w.close()
-    result = subprocess.run(train_cmd(tmp_path / "store", tmp_path / "out", "n_tokens=20480", "batch_size=256", ranks=2),
-                            env=ENV, capture_output=True, timeout=300, text=True)
+    result = subprocess.run(
+        train_cmd(tmp_path / "store", tmp_path / "out", "n_tokens=20480", "batch_size=256", ranks=2),
+        env=ENV,
+        capture_output=True,
+        timeout=300,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "out" / RUN_STATE_FILE).read_text())["step"] == 80
 
@@ -103,8 +130,15 @@ def _collectives_of_one_step(rank: int, store: Path, out: Path, init: Path) -> N
 
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
-    cfg = TrainConfig(store=str(store), out_dir=str(out / f"r{rank}"), n_tokens=4096, batch_size=512, dtype="float32",
-                      progress=False, sae=SAEConfig(architecture="topk", k=4, expansion_factor=4))
+    cfg = TrainConfig(
+        store=str(store),
+        out_dir=str(out / f"r{rank}"),
+        n_tokens=4096,
+        batch_size=512,
+        dtype="float32",
+        progress=False,
+        sae=SAEConfig(architecture="topk", k=4, expansion_factor=4),
+    )
     dist = Dist(rank=rank, world_size=2)
     trainer = Trainer(cfg, StoreSource(cfg.store, [], cfg.batch_size, dist, seed=0, window_shards=2), dist)
     batch = next(trainer.source.batches(0))

@@ -27,8 +27,17 @@ def store(synthetic_store):
 def _warm_trainer(store, tmp_path, arch: str, device: torch.device) -> tuple[Trainer, object]:
     sae = SAEConfig(architecture=arch, k=4, expansion_factor=4, l1_coefficient=0.05, l0_coefficient=0.01)
     # dead_after_tokens of one batch: latents go dead within the warm-up, so AuxK runs too
-    cfg = TrainConfig(store=str(store), out_dir=str(tmp_path), n_tokens=65_536, batch_size=256, dtype="float32",
-                      progress=False, dead_after_tokens=256, resample_every=0.0, sae=sae)
+    cfg = TrainConfig(
+        store=str(store),
+        out_dir=str(tmp_path),
+        n_tokens=65_536,
+        batch_size=256,
+        dtype="float32",
+        progress=False,
+        dead_after_tokens=256,
+        resample_every=0.0,
+        sae=sae,
+    )
     dist = Dist(device=device)
     trainer = Trainer(cfg, StoreSource(cfg.store, [], cfg.batch_size, dist, seed=0, window_shards=2), dist)
     batches = trainer.source.batches(0)
@@ -57,7 +66,13 @@ def test_the_recorder_sees_what_the_old_step_did():
         torch.tensor(float(256), dtype=torch.float64)
         {k: float(v) for k, v in losses.items()}
         fired.nonzero()
-    assert ops == ["aten::lift_fresh", "aten::index_put_", "aten::lift_fresh", "aten::_local_scalar_dense", "aten::nonzero"]
+    assert ops == [
+        "aten::lift_fresh",
+        "aten::index_put_",
+        "aten::lift_fresh",
+        "aten::_local_scalar_dense",
+        "aten::nonzero",
+    ]
 
 
 @pytest.mark.cuda

@@ -22,11 +22,16 @@ def tiny_tokenizer() -> T.PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=VOCAB,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     corpus = [(stdlib_root() / name).read_text() for name in ("textwrap.py", "colorsys.py", "bisect.py")]
     tok.train_from_iterator(corpus, trainer=trainer)
-    return T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL[0], eos_token=SPECIAL[1], pad_token=SPECIAL[2])
+    return T.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=SPECIAL[0], eos_token=SPECIAL[1], pad_token=SPECIAL[2]
+    )
 
 
 def _common(tokenizer: T.PreTrainedTokenizerFast) -> dict:
@@ -41,15 +46,24 @@ def _common(tokenizer: T.PreTrainedTokenizerFast) -> dict:
 def tiny_config(family: str, tokenizer: T.PreTrainedTokenizerFast, n_layers: int = 3) -> T.PretrainedConfig:
     ids = _common(tokenizer)
     llama_like = dict(
-        num_hidden_layers=n_layers, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=128, **ids,
+        num_hidden_layers=n_layers,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        **ids,
     )
     if family == "gpt2":
         return T.GPT2Config(n_layer=n_layers, n_embd=32, n_head=4, n_positions=128, **ids)
     if family == "gpt_neox":
         return T.GPTNeoXConfig(
-            num_hidden_layers=n_layers, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=128, **ids,
+            num_hidden_layers=n_layers,
+            hidden_size=32,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            **ids,
         )
     if family == "llama":
         return T.LlamaConfig(**llama_like)

@@ -139,8 +139,10 @@ class Report:
     def line(self) -> str:
         where = ", ".join(f"{k} {v}" for k, v in sorted(self.landed.items()))
         outcome = "identical" if self.identical else f"DIFFERENT: {self.different[:5]}"
-        return (f"{self.scenario} seed {self.seed}: {self.kills} kills ({where}), "
-                f"{self.completions} early completions, {outcome}, {self.seconds:.1f} s")
+        return (
+            f"{self.scenario} seed {self.seed}: {self.kills} kills ({where}), "
+            f"{self.completions} early completions, {outcome}, {self.seconds:.1f} s"
+        )
 
 
 def _new_entries(before: dict, after: dict) -> dict:
@@ -258,10 +260,21 @@ def cache_scenario(model_dir: Path, corpus: Path) -> Scenario:
     """A 32-shard cache run of a tiny model, two sites, over the files in `corpus`."""
 
     def argv(out: Path) -> list[str]:
-        return ["cache", f"model.name={model_dir}", "model.dtype=float32", "model.device=cpu",
-                "data.source=files", f"data.path={corpus}",
-                "sites=[blocks.2.hook_resid_post,blocks.1.hook_mlp_out]", "n_tokens=16384", "text.context_size=32",
-                "tokens_per_shard=512", "batch_size=64", f"out_dir={out}", "progress=false"]
+        return [
+            "cache",
+            f"model.name={model_dir}",
+            "model.dtype=float32",
+            "model.device=cpu",
+            "data.source=files",
+            f"data.path={corpus}",
+            "sites=[blocks.2.hook_resid_post,blocks.1.hook_mlp_out]",
+            "n_tokens=16384",
+            "text.context_size=32",
+            "tokens_per_shard=512",
+            "batch_size=64",
+            f"out_dir={out}",
+            "progress=false",
+        ]
 
     def staging(out: Path) -> dict[str, tuple[int, int]]:
         if not out.is_dir():
@@ -293,9 +306,22 @@ def train_scenario(store: Path) -> Scenario:
     """Two SAEs of a sweep trained together on a synthetic store, a checkpoint every 4 steps."""
 
     def argv(out: Path) -> list[str]:
-        return ["train", f"store={store}", f"out_dir={out}", "dtype=float32", "device=cpu", "progress=false",
-                "sae=topk", "sae.expansion_factor=4", "+sweep.k=[4,8]", "n_tokens=16384", "batch_size=256",
-                "checkpoint_every_tokens=1024", "log_every=1", "init_tokens=2048"]
+        return [
+            "train",
+            f"store={store}",
+            f"out_dir={out}",
+            "dtype=float32",
+            "device=cpu",
+            "progress=false",
+            "sae=topk",
+            "sae.expansion_factor=4",
+            "+sweep.k=[4,8]",
+            "n_tokens=16384",
+            "batch_size=256",
+            "checkpoint_every_tokens=1024",
+            "log_every=1",
+            "init_tokens=2048",
+        ]
 
     def staging(out: Path) -> dict[str, tuple[int, int]]:
         if not out.is_dir():
@@ -314,8 +340,12 @@ def train_scenario(store: Path) -> Scenario:
         for tag in state["saes"]:
             directory = out / tag
             candidates = [directory, previous(directory)]
-            found = [d for d in candidates if (d / ckpt.TRAINER_STATE_FILE).exists()
-                     and json.loads((d / ckpt.TRAINER_STATE_FILE).read_text())["step"] == state["step"]]
+            found = [
+                d
+                for d in candidates
+                if (d / ckpt.TRAINER_STATE_FILE).exists()
+                and json.loads((d / ckpt.TRAINER_STATE_FILE).read_text())["step"] == state["step"]
+            ]
             assert found, f"{tag}: no checkpoint of the committed step {state['step']}"
             ckpt.read_training_state(found[0])
 

@@ -45,7 +45,9 @@ def history(run_dir: Path) -> list[dict]:
     for path in sorted(run_dir.glob("offline-run-*/run-*.wandb")):
         for record in records(path):
             if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+                rows.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                )
     return rows
 
 

@@ -58,8 +58,12 @@ class TokenSpec:
                 "Set prepend_bos=false and use a tokenizer with an EOS token."
             )
         special = tuple(sorted(set(tokenizer.all_special_ids) | {separator} | ({bos} if bos is not None else set())))
-        return cls(bos=bos if text.prepend_bos else None, separator=separator, special=special,
-                   excluded=special if text.exclude_special_tokens else ())
+        return cls(
+            bos=bos if text.prepend_bos else None,
+            separator=separator,
+            special=special,
+            excluded=special if text.exclude_special_tokens else (),
+        )
 
 
 def keep_mask(token_ids: torch.Tensor, tokens: TokenSpec) -> torch.Tensor:

@@ -18,7 +18,14 @@ from pathlib import Path
 from sae_train.errors import UserError
 
 SOURCES = ("python-stdlib", "hf", "files")
-_FILE_SUFFIXES = {".txt": "text", ".md": "text", ".py": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_FILE_SUFFIXES = {
+    ".txt": "text",
+    ".md": "text",
+    ".py": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+}
 
 
 @dataclass
@@ -68,8 +75,13 @@ class DataConfig:
             "split_by": self._split_unit(),
         }
         if self.source == "hf":
-            described |= {"path": self.path, "name": self.name, "hf_split": self.hf_split,
-                          "hf_eval_split": self.hf_eval_split, "text_column": self.text_column}
+            described |= {
+                "path": self.path,
+                "name": self.name,
+                "hf_split": self.hf_split,
+                "hf_eval_split": self.hf_eval_split,
+                "text_column": self.text_column,
+            }
         elif self.source == "files":
             described |= {"path": self.path, "text_column": self.text_column}
         return described
@@ -124,10 +136,14 @@ def _local_files(pattern: str) -> list[Path]:
     else:
         files = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
     if not files:
-        raise UserError(f"data.path='{pattern}' matches no file. Give a file, a directory or a glob of .txt/.jsonl/.parquet files.")
+        raise UserError(
+            f"data.path='{pattern}' matches no file. Give a file, a directory or a glob of .txt/.jsonl/.parquet files."
+        )
     unknown = sorted({p.suffix for p in files} - set(_FILE_SUFFIXES))
     if unknown:
-        raise UserError(f"data.path='{pattern}' holds files of unsupported type {unknown}; supported: {sorted(_FILE_SUFFIXES)}.")
+        raise UserError(
+            f"data.path='{pattern}' holds files of unsupported type {unknown}; supported: {sorted(_FILE_SUFFIXES)}."
+        )
     return sorted(files)
 
 

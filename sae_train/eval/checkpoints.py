@@ -57,7 +57,10 @@ def _model_key(model: dict[str, Any] | None) -> dict[str, Any] | None:
 
 _DISAGREEMENT = {
     "model": ("different models", "Evaluate checkpoints of different models in separate calls."),
-    "data": ("different data sources", "Evaluate them in separate calls, or pass data=... to evaluate all on one source."),
+    "data": (
+        "different data sources",
+        "Evaluate them in separate calls, or pass data=... to evaluate all on one source.",
+    ),
     "text": ("different text settings", "Evaluate them in separate calls."),
 }
 

@@ -81,8 +81,15 @@ class SiteEvaluator:
     `source`: the site transcoders read (their target being `site`); None for SAEs.
     """
 
-    def __init__(self, site: Site, saes: Mapping[str, SAE], *, downstream: bool = True,
-                 ablations: Sequence[str] = ABLATIONS, source: Site | None = None):
+    def __init__(
+        self,
+        site: Site,
+        saes: Mapping[str, SAE],
+        *,
+        downstream: bool = True,
+        ablations: Sequence[str] = ABLATIONS,
+        source: Site | None = None,
+    ):
         unknown = set(ablations) - set(ABLATIONS)
         if unknown:
             raise ValueError(f"unknown ablations {sorted(unknown)}; use {ABLATIONS}")
@@ -132,7 +139,10 @@ class SiteEvaluator:
             else:
                 score(self.spliced[name], prefix.run_from(self.source, _transcode_at(counted, sae)))
         for ablation in self.ablations:
-            score(self.reference[ablation], prefix.run(_replace_at(counted, y.new_zeros(()) if ablation == "zero" else y.mean(0))))
+            score(
+                self.reference[ablation],
+                prefix.run(_replace_at(counted, y.new_zeros(()) if ablation == "zero" else y.mean(0))),
+            )
 
     def results(self, dense_threshold: float) -> dict[str, dict[str, float]]:
         """Per SAE name: its metrics (see sae_train/eval/metrics.py and the report's Definitions)."""

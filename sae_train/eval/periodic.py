@@ -41,8 +41,9 @@ class PeriodicEval:
         self.batches = [(ids, keep_mask(ids, tokens)) for ids in windows.to(lm.device).split(batch_size)]
 
     @classmethod
-    def from_data(cls, lm: LanguageModel, data: DataConfig, text: TextConfig, n_tokens: int = 4096,
-                  batch_size: int = 8) -> PeriodicEval:
+    def from_data(
+        cls, lm: LanguageModel, data: DataConfig, text: TextConfig, n_tokens: int = 4096, batch_size: int = 8
+    ) -> PeriodicEval:
         """About n_tokens of data's eval split (whatever data.split says)."""
         windows = held_out_windows(lm.tokenizer, replace(data, split="eval"), text, n_tokens)
         return cls(lm, windows, text, batch_size)
@@ -54,17 +55,26 @@ class PeriodicEval:
         by_site: dict[tuple[str, str], dict[str, SAE]] = {}  # (site read, target: "" for SAEs)
         for tag, (site, sae) in saes.items():
             if not sae.folded:
-                raise ValueError(f"{tag}: pass the folded inference copy (sae.fold(scale)), which acts on raw activations")
+                raise ValueError(
+                    f"{tag}: pass the folded inference copy (sae.fold(scale)), which acts on raw activations"
+                )
             by_site.setdefault((site, sae.cfg.target), {})[tag] = sae.to(self.lm.device)
-        evaluators = [SiteEvaluator(self.lm.site(target or site), group, ablations=("zero",),
-                                    source=self.lm.site(site) if target else None)
-                      for (site, target), group in by_site.items()]
+        evaluators = [
+            SiteEvaluator(
+                self.lm.site(target or site), group, ablations=("zero",), source=self.lm.site(site) if target else None
+            )
+            for (site, target), group in by_site.items()
+        ]
         for input_ids, counted in self.batches:
             for evaluator in evaluators:
                 evaluator.add_batch(self.lm, input_ids, counted)
         metrics = {}
         for evaluator in evaluators:
             for tag, m in evaluator.results(dense_threshold=1.0).items():  # dense fraction is not reported here
-                metrics[tag] = {"eval/fvu": m["fvu"], "eval/ce_recovered": m["ce_recovered"],
-                                "eval/kl": m["kl"], "eval/l0": m["l0"]}
+                metrics[tag] = {
+                    "eval/fvu": m["fvu"],
+                    "eval/ce_recovered": m["ce_recovered"],
+                    "eval/kl": m["kl"],
+                    "eval/l0": m["l0"],
+                }
         return metrics

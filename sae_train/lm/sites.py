@@ -125,10 +125,15 @@ def resolve_site(model: nn.Module, name: str) -> Site:
             return Site(name, prefix, on_input=True, layer=layer, resume_layer=layer)
         if kind == "hook_resid_post":
             return Site(name, prefix, on_input=False, layer=layer, resume_layer=layer + 1)
-        sub = {"hook_attn_out": family.attn_out, "hook_mlp_out": family.mlp_out, "mlp.hook_in": family.mlp,
-               "mlp.hook_post": family.mlp_down}[kind]
-        return Site(name, f"{prefix}.{sub}", on_input=kind in ("mlp.hook_in", "mlp.hook_post"), layer=layer,
-                    resume_layer=layer)
+        sub = {
+            "hook_attn_out": family.attn_out,
+            "hook_mlp_out": family.mlp_out,
+            "mlp.hook_in": family.mlp,
+            "mlp.hook_post": family.mlp_down,
+        }[kind]
+        return Site(
+            name, f"{prefix}.{sub}", on_input=kind in ("mlp.hook_in", "mlp.hook_post"), layer=layer, resume_layer=layer
+        )
 
     modules = dict(model.named_modules())
     if name in modules and name != "":

@@ -214,8 +214,9 @@ class SAE(nn.Module, abc.ABC):
 
     # ------------------------------------------------------------------ public API
 
-    def forward(self, x: Tensor, *, target: Tensor | None = None, dead_mask: Tensor | None = None,
-                sparsity_scale: float = 1.0) -> SAEOutput:
+    def forward(
+        self, x: Tensor, *, target: Tensor | None = None, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0
+    ) -> SAEOutput:
         """Training step semantics on normalised inputs x [B, d_in]: reconstruction + losses.
 
         target [B, d_out]: what a transcoder must reproduce (its target site's batch, same rows
@@ -295,7 +296,9 @@ class SAE(nn.Module, abc.ABC):
             num += (r * (y_chunk - self.b_dec)).sum()
             denom += (r * r).sum()
         scale = torch.where(denom > 0, num / denom, torch.ones_like(num))
-        self.W_enc.mul_(torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale)).to(self.W_enc.dtype))
+        self.W_enc.mul_(
+            torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale)).to(self.W_enc.dtype)
+        )
 
     @torch.no_grad()
     def constrain_(self) -> None:

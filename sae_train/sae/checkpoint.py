@@ -109,7 +109,9 @@ def load_sae_cfg(path: str | os.PathLike) -> dict[str, Any]:
             f"sae-train train (it holds {CFG_FILE} and {WEIGHTS_FILE})."
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"SAE checkpoint: {file} is unreadable or not valid JSON ({exc}). Re-export the checkpoint.") from exc
+        raise UserError(
+            f"SAE checkpoint: {file} is unreadable or not valid JSON ({exc}). Re-export the checkpoint."
+        ) from exc
     if not isinstance(meta, dict):
         raise UserError(f"SAE checkpoint: {file} should hold a JSON object, got {type(meta).__name__}.")
     return meta
@@ -133,9 +135,14 @@ def load_sae(path: str | os.PathLike, *, compute_dtype: torch.dtype = torch.floa
         raise UserError(f"SAE checkpoint: {weights_file} does not exist (the directory is incomplete).") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"SAE checkpoint: {weights_file} is corrupt or not a safetensors file ({exc}).") from exc
-    return load_folded(cfg, tensors, normalization_scale=meta.get("normalization_scale", 1.0),
-                       target_normalization_scale=meta.get("target_normalization_scale"),
-                       compute_dtype=compute_dtype, source=f"SAE checkpoint: {weights_file}")
+    return load_folded(
+        cfg,
+        tensors,
+        normalization_scale=meta.get("normalization_scale", 1.0),
+        target_normalization_scale=meta.get("target_normalization_scale"),
+        compute_dtype=compute_dtype,
+        source=f"SAE checkpoint: {weights_file}",
+    )
 
 
 # ---------------------------------------------------------------------------------- discovery
@@ -157,8 +164,10 @@ def _staging(path: Path, root: Path) -> bool:
 def find_checkpoints(path: str) -> tuple[Path, list[Path]]:
     """(root, checkpoint directories at or below it, sorted); a UserError when there are none."""
     root = Path(path)
-    expected = (f"a checkpoint directory written by sae-train train (it holds {WEIGHTS_FILE} and "
-                f"{CFG_FILE}), or a directory of several (the train out_dir)")
+    expected = (
+        f"a checkpoint directory written by sae-train train (it holds {WEIGHTS_FILE} and "
+        f"{CFG_FILE}), or a directory of several (the train out_dir)"
+    )
     if not root.exists():
         raise UserError(f"checkpoint={path} does not exist. Point it at {expected}.")
     if not root.is_dir():
@@ -172,8 +181,10 @@ def find_checkpoints(path: str) -> tuple[Path, list[Path]]:
             "committed checkpoint directory (the trainer writes both at every save), not a staging copy."
         )
     if (root / SAELENS_WEIGHTS_FILE).is_file():
-        raise UserError(f"checkpoint={path} is an export (SAELens layout), not a training checkpoint. It is "
-                        "already exported; load it with sae_train.hub.load_exported or sae_lens.SAE.load_from_disk.")
+        raise UserError(
+            f"checkpoint={path} is an export (SAELens layout), not a training checkpoint. It is "
+            "already exported; load it with sae_train.hub.load_exported or sae_lens.SAE.load_from_disk."
+        )
     below = sorted({p.parent for p in root.rglob("*") if p.is_file() and not _staging(p.parent, root)})
     found = [d for d in below if _is_checkpoint(d)]
     training_only = [d for d in below if _is_training_only(d)]
@@ -186,8 +197,10 @@ def find_checkpoints(path: str) -> tuple[Path, list[Path]]:
             "checkpoints you want to export."
         )
     if not found:
-        raise UserError(f"checkpoint={path} holds no SAE checkpoint: no directory below it has {WEIGHTS_FILE}. "
-                        f"Point it at {expected}.")
+        raise UserError(
+            f"checkpoint={path} holds no SAE checkpoint: no directory below it has {WEIGHTS_FILE}. "
+            f"Point it at {expected}."
+        )
     return root, found
 
 
@@ -265,6 +278,7 @@ def restore_committed(directory: Path, step: int) -> None:
     SAEs is their previous one; it is moved back into place so the next save starts clean.
     After a crash between committing and deleting the previous copies, they are deleted.
     """
+
     def step_of(candidate: Path) -> int | None:
         state_file = candidate / TRAINER_STATE_FILE
         return json.loads(state_file.read_text()).get("step") if state_file.exists() else None
@@ -290,5 +304,7 @@ def read_training_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict,
         optimizer = torch.load(directory / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
         state = json.loads((directory / TRAINER_STATE_FILE).read_text())
     except (OSError, RuntimeError, ValueError) as err:
-        raise UserError(f"Checkpoint in {directory} is unreadable ({err}). Remove the run directory to start over.") from err
+        raise UserError(
+            f"Checkpoint in {directory} is unreadable ({err}). Remove the run directory to start over."
+        ) from err
     return tensors, optimizer, state

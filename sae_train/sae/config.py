@@ -125,7 +125,9 @@ class SAEConfig:
             return config_error(self, field, expected, fix)
 
         if self.architecture not in ARCHITECTURES:
-            raise bad("architecture", f"one of {', '.join(sorted(ARCHITECTURES))}", "Set sae.architecture to one of them.")
+            raise bad(
+                "architecture", f"one of {', '.join(sorted(ARCHITECTURES))}", "Set sae.architecture to one of them."
+            )
         for name in ("d_in", "d_sae", "d_out", "aux_k", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise bad(name, "an integer >= 0 (0 = automatic)", f"Fix sae.{name}.")
@@ -135,8 +137,11 @@ class SAEConfig:
             raise bad("sparsity", f"one of {', '.join(SPARSITIES)}", "Fix sae.sparsity.")
         if self.sparsity != "l1" and "sparsity" not in ARCHITECTURES[self.architecture].config_fields:
             users = sorted(name for name, cls in ARCHITECTURES.items() if "sparsity" in cls.config_fields)
-            raise bad("sparsity", f"'l1' for architecture {self.architecture!r}",
-                      f"sae.sparsity applies to the {', '.join(users)} architecture only; remove it.")
+            raise bad(
+                "sparsity",
+                f"'l1' for architecture {self.architecture!r}",
+                f"sae.sparsity applies to the {', '.join(users)} architecture only; remove it.",
+            )
         if self.b_dec_init not in B_DEC_INITS:
             raise bad("b_dec_init", f"one of {', '.join(B_DEC_INITS)}", "Fix sae.b_dec_init.")
         for name in ("l1_coefficient", "l0_coefficient", "aux_coefficient"):
@@ -148,11 +153,19 @@ class SAEConfig:
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise bad(name, "a finite number > 0", f"Fix sae.{name}.")
         if not isinstance(self.target, str):
-            raise bad("target", "a site name (or \"\" for an SAE)", "Set sae.target=blocks.<L>.hook_mlp_out, for example.")
+            raise bad(
+                "target", 'a site name (or "" for an SAE)', "Set sae.target=blocks.<L>.hook_mlp_out, for example."
+            )
         if self.skip and not self.target:
-            raise bad("skip", "false for an SAE", "A skip connection is a transcoder option: set sae.target too, or remove sae.skip.")
+            raise bad(
+                "skip",
+                "false for an SAE",
+                "A skip connection is a transcoder option: set sae.target too, or remove sae.skip.",
+            )
         if not self.target and self.d_in and self.d_out not in (0, self.d_in):
-            raise bad("d_out", f"{self.d_in} (d_in) for an SAE", "Remove sae.d_out, or set sae.target to train a transcoder.")
+            raise bad(
+                "d_out", f"{self.d_in} (d_in) for an SAE", "Remove sae.d_out, or set sae.target to train a transcoder."
+            )
         if not self.target and self.d_in and not self.d_out:
             self.d_out = self.d_in  # an SAE writes what it reads (cfg.json of older versions lacks d_out)
         if not 0 <= self.batchtopk_threshold_beta < 1:

@@ -82,7 +82,9 @@ class JumpReLUSAE(SAE):
     def constrain_extra_(self) -> None:
         self.threshold.clamp_(min=0.0)  # a negative threshold would let negative z through
 
-    def _output(self, x: Tensor, x_hat: Tensor, l0: Tensor, f: Tensor, n_active: Tensor, fired: Tensor, scale: float) -> SAEOutput:
+    def _output(
+        self, x: Tensor, x_hat: Tensor, l0: Tensor, f: Tensor, n_active: Tensor, fired: Tensor, scale: float
+    ) -> SAEOutput:
         mse = self._mse(x_hat, x)
         loss = mse + self.cfg.l0_coefficient * scale * l0
         return SAEOutput(x_hat, {"loss": loss, "mse": mse, "l0": l0}, n_active.detach(), fired, f.detach())

@@ -69,26 +69,41 @@ class MatryoshkaSAE(BatchTopKSAE):
         super().check_config(cfg)
         prefixes, weights = cfg.matryoshka_prefixes, cfg.matryoshka_weights
         example = "e.g. sae.matryoshka_prefixes=[0.0625,0.25,1.0] (fractions of d_sae) or [288,1152,4608] (widths)"
-        if (not isinstance(prefixes, Sequence) or not prefixes
-                or not all(isinstance(p, (int, float)) and math.isfinite(p) and p > 0 for p in prefixes)):
+        if (
+            not isinstance(prefixes, Sequence)
+            or not prefixes
+            or not all(isinstance(p, (int, float)) and math.isfinite(p) and p > 0 for p in prefixes)
+        ):
             raise config_error(cfg, "matryoshka_prefixes", "a non-empty list of numbers > 0", f"Set it, {example}.")
         if max(prefixes) > 1 and any(p != int(p) for p in prefixes):
-            raise config_error(cfg, "matryoshka_prefixes", "all fractions of d_sae (<= 1) or all widths in latents "
-                               "(integers)", f"Do not mix the two, {example}.")
-        if (not isinstance(weights, Sequence)
-                or not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights)
-                or (weights and (len(weights) != len(prefixes) or not sum(weights) > 0))):
-            raise config_error(cfg, "matryoshka_weights",
-                               f"[] (equal weights) or {len(prefixes)} numbers >= 0 (one per prefix), not all 0",
-                               "Give one weight per entry of sae.matryoshka_prefixes, or [] for equal weights.")
+            raise config_error(
+                cfg,
+                "matryoshka_prefixes",
+                "all fractions of d_sae (<= 1) or all widths in latents (integers)",
+                f"Do not mix the two, {example}.",
+            )
+        if (
+            not isinstance(weights, Sequence)
+            or not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights)
+            or (weights and (len(weights) != len(prefixes) or not sum(weights) > 0))
+        ):
+            raise config_error(
+                cfg,
+                "matryoshka_weights",
+                f"[] (equal weights) or {len(prefixes)} numbers >= 0 (one per prefix), not all 0",
+                "Give one weight per entry of sae.matryoshka_prefixes, or [] for equal weights.",
+            )
         if not cfg.d_in and not cfg.d_sae:
             return  # widths are checked once d_sae is known (`resolved`)
         d_sae = cfg.d_sae or cfg.expansion_factor * cfg.d_in
         widths = prefix_widths(prefixes, d_sae)
         if widths[0] < 1 or any(a >= b for a, b in pairwise(widths)) or widths[-1] != d_sae:
-            raise config_error(cfg, "matryoshka_prefixes",
-                               f"strictly increasing widths ending at d_sae = {d_sae} (they are {widths})",
-                               f"Make every prefix wider than the one before and the last 1.0 (or {d_sae}), {example}.")
+            raise config_error(
+                cfg,
+                "matryoshka_prefixes",
+                f"strictly increasing widths ending at d_sae = {d_sae} (they are {widths})",
+                f"Make every prefix wider than the one before and the last 1.0 (or {d_sae}), {example}.",
+            )
 
     # ------------------------------------------------------------------ forward
 
@@ -99,8 +114,9 @@ class MatryoshkaSAE(BatchTopKSAE):
     def _reconstruction_loss(self, terms: dict[str, Tensor]) -> Tensor:
         return terms["nested_mse"]
 
-    def _decode_train(self, target: Tensor, vals: Tensor, W_dec: Tensor, groups: sparse.ByLatent, rows: Tensor,
-                      offsets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def _decode_train(
+        self, target: Tensor, vals: Tensor, W_dec: Tensor, groups: sparse.ByLatent, rows: Tensor, offsets: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Every prefix's reconstruction from one sparse decode, and the nested loss terms.
 
         Bag (token b, level l) holds the run of b's entries with level_starts[l-1] <= id <

@@ -39,8 +39,14 @@ for _builtin in (ReLUSAE, TopKSAE, BatchTopKSAE, MatryoshkaSAE, JumpReLUSAE):
 
 def for_saelens(saelens_architecture: str) -> type[SAE] | None:
     """Our architecture that a SAELens SAE of `saelens_architecture` loads as (None: none runs it)."""
-    return next((cls for cls in ARCHITECTURES.values()
-                 if cls.saelens_architecture == cls.saelens_training_architecture == saelens_architecture), None)
+    return next(
+        (
+            cls
+            for cls in ARCHITECTURES.values()
+            if cls.saelens_architecture == cls.saelens_training_architecture == saelens_architecture
+        ),
+        None,
+    )
 
 
 def create_sae(cfg: SAEConfig, *, compute_dtype: torch.dtype = torch.float32) -> SAE:
@@ -48,9 +54,15 @@ def create_sae(cfg: SAEConfig, *, compute_dtype: torch.dtype = torch.float32) ->
     return ARCHITECTURES[cfg.architecture](cfg, compute_dtype=compute_dtype)
 
 
-def load_folded(cfg: SAEConfig, tensors: Mapping[str, Tensor], *, normalization_scale: float = 1.0,
-                target_normalization_scale: float | None = None, compute_dtype: torch.dtype = torch.float32,
-                source: str = "SAE weights") -> SAE:
+def load_folded(
+    cfg: SAEConfig,
+    tensors: Mapping[str, Tensor],
+    *,
+    normalization_scale: float = 1.0,
+    target_normalization_scale: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    source: str = "SAE weights",
+) -> SAE:
     """The inference SAE (acting on raw activations, DESIGN.md Contract 2) with resolved config
     `cfg` and weights `tensors`: exactly its architecture's `inference_tensors` (plus W_skip for
     a transcoder with a skip connection), in the shapes cfg implies. Every reader of a folded SAE
@@ -63,8 +75,9 @@ def load_folded(cfg: SAEConfig, tensors: Mapping[str, Tensor], *, normalization_
     load_weights(sae, tensors, sae.inference_tensors, source=source)
     sae.folded = True
     sae.normalization_scale = float(normalization_scale)
-    sae.target_normalization_scale = float(normalization_scale if target_normalization_scale is None
-                                           else target_normalization_scale)
+    sae.target_normalization_scale = float(
+        normalization_scale if target_normalization_scale is None else target_normalization_scale
+    )
     return sae
 
 
@@ -74,7 +87,9 @@ def load_weights(sae: SAE, tensors: Mapping[str, Tensor], names: Iterable[str], 
     `source` unless the names and every shape match exactly."""
     names = sorted(names)
     if sorted(tensors) != names:
-        raise UserError(f"{source} holds tensors {sorted(tensors)}; a {sae.cfg.architecture} SAE needs exactly {names}.")
+        raise UserError(
+            f"{source} holds tensors {sorted(tensors)}; a {sae.cfg.architecture} SAE needs exactly {names}."
+        )
     state = sae.state_dict()
     for name in names:
         target, value = state[name], tensors[name]

@@ -37,7 +37,9 @@ class ReLUSAE(SAE):
     def _activation(self, z: Tensor) -> Tensor:
         return torch.relu(z)
 
-    def _output(self, x: Tensor, x_hat: Tensor, l1: Tensor, f: Tensor, l0: Tensor, fired: Tensor, scale: float) -> SAEOutput:
+    def _output(
+        self, x: Tensor, x_hat: Tensor, l1: Tensor, f: Tensor, l0: Tensor, fired: Tensor, scale: float
+    ) -> SAEOutput:
         mse = self._mse(x_hat, x)
         loss = mse + self.cfg.l1_coefficient * scale * l1
         return SAEOutput(x_hat, {"loss": loss, "mse": mse, "l1": l1}, l0.detach(), fired, f.detach())

@@ -59,8 +59,12 @@ LOG_SPARSITY_FLOOR = 1e-10
 """log10(frequency + floor): SAELens's convention, so dead latents read -10 rather than -inf."""
 
 
-TRANSCODERS = {("standard", False): "transcoder", ("standard", True): "skip_transcoder",
-               ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder"}
+TRANSCODERS = {
+    ("standard", False): "transcoder",
+    ("standard", True): "skip_transcoder",
+    ("jumprelu", False): "jumprelu_transcoder",
+    ("jumprelu", True): "jumprelu_skip_transcoder",
+}
 """(SAE inference architecture, skip connection) -> SAELens's transcoder architecture."""
 _TRANSCODER_BASE = {name: key for key, name in TRANSCODERS.items()}
 
@@ -97,8 +101,13 @@ def saelens_architecture_of(sae: SAE) -> str:
 
 def _loadable() -> list[str]:
     """The SAELens architectures that load as one of ours."""
-    return sorted({c.saelens_architecture for c in ARCHITECTURES.values()
-                   if c.saelens_architecture == c.saelens_training_architecture})
+    return sorted(
+        {
+            c.saelens_architecture
+            for c in ARCHITECTURES.values()
+            if c.saelens_architecture == c.saelens_training_architecture
+        }
+    )
 
 
 def to_saelens(sae: SAE, metadata: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -112,11 +121,15 @@ def to_saelens(sae: SAE, metadata: Mapping[str, Any]) -> tuple[dict[str, Any], d
         raise ValueError("to_saelens converts inference SAEs (acting on raw activations); pass sae.fold(scale)")
     ours, arch = sae.cfg.architecture, saelens_architecture_of(sae)
     if sorted(sae.inference_tensors) != sorted(_tensor_names(arch)):
-        raise ValueError(f"architecture {ours!r} has tensors {list(sae.inference_tensors)} but exports as a "
-                         f"SAELens {arch!r} SAE, which has {_tensor_names(arch)}: fix its saelens_architecture")
+        raise ValueError(
+            f"architecture {ours!r} has tensors {list(sae.inference_tensors)} but exports as a "
+            f"SAELens {arch!r} SAE, which has {_tensor_names(arch)}: fix its saelens_architecture"
+        )
     with torch.no_grad():
-        tensors = {name: getattr(sae, name).detach().to("cpu", torch.float32).clone().contiguous()
-                   for name in _tensor_names(arch)}
+        tensors = {
+            name: getattr(sae, name).detach().to("cpu", torch.float32).clone().contiguous()
+            for name in _tensor_names(arch)
+        }
         if "W_skip" in tensors:  # SAELens: x @ W_skip.T with W_skip [d_out, d_in]
             tensors["W_skip"] = tensors["W_skip"].t().contiguous()
     if "threshold" in tensors and bool((tensors["threshold"] < 0).any()):
@@ -141,8 +154,12 @@ def to_saelens(sae: SAE, metadata: Mapping[str, Any]) -> tuple[dict[str, Any], d
     if arch == "topk":
         cfg["k"] = sae.cfg.k
         cfg["rescale_acts_by_decoder_norm"] = False
-    cfg["metadata"] = {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None,
-                       "training_architecture": sae.saelens_training_architecture, **metadata}
+    cfg["metadata"] = {
+        "sae_lens_version": SAELENS_VERSION,
+        "sae_lens_training_version": None,
+        "training_architecture": sae.saelens_training_architecture,
+        **metadata,
+    }
     return cfg, tensors
 
 
@@ -157,7 +174,9 @@ def _bad(source: str, what: str) -> UserError:
 
 def _weights(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The tensors SAELens's architecture reads (others in the file are ignored), fp32 on CPU."""
-    weights = {n: tensors[n].detach().to("cpu", torch.float32) for n in _tensor_names(cfg["architecture"]) if n in tensors}
+    weights = {
+        n: tensors[n].detach().to("cpu", torch.float32) for n in _tensor_names(cfg["architecture"]) if n in tensors
+    }
     if "W_skip" in weights:
         weights["W_skip"] = weights["W_skip"].t().contiguous()  # SAELens's [d_out, d_in] -> ours
     return weights
@@ -166,19 +185,28 @@ def _weights(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dict[str,
 def _check_cfg(cfg: Mapping[str, Any], source: str) -> None:
     arch = cfg.get("architecture")
     if not isinstance(arch, str) or for_saelens(_base(arch)[0]) is None:
-        raise _bad(source, f"architecture {arch!r} is not one sae_train can run; it loads SAELens "
-                           f"{', '.join(_loadable())} SAEs and their transcoders. Load this one with sae_lens itself.")
+        raise _bad(
+            source,
+            f"architecture {arch!r} is not one sae_train can run; it loads SAELens "
+            f"{', '.join(_loadable())} SAEs and their transcoders. Load this one with sae_lens itself.",
+        )
     for key in ("d_in", "d_sae", *(("d_out",) if _base(arch)[1] else ())):
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
             raise _bad(source, f"{key}={cfg.get(key)!r}; expected a positive integer.")
     norm = cfg.get("normalize_activations", "none")
     if norm not in (None, "none"):
-        raise _bad(source, f"normalize_activations={norm!r}: the SAE expects normalised inputs, and sae_train "
-                           "runs SAEs on raw activations. Fold the normalisation into the weights first "
-                           "(SAELens: fold_activation_norm_scaling_factor) and save it again.")
+        raise _bad(
+            source,
+            f"normalize_activations={norm!r}: the SAE expects normalised inputs, and sae_train "
+            "runs SAEs on raw activations. Fold the normalisation into the weights first "
+            "(SAELens: fold_activation_norm_scaling_factor) and save it again.",
+        )
     if cfg.get("reshape_activations", "none") not in (None, "none"):
-        raise _bad(source, f"reshape_activations={cfg['reshape_activations']!r} (per-head hook_z input) is not "
-                           "supported; sae_train SAEs take one flat vector per token.")
+        raise _bad(
+            source,
+            f"reshape_activations={cfg['reshape_activations']!r} (per-head hook_z input) is not "
+            "supported; sae_train SAEs take one flat vector per token.",
+        )
     if arch == "topk" and (not isinstance(cfg.get("k"), int) or not 0 < cfg["k"] <= cfg["d_sae"]):
         raise _bad(source, f"k={cfg.get('k')!r}; a topk SAE needs 0 < k <= d_sae.")
 
@@ -208,19 +236,34 @@ def _from_our_export(cfg: Mapping[str, Any], weights: dict[str, Tensor], record:
         raise _bad(source, f"metadata.{METADATA_KEY} has no checkpoint_cfg; the export is incomplete. Export it again.")
     ours = SAEConfig.from_dict(dict(meta), source=f"{source} (metadata.{METADATA_KEY}.checkpoint_cfg)")
     arch = ARCHITECTURES[ours.architecture].saelens_architecture
-    expected = {"architecture": TRANSCODERS.get((arch, ours.skip), arch) if ours.is_transcoder else arch,
-                "d_in": ours.d_in, "d_sae": ours.d_sae}
+    expected = {
+        "architecture": TRANSCODERS.get((arch, ours.skip), arch) if ours.is_transcoder else arch,
+        "d_in": ours.d_in,
+        "d_sae": ours.d_sae,
+    }
     if ours.is_transcoder:
         expected["d_out"] = ours.d_out
     if expected["architecture"] == "topk":
         expected["k"] = ours.k
     clash = {k: (cfg.get(k), v) for k, v in expected.items() if cfg.get(k) != v}
     centred = not ours.is_transcoder
-    if clash or cfg.get("apply_b_dec_to_input", centred) is not centred or cfg.get("rescale_acts_by_decoder_norm", False):
-        raise _bad(source, f"cfg.json disagrees with the sae_train record in its metadata ({clash or 'bias/rescale flags'}); "
-                           "the file was edited after export. Export the checkpoint again.")
-    return load_folded(ours, weights, normalization_scale=meta.get("normalization_scale", 1.0),
-                       target_normalization_scale=meta.get("target_normalization_scale"), source=source)
+    if (
+        clash
+        or cfg.get("apply_b_dec_to_input", centred) is not centred
+        or cfg.get("rescale_acts_by_decoder_norm", False)
+    ):
+        raise _bad(
+            source,
+            f"cfg.json disagrees with the sae_train record in its metadata ({clash or 'bias/rescale flags'}); "
+            "the file was edited after export. Export the checkpoint again.",
+        )
+    return load_folded(
+        ours,
+        weights,
+        normalization_scale=meta.get("normalization_scale", 1.0),
+        target_normalization_scale=meta.get("target_normalization_scale"),
+        source=source,
+    )
 
 
 def _from_foreign(cfg: Mapping[str, Any], weights: dict[str, Tensor], source: str) -> SAE:
@@ -234,8 +277,11 @@ def _from_foreign(cfg: Mapping[str, Any], weights: dict[str, Tensor], source: st
         metadata = cfg.get("metadata") or {}
         target = metadata.get("hook_name_out") if isinstance(metadata, Mapping) else None
         if not isinstance(target, str) or not target:
-            raise _bad(source, "a transcoder without metadata.hook_name_out: the site it writes is unknown. "
-                               "Add hook_name_out to its cfg.json metadata.")
+            raise _bad(
+                source,
+                "a transcoder without metadata.hook_name_out: the site it writes is unknown. "
+                "Add hook_name_out to its cfg.json metadata.",
+            )
         fields |= {"target": target, "skip": skip}
     sae = load_folded(SAEConfig(**fields).resolved(cfg["d_in"], cfg.get("d_out", 0)), weights, source=source)
     with torch.no_grad():

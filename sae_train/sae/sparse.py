@@ -280,7 +280,9 @@ class SparsePreact(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pre: Tensor, xc: Tensor, rows: Tensor, groups: ByLatent, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(
+        ctx, pre: Tensor, xc: Tensor, rows: Tensor, groups: ByLatent, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor
+    ) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(xc, rows, W_enc)
         ctx.groups = groups
         return pre.view_as(pre)
@@ -291,7 +293,9 @@ class SparsePreact(torch.autograd.Function):
         d_in = W_enc.shape[0]
         order, bags = ctx.groups.get()
         table = torch.cat([xc, xc.new_ones(xc.shape[0], 1)], dim=1).to(gp.dtype)
-        g = F.embedding_bag(rows[order], table, bags, mode="sum", per_sample_weights=gp[order], include_last_offset=True)
+        g = F.embedding_bag(
+            rows[order], table, bags, mode="sum", per_sample_weights=gp[order], include_last_offset=True
+        )
         grad_b_enc = g[:, d_in].contiguous()
         grad_W_enc = g[:, :d_in].t()
         grad_b_dec = -(W_enc.detach() @ grad_b_enc)
@@ -352,6 +356,7 @@ class SparseDecode(torch.autograd.Function):
             grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(g, table, ids, offsets, rows, 0, -1)
         if ctx.needs_input_grad[1]:
             order, bags = ctx.groups.get()
-            grad_table = F.embedding_bag(rows[order], g, bags, mode="sum", per_sample_weights=values[order],
-                                         include_last_offset=True)
+            grad_table = F.embedding_bag(
+                rows[order], g, bags, mode="sum", per_sample_weights=values[order], include_last_offset=True
+            )
         return grad_values, grad_table, None, None, None

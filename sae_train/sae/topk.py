@@ -37,10 +37,14 @@ class TopKSAE(SAE):
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
         if not isinstance(cfg.k, int) or cfg.k <= 0:
-            raise config_error(cfg, "k", "a positive integer", "Set sae.k to the number of active latents per token, e.g. 32.")
+            raise config_error(
+                cfg, "k", "a positive integer", "Set sae.k to the number of active latents per token, e.g. 32."
+            )
         d_sae = cfg.d_sae or cfg.expansion_factor * cfg.d_in
         if cfg.d_in and cfg.k > d_sae:
-            raise config_error(cfg, "k", f"at most d_sae = {d_sae}", "Lower sae.k or raise sae.d_sae / sae.expansion_factor.")
+            raise config_error(
+                cfg, "k", f"at most d_sae = {d_sae}", "Lower sae.k or raise sae.d_sae / sae.expansion_factor."
+            )
 
     # ------------------------------------------------------------------ selection (torch path)
 
@@ -81,7 +85,9 @@ class TopKSAE(SAE):
 
     # ------------------------------------------------------------------ forward
 
-    def _output(self, x: Tensor, x_hat: Tensor, terms: dict[str, Tensor], auxk: Tensor, latents: SparseLatents) -> SAEOutput:
+    def _output(
+        self, x: Tensor, x_hat: Tensor, terms: dict[str, Tensor], auxk: Tensor, latents: SparseLatents
+    ) -> SAEOutput:
         """terms: the reconstruction's loss terms (`_decode_train`), "mse" first."""
         loss = self._reconstruction_loss(terms) + self.cfg.aux_coefficient * auxk
         active = (latents.values != 0).float()
@@ -93,8 +99,9 @@ class TopKSAE(SAE):
         """The reconstruction part of the loss from `_decode_train`'s terms: the MSE."""
         return terms["mse"]
 
-    def _decode_train(self, target: Tensor, vals: Tensor, W_dec: Tensor, groups: sparse.ByLatent, rows: Tensor,
-                      offsets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def _decode_train(
+        self, target: Tensor, vals: Tensor, W_dec: Tensor, groups: sparse.ByLatent, rows: Tensor, offsets: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The training decode of the selected entries (CSR `offsets`, token of each entry `rows`)
         and its loss terms: (x_hat [B, d_out], {"mse": ...})."""
         x_hat = sparse.SparseDecode.apply(vals, W_dec, groups, rows, offsets) + self.b_dec

@@ -104,8 +104,14 @@ class Manifest:
         try:
             sites = tuple(SiteInfo(str(s["name"]), int(s["d_in"]), str(s["dtype"])) for s in data["sites"])
             shards = tuple(
-                ShardInfo(str(s["file"]), int(s["index"]), int(s["rank"]), int(s["n_tokens"]),
-                          int(s["n_bytes"]), str(s["sha256"]))
+                ShardInfo(
+                    str(s["file"]),
+                    int(s["index"]),
+                    int(s["rank"]),
+                    int(s["n_tokens"]),
+                    int(s["n_bytes"]),
+                    str(s["sha256"]),
+                )
                 for s in data["shards"]
             )
             manifest = cls(dict(data["spec"]), sites, shards, str(data.get("package_version", "")))

@@ -71,7 +71,9 @@ class ActivationStore:
 
     def verify(self, checksums: bool = False) -> None:
         """Check every shard's size, header, tensor names, shapes and dtypes; sha256 if asked."""
-        expected: dict[str, tuple[int | None, torch.dtype]] = {name: (s.d_in, s.torch_dtype) for name, s in self.sites.items()}
+        expected: dict[str, tuple[int | None, torch.dtype]] = {
+            name: (s.d_in, s.torch_dtype) for name, s in self.sites.items()
+        }
         expected.update({name: (None, torch.int32) for name in RESERVED})
         for i, info in enumerate(self.manifest.shards):
             path = self.root / info.file

@@ -85,8 +85,12 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         header = json.loads(raw)
         header.pop("__metadata__", None)
         entries = {
-            name: TensorEntry(e["dtype"], tuple(int(s) for s in e["shape"]), 8 + n + int(e["data_offsets"][0]),
-                              8 + n + int(e["data_offsets"][1]))
+            name: TensorEntry(
+                e["dtype"],
+                tuple(int(s) for s in e["shape"]),
+                8 + n + int(e["data_offsets"][0]),
+                8 + n + int(e["data_offsets"][1]),
+            )
             for name, e in header.items()
         }
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:

@@ -49,10 +49,23 @@ class ShuffledBatches:
     which a GPU copies asynchronously (and converts, with `dtype`, into page-locked memory too).
     """
 
-    def __init__(self, store: ActivationStore, sites: Sequence[str], batch_size: int, *, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, window_shards: int = 8, position: int = 0,
-                 shuffle: bool = True, loop: bool = True, dtype: torch.dtype | None = None,
-                 prefetch: int = 2, pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        store: ActivationStore,
+        sites: Sequence[str],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        window_shards: int = 8,
+        position: int = 0,
+        shuffle: bool = True,
+        loop: bool = True,
+        dtype: torch.dtype | None = None,
+        prefetch: int = 2,
+        pin_memory: bool = False,
+    ) -> None:
         known = list(store.sites) + list(RESERVED)
         unknown = [s for s in sites if s not in known]
         if not sites or unknown:
@@ -64,8 +77,12 @@ class ShuffledBatches:
                 f"batch_size={batch_size} must be a positive multiple of the world size ({world_size}): it "
                 "is the global batch, split evenly across ranks. Pick a batch_size divisible by it."
             )
-        for name, value, low in (("window_shards", window_shards, 1), ("seed", seed, 0),
-                                 ("position", position, 0), ("prefetch", prefetch, 0)):
+        for name, value, low in (
+            ("window_shards", window_shards, 1),
+            ("seed", seed, 0),
+            ("position", position, 0),
+            ("prefetch", prefetch, 0),
+        ):
             if value < low:
                 raise UserError(f"{name}={value} for the store reader must be >= {low}.")
         if store.n_tokens == 0:
@@ -131,8 +148,12 @@ class ShuffledBatches:
                 torch.index_select(views[name], 0, idx, out=out[name][offset : offset + len(rows)])
             offset += len(rows)
         if self.dtype is not None:
-            out = {k: v if k in RESERVED or v.dtype == self.dtype
-                   else torch.empty(v.shape, dtype=self.dtype, pin_memory=self.pin_memory).copy_(v) for k, v in out.items()}
+            out = {
+                k: v
+                if k in RESERVED or v.dtype == self.dtype
+                else torch.empty(v.shape, dtype=self.dtype, pin_memory=self.pin_memory).copy_(v)
+                for k, v in out.items()
+            }
         return out
 
 

@@ -54,8 +54,16 @@ class StoreWriter:
     once are refused. Stale temp files of this rank (from a crash) are removed on open.
     """
 
-    def __init__(self, root: str | Path, spec: dict, sites: Mapping[str, int], dtype: torch.dtype,
-                 *, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        spec: dict,
+        sites: Mapping[str, int],
+        dtype: torch.dtype,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.root = Path(root)
         self.rank, self.world_size = rank, world_size
         if not 0 <= rank < world_size:
@@ -103,8 +111,9 @@ class StoreWriter:
             done |= {s.index for s in Manifest.from_json(part, path).shards if is_intact(self.root, s)}
         return done
 
-    def write_shard(self, index: int, acts: Mapping[str, torch.Tensor], token_ids: torch.Tensor,
-                    positions: torch.Tensor) -> ShardInfo:
+    def write_shard(
+        self, index: int, acts: Mapping[str, torch.Tensor], token_ids: torch.Tensor, positions: torch.Tensor
+    ) -> ShardInfo:
         """Convert, check and publish shard `index`, then update this rank's part and the manifest."""
         if self._rank_lock is None:
             raise RuntimeError("StoreWriter.write_shard called after close()")
@@ -135,8 +144,10 @@ class StoreWriter:
             merge_manifests(self.root)
         except OSError as e:
             raise self._write_error(
-                name, e, f"The shard itself is whole and recorded in {PARTS_DIR}/; {MANIFEST} "
-                "still lists the shards before it and will include it at the next write."
+                name,
+                e,
+                f"The shard itself is whole and recorded in {PARTS_DIR}/; {MANIFEST} "
+                "still lists the shards before it and will include it at the next write.",
             ) from e
         return info
 
@@ -216,8 +227,9 @@ class StoreWriter:
         if not self._part.is_file() or self._part.read_bytes() != data:
             write_bytes_atomic(self._part, [data])
 
-    def _check_inputs(self, index: int, acts: Mapping[str, torch.Tensor], token_ids: torch.Tensor,
-                      positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _check_inputs(
+        self, index: int, acts: Mapping[str, torch.Tensor], token_ids: torch.Tensor, positions: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         where = f"shard {index} for {self.root}"
         expected = {s.name for s in self.sites}
         if set(acts) != expected:

@@ -18,18 +18,43 @@ from sae_train.train.signals import Preempted
 from sae_train.train.sources import ActivationSource, LiveSource, StoreSource
 from sae_train.train.trainer import Callback, SAERun, StepInfo, Trainer, TrainSummary
 
-__all__ = ["Callback", "Preempted", "SAERun", "StepInfo", "TrainConfig", "TrainSummary", "Trainer", "WandbConfig",
-           "build_source", "run"]
+__all__ = [
+    "Callback",
+    "Preempted",
+    "SAERun",
+    "StepInfo",
+    "TrainConfig",
+    "TrainSummary",
+    "Trainer",
+    "WandbConfig",
+    "build_source",
+    "run",
+]
 
 
 def build_source(cfg: TrainConfig, dist: Dist, lm: LanguageModel | None = None) -> ActivationSource:
     if cfg.source == "store":
-        return StoreSource(cfg.store, cfg.data_sites, cfg.batch_size, dist, seed=cfg.seed, window_shards=cfg.shuffle_window,
-                           target=cfg.sae.target)
+        return StoreSource(
+            cfg.store,
+            cfg.data_sites,
+            cfg.batch_size,
+            dist,
+            seed=cfg.seed,
+            window_shards=cfg.shuffle_window,
+            target=cfg.sae.target,
+        )
     # Each rank runs its own copy of the model on its own device.
     lm = lm or LanguageModel.load(replace(cfg.model, device=str(dist.device)))
-    return LiveSource(lm, cfg.data_sites, cfg.data, cfg.text, cfg.batch_size, dist, seed=cfg.seed,
-                      buffer_tokens=cfg.live_buffer_tokens)
+    return LiveSource(
+        lm,
+        cfg.data_sites,
+        cfg.data,
+        cfg.text,
+        cfg.batch_size,
+        dist,
+        seed=cfg.seed,
+        buffer_tokens=cfg.live_buffer_tokens,
+    )
 
 
 def run(cfg: TrainConfig, callbacks: Sequence[Callback] = (), lm: LanguageModel | None = None) -> TrainSummary:

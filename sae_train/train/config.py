@@ -118,14 +118,20 @@ class TrainConfig:
         if self.n_tokens < self.batch_size or self.batch_size <= 0:
             raise UserError(f"n_tokens={self.n_tokens} must be at least one batch (batch_size={self.batch_size}).")
         if "target" in self.sweep:
-            raise UserError("sweep.target: one run has one target site; train each target in its own run "
-                            "(or several source sites, sites=[...], towards one target).")
+            raise UserError(
+                "sweep.target: one run has one target site; train each target in its own run "
+                "(or several source sites, sites=[...], towards one target)."
+            )
         if self.sae.target and self.sites == [self.sae.target]:
-            raise UserError(f"sites=[{self.sae.target}] equals sae.target: a transcoder reads another site than it writes. "
-                            "Set sites to its source (e.g. blocks.L.mlp.hook_in), or remove sae.target for an SAE.")
+            raise UserError(
+                f"sites=[{self.sae.target}] equals sae.target: a transcoder reads another site than it writes. "
+                "Set sites to its source (e.g. blocks.L.mlp.hook_in), or remove sae.target for an SAE."
+            )
         for key in self.sweep:
             if key not in SAEConfig.__dataclass_fields__ and key != "lr":
-                raise UserError(f"sweep key '{key}' is not an SAE field or lr; valid: lr, {', '.join(SAEConfig.__dataclass_fields__)}.")
+                raise UserError(
+                    f"sweep key '{key}' is not an SAE field or lr; valid: lr, {', '.join(SAEConfig.__dataclass_fields__)}."
+                )
         if not 0 <= self.lr_warmup + self.lr_decay <= 1 or not 0 <= self.sparsity_warmup <= 1:
             raise UserError("lr_warmup + lr_decay and sparsity_warmup are fractions of the run in [0, 1].")
 
@@ -151,7 +157,16 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The fields of a TrainConfig dict that a resumed run must share with the original (the rest
     may change). Runs written by older versions compare in today's shape: text settings saved at
     the top level as the `text` block, SAE fields added since (e.g. `target`) as their defaults."""
-    free = {"progress", "log_every", "checkpoint_every_tokens", "wandb", "resume", "out_dir", "device", "dist_timeout_s"}
+    free = {
+        "progress",
+        "log_every",
+        "checkpoint_every_tokens",
+        "wandb",
+        "resume",
+        "out_dir",
+        "device",
+        "dist_timeout_s",
+    }
     out = {k: v for k, v in config.items() if k not in free}
     if "text" not in out and any(k in out for k in _LEGACY_TEXT_KEYS):
         out["text"] = {k: out.pop(k) for k in _LEGACY_TEXT_KEYS if k in out}

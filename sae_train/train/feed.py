@@ -15,7 +15,9 @@ import torch
 from sae_train.train.sources import ActivationSource
 
 
-def device_batches(source: ActivationSource, position: int, device: torch.device) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+def device_batches(
+    source: ActivationSource, position: int, device: torch.device
+) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
     """(batch on `device`, the source's position after it) from `source.batches(position)`.
 
     The position is read when the batch is taken, since on a GPU the next batch is taken (and

@@ -50,10 +50,18 @@ class MetricsLogger:
             try:
                 import wandb
             except ImportError as err:
-                raise UserError("wandb.enabled=true but the wandb package is not installed: pip install wandb.") from err
+                raise UserError(
+                    "wandb.enabled=true but the wandb package is not installed: pip install wandb."
+                ) from err
             self._wandb = wandb.init(
-                project=wandb_cfg.project, entity=wandb_cfg.entity or None, name=wandb_cfg.name or out_dir.name,
-                dir=str(out_dir), config=config, id=run_id or None, resume="allow", mode=wandb_mode(wandb_cfg),
+                project=wandb_cfg.project,
+                entity=wandb_cfg.entity or None,
+                name=wandb_cfg.name or out_dir.name,
+                dir=str(out_dir),
+                config=config,
+                id=run_id or None,
+                resume="allow",
+                mode=wandb_mode(wandb_cfg),
             )
             self.run_id = self._wandb.id
             log.info("W&B run %s (%s) in %s", self.run_id, wandb_mode(wandb_cfg), self._wandb.dir)
@@ -81,8 +89,9 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({f"{tag}/{k}": v for k, v in metrics.items()} | {"tokens": tokens}, step=step)
 
-    def log_results(self, summary: dict[str, Any], tables: dict[str, list[dict[str, Any]]],
-                    images: dict[str, Path]) -> None:
+    def log_results(
+        self, summary: dict[str, Any], tables: dict[str, list[dict[str, Any]]], images: dict[str, Path]
+    ) -> None:
         """Results computed after training (an eval): numbers into the W&B run summary, rows as
         W&B tables, PNGs as images. No-op without W&B."""
         if self._wandb is None:
@@ -93,7 +102,9 @@ class MetricsLogger:
         logged: dict[str, Any] = {name: wandb.Image(str(path)) for name, path in images.items()}
         for name, rows in tables.items():
             columns = list(rows[0]) if rows else []
-            logged[name] = wandb.Table(columns=list[str | int](columns), data=[[row.get(c) for c in columns] for row in rows])
+            logged[name] = wandb.Table(
+                columns=list[str | int](columns), data=[[row.get(c) for c in columns] for row in rows]
+            )
         self._wandb.log(logged)
 
     def close(self) -> None:

@@ -22,9 +22,15 @@ SAMPLE_TOKENS = 16_384
 
 
 @torch.no_grad()
-def resample_dead_(sae: SAE, optimizer: torch.optim.Optimizer, dead: torch.Tensor,
-                   sample: Callable[[int], dict[str, torch.Tensor]], dist: Dist, source: tuple[str, float],
-                   target: tuple[str, float]) -> int:
+def resample_dead_(
+    sae: SAE,
+    optimizer: torch.optim.Optimizer,
+    dead: torch.Tensor,
+    sample: Callable[[int], dict[str, torch.Tensor]],
+    dist: Dist,
+    source: tuple[str, float],
+    target: tuple[str, float],
+) -> int:
     """Resample the latents in `dead`; returns how many (the same on every rank). source and
     target are (site, normalisation scale); the target is the source for an SAE."""
     dead_idx = dead.nonzero().flatten()
@@ -44,7 +50,9 @@ def resample_dead_(sae: SAE, optimizer: torch.optim.Optimizer, dead: torch.Tenso
                 enc_directions = x[picks] / x[picks].norm(dim=1, keepdim=True).clamp_min(1e-8)
             alive = ~dead
             enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
-            sae.W_dec[dead_idx] = directions * sae.W_dec[alive].norm(dim=1).mean().clamp_min(1e-8) if alive.any() else directions
+            sae.W_dec[dead_idx] = (
+                directions * sae.W_dec[alive].norm(dim=1).mean().clamp_min(1e-8) if alive.any() else directions
+            )
             sae.W_enc[:, dead_idx] = enc_directions.T * 0.2 * enc_norm
             sae.b_enc[dead_idx] = 0.0
     for tensor in (sae.W_dec, sae.W_enc, sae.b_enc):

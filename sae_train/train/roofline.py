@@ -36,9 +36,11 @@ def best_time(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int
     return best
 
 
-def step_gemms(architecture: str, rows: int, d_in: int, d_sae: int, dtype: torch.dtype,
-               device: torch.device) -> list[Callable[[], torch.Tensor]]:
+def step_gemms(
+    architecture: str, rows: int, d_in: int, d_sae: int, dtype: torch.dtype, device: torch.device
+) -> list[Callable[[], torch.Tensor]]:
     """The dense GEMMs one training step of `architecture` needs, as callables on random data."""
+
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device=device).to(dtype)
 

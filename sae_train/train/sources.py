@@ -52,11 +52,22 @@ class StoreSource:
     For a GPU the prefetch thread gathers rows in the store's dtype (bf16: half the bytes)
     into pinned memory, and the trainer converts on the device; for the CPU, fp32 rows."""
 
-    def __init__(self, path: str, sites: list[str], batch_size: int, dist: Dist, *, seed: int, window_shards: int,
-                 target: str = ""):
+    def __init__(
+        self,
+        path: str,
+        sites: list[str],
+        batch_size: int,
+        dist: Dist,
+        *,
+        seed: int,
+        window_shards: int,
+        target: str = "",
+    ):
         self.store = ActivationStore(path)
         if self.store.n_tokens == 0:
-            raise UserError(f"Activation store {path} holds no tokens yet; run (or finish) `sae-train cache ... out_dir={path}` first.")
+            raise UserError(
+                f"Activation store {path} holds no tokens yet; run (or finish) `sae-train cache ... out_dir={path}` first."
+            )
         self.sites = sites or list(self.store.sites)
         if target:
             self._check_target(target, [s for s in self.sites if s != target])
@@ -71,18 +82,24 @@ class StoreSource:
     def _check_target(self, target: str, sources: list[str]) -> None:
         """A transcoder's target must be in the store, row for row with its sources (each shard
         one tensor per site over the same tokens; checked on the shard headers)."""
-        fix = (f"A transcoder trains on its source and target sites cached in one pass, so their rows are the same "
-               f"tokens: `sae-train cache sites=[{','.join(sources) or '<source>'},{target}] ...` into a new "
-               "out_dir, or train with source=live.")
+        fix = (
+            f"A transcoder trains on its source and target sites cached in one pass, so their rows are the same "
+            f"tokens: `sae-train cache sites=[{','.join(sources) or '<source>'},{target}] ...` into a new "
+            "out_dir, or train with source=live."
+        )
         if target not in self.store.sites:
-            raise UserError(f"sae.target={target} is not in activation store {self.store.root}, which holds "
-                            f"{list(self.store.sites)}. {fix}")
+            raise UserError(
+                f"sae.target={target} is not in activation store {self.store.root}, which holds "
+                f"{list(self.store.sites)}. {fix}"
+            )
         for info in self.store.manifest.shards:
             entries = read_header(self.store.root / info.file)
             rows = {s: entries[s].shape[0] for s in (*sources, target) if s in entries}
             if any(n != info.n_tokens for n in rows.values()):
-                raise UserError(f"Shard {info.file} of activation store {self.store.root} records {info.n_tokens} tokens "
-                                f"but holds rows {rows}: the target's rows do not line up with the source's. {fix}")
+                raise UserError(
+                    f"Shard {info.file} of activation store {self.store.root} records {info.n_tokens} tokens "
+                    f"but holds rows {rows}: the target's rows do not line up with the source's. {fix}"
+                )
 
     def d_in(self, site: str) -> int:
         return self.store.sites[site].d_in
@@ -91,12 +108,28 @@ class StoreSource:
         """This rank's training stream, or (`sample`) the stream `sample` draws from, as a single
         process would, so it does not depend on the world size."""
         if sample:
-            return ShuffledBatches(self.store, self.sites, batch_size, seed=self.seed + 1,
-                                   window_shards=self.window_shards, dtype=torch.float32, prefetch=0)
+            return ShuffledBatches(
+                self.store,
+                self.sites,
+                batch_size,
+                seed=self.seed + 1,
+                window_shards=self.window_shards,
+                dtype=torch.float32,
+                prefetch=0,
+            )
         cuda = self.dist.device.type == "cuda"
-        return ShuffledBatches(self.store, self.sites, batch_size, seed=self.seed, rank=self.dist.rank,
-                               world_size=self.dist.world_size, window_shards=self.window_shards, position=position,
-                               dtype=None if cuda else torch.float32, pin_memory=cuda)
+        return ShuffledBatches(
+            self.store,
+            self.sites,
+            batch_size,
+            seed=self.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            window_shards=self.window_shards,
+            position=position,
+            dtype=None if cuda else torch.float32,
+            pin_memory=cuda,
+        )
 
     def batches(self, position: int) -> Iterator[dict[str, torch.Tensor]]:
         self._reader = self._stream(self.batch_size, position=position)
@@ -112,26 +145,36 @@ class StoreSource:
 
     def nonfinite_error(self, site: str, start: int, stop: int, *, sample: bool = False) -> UserError | None:
         stream = self._stream(self.batch_size, sample=sample)
-        bad = {shard: self.store.nonfinite_rows(shard, site)  # every bad row of a shard the rows touch
-               for shard, rows in stream.origin(start, stop) if len(self.store.nonfinite_rows(shard, site, rows))}
+        bad = {
+            shard: self.store.nonfinite_rows(shard, site)  # every bad row of a shard the rows touch
+            for shard, rows in stream.origin(start, stop)
+            if len(self.store.nonfinite_rows(shard, site, rows))
+        }
         if not bad:
             return None
         shards = self.store.manifest.shards
-        listing = "; ".join(f"{shards[i].file} rows {_ranges(rows)} (of {shards[i].n_tokens})"
-                            for i, rows in list(bad.items())[:5])
+        listing = "; ".join(
+            f"{shards[i].file} rows {_ranges(rows)} (of {shards[i].n_tokens})" for i, rows in list(bad.items())[:5]
+        )
         more = f"; and {len(bad) - 5} more shards" if len(bad) > 5 else ""
         damaged = [shards[i].file for i in bad if self.store.damaged(i)]
         if damaged:
-            fix = (f"The bytes of {', '.join(damaged)} changed after they were written (sha256 differs from the "
-                   "manifest's): delete these files and rerun the same `sae-train cache` command, which rewrites "
-                   "exactly the missing shards.")
+            fix = (
+                f"The bytes of {', '.join(damaged)} changed after they were written (sha256 differs from the "
+                "manifest's): delete these files and rerun the same `sae-train cache` command, which rewrites "
+                "exactly the missing shards."
+            )
         else:
-            fix = ("These shards hold the values as written (their sha256 matches the manifest's): the store's writer "
-                   "stored non-finite activations (sae-train's refuses them; an older version or another tool does "
-                   "not), typically the model overflowing its dtype. Re-cache into a new out_dir with "
-                   "model.dtype=float32 (or bfloat16; float16 overflows easily).")
-        return UserError(f"Activations of site {site} in store {self.store.root} are not finite (NaN or inf): "
-                         f"{listing}{more}. Training stopped; no checkpoint was overwritten. {fix}")
+            fix = (
+                "These shards hold the values as written (their sha256 matches the manifest's): the store's writer "
+                "stored non-finite activations (sae-train's refuses them; an older version or another tool does "
+                "not), typically the model overflowing its dtype. Re-cache into a new out_dir with "
+                "model.dtype=float32 (or bfloat16; float16 overflows easily)."
+            )
+        return UserError(
+            f"Activations of site {site} in store {self.store.root} are not finite (NaN or inf): "
+            f"{listing}{more}. Training stopped; no checkpoint was overwritten. {fix}"
+        )
 
 
 def _ranges(rows: np.ndarray, limit: int = 8) -> str:
@@ -156,8 +199,18 @@ class LiveSource:
     stopped in.
     """
 
-    def __init__(self, lm: LanguageModel, sites: list[str], data: DataConfig, text: TextConfig, batch_size: int,
-                 dist: Dist, *, seed: int, buffer_tokens: int):
+    def __init__(
+        self,
+        lm: LanguageModel,
+        sites: list[str],
+        data: DataConfig,
+        text: TextConfig,
+        batch_size: int,
+        dist: Dist,
+        *,
+        seed: int,
+        buffer_tokens: int,
+    ):
         if data.split != "train":
             raise UserError("source=live trains on data.split=train; eval text must stay held out.")
         self.lm, self.data, self.text, self.dist, self.seed = lm, data, text, dist, seed
@@ -170,7 +223,9 @@ class LiveSource:
         self.provenance = {"source": "live", "model": lm.identity, "data": data.describe(), "text": asdict(text)}
         self._position = 0
         if next(self._rank_windows(), None) is None:
-            raise UserError(f"Data source '{data.source}' {data.path} yields no full window of {text.context_size} tokens.")
+            raise UserError(
+                f"Data source '{data.source}' {data.path} yields no full window of {text.context_size} tokens."
+            )
 
     def d_in(self, site: str) -> int:
         return self._widths[site]

@@ -129,18 +129,23 @@ class TrainSummary:
 
     def table(self) -> str:
         if self.new_steps:
-            lines = [f"trained      {self.tokens:,} tokens in {self.steps} steps, {self.seconds:,.1f} s "
-                     f"({self.tokens_per_second:,.0f} tok/s, {self.bound_fraction:.0%} of the GEMM bound)"]
+            lines = [
+                f"trained      {self.tokens:,} tokens in {self.steps} steps, {self.seconds:,.1f} s "
+                f"({self.tokens_per_second:,.0f} tok/s, {self.bound_fraction:.0%} of the GEMM bound)"
+            ]
         else:
             lines = [f"finished     {self.tokens:,} tokens in {self.steps} steps (an earlier run; nothing to do)"]
         for tag, info in self.saes.items():
             m = info["metrics"]
-            lines.append(f"{tag:36s} fvu {m.get('fvu', float('nan')):.4f}  l0 {m.get('l0', float('nan')):7.1f}  "
-                         f"dead {m.get('dead_fraction', float('nan')):.1%}  -> {info['checkpoint']}")
+            lines.append(
+                f"{tag:36s} fvu {m.get('fvu', float('nan')):.4f}  l0 {m.get('l0', float('nan')):7.1f}  "
+                f"dead {m.get('dead_fraction', float('nan')):.1%}  -> {info['checkpoint']}"
+            )
         return "\n".join(lines)
 
 
 _step_gemm_seconds = functools.cache(step_gemm_seconds)  # timed once per shape, not once per SAE of a sweep
+
 
 def enable_tf32() -> None:
     """Let fp32 matmuls on CUDA use TF32 tensor cores (fp32 range and accumulation, 10-bit
@@ -212,12 +217,27 @@ class Trainer:
         beta1, beta2 = self.cfg.adam_betas
         # The fused kernel is ~3x faster than the default multi-tensor Adam on CPU (one pass over
         # parameter, gradient and both moments): a sixth of a TopK step at the reference size.
-        optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(beta1, beta2), eps=self.cfg.adam_eps,
-                                     fused=self.dist.device.type in ("cpu", "cuda"))
-        bound = _step_gemm_seconds(sae.cfg.architecture, self.local_batch, d_in, sae.cfg.d_sae,
-                                   self.compute_dtype, self.dist.device)
-        return SAERun(tag=tag, site=site, target=target, sae=sae, optimizer=optimizer, lr=lr, directory=self.out_dir / tag,
-                      bound_seconds=bound, since_fired=torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.dist.device))
+        optimizer = torch.optim.Adam(
+            sae.parameters(),
+            lr=lr,
+            betas=(beta1, beta2),
+            eps=self.cfg.adam_eps,
+            fused=self.dist.device.type in ("cpu", "cuda"),
+        )
+        bound = _step_gemm_seconds(
+            sae.cfg.architecture, self.local_batch, d_in, sae.cfg.d_sae, self.compute_dtype, self.dist.device
+        )
+        return SAERun(
+            tag=tag,
+            site=site,
+            target=target,
+            sae=sae,
+            optimizer=optimizer,
+            lr=lr,
+            directory=self.out_dir / tag,
+            bound_seconds=bound,
+            since_fired=torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.dist.device),
+        )
 
     @torch.no_grad()
     def _initialise(self) -> None:
@@ -232,7 +252,9 @@ class Trainer:
                     rows[site] = sample[site].to(self.dist.device, torch.float32)
                     mean_norm = float(rows[site].norm(dim=1).mean())
                     if not math.isfinite(mean_norm) or mean_norm == 0.0:
-                        raise self.source.nonfinite_error(site, 0, len(rows[site]), sample=True) or UserError(f"Activations of {site} have mean norm {mean_norm}; the data is degenerate (all zero or non-finite).")
+                        raise self.source.nonfinite_error(site, 0, len(rows[site]), sample=True) or UserError(
+                            f"Activations of {site} have mean norm {mean_norm}; the data is degenerate (all zero or non-finite)."
+                        )
                     scales[i] = 1.0 / mean_norm
                 if run.target == run.site:
                     scales[1] = scales[0]
@@ -250,7 +272,11 @@ class Trainer:
             return False
         saved, now = comparable(state["config"]), comparable(self.config_dict)
         if saved != now:
-            diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+            diffs = [
+                f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+                for k in sorted(set(saved) | set(now))
+                if saved.get(k) != now.get(k)
+            ]
             raise UserError(
                 f"{self.out_dir} holds a training run with a different config ({'; '.join(diffs)}). Use the original "
                 "settings to resume it, a new out_dir, or resume=false to start over in this directory."
@@ -274,11 +300,18 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
     def fit(self) -> TrainSummary:
         started, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
-        bar = tqdm(total=self.n_steps * self.cfg.batch_size, initial=self.tokens, unit="tok", unit_scale=True,
-                   disable=not (self.cfg.progress and self.dist.is_main), desc="train")
+        bar = tqdm(
+            total=self.n_steps * self.cfg.batch_size,
+            initial=self.tokens,
+            unit="tok",
+            unit_scale=True,
+            disable=not (self.cfg.progress and self.dist.is_main),
+            desc="train",
+        )
         first_step, last = self.step, {}
         batches: Iterator[tuple[dict[str, torch.Tensor], int]] = (
-            device_batches(self.source, self.position, self.dist.device) if self.step < self.n_steps else iter(()))
+            device_batches(self.source, self.position, self.dist.device) if self.step < self.n_steps else iter(())
+        )
         try:
             with StopSignals() as signals:
                 while self.step < self.n_steps:
@@ -345,7 +378,9 @@ class Trainer:
         # Latents one batch from the dead threshold: a bound on the dead count at the end of the
         # next step, which the step after it reads (dead_bound).
         dying = [(r.since_fired >= self.cfg.dead_after_tokens - self.cfg.batch_size).sum().view(1) for r in self.runs]
-        self._pending = DeferredRead(torch.cat([losses for losses, _, _ in reduced] + [flags] + [d.to(flags.dtype) for d in dying]))
+        self._pending = DeferredRead(
+            torch.cat([losses for losses, _, _ in reduced] + [flags] + [d.to(flags.dtype) for d in dying])
+        )
         self._pending_step, self._pending_start = self.step, self.position  # its batch: global rows from here
         self.step += 1
         self.tokens += self.cfg.batch_size
@@ -364,8 +399,14 @@ class Trainer:
             if not all(math.isfinite(v) for v in losses.values()):
                 start = self._pending_start
                 stop = start + self.cfg.batch_size
-                raise next((err for site in dict.fromkeys((run.site, run.target))
-                            if (err := self.source.nonfinite_error(site, start, stop))), None) or UserError(
+                raise next(
+                    (
+                        err
+                        for site in dict.fromkeys((run.site, run.target))
+                        if (err := self.source.nonfinite_error(site, start, stop))
+                    ),
+                    None,
+                ) or UserError(
                     f"Non-finite loss for SAE {run.tag} at step {self._pending_step} ({losses}). Training stopped; the "
                     "last checkpoint was left untouched. Lower lr, use dtype=float32, or check the activations."
                 )
@@ -392,13 +433,18 @@ class Trainer:
     def _batch_stats(n: int, var: torch.Tensor, out: SAEOutput) -> torch.Tensor:
         """This rank's statistics of one SAE as one fp64 vector: loss terms, squared error,
         variance, active-latent count, `out.stats`, then the fired mask (as 0/1)."""
-        parts = [torch.stack([v.detach().double() for v in out.losses.values()]),
-                 (out.losses["mse"].detach().double() * n).view(1), var.double().view(1), (out.l0.double() * n).view(1)]
+        parts = [
+            torch.stack([v.detach().double() for v in out.losses.values()]),
+            (out.losses["mse"].detach().double() * n).view(1),
+            var.double().view(1),
+            (out.l0.double() * n).view(1),
+        ]
         parts += [v.detach().double().flatten() for v in out.stats.values()]
         return torch.cat([*parts, out.fired.double()])
 
-    def _reduce_stats(self, stats: list[torch.Tensor], outs: list[SAEOutput],
-                      signal_received: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], torch.Tensor]:
+    def _reduce_stats(
+        self, stats: list[torch.Tensor], outs: list[SAEOutput], signal_received: int
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], torch.Tensor]:
         """Sum the statistics and stop flags over ranks (one small collective); returns per SAE
         (mean loss terms, [error, variance, active count] sums, fired mask) and the flags.
 
@@ -436,13 +482,22 @@ class Trainer:
         sample = functools.cache(self.source.sample)  # one read (or forward) for every SAE resampled now
         for run in self.runs:
             if run.sae.revival == "resample":
-                count = resample_dead_(run.sae, run.optimizer, run.dead_mask(self.cfg.dead_after_tokens),
-                                       sample, self.dist, (run.site, run.scale), (run.target, run.target_scale))
+                count = resample_dead_(
+                    run.sae,
+                    run.optimizer,
+                    run.dead_mask(self.cfg.dead_after_tokens),
+                    sample,
+                    self.dist,
+                    (run.site, run.scale),
+                    (run.target, run.target_scale),
+                )
                 if count:
                     log.info("%s: resampled %d dead latents at step %d", run.tag, count, self.step)
 
     def _callbacks(self) -> dict[str, dict[str, float]]:
-        info = StepInfo(step=self.step, n_steps=self.n_steps, tokens=self.tokens, runs=self.runs, is_main=self.dist.is_main)
+        info = StepInfo(
+            step=self.step, n_steps=self.n_steps, tokens=self.tokens, runs=self.runs, is_main=self.dist.is_main
+        )
         merged: dict[str, dict[str, float]] = {}
         for callback in self.callbacks:
             for tag, metrics in (callback(info) or {}).items():
@@ -475,7 +530,11 @@ class Trainer:
 
     def _checkpoint_due(self) -> bool:
         every = self.cfg.checkpoint_every_tokens
-        return every > 0 and self.step < self.n_steps and self.tokens // every != (self.tokens - self.cfg.batch_size) // every
+        return (
+            every > 0
+            and self.step < self.n_steps
+            and self.tokens // every != (self.tokens - self.cfg.batch_size) // every
+        )
 
     # ---- saving -----------------------------------------------------------------------------
     def save(self) -> None:
@@ -487,16 +546,36 @@ class Trainer:
                 for run in self.runs:
                     staging = staging_dir(run.directory)
                     save_sae(run.inference(), staging, self._inference_metadata(run))
-                    state = {"step": self.step, "tokens": self.tokens, "scale": run.scale, "target_scale": run.target_scale,
-                             "tag": run.tag, "site": run.site, "sae": asdict(run.sae.cfg)}
-                    ckpt.write_training_state(staging, {**run.sae.state_dict(), "since_fired": run.since_fired},
-                                              run.optimizer.state_dict(), state)
-                ckpt.commit(self.out_dir, [r.directory for r in self.runs], {
-                    "step": self.step, "tokens": self.tokens, "position": self.position, "n_steps": self.n_steps,
-                    "config": self.config_dict, "saes": [r.tag for r in self.runs], "wandb_id": self.wandb_id,
-                    "world_size": self.dist.world_size,
-                    "provenance": provenance(),
-                })
+                    state = {
+                        "step": self.step,
+                        "tokens": self.tokens,
+                        "scale": run.scale,
+                        "target_scale": run.target_scale,
+                        "tag": run.tag,
+                        "site": run.site,
+                        "sae": asdict(run.sae.cfg),
+                    }
+                    ckpt.write_training_state(
+                        staging,
+                        {**run.sae.state_dict(), "since_fired": run.since_fired},
+                        run.optimizer.state_dict(),
+                        state,
+                    )
+                ckpt.commit(
+                    self.out_dir,
+                    [r.directory for r in self.runs],
+                    {
+                        "step": self.step,
+                        "tokens": self.tokens,
+                        "position": self.position,
+                        "n_steps": self.n_steps,
+                        "config": self.config_dict,
+                        "saes": [r.tag for r in self.runs],
+                        "wandb_id": self.wandb_id,
+                        "world_size": self.dist.world_size,
+                        "provenance": provenance(),
+                    },
+                )
         self.dist.barrier()
 
     def _inference_metadata(self, run: SAERun) -> dict[str, Any]:
@@ -507,7 +586,8 @@ class Trainer:
             "tokens_trained": self.tokens,
             "source": self.source.provenance,
             "provenance": provenance(),
-            "train": {k: self.config_dict[k] for k in ("batch_size", "lr", "seed", "n_tokens", "dtype")} | {"lr_used": run.lr},
+            "train": {k: self.config_dict[k] for k in ("batch_size", "lr", "seed", "n_tokens", "dtype")}
+            | {"lr_used": run.lr},
         }
 
     def _last_logged(self, tag: str) -> dict[str, float]:
@@ -520,10 +600,19 @@ class Trainer:
     def _summary(self, seconds: float, steps: int, last: dict[str, dict[str, float]]) -> TrainSummary:
         tokens = steps * self.cfg.batch_size
         bound = sum(r.bound_seconds for r in self.runs) * steps
-        last = {tag: metrics or self._last_logged(tag) for tag, metrics in ((r.tag, last.get(r.tag, {})) for r in self.runs)}
+        last = {
+            tag: metrics or self._last_logged(tag) for tag, metrics in ((r.tag, last.get(r.tag, {})) for r in self.runs)
+        }
         return TrainSummary(
-            out_dir=str(self.out_dir), steps=self.step, new_steps=steps, tokens=self.tokens, seconds=seconds,
+            out_dir=str(self.out_dir),
+            steps=self.step,
+            new_steps=steps,
+            tokens=self.tokens,
+            seconds=seconds,
             tokens_per_second=tokens / seconds if seconds else 0.0,
             bound_fraction=bound / seconds if seconds else 0.0,
-            saes={r.tag: {"checkpoint": str(r.directory), "site": r.site, "metrics": last.get(r.tag, {})} for r in self.runs},
+            saes={
+                r.tag: {"checkpoint": str(r.directory), "site": r.site, "metrics": last.get(r.tag, {})}
+                for r in self.runs
+            },
         )

@@ -52,9 +52,16 @@ def fused_supported(sae: SAE, optimizer: torch.optim.Optimizer) -> bool:
     if not kernels.available():  # after the device check: a GPU node never builds the CPU kernels
         return False
     for group in optimizer.param_groups:
-        if (group["amsgrad"] or group["maximize"] or group["weight_decay"] != 0 or group["differentiable"]
-                or group["capturable"] or group.get("decoupled_weight_decay", False)
-                or torch.is_tensor(group["lr"]) or any(torch.is_tensor(b) for b in group["betas"])):
+        if (
+            group["amsgrad"]
+            or group["maximize"]
+            or group["weight_decay"] != 0
+            or group["differentiable"]
+            or group["capturable"]
+            or group.get("decoupled_weight_decay", False)
+            or torch.is_tensor(group["lr"])
+            or any(torch.is_tensor(b) for b in group["betas"])
+        ):
             return False
         for p in group["params"]:
             if p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous():
@@ -69,8 +76,11 @@ def _adam_state(optimizer: torch.optim.Adam, group: dict, p: torch.nn.Parameter)
     state = optimizer.state[p]
     if not state:
         fused = group["fused"] or group["capturable"]
-        state["step"] = (torch.zeros((), dtype=torch.float32) if fused
-                         else torch.tensor(0.0, dtype=torch.optim.optimizer._get_scalar_dtype()))
+        state["step"] = (
+            torch.zeros((), dtype=torch.float32)
+            if fused
+            else torch.tensor(0.0, dtype=torch.optim.optimizer._get_scalar_dtype())
+        )
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return state

@@ -317,7 +317,9 @@ def gemv(A: Tensor, x: Tensor) -> Tensor:
     return y
 
 
-def csr_decode(offsets: Tensor, idx: Tensor, val: Tensor, table: Tensor, bias: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+def csr_decode(
+    offsets: Tensor, idx: Tensor, val: Tensor, table: Tensor, bias: Tensor, target: Tensor
+) -> tuple[Tensor, Tensor]:
     """x_hat = CSR @ table + bias and the per-row squared error ||x_hat - target||^2, in one pass."""
     _check(val, torch.float32, "val")
     _check(table, tuple(_DT), "table")

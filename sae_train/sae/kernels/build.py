@@ -38,8 +38,16 @@ CFLAGS_VAR = "SAE_TRAIN_CFLAGS"
 SOURCE = Path(__file__).with_name("sae_kernels.c")
 _BASE_FLAGS = ["-O3", "-fno-math-errno", "-shared", "-fPIC"]  # no errno: sqrtf vectorises
 # /proc/cpuinfo flag -> the compiler flag enabling that extension (used when -march=native is refused)
-_X86_ISA = {"avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c", "avx512f": "-mavx512f", "avx512bw": "-mavx512bw",
-            "avx512vl": "-mavx512vl", "avx512dq": "-mavx512dq", "avx512_bf16": "-mavx512bf16"}
+_X86_ISA = {
+    "avx2": "-mavx2",
+    "fma": "-mfma",
+    "f16c": "-mf16c",
+    "avx512f": "-mavx512f",
+    "avx512bw": "-mavx512bw",
+    "avx512vl": "-mavx512vl",
+    "avx512dq": "-mavx512dq",
+    "avx512_bf16": "-mavx512bf16",
+}
 
 
 def cpu_flags() -> str:
