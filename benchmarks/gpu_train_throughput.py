@@ -42,7 +42,7 @@ from sae_train.train.roofline import best_time, step_gemm_seconds
 from sae_train.train.update import update
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import FixedBatch  # noqa: E402  (the sibling benchmark's one-batch source)
+from train_throughput import FixedBatch, sparsify_step  # noqa: E402  (the sibling benchmark's pieces)
 
 FULL = {
     "d_in": 2304,
@@ -189,23 +189,10 @@ def time_phases(trainer: Trainer, batch: dict[str, torch.Tensor], steps: int, de
 
 def time_sparsify(size: dict, dtype: str, device: torch.device, steps: int, warmup: int) -> dict | None:
     """sparsify's SparseCoder (TopK): forward, backward, its gradient projection, Adam, norm."""
-    try:
-        from sparsify import SparseCoder, SparseCoderConfig
-    except ImportError:
-        return None
-    coder = SparseCoder(size["d_in"], SparseCoderConfig(num_latents=size["d_sae"], k=size["k"]), device=device)
-    optimizer = torch.optim.Adam(coder.parameters(), lr=1e-4, fused=True)
     x = synthetic(size["batch"], size["d_in"], device)
-    x = x / x.norm(dim=1).mean()
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            out = coder(x)
-        out.fvu.backward()
-        coder.remove_gradient_parallel_to_decoder_directions()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        coder.set_decoder_norm_to_unit_norm()
+    step = sparsify_step(x / x.norm(dim=1).mean(), size["d_sae"], size["k"], dtype, fused_adam=True)
+    if step is None:
+        return None
 
     for _ in range(warmup):
         step()

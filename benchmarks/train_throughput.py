@@ -223,17 +223,23 @@ def saelens(arch: str, dtype: str, x: torch.Tensor) -> Callable[[], object] | No
 
 
 def sparsify(arch: str, dtype: str, x: torch.Tensor) -> Callable[[], object] | None:
-    if arch != "topk":
-        return None
+    return sparsify_step(x, D_SAE, K, dtype) if arch == "topk" else None
+
+
+def sparsify_step(
+    x: torch.Tensor, d_sae: int, k: int, dtype: str, fused_adam: bool | None = None
+) -> Callable[[], None] | None:
+    """One training step of sparsify's SparseCoder (TopK) on x, on x's device: forward, backward,
+    its gradient projection, Adam, decoder norm. None when sparsify is not installed."""
     try:
         from sparsify import SparseCoder, SparseCoderConfig
     except ImportError:
         return None
-    coder = SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=K), device="cpu")
-    optimizer = torch.optim.Adam(coder.parameters(), lr=1e-4)
+    coder = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=d_sae, k=k), device=x.device)
+    optimizer = torch.optim.Adam(coder.parameters(), lr=1e-4, fused=fused_adam)
 
     def step() -> None:
-        with _autocast(dtype):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             out = coder(x)
         out.fvu.backward()
         coder.remove_gradient_parallel_to_decoder_directions()
