@@ -41,6 +41,16 @@ def _summary(record: dict) -> list:
     ]
 
 
+def _shown(record: dict) -> dict:
+    """A record without what the page does not show (token ids, percentiles): a smaller download."""
+    groups = [
+        {**g, "examples": [{k: v for k, v in ex.items() if k != "token_ids"} for ex in g["examples"]]}
+        for g in record["examples_quantiles"]
+    ]
+    hidden = ("top_logits_ids", "bottom_logits_ids", "quantile_values")
+    return {**{k: v for k, v in record.items() if k not in hidden}, "examples_quantiles": groups}
+
+
 def write_sae(root: Path, name: str, meta: dict, records: list[dict]) -> None:
     """The browser data of one dictionary under root/<name>/browser/."""
     directory = root / name / "browser"
@@ -48,8 +58,9 @@ def write_sae(root: Path, name: str, meta: dict, records: list[dict]) -> None:
     index = {"meta": meta, "shard": SHARD, "latents": [_summary(r) for r in records]}
     (directory / "index.js").write_text(_script("saeIndexLoaded", name, index), encoding="utf-8")
     for start in range(0, len(records), SHARD):
+        shown = [_shown(r) for r in records[start : start + SHARD]]
         (directory / f"shard-{start // SHARD:05d}.js").write_text(
-            _script("saeShardLoaded", name, start, records[start : start + SHARD]), encoding="utf-8"
+            _script("saeShardLoaded", name, start, shown), encoding="utf-8"
         )
 
 

@@ -43,10 +43,11 @@ class Examples:
         self.acts = torch.zeros(d_sae, slots, context, device=device)
 
     def put(self, latents: Tensor, slots: Tensor, value: Tensor, row: Tensor, tokens: Tensor, acts: Tensor) -> None:
-        self.value[latents, slots] = value
-        self.row[latents, slots] = row
-        self.tokens[latents, slots] = tokens
-        self.acts[latents, slots] = acts
+        at = latents * self.value.shape[1] + slots  # flat (latent, slot) index: one-index writes are faster
+        self.value.view(-1)[at] = value
+        self.row.view(-1)[at] = row
+        self.tokens.view(-1, self.tokens.shape[2])[at] = tokens
+        self.acts.view(-1, self.acts.shape[2])[at] = acts
 
 
 def group_rank(sorted_keys: Tensor) -> Tensor:
@@ -87,8 +88,11 @@ class LatentStats:
     @torch.no_grad()
     def update(self, latents: Tensor, chunk: Chunk) -> None:
         """Add a chunk's dense latents [n, d_sae] (>= 0)."""
-        rows, ids = (latents > 0).nonzero(as_tuple=True)  # row-major: by row, then latent
-        values = latents[rows, ids]
+        flat = latents.view(-1)
+        at = (flat > 0).nonzero().squeeze(1)  # row-major: by row, then latent
+        values = flat[at]
+        rows = at // self.d_sae
+        ids = at - rows * self.d_sae
         self.n_tokens += latents.shape[0]
         self.count += torch.bincount(ids, minlength=self.d_sae)
         self.act_max.scatter_reduce_(0, ids, values, "amax")
@@ -104,7 +108,7 @@ class LatentStats:
         around = around.clamp(0, latents.shape[0] - 1)
         inside &= chunk.window[around] == chunk.window[rows][:, None]
         tokens = torch.where(inside, chunk.tokens[around], -1).to(torch.int32)
-        acts = torch.where(inside, latents[around, ids[:, None]], 0.0)
+        acts = torch.where(inside, latents.view(-1)[around * self.d_sae + ids[:, None]], 0.0)
         return tokens, acts
 
     def _update_histogram(self, ids: Tensor, values: Tensor) -> None:
