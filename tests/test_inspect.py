@@ -344,6 +344,14 @@ def test_bad_input_is_a_clear_error(inspected, lm, corpus, tmp_path):
     with pytest.raises(UserError, match="blocks.7.hook_resid_post.*which model .* lacks"):
         run(replace(cfg, checkpoint=str(absent), store="", out_dir=str(tmp_path / "c")), lm=lm)
 
+    # out_dir is replaced whole: never a directory holding something else (here the run's checkpoints).
+    with pytest.raises(UserError, match="is not the output of an earlier `sae-train inspect`"):
+        run(replace(cfg, out_dir=str(root)), lm=lm)
+    assert (sae_dir / "sae.safetensors").exists()
+    for n in (64, 32):  # an earlier output is replaced
+        again = run(replace(cfg, checkpoint=str(sae_dir), n_tokens=n, out_dir=str(tmp_path / "e")), lm=lm)
+    assert again.n_tokens == 32 and not list(tmp_path.glob(".e.*"))
+
     # A store whose shards hold no token ids (written by another tool).
     from safetensors.torch import load_file, save_file
 

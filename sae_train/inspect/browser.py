@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 INDEX = "index.html"
+LISTING = "saes.js"
 SHARD = 128
 """Latents per shard script."""
 TEMPLATE = Path(__file__).with_name("browser.html")
@@ -67,5 +68,5 @@ def write_sae(root: Path, name: str, meta: dict, records: list[dict]) -> None:
 def write_index(root: Path, saes: dict[str, dict[str, Any]]) -> None:
     """root/index.html and root/saes.js listing the dictionaries (name -> {dir, site, d_sae, ...})."""
     listing = [{"name": name, **info} for name, info in saes.items()]
-    (root / "saes.js").write_text(_script("saesLoaded", listing), encoding="utf-8")
+    (root / LISTING).write_text(_script("saesLoaded", listing), encoding="utf-8")
     (root / INDEX).write_text(TEMPLATE.read_text(encoding="utf-8"), encoding="utf-8")

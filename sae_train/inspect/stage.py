@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from sae_train.atomic import drop_previous, staging_dir, swap_dir
 from sae_train.data import TokenSpec
+from sae_train.errors import UserError
 from sae_train.eval.checkpoints import Checkpoint, group_by_site, load_checkpoints, recorded
 from sae_train.eval.stage import data_config, model_config, text_config
 from sae_train.eval.tokens import held_out_windows
@@ -141,9 +142,20 @@ def _write_records(directory: Path, records: list[dict]) -> None:
                 f.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
 
 
+def _check_out_dir(out: Path) -> None:
+    """out_dir is replaced whole: it must be new, empty or an earlier inspect output."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / browser.LISTING).is_file())):
+        raise UserError(
+            f"out_dir={out} exists and is not the output of an earlier `sae-train inspect` (no {browser.LISTING}); "
+            "inspect replaces its out_dir whole, so it will not write there. Choose a new directory, e.g. "
+            f"out_dir={out / 'inspect'}."
+        )
+
+
 def run(cfg: InspectConfig, lm: LanguageModel | None = None) -> InspectSummary:
     """Inspect the checkpoint(s) at cfg.checkpoint; writes cfg.out_dir (replacing it whole) and
     returns a summary (the CLI prints `summary.table()`). Pass `lm` to reuse a loaded model."""
+    _check_out_dir(Path(cfg.out_dir))
     checkpoints = load_checkpoints(cfg.checkpoint)
     store, recorded_model = _sources(cfg, checkpoints)
     lm = lm or LanguageModel.load(model_config(recorded_model, cfg.model))
