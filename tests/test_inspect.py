@@ -323,6 +323,8 @@ def test_live_mode_reads_held_out_text(lm, corpus, tmp_path):
     assert 80 < summary.n_tokens <= 93  # 3 windows of 32 less BOS and separators, left out like the store does
     records = read_records(tmp_path / "o" / "sae")
     assert any(r["n_firings"] for r in records)
+    source = json.loads((tmp_path / "o" / "sae" / "inspect.json").read_text())["source"]
+    assert source["live"]["split"] == "eval" and source["live"]["source"] == "files"  # held-out text
 
 
 # ---- bad input -------------------------------------------------------------------------------------

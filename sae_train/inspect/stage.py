@@ -89,16 +89,19 @@ def _sources(cfg: InspectConfig, checkpoints: list[Checkpoint]) -> tuple[Activat
     return store, stored_model or recorded_model
 
 
-def _rows(cfg: InspectConfig, store: ActivationStore | None, checkpoints: list[Checkpoint], lm: LanguageModel) -> Rows:
+def _rows(
+    cfg: InspectConfig, store: ActivationStore | None, checkpoints: list[Checkpoint], lm: LanguageModel
+) -> tuple[Rows, dict[str, Any]]:
+    """The rows to inspect and where they come from (for inspect.json)."""
     sites = sorted({c.site for c in checkpoints})
     if store is not None:
-        return store_rows(store, sites, cfg.n_tokens, cfg.batch_size, lm.device)
+        return store_rows(store, sites, cfg.n_tokens, cfg.batch_size, lm.device), {"store": str(store.root)}
     data = data_config(None if cfg.data is not None else recorded(checkpoints, "data"), cfg.data)
     text = text_config(recorded(checkpoints, "text"))
     windows = held_out_windows(lm.tokenizer, data, text, cfg.n_tokens)
-    return live_rows(
-        lm, [lm.site(s) for s in sites], windows, TokenSpec.from_tokenizer(lm.tokenizer, text), cfg.batch_size
-    )
+    tokens = TokenSpec.from_tokenizer(lm.tokenizer, text)
+    rows = live_rows(lm, [lm.site(s) for s in sites], windows, tokens, cfg.batch_size)
+    return rows, {"live": data.describe(), "text": asdict(text)}
 
 
 def _stream(
@@ -152,38 +155,50 @@ def _check_out_dir(out: Path) -> None:
         )
 
 
+def _records(cfg: InspectConfig, c: Checkpoint, stats: LatentStats, lm: LanguageModel) -> tuple[list[dict], dict]:
+    """One checkpoint's feature records, and how its logit lens was computed."""
+    sae_cfg = c.sae.cfg
+    written = sae_cfg.target if sae_cfg.is_transcoder else c.site
+    lens = logit_lens(lm, written) if cfg.n_logits else None
+    logits: LogitTokens | None = logit_tokens(lens, c.sae.W_dec.detach(), cfg.n_logits) if lens else None
+    used = [stats.top.tokens.flatten().cpu().numpy(), stats.sample.tokens.flatten().cpu().numpy()]
+    if logits is not None:
+        used += [logits.top_ids.flatten(), logits.bottom_ids.flatten()]
+    strings = token_strings(lm.tokenizer, np.concatenate([u.astype(np.int64) for u in used]))
+    builder = RecordBuilder(
+        stats, strings, logits, n_quantiles=cfg.n_quantiles, quantile_examples=cfg.quantile_examples
+    )
+    how = {
+        "site": written,
+        "method": lens.method if lens else None,
+        "note": None if lens else f"site {written} has no linear path to the logits: top/bottom logits are empty",
+    }
+    return list(builder), how
+
+
 def run(cfg: InspectConfig, lm: LanguageModel | None = None) -> InspectSummary:
     """Inspect the checkpoint(s) at cfg.checkpoint; writes cfg.out_dir (replacing it whole) and
     returns a summary (the CLI prints `summary.table()`). Pass `lm` to reuse a loaded model."""
-    _check_out_dir(Path(cfg.out_dir))
+    out = Path(cfg.out_dir)
+    _check_out_dir(out)
     checkpoints = load_checkpoints(cfg.checkpoint)
     store, recorded_model = _sources(cfg, checkpoints)
     lm = lm or LanguageModel.load(model_config(recorded_model, cfg.model))
     group_by_site(checkpoints, lm)  # every site read and written must exist in the model, at the SAE's width
     compute = resolve_dtype(cfg.dtype, lm.device)
-    for c in checkpoints:  # group_by_site moved them to the model's device
+    for c in checkpoints:
         c.sae = c.sae.to(lm.device)
         c.sae.compute_dtype = compute
-    stats, seconds = _stream(cfg, _rows(cfg, store, checkpoints, lm), checkpoints, lm.device)
+    rows, source = _rows(cfg, store, checkpoints, lm)
+    stats, seconds = _stream(cfg, rows, checkpoints, lm.device)
     n_tokens = next(iter(stats.values())).n_tokens
 
-    out = Path(cfg.out_dir)
     staging = staging_dir(out)
     summary = InspectSummary(out_dir=str(out), n_tokens=n_tokens, seconds=seconds)
     transcoders: dict[int, list[dict]] = {}
     for c in checkpoints:
+        records, lens = _records(cfg, c, stats[c.name], lm)
         sae_cfg = c.sae.cfg
-        written = sae_cfg.target if sae_cfg.is_transcoder else c.site
-        lens = logit_lens(lm, written) if cfg.n_logits else None
-        logits: LogitTokens | None = logit_tokens(lens, c.sae.W_dec.detach(), cfg.n_logits) if lens else None
-        s = stats[c.name]
-        used = [s.top.tokens.flatten().cpu().numpy(), s.sample.tokens.flatten().cpu().numpy()]
-        if logits is not None:
-            used += [logits.top_ids.flatten(), logits.bottom_ids.flatten()]
-        strings = token_strings(lm.tokenizer, np.concatenate([u.astype(np.int64) for u in used]))
-        records = list(
-            RecordBuilder(s, strings, logits, n_quantiles=cfg.n_quantiles, quantile_examples=cfg.quantile_examples)
-        )
         meta = {
             "sae": c.name,
             "checkpoint": str(c.path),
@@ -193,17 +208,9 @@ def run(cfg: InspectConfig, lm: LanguageModel | None = None) -> InspectSummary:
             "d_in": sae_cfg.d_in,
             "d_sae": sae_cfg.d_sae,
             "n_tokens": n_tokens,
-            "source": {"store": str(store.root)}
-            if store is not None
-            else {"live": "held-out split", "model": lm.identity},
+            "source": source,
             "model": lm.identity,
-            "logit_lens": {
-                "method": lens.method if lens else None,
-                "site": written,
-                "note": None
-                if lens
-                else f"site {written} has no linear path to the logits; top/bottom logits are empty",
-            },
+            "logit_lens": lens,
             "seconds": seconds,
             "config": asdict(cfg),
             "provenance": provenance(),
@@ -217,12 +224,14 @@ def run(cfg: InspectConfig, lm: LanguageModel | None = None) -> InspectSummary:
         summary.saes[c.name] = {"d_sae": sae_cfg.d_sae, "alive": alive, "dir": c.name, "site": c.site}
         layer = lm.site(c.site).layer
         if sae_cfg.is_transcoder and layer is not None:
-            transcoders[layer] = records
-        log.info("%s: %d latents written", c.name, len(records))
+            if layer in transcoders:
+                log.warning("several transcoders read layer %d: circuit-tracer feature pages hold one per layer", layer)
+            transcoders.setdefault(layer, records)
     browser.write_index(staging, summary.saes)
     if transcoders:
-        scan = circuit_tracer.write_features(transcoders, staging / circuit_tracer.GRAPH_DIR, Path(cfg.checkpoint).name)
-        summary.circuit_tracer_scan = scan
+        summary.circuit_tracer_scan = circuit_tracer.write_features(
+            transcoders, staging / circuit_tracer.GRAPH_DIR, Path(cfg.checkpoint).resolve().name
+        )
     swap_dir(out)
     drop_previous(out)
     return summary
