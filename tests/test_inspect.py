@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 import subprocess
 from dataclasses import asdict, replace
@@ -307,6 +308,40 @@ def test_transcoder_features_in_circuit_tracers_layout(inspected):
     example = page["examples_quantiles"][0]["examples"][0]
     assert set(example) == {"tokens_acts_list", "train_token_ind", "is_repeated_datapoint", "tokens"}
     assert page["act_max"] == fired["act_max"] and page["top_logits"] == fired["top_logits"]
+
+
+INTEROP_PYTHON = (
+    Path(os.environ.get("SAE_TRAIN_INTEROP", Path(__file__).parent.parent / ".venv-interop")) / "bin" / "python"
+)
+"""circuit-tracer 0.5.0's own venv (as in tests/test_circuit_tracer.py: SAE_TRAIN_INTEROP, default .venv-interop)."""
+SERVE_AND_READ = """
+import json, socket, sys, urllib.request
+from circuit_tracer.frontend.feature_models import Model
+from circuit_tracer.frontend.local_server import serve
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+server = serve(data_dir=sys.argv[1], port=port)
+try:
+    for path in sys.argv[2:]:  # what the viewer fetches for scan ./data/features/<set>
+        page = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/{path}"))
+        print(Model(**page).index, len(page["examples_quantiles"]))
+finally:
+    server.stop()
+"""
+
+
+@pytest.mark.skipif(not INTEROP_PYTHON.is_file(), reason=f"no circuit-tracer venv at {INTEROP_PYTHON.parent.parent}")
+def test_circuit_tracers_own_server_serves_our_pages_as_its_feature_model(inspected):
+    _, cfg, summary = inspected
+    records = [r for r in read_records(Path(cfg.out_dir) / "transcoder") if r["n_firings"]][:3]
+    paths = [f"{summary.circuit_tracer_scan.removeprefix('./')}/{cantor(2, r['index'])}.json" for r in records]
+    graphs = str(Path(cfg.out_dir) / "circuit_tracer")
+    done = subprocess.run(
+        [str(INTEROP_PYTHON), "-c", SERVE_AND_READ, graphs, *paths], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(v) for r in records for v in (r["index"], len(r["examples_quantiles"]))]
 
 
 def test_live_mode_reads_held_out_text(lm, corpus, tmp_path):
