@@ -21,7 +21,8 @@ class InspectConfig:
     model over the held-out split of `data`."""
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name=""))
     """The language model (tokenizer, unembedding for the logit lens; live mode: the activations).
-    name "" = the model the store (else the checkpoints) recorded."""
+    name "" = the model the store (else the checkpoints) recorded. The SAEs encode on its device
+    (model.device)."""
     data: DataConfig | None = None
     """Live mode only: the text source; empty = the one the checkpoints recorded. Always its eval split."""
     n_tokens: int = 200_000
@@ -45,8 +46,6 @@ class InspectConfig:
     """Rows encoded at a time (whole windows, at least one)."""
     dtype: str = "auto"
     """Encoder GEMM dtype: bfloat16 | float32 | auto (bfloat16 where the device computes it natively)."""
-    device: str = "auto"
-    """Where the SAEs encode (and, live, the model runs): cpu | cuda | auto."""
     seed: int = 0
     """Seed of the firing sample behind the quantile examples."""
     out_dir: str = "runs/inspect"
