@@ -23,6 +23,7 @@ stages:
   cache     run a model over text and store site activations
   train     train SAEs on a store (store=...) or live from the model (source=live)
   eval      reconstruction, sparsity and downstream-loss metrics of checkpoints
+  inspect   feature records (top/quantile examples, logit lens) and a static browser
   export    write checkpoints in the SAELens layout (and push them to the hub)
   pipeline  all of the above on the embedded default model
 
@@ -34,11 +35,13 @@ def _stages() -> dict[str, tuple[type, Callable[[Any], Any]]]:
     """stage name -> (config dataclass, run function); imported lazily to keep --help fast."""
     from sae_train import cache, export, pipeline, train
     from sae_train import eval as eval_stage  # not the builtin
+    from sae_train import inspect as inspect_stage  # not the standard library's
 
     return {
         "cache": (cache.CacheConfig, _report(cache.run)),
         "train": (train.TrainConfig, _report(pipeline.train_stage)),
         "eval": (eval_stage.EvalConfig, _report(eval_stage.run)),
+        "inspect": (inspect_stage.InspectConfig, _report(inspect_stage.run)),
         "export": (export.ExportConfig, _report(export.run)),
         "pipeline": (pipeline.PipelineConfig, _report(pipeline.run)),
     }

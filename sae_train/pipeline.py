@@ -1,11 +1,12 @@
-"""The stages that own more than one room: `pipeline` (cache -> train -> eval -> export) and
+"""The stages that own more than one room: `pipeline` (cache -> train -> eval -> export ->
+inspect) and
 `train` with periodic evaluation.
 
 train/ knows nothing of eval (DESIGN.md); evaluation during training is a trainer callback,
 wired here. The pipeline loads the model once, hands it to every stage, and reuses what an
 earlier run finished: cache and train resume from their own on-disk state (a finished store
 or run costs nothing), and eval/export are skipped when their inputs and settings are
-unchanged — a fingerprint of both is kept in `<out_dir>/pipeline_state.json`.
+unchanged — a fingerprint of both is kept in `<out_dir>/pipeline_state.json`; so is inspect.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sae_train import cache, export, train
 from sae_train import eval as eval_stage
+from sae_train import inspect as inspect_stage
 from sae_train.atomic import write_json_atomic
 from sae_train.data import DataConfig, TextConfig
 from sae_train.errors import UserError
@@ -110,6 +112,9 @@ class PipelineConfig:
     train: train.TrainConfig = field(default_factory=lambda: train.TrainConfig(store="runs/demo/acts"))
     eval: eval_stage.EvalConfig = field(default_factory=lambda: eval_stage.EvalConfig(checkpoint="runs/demo/sae"))
     export: export.ExportConfig = field(default_factory=lambda: export.ExportConfig(checkpoint="runs/demo/sae"))
+    inspect: inspect_stage.InspectConfig = field(
+        default_factory=lambda: inspect_stage.InspectConfig(checkpoint="runs/demo/sae", store="runs/demo/acts")
+    )
 
 
 @dataclass
@@ -120,6 +125,7 @@ class PipelineSummary:
     train: train.TrainSummary
     eval: eval_stage.EvalSummary
     export: export.ExportSummary | ReusedExport
+    inspect: inspect_stage.InspectSummary | ReusedExport
     reused: list[str]
 
     def table(self) -> str:
@@ -128,6 +134,7 @@ class PipelineSummary:
             ("train", self.train.table()),
             ("eval", self.eval.table()),
             ("export", self.export.table()),
+            ("inspect", self.inspect.table()),
         ]
         lines = []
         for name, text in sections:
@@ -139,6 +146,7 @@ class PipelineSummary:
             f"metrics            {Path(self.train.out_dir) / 'metrics.jsonl'}",
             f"eval report        {Path(self.eval.out_dir) / 'eval.md'} (eval.json, density.png)",
             f"SAELens export     {self.export.out_dir} (README.md model card)",
+            f"feature browser    {Path(self.inspect.out_dir) / 'index.html'} (open it from disk)",
             f"pipeline finished in {self.seconds / 60:.1f} min",
         ]
         return "\n".join(lines)
@@ -166,7 +174,7 @@ def _reusable(state: dict, stage: str, fingerprint: str, output: Path) -> bool:
 
 @dataclass
 class ReusedExport:
-    """An export a previous run wrote from the same inputs."""
+    """An export (or inspect output) a previous run wrote from the same inputs."""
 
     out_dir: str
     text: str
@@ -217,6 +225,19 @@ def run(cfg: PipelineConfig) -> PipelineSummary:
         state["export"] = {"fingerprint": export_key, "table": export_summary.table()}
         write_json_atomic(state_path, state)
 
+    # The demo's browser over (at most) the store it cached.
+    inspect_cfg = replace(cfg.inspect, n_tokens=min(cfg.inspect.n_tokens, cache_summary.n_tokens))
+    digest = digests.get(inspect_cfg.checkpoint) or _checkpoint_digest(inspect_cfg.checkpoint)
+    inspect_key = _fingerprint(asdict(inspect_cfg), digest)
+    inspect_summary: inspect_stage.InspectSummary | ReusedExport
+    if _reusable(state, "inspect", inspect_key, Path(inspect_cfg.out_dir) / "index.html"):
+        inspect_summary = ReusedExport(inspect_cfg.out_dir, state["inspect"]["table"])
+        reused.append("inspect")
+    else:
+        inspect_summary = inspect_stage.run(inspect_cfg, lm)
+        state["inspect"] = {"fingerprint": inspect_key, "table": inspect_summary.table()}
+        write_json_atomic(state_path, state)
+
     return PipelineSummary(
         out_dir=str(out),
         seconds=time.perf_counter() - started,
@@ -224,5 +245,6 @@ def run(cfg: PipelineConfig) -> PipelineSummary:
         train=train_summary,
         eval=eval_summary,
         export=export_summary,
+        inspect=inspect_summary,
         reused=reused,
     )

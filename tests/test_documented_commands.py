@@ -88,7 +88,7 @@ def metric_rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("stage", ["cache", "train", "eval", "export", "pipeline"])
+@pytest.mark.parametrize("stage", ["cache", "train", "eval", "export", "inspect", "pipeline"])
 def test_cfg_job_prints_every_option(stage, tmp_path):
     shown = sae_train(tmp_path, stage, "--cfg", "job")
     assert "out_dir:" in shown.stdout
@@ -109,6 +109,16 @@ def test_eval_one_checkpoint_then_export_with_its_numbers(home, evaluated):
     assert (home / f"runs/export/{SITE}/sae_weights.safetensors").exists()
     fvu = json.loads((home / "runs/eval/eval.json").read_text())["saes"][SITE]["metrics"]["fvu"]
     assert f"{fvu:.4f}"[:5] in (home / "runs/export/README.md").read_text()  # the model card shows the eval
+
+
+def test_inspect_from_the_store_and_live(home):
+    shown = sae_train(
+        home, "inspect", "checkpoint=runs/sae", "store=runs/acts", "n_tokens=2000", "out_dir=runs/inspect"
+    )
+    assert "runs/inspect/index.html" in shown.stdout
+    assert (home / f"runs/inspect/{SITE}/inspect.json").exists()
+    sae_train(home, "inspect", "checkpoint=runs/sae", "n_tokens=256", "out_dir=runs/inspect-live", "progress=false")
+    assert json.loads((home / f"runs/inspect-live/{SITE}/inspect.json").read_text())["source"]["live"]
 
 
 def test_export_push_to_hub_reaches_the_hub_api_with_the_token(home, evaluated):

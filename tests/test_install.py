@@ -122,3 +122,18 @@ def test_wheel_installs_and_runs_outside_the_repository(tiny_model_dir, tmp_path
     )
     assert "fvu" in trained.stdout
     assert (work / "sae" / SITE / "sae.safetensors").exists() and (work / "sae" / SITE / "cfg.json").exists()
+    # The browser page and the record schema are package data.
+    run(
+        sae_train,
+        "inspect",
+        "checkpoint=sae",
+        "store=acts",
+        "n_tokens=1000",
+        "out_dir=inspect",
+        "progress=false",
+        cwd=work,
+        env=env,
+    )
+    assert (work / "inspect" / "index.html").read_text().startswith("<!doctype html>")
+    code = "from sae_train.inspect.records import schema; print(schema()['title'])"
+    assert run(venv / "bin" / "python", "-c", code, cwd=work, env=env).stdout.startswith("sae-train inspect")

@@ -38,6 +38,7 @@ def pipeline_args(model: Path, out: Path) -> list[str]:
         "train.sae.expansion_factor=2",
         "eval.n_tokens=1024",
         "eval.progress=false",
+        "inspect.progress=false",
     ]
 
 
@@ -45,7 +46,7 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_model_dir, tmp_path):
     out = tmp_path / "demo"
     first = cli(*pipeline_args(tiny_model_dir("llama"), out))
     assert first.returncode == 0, first.stderr[-3000:]
-    for section in ("== cache ==", "== train ==", "== eval ==", "== export ==", "== artifacts =="):
+    for section in ("== cache ==", "== train ==", "== eval ==", "== export ==", "== inspect ==", "== artifacts =="):
         assert section in first.stdout
     assert "CE recovered" in first.stdout
     for artifact in (
@@ -55,14 +56,19 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_model_dir, tmp_path):
         "eval/density.png",
         f"export/{SITE}/sae_weights.safetensors",
         "export/README.md",
+        "inspect/index.html",
+        f"inspect/{SITE}/inspect.json",
     ):
         assert (out / artifact).exists(), artifact
     eval_json = (out / "eval" / "eval.json").read_bytes()
 
     again = cli(*pipeline_args(tiny_model_dir("llama"), out))
     assert again.returncode == 0, again.stderr[-3000:]
-    for stage in ("cache", "train", "eval", "export"):
+    for stage in ("cache", "train", "eval", "export", "inspect"):
         assert f"== {stage} (reused) ==" in again.stdout
+    assert f"feature browser    {out / 'inspect' / 'index.html'}" in again.stdout
+    # The store holds fewer rows than inspect's default budget: inspect reads all of them.
+    assert json.loads((out / "inspect" / SITE / "inspect.json").read_text())["n_tokens"] < 100_000
     assert (out / "eval" / "eval.json").read_bytes() == eval_json
 
     # Changing the eval budget redoes eval (and export, which shows its numbers), nothing else.

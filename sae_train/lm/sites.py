@@ -31,7 +31,7 @@ class Family:
     Paths inside a layer are relative to it. `mlp` is the MLP module: its input is
     `mlp.hook_in` (every family calls it on the normalised residual stream). `mlp_down` is the
     MLP's output projection: its input is the MLP hidden activation (`mlp.hook_post`), for
-    gated MLPs act(gate) * up.
+    gated MLPs act(gate) * up. `final_norm` (a full path) is the norm before the unembedding.
     """
 
     layers: str
@@ -39,6 +39,7 @@ class Family:
     mlp_out: str
     mlp_down: str
     mlp: str = "mlp"
+    final_norm: str = "model.norm"
 
 
 _LLAMA = Family("model.layers", attn_out="self_attn", mlp_out="mlp", mlp_down="mlp.down_proj")
@@ -51,8 +52,16 @@ _GEMMA2 = Family(
     mlp_down="mlp.down_proj",
 )
 FAMILIES: dict[str, Family] = {
-    "gpt2": Family("transformer.h", attn_out="attn", mlp_out="mlp", mlp_down="mlp.c_proj"),
-    "gpt_neox": Family("gpt_neox.layers", attn_out="attention", mlp_out="mlp", mlp_down="mlp.dense_4h_to_h"),
+    "gpt2": Family(
+        "transformer.h", attn_out="attn", mlp_out="mlp", mlp_down="mlp.c_proj", final_norm="transformer.ln_f"
+    ),
+    "gpt_neox": Family(
+        "gpt_neox.layers",
+        attn_out="attention",
+        mlp_out="mlp",
+        mlp_down="mlp.dense_4h_to_h",
+        final_norm="gpt_neox.final_layer_norm",
+    ),
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
