@@ -129,12 +129,13 @@ class StepInfo:
     n_steps: int
     tokens: int
     runs: list[SAERun]
+    """The SAEs this rank trains: all of the run's, unless parallel.saes spreads them."""
     is_main: bool
     """Rank 0 (or the only process): where work like periodic eval belongs."""
 
 
 Callback = Callable[[StepInfo], dict[str, dict[str, float]] | None]
-"""Called after every step on every rank; may return {sae tag: metrics} to log (e.g. a
+"""Called after every step on every rank; may return {sae tag: metrics} to log (rank 0's are; e.g. a
 periodic eval). It must make the same collective calls on every rank, or none."""
 
 
@@ -480,21 +481,21 @@ class Trainer:
         if self._pending is None:
             return 0
         values, offset = self._pending.read(), 0
-        for run in self.slots:
-            losses = dict(zip(run.loss_names, values[offset : offset + len(run.loss_names)]))
-            offset += len(run.loss_names)
+        for slot in self.slots:
+            losses = dict(zip(slot.loss_names, values[offset : offset + len(slot.loss_names)]))
+            offset += len(slot.loss_names)
             if not all(math.isfinite(v) for v in losses.values()):
                 start = self._pending_start
                 stop = start + self.cfg.batch_size
                 raise next(
                     (
                         err
-                        for site in dict.fromkeys((run.site, run.target))
+                        for site in dict.fromkeys((slot.site, slot.target))
                         if (err := self.source.nonfinite_error(site, start, stop))
                     ),
                     None,
                 ) or UserError(
-                    f"Non-finite loss for SAE {run.tag} at step {self._pending_step} ({losses}). Training stopped; the "
+                    f"Non-finite loss for SAE {slot.tag} at step {self._pending_step} ({losses}). Training stopped; the "
                     "last checkpoint was left untouched. Lower lr, use dtype=float32, or check the activations."
                 )
         flags = values[offset : offset + len(StopSignals.SIGNALS)]
