@@ -24,6 +24,7 @@ from sae_train.train.config import ParallelConfig
 from sae_train.train.dist import Dist
 from tests.store_util import write_store
 from tests.test_train_ddp import ENV, train_cmd
+from tests.tiny import write_corpus
 
 SWEEP = "+sweep.expansion_factor"
 TIMEOUT_S = 300
@@ -44,7 +45,7 @@ def _assert_same_saes(one: Path, spread: Path) -> None:
         assert not torch.equal(tensors["W_dec"], torch.zeros_like(tensors["W_dec"]))
 
 
-def _train(store: Path, out: Path, *args: str, ranks: int) -> None:
+def _train(store: Path | str, out: Path, *args: str, ranks: int) -> None:
     result = subprocess.run(
         train_cmd(store, out, *args, ranks=ranks), env=ENV, capture_output=True, timeout=TIMEOUT_S, text=True
     )
@@ -87,6 +88,30 @@ def test_uneven_data_across_ranks_and_sites(tmp_path):
     _train(tmp_path / "store", tmp_path / "one", *args, ranks=1)
     _train(tmp_path / "store", tmp_path / "spread", *args, "parallel.saes=true", ranks=3)
     _assert_same_saes(tmp_path / "one", tmp_path / "spread")
+
+
+def test_live_transcoders_spread_equal_data_parallel(tiny_model_dir, tmp_path):
+    """source=live, each rank running the model on its own windows: two transcoders (the rows
+    of their source and target sites both routed) spread over two ranks end as under plain DDP
+    on two ranks (live data depends on the world size, so the reference is DDP, not one process)."""
+    args = (
+        "source=live",
+        f"model.name={tiny_model_dir('llama')}",
+        "model.dtype=float32",
+        "data.source=files",
+        f"data.path={write_corpus(tmp_path / 'corpus')}",
+        "text.context_size=32",
+        "live_buffer_tokens=1024",
+        "sites=[blocks.1.mlp.hook_in]",
+        "sae.target=blocks.1.hook_mlp_out",
+        "sae=relu",
+        "n_tokens=2048",
+        "batch_size=256",
+        f"{SWEEP}=[2,4]",
+    )
+    _train("", tmp_path / "ddp", *args, ranks=2)
+    _train("", tmp_path / "spread", *args, "parallel.saes=true", ranks=2)
+    _assert_same_saes(tmp_path / "ddp", tmp_path / "spread")
 
 
 def _cfg(store: Path, out: Path, **fields) -> TrainConfig:
