@@ -204,7 +204,6 @@ class Trainer:
             raise UserError(f"out_dir={self.out_dir} is a file; choose a directory path.")
         self.n_steps = cfg.n_steps
         self.compute_dtype = resolve_dtype(cfg.dtype, dist.device)
-        self.local_batch = cfg.batch_size // dist.world_size
         if cfg.batch_size % dist.world_size:
             raise UserError(f"batch_size={cfg.batch_size} must divide evenly across {dist.world_size} ranks.")
         if dist.device.type == "cuda" and self.compute_dtype == torch.float32:
