@@ -69,7 +69,7 @@ def test_train_ddp_two_agents_rendezvous_and_checkpoint(cluster, store, tmp_path
         [
             "--nodes=1",
             "--ntasks-per-node=2",
-            "--time=5",
+            "--time=10",  # more than the notice's 5 minutes (#SBATCH --signal=B:USR1@300), or it comes at once
             f"--chdir={tmp_path}",
             str(TRAIN_DDP),
             f"store={store}",
@@ -100,7 +100,7 @@ def test_train_ddp_spreads_a_sweep_over_the_agents(cluster, store, tmp_path):
         [
             "--nodes=1",
             "--ntasks-per-node=2",
-            "--time=5",
+            "--time=10",  # more than the notice's 5 minutes (#SBATCH --signal=B:USR1@300), or it comes at once
             f"--chdir={tmp_path}",
             str(TRAIN_DDP),
             f"store={store}",
