@@ -84,7 +84,14 @@ def test_uneven_data_across_ranks_and_sites(tmp_path):
     one process (ReLU, resampling dead latents on the owners)."""
     for rank in (0, 1):
         write_store(tmp_path / "store", 12, rank=rank, world_size=2)
-    args = ("n_tokens=2880", "batch_size=48", "sae=relu", "sae.l1_coefficient=0.05", f"{SWEEP}=[2,4]")
+    args = (
+        "n_tokens=2880",
+        "batch_size=48",
+        "sae=relu",
+        "sae.l1_coefficient=1",
+        "dead_after_tokens=240",  # latents die and are resampled (steps 15, 30, 45)
+        f"{SWEEP}=[2,4]",
+    )
     _train(tmp_path / "store", tmp_path / "one", *args, ranks=1)
     _train(tmp_path / "store", tmp_path / "spread", *args, "parallel.saes=true", ranks=3)
     _assert_same_saes(tmp_path / "one", tmp_path / "spread")

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -584,9 +585,16 @@ class Trainer:
                     run.dist,
                     (run.site, run.scale),
                     (run.target, run.target_scale),
+                    self._generator(run),
                 )
                 if count:
                     log.info("%s: resampled %d dead latents at step %d", run.tag, count, self.step)
+
+    def _generator(self, run: SAERun) -> torch.Generator:
+        """Randomness for one SAE at this step, from (seed, SAE, step) alone: the same whichever
+        ranks train the SAE, whatever else the process drew before, and after a resume."""
+        seed = int(np.random.SeedSequence([self.cfg.seed, run.index, self.step]).generate_state(1, np.uint64)[0])
+        return torch.Generator(self.dist.device).manual_seed(seed)
 
     def _callbacks(self) -> dict[str, dict[str, float]]:
         info = StepInfo(
