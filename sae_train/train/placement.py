@@ -172,15 +172,9 @@ class Router:
     def bytes_sent(self, row_bytes: Mapping[str, int]) -> list[int]:
         """Per rank, the bytes of rows it sends to other ranks per step (row_bytes: per site)."""
         world = self.placement.world_size
-        if not self.moves:
-            return [0] * world
-        return [
-            sum(
-                (stop - start) * row_bytes[site]
-                for site in self.wanted
-                for d in range(world)
-                if d != rank
-                for start, stop in [self._splits(site, rank, d)]
-            )
-            for rank in range(world)
-        ]
+        sent = [0] * world
+        for site in self.wanted if self.moves else ():
+            for sender, receiver in itertools.permutations(range(world), 2):
+                start, stop = self._splits(site, sender, receiver)
+                sent[sender] += (stop - start) * row_bytes[site]
+        return sent
