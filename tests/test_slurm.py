@@ -69,7 +69,7 @@ def test_train_ddp_two_agents_rendezvous_and_checkpoint(cluster, store, tmp_path
         [
             "--nodes=1",
             "--ntasks-per-node=2",
-            "--time=5",
+            "--time=10",  # more than the notice's 5 minutes (#SBATCH --signal=B:USR1@300), or it comes at once
             f"--chdir={tmp_path}",
             str(TRAIN_DDP),
             f"store={store}",
@@ -90,6 +90,35 @@ def test_train_ddp_two_agents_rendezvous_and_checkpoint(cluster, store, tmp_path
     state = run_state(out)
     assert state["step"] == state["n_steps"] == 16
     assert {p.name for p in (out / "synthetic").iterdir()} >= {"sae.safetensors", "cfg.json", "trainer_state.json"}
+
+
+def test_train_ddp_spreads_a_sweep_over_the_agents(cluster, store, tmp_path):
+    """The README's spread sweep in small: three SAEs on two agents' workers, each training its
+    own; rank 0 commits a checkpoint holding all three."""
+    out = tmp_path / "sae"
+    job = cluster.run(
+        [
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--time=10",  # more than the notice's 5 minutes (#SBATCH --signal=B:USR1@300), or it comes at once
+            f"--chdir={tmp_path}",
+            str(TRAIN_DDP),
+            f"store={store}",
+            f"out_dir={out}",
+            "n_tokens=8192",
+            "batch_size=512",
+            "parallel.saes=true",
+            "+sweep.expansion_factor=[2,4,8]",
+            *TINY_TRAIN,
+        ],
+        env=job_env(),
+        log_dir=tmp_path,
+        timeout=150,
+    )
+    assert job.ok, job.log()
+    state = run_state(out)
+    assert state["step"] == state["n_steps"] == 16 and len(state["saes"]) == 3
+    assert all((out / tag / "sae.safetensors").is_file() for tag in state["saes"])
 
 
 def test_train_ddp_preemption_notice_checkpoints_requeues_and_resumes(cluster, store, tmp_path):

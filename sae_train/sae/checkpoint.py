@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sae_train import __version__
@@ -295,6 +295,17 @@ def restore_committed(directory: Path, step: int) -> None:
         f"No checkpoint of step {step} in {directory} (or {previous(directory).name}) although the run state "
         "records it; the run directory was modified. Remove it to start over."
     )
+
+
+def read_training_tensor(directory: Path, name: str) -> torch.Tensor:
+    """One tensor of an SAE's training weights (e.g. its dead-latent counters), read alone."""
+    try:
+        with safe_open(str(directory / TRAINING_WEIGHTS_FILE), "pt") as weights:
+            return weights.get_tensor(name)
+    except (OSError, RuntimeError, ValueError, SafetensorError) as err:
+        raise UserError(
+            f"Checkpoint in {directory} is unreadable ({err}). Remove the run directory to start over."
+        ) from err
 
 
 def read_training_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:

@@ -29,6 +29,8 @@ Gradients: autograd, with two custom pieces.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -201,12 +203,30 @@ class BatchSelection:
     min_kept: Tensor | None  # smallest positive kept pre-activation over the global batch (0 if none)
 
 
+_span: tuple[tdist.ProcessGroup | None, int] | None = None
+"""(process group, its size) set by `selection_span`; None: every rank of torch.distributed."""
+
+
+@contextlib.contextmanager
+def selection_span(group: tdist.ProcessGroup | None, world_size: int) -> Iterator[None]:
+    """Within the block, training forwards select across `group`'s `world_size` ranks (None:
+    the default group) instead of every rank: the ranks that train one SAE together when the
+    run's SAEs are spread over ranks (1: its owner alone, no collective)."""
+    global _span
+    outer, _span = _span, (group, world_size)
+    try:
+        yield
+    finally:
+        _span = outer
+
+
 def selection_world() -> int:
-    """Ranks that a BatchTopK selection spans: every rank of torch.distributed in a training
-    forward (autograd on), else 1 -- forwards without autograd (the data-dependent init, run
-    on rank 0 alone; evaluation) select within their own batch and reach no collective."""
+    """Ranks that a BatchTopK selection spans: every rank of torch.distributed (or of the
+    `selection_span` group) in a training forward (autograd on), else 1 -- forwards without
+    autograd (the data-dependent init, run on rank 0 alone; evaluation) select within their own
+    batch and reach no collective."""
     if torch.is_grad_enabled() and tdist.is_available() and tdist.is_initialized():
-        return tdist.get_world_size()
+        return tdist.get_world_size() if _span is None else _span[1]
     return 1
 
 
@@ -252,9 +272,10 @@ def global_cut(ranked_vals: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
     the global n_keep-th value t; entries above t are kept, and entries equal to t go to the
     lower global flat index, i.e. to lower ranks first (rank r's rows follow rank r-1's).
     """
-    world, rank = tdist.get_world_size(), tdist.get_rank()
+    group = None if _span is None else _span[0]
+    world, rank = tdist.get_world_size(group), tdist.get_rank(group)
     parts = [torch.empty_like(ranked_vals) for _ in range(world)]
-    tdist.all_gather(parts, ranked_vals.contiguous())
+    tdist.all_gather(parts, ranked_vals.contiguous(), group=group)
     allv = torch.stack(parts)  # [world, n_keep]
     t = allv.flatten().topk(n_keep, sorted=True).values[-1]
     eq = (allv == t) | (allv.isnan() & t.isnan())

@@ -29,6 +29,20 @@ class WandbConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How a torchrun/Slurm run lays its work over the ranks (plain data parallel by default:
+    every rank holds every SAE and trains it on its share of each batch)."""
+
+    saes: bool = False
+    """Spread the run's SAEs over the ranks: each rank holds and trains only its own (balanced
+    by parameter count; more ranks than SAEs form data-parallel groups per SAE), and every
+    SAE's rows reach its owners through one all-to-all per site and step. See
+    sae_train/train/placement.py for the rule."""
+    latent_shards: int = 1
+    """Split each SAE's latents over this many ranks (one wide SAE on several GPUs)."""
+
+
+@dataclass
 class TrainConfig:
     """Train one or more SAEs on one activation stream."""
 
@@ -105,6 +119,7 @@ class TrainConfig:
     """Continue from the checkpoint in out_dir when there is one (same config required)."""
     progress: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -132,6 +147,17 @@ class TrainConfig:
                 raise UserError(
                     f"sweep key '{key}' is not an SAE field or lr; valid: lr, {', '.join(SAEConfig.__dataclass_fields__)}."
                 )
+        if self.parallel.latent_shards != 1:
+            raise UserError(
+                f"parallel.latent_shards={self.parallel.latent_shards}: latent sharding is not part of this build; "
+                "remove it (parallel.saes=true spreads whole SAEs over the ranks)."
+            )
+        if self.parallel.saes and self.eval_every_tokens:
+            raise UserError(
+                "eval_every_tokens with parallel.saes=true: periodic eval runs on rank 0, which does not hold every "
+                "SAE when they are spread over ranks. Set eval_every_tokens=0 and run `sae-train eval` on the "
+                "checkpoints after training."
+            )
         if not 0 <= self.lr_warmup + self.lr_decay <= 1 or not 0 <= self.sparsity_warmup <= 1:
             raise UserError("lr_warmup + lr_decay and sparsity_warmup are fractions of the run in [0, 1].")
 
@@ -166,6 +192,7 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
         "out_dir",
         "device",
         "dist_timeout_s",
+        "parallel",  # the layout over ranks changes where SAEs train, not what they compute
     }
     out = {k: v for k, v in config.items() if k not in free}
     if "text" not in out and any(k in out for k in _LEGACY_TEXT_KEYS):

@@ -28,9 +28,16 @@ from sae_train.lm.model import resolve_device
 
 @dataclass(frozen=True)
 class Dist:
+    """This process's place among the ranks, and the collectives it takes part in.
+
+    With `group` set it describes a subgroup (the ranks that train one SAE together when the
+    run's SAEs are spread over ranks, train/placement.py): rank and world_size are then
+    positions within the group, and every collective involves the group's ranks only."""
+
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    group: tdist.ProcessGroup | None = None
 
     @property
     def is_main(self) -> bool:
@@ -39,8 +46,29 @@ class Dist:
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             with self._collective("all-reduce"):
-                tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+                tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM, group=self.group)
         return tensor
+
+    def all_to_all_(
+        self, output: torch.Tensor, tensor: torch.Tensor, output_splits: list[int], input_splits: list[int]
+    ) -> torch.Tensor:
+        """Rows input_splits[d] of `tensor` (in order) to rank d; output receives
+        output_splits[s] rows from rank s, in rank order."""
+        if self.world_size > 1:
+            with self._collective("all-to-all"):
+                tdist.all_to_all_single(output, tensor, output_splits, input_splits, group=self.group)
+        else:
+            output.copy_(tensor)
+        return output
+
+    def gather_objects(self, obj: object) -> list[object]:
+        """Every rank's `obj` (picklable), in rank order: for start-up exchanges, not per step."""
+        if self.world_size == 1:
+            return [obj]
+        gathered: list[object] = [None] * self.world_size
+        with self._collective("all-gather"):
+            tdist.all_gather_object(gathered, obj, group=self.group)
+        return gathered
 
     def start_grad_average(self, params: Sequence[nn.Parameter]) -> Callable[[], None]:
         """Start averaging the gradients of `params` over ranks, in place and in their own
@@ -57,7 +85,7 @@ class Dist:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
         with self._collective("gradient all-reduce"):
-            works = [tdist.all_reduce(g, op=tdist.ReduceOp.SUM, async_op=True) for g in grads]
+            works = [tdist.all_reduce(g, op=tdist.ReduceOp.SUM, async_op=True, group=self.group) for g in grads]
 
         def finish() -> None:
             with self._collective("gradient all-reduce"):
@@ -68,15 +96,16 @@ class Dist:
         return finish
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """`src`'s tensor on every rank (src: a rank of this Dist, i.e. within its group)."""
         if self.world_size > 1:
             with self._collective("broadcast"):
-                tdist.broadcast(tensor, src=src)
+                tdist.broadcast(tensor, group_src=src, group=self.group)
         return tensor
 
     def barrier(self) -> None:
         if self.world_size > 1:
             with self._collective("barrier"):
-                tdist.barrier()
+                tdist.barrier(group=self.group)
 
     @contextlib.contextmanager
     def _collective(self, name: str) -> Iterator[None]:

@@ -30,9 +30,11 @@ def resample_dead_(
     dist: Dist,
     source: tuple[str, float],
     target: tuple[str, float],
+    generator: torch.Generator | None = None,
 ) -> int:
     """Resample the latents in `dead`; returns how many (the same on every rank). source and
-    target are (site, normalisation scale); the target is the source for an SAE."""
+    target are (site, normalisation scale); the target is the source for an SAE. The inputs
+    are drawn with `generator` (on dead's device; None: the global one)."""
     dead_idx = dead.nonzero().flatten()
     if dead_idx.numel() == 0:
         return 0
@@ -42,7 +44,9 @@ def resample_dead_(
         y = rows[target[0]].to(dead.device, torch.float32) * target[1] if sae.cfg.is_transcoder else None
         errors = (sae(x, target=y).x_hat - (x if y is None else y)).pow(2).sum(dim=1)
         if float(errors.sum()) > 0:
-            picks = torch.multinomial(errors, dead_idx.numel(), replacement=dead_idx.numel() > len(x))
+            picks = torch.multinomial(
+                errors, dead_idx.numel(), replacement=dead_idx.numel() > len(x), generator=generator
+            )
             directions = (x if y is None else y)[picks] - sae.b_dec
             directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-8)
             enc_directions = directions

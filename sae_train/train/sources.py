@@ -222,7 +222,7 @@ class LiveSource:
         self.windows_per_block = max(1, buffer_tokens // text.context_size)
         self.provenance = {"source": "live", "model": lm.identity, "data": data.describe(), "text": asdict(text)}
         self._position = 0
-        if next(self._rank_windows(), None) is None:
+        if next(self._rank_windows(dist.rank, dist.world_size), None) is None:
             raise UserError(
                 f"Data source '{data.source}' {data.path} yields no full window of {text.context_size} tokens."
             )
@@ -233,9 +233,8 @@ class LiveSource:
     def _corpus_windows(self) -> Iterator[torch.Tensor]:
         return iter_windows(iter_documents(self.data), self.lm.tokenizer, self.text, self._tokens)
 
-    def _rank_windows(self) -> Iterator[torch.Tensor]:
-        """This rank's windows, cycling through the corpus forever."""
-        rank, world = self.dist.rank, self.dist.world_size
+    def _rank_windows(self, rank: int, world: int) -> Iterator[torch.Tensor]:
+        """Rank `rank` of `world`'s windows, cycling through the corpus forever."""
         while True:
             produced = False
             for i, window in enumerate(self._corpus_windows()):
@@ -245,7 +244,7 @@ class LiveSource:
             if not produced:
                 return
 
-    def _block_rows(self, windows: list[torch.Tensor], block: int) -> dict[str, torch.Tensor]:
+    def _block_rows(self, windows: list[torch.Tensor], block: int, rank: int) -> dict[str, torch.Tensor]:
         batch = torch.stack(windows)
         rows = self.lm.capture_rows(self._sites, batch, 16 * self.text.context_size)
         keep = keep_mask(batch.flatten(), self._tokens)
@@ -255,21 +254,22 @@ class LiveSource:
                 model = self.lm.identity
                 raise UserError(
                     f"Model {model['name']} ({model['dtype']}) produced non-finite activations (NaN or inf) at site "
-                    f"{name} on block {block} of rank {self.dist.rank}'s windows of data source '{self.data.source}'. "
+                    f"{name} on block {block} of rank {rank}'s windows of data source '{self.data.source}'. "
                     "Nothing was trained on them. This is usually the model overflowing its dtype: use "
                     "model.dtype=float32 (or bfloat16; float16 overflows easily)."
                 )
-        rng = np.random.default_rng([self.seed, self.dist.rank, block])
+        rng = np.random.default_rng([self.seed, rank, block])
         order = torch.from_numpy(rng.permutation(int(keep.sum())))
         return {name: x[order].float() for name, x in kept.items()}
 
-    def _blocks(self, start_block: int) -> Iterator[dict[str, torch.Tensor]]:
-        windows = self._rank_windows()
+    def _blocks(self, start_block: int, rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Rank `rank` of `world`'s shuffled blocks of rows, from block `start_block` on."""
+        windows = self._rank_windows(rank, world)
         for _ in islice(windows, start_block * self.windows_per_block):
             pass
         block = start_block
         while chunk := list(islice(windows, self.windows_per_block)):
-            yield self._block_rows(chunk, block)
+            yield self._block_rows(chunk, block, rank)
             block += 1
 
     def batches(self, position: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -279,7 +279,7 @@ class LiveSource:
         start_block, skip = self._locate(local_start)
         self._position = position
         pending: dict[str, torch.Tensor] | None = None
-        for rows in self._blocks(start_block):
+        for rows in self._blocks(start_block, self.dist.rank, self.dist.world_size):
             if skip:
                 rows = {k: v[skip:] for k, v in rows.items()}
                 skip = 0
@@ -294,7 +294,7 @@ class LiveSource:
         """(block, rows to skip in it) for a rank-local row offset, counting kept tokens per block."""
         if local_rows == 0:
             return 0, 0
-        windows, block = self._rank_windows(), 0
+        windows, block = self._rank_windows(self.dist.rank, self.dist.world_size), 0
         while chunk := list(islice(windows, self.windows_per_block)):
             tokens = torch.stack(chunk).flatten()
             size = int(keep_mask(tokens, self._tokens).sum())
@@ -312,9 +312,11 @@ class LiveSource:
         return None  # every block is checked when it is computed (`_block_rows`)
 
     def sample(self, n_tokens: int) -> dict[str, torch.Tensor]:
+        """n rows computed as a single-process run would (the same on every rank, whatever the
+        world size: any rank may initialise an SAE, parallel.saes)."""
         rows: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}
         got = 0
-        for block_rows in self._blocks(0):
+        for block_rows in self._blocks(0, 0, 1):
             for k, v in block_rows.items():
                 rows[k].append(v)
             got += len(next(iter(block_rows.values())))

@@ -17,6 +17,7 @@ reaches a checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -35,7 +37,7 @@ from sae_train.atomic import staging_dir
 from sae_train.errors import UserError
 from sae_train.lm.model import resolve_dtype
 from sae_train.provenance import provenance
-from sae_train.sae import SAE, SAEOutput, create_sae, kernels, load_weights, save_sae
+from sae_train.sae import SAE, SAEConfig, SAEOutput, create_sae, kernels, load_weights, save_sae, sparse
 from sae_train.sae import checkpoint as ckpt
 from sae_train.sae.kernels import keep_freed_memory
 from sae_train.train.config import TrainConfig, comparable
@@ -43,6 +45,7 @@ from sae_train.train.deferred import DeferredRead
 from sae_train.train.dist import Dist
 from sae_train.train.feed import device_batches
 from sae_train.train.logger import MetricsLogger
+from sae_train.train.placement import Placement, Router
 from sae_train.train.resample import resample_dead_
 from sae_train.train.roofline import step_gemm_seconds
 from sae_train.train.schedule import lr_factor, sparsity_factor
@@ -53,29 +56,26 @@ from sae_train.train.update import update
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SAERun:
-    """One SAE under training, with everything that belongs to it alone."""
+@dataclass(kw_only=True)
+class SAESlot:
+    """What every rank tracks of each SAE of the run, whether it trains it or not: its
+    statistics arrive with the step's all-reduce, so every rank makes the same decisions and
+    rank 0 logs every SAE (train/placement.py: which ranks own which SAEs)."""
 
     tag: str
     site: str
     """The site the SAE reads."""
     target: str
     """The site it reconstructs: `site` for an SAE, sae.cfg.target for a transcoder."""
-    sae: SAE
-    optimizer: torch.optim.Optimizer
+    d_sae: int
     lr: float
     directory: Path
-    bound_seconds: float
-    """Time of the dense GEMMs of one step on this machine (the roofline)."""
-    scale: float = 1.0
-    """Normalisation constant: the SAE sees x * scale, which has unit mean L2 norm."""
-    target_scale: float = 1.0
-    """The target's (a transcoder's target is y * target_scale, of unit mean norm; = scale for an SAE)."""
     since_fired: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     """Tokens since each latent last fired (dead-latent tracking)."""
     loss_names: tuple[str, ...] = ()
     """The SAE's loss terms, in the order of its rows in `totals` and the step statistics."""
+    stat_sizes: tuple[int, ...] = ()
+    """Elements of each of its per-batch `SAEOutput.stats`, in order (the step statistics)."""
     totals: torch.Tensor | None = None
     """On the device: sums since the last log line of the loss terms, then the squared error,
     the variance and the active-latent count (read at log steps only)."""
@@ -85,12 +85,37 @@ class SAERun:
     from the dead threshold at the end of the step before, read one step late like the losses).
     0: none can be dead, so the step skips revival work; None: unknown (first step of a call)."""
 
+    def dead_mask(self, after_tokens: int) -> torch.Tensor:
+        return self.since_fired >= after_tokens
+
+    @property
+    def stats_size(self) -> int:
+        """Elements of its part of the step statistics (`Trainer._batch_stats`)."""
+        return len(self.loss_names) + 3 + sum(self.stat_sizes) + self.d_sae
+
+
+@dataclass(kw_only=True)
+class SAERun(SAESlot):
+    """One SAE that this rank trains, with everything that belongs to it alone."""
+
+    index: int
+    """Its position among the run's SAEs (`sae_plan` order)."""
+    sae: SAE
+    optimizer: torch.optim.Optimizer
+    dist: Dist
+    """The ranks that train it together (all of them under data parallel, see train/placement.py)."""
+    share: float
+    """The fraction of each global batch this rank trains it on."""
+    bound_seconds: float
+    """Time of the dense GEMMs of one step on this machine (the roofline)."""
+    scale: float = 1.0
+    """Normalisation constant: the SAE sees x * scale, which has unit mean L2 norm."""
+    target_scale: float = 1.0
+    """The target's (a transcoder's target is y * target_scale, of unit mean norm; = scale for an SAE)."""
+
     def inference(self) -> SAE:
         """The inference copy acting on raw activations (`SAE.fold` with this run's scales)."""
         return self.sae.fold(self.scale, self.target_scale if self.target != self.site else None)
-
-    def dead_mask(self, after_tokens: int) -> torch.Tensor:
-        return self.since_fired >= after_tokens
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -105,12 +130,13 @@ class StepInfo:
     n_steps: int
     tokens: int
     runs: list[SAERun]
+    """The SAEs this rank trains: all of the run's, unless parallel.saes spreads them."""
     is_main: bool
     """Rank 0 (or the only process): where work like periodic eval belongs."""
 
 
 Callback = Callable[[StepInfo], dict[str, dict[str, float]] | None]
-"""Called after every step on every rank; may return {sae tag: metrics} to log (e.g. a
+"""Called after every step on every rank; may return {sae tag: metrics} to log (rank 0's are; e.g. a
 periodic eval). It must make the same collective calls on every rank, or none."""
 
 
@@ -179,20 +205,19 @@ class Trainer:
             raise UserError(f"out_dir={self.out_dir} is a file; choose a directory path.")
         self.n_steps = cfg.n_steps
         self.compute_dtype = resolve_dtype(cfg.dtype, dist.device)
-        self.local_batch = cfg.batch_size // dist.world_size
         if cfg.batch_size % dist.world_size:
             raise UserError(f"batch_size={cfg.batch_size} must divide evenly across {dist.world_size} ranks.")
         if dist.device.type == "cuda" and self.compute_dtype == torch.float32:
             enable_tf32()
         sites = [s for s in source.sites if s != cfg.sae.target]  # a transcoder's target is no training site
-        self.runs = [self._build_run(tag, site, overrides) for tag, site, overrides in sae_plan(cfg, sites)]
+        self._place(sae_plan(cfg, sites))
         self.step = self.tokens = self.position = 0
         self._pending: DeferredRead | None = None  # the last step's losses and stop flags
         self._pending_step = self._pending_start = 0
         self.wandb_id = ""
         self.config_dict = asdict(cfg)
         if dist.is_main:
-            ckpt.remove_stale(self.out_dir, [r.directory for r in self.runs])
+            ckpt.remove_stale(self.out_dir, [r.directory for r in self.slots])
         if not (cfg.resume and self._restore()):
             self._initialise()
         self.logger = MetricsLogger(self.out_dir, dist.is_main, cfg.wandb, self.config_dict, self.wandb_id)
@@ -200,7 +225,42 @@ class Trainer:
         self.wandb_id = self.logger.run_id
 
     # ---- set-up -------------------------------------------------------------------------
-    def _build_run(self, tag: str, site: str, overrides: dict[str, Any]) -> SAERun:
+    def _place(self, plan: list[tuple[str, str, dict[str, Any]]]) -> None:
+        """Decide which ranks train which SAEs (train/placement.py) and build this rank's:
+        `runs` (the SAEs trained here) and `slots` (every SAE of the run, `runs` among them)."""
+        configs = [self._sae_config(site, overrides) for _, site, overrides in plan]
+        with torch.device("meta"):  # shapes, parameter counts and default lrs, without memory
+            shapes = [create_sae(sae_cfg, compute_dtype=self.compute_dtype) for sae_cfg, _ in configs]
+        self.placement = Placement.build(
+            [sum(p.numel() for p in shape.parameters()) for shape in shapes],
+            self.dist.world_size,
+            self.cfg.batch_size,
+            spread_saes=self.cfg.parallel.saes,
+        )
+        groups = self.placement.owner_dists(self.dist)
+        owned = set(self.placement.owned(self.dist.rank))
+        self.slots: list[SAESlot] = []
+        for index, ((tag, site, _), (sae_cfg, lr), shape) in enumerate(zip(plan, configs, shapes)):
+            slot = SAESlot(
+                tag=tag,
+                site=site,
+                target=sae_cfg.target or site,
+                d_sae=sae_cfg.d_sae,
+                lr=lr or shape.default_lr(),
+                directory=self.out_dir / tag,
+                since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=self.dist.device),
+            )
+            if index in owned:
+                slot = self._build_run(slot, index, sae_cfg, groups[self.placement.owners[index]])
+            self.slots.append(slot)
+        self.runs = [slot for slot in self.slots if isinstance(slot, SAERun)]
+        self.router = Router(self.placement, [tuple(dict.fromkeys((s.site, s.target))) for s in self.slots], self.dist)
+        if any(len(group) < self.dist.world_size for group in self.placement.owners):  # some rank lacks some SAE
+            self._exchange_layouts()
+
+    def _sae_config(self, site: str, overrides: dict[str, Any]) -> tuple[SAEConfig, float]:
+        """The resolved config of the SAE reading `site` with sweep `overrides`, and its lr (0:
+        the architecture's default)."""
         d_in = self.source.d_in(site)
         overrides = dict(overrides)
         lr = overrides.pop("lr", self.cfg.lr)
@@ -210,43 +270,61 @@ class Trainer:
                 f"sae.d_in={sae_cfg.d_in} does not match site {site} of the data, whose activations have "
                 f"d_in={d_in}. Remove sae.d_in (it is read from the data) or pick the matching site."
             )
-        target = sae_cfg.target or site
-        d_out = self.source.d_in(target) if sae_cfg.target else 0
-        sae = create_sae(sae_cfg.resolved(d_in, d_out), compute_dtype=self.compute_dtype).to(self.dist.device)
-        lr = lr or sae.default_lr()
+        d_out = self.source.d_in(sae_cfg.target) if sae_cfg.target else 0
+        return sae_cfg.resolved(d_in, d_out), lr
+
+    def _build_run(self, slot: SAESlot, index: int, sae_cfg: SAEConfig, dist: Dist) -> SAERun:
+        sae = create_sae(sae_cfg, compute_dtype=self.compute_dtype).to(self.dist.device)
         beta1, beta2 = self.cfg.adam_betas
         # The fused kernel is ~3x faster than the default multi-tensor Adam on CPU (one pass over
         # parameter, gradient and both moments): a sixth of a TopK step at the reference size.
         optimizer = torch.optim.Adam(
             sae.parameters(),
-            lr=lr,
+            lr=slot.lr,
             betas=(beta1, beta2),
             eps=self.cfg.adam_eps,
             fused=self.dist.device.type in ("cpu", "cuda"),
         )
+        share = self.placement.share(index, self.dist.rank)
         bound = _step_gemm_seconds(
-            sae.cfg.architecture, self.local_batch, d_in, sae.cfg.d_sae, self.compute_dtype, self.dist.device
+            sae.cfg.architecture,
+            round(share * self.cfg.batch_size),
+            sae.cfg.d_in,
+            sae.cfg.d_sae,
+            self.compute_dtype,
+            self.dist.device,
         )
-        return SAERun(
-            tag=tag,
-            site=site,
-            target=target,
-            sae=sae,
-            optimizer=optimizer,
-            lr=lr,
-            directory=self.out_dir / tag,
-            bound_seconds=bound,
-            since_fired=torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.dist.device),
-        )
+        fields = {f.name: getattr(slot, f.name) for f in dataclasses.fields(SAESlot)}
+        return SAERun(**fields, index=index, sae=sae, optimizer=optimizer, dist=dist, share=share, bound_seconds=bound)
+
+    @torch.no_grad()
+    def _exchange_layouts(self) -> None:
+        """Tell every rank every SAE's loss terms and per-batch statistics, which only its
+        owners can compute (a forward of two random rows), so that all ranks lay out the step's
+        statistics alike when some do not train every SAE: one all-gather, at start-up."""
+        gen, mine = torch.Generator().manual_seed(0), {}
+        for run in self.runs:
+            x = torch.randn(2, run.sae.cfg.d_in, generator=gen).to(self.dist.device)
+            y = None
+            if run.target != run.site:
+                y = torch.randn(2, self.source.d_in(run.target), generator=gen).to(self.dist.device)
+            out = run.sae(x, target=y)
+            mine[run.index] = (tuple(out.losses), tuple(v.numel() for v in out.stats.values()))
+        for layouts in self.dist.gather_objects(mine):
+            assert isinstance(layouts, dict)
+            for index, (names, sizes) in layouts.items():
+                self.slots[index].loss_names, self.slots[index].stat_sizes = names, sizes
 
     @torch.no_grad()
     def _initialise(self) -> None:
-        """Normalisation constants and data-dependent init (b_dec) from one sample, made on
-        rank 0 and broadcast so every rank starts from identical weights."""
-        sample = self.source.sample(self.cfg.init_tokens) if self.dist.is_main else None
+        """Normalisation constants and data-dependent init (b_dec) from one sample, made by the
+        first owner of each SAE (rank 0 under data parallel) and broadcast to its other owners,
+        so they start from identical weights."""
+        sample = self.source.sample(self.cfg.init_tokens) if any(r.dist.is_main for r in self.runs) else None
         for run in self.runs:
             scales = torch.zeros(2, dtype=torch.float64, device=self.dist.device)  # source's, target's
-            if sample is not None:
+            if run.dist.is_main:
+                assert sample is not None
                 rows = {}
                 for i, site in enumerate(dict.fromkeys((run.site, run.target))):
                     rows[site] = sample[site].to(self.dist.device, torch.float32)
@@ -261,9 +339,9 @@ class Trainer:
                     run.sae.init_from_data(rows[run.site] * scales[0].item())
                 else:
                     run.sae.init_from_data(rows[run.site] * scales[0].item(), rows[run.target] * scales[1].item())
-            run.scale, run.target_scale = self.dist.broadcast_(scales).tolist()
+            run.scale, run.target_scale = run.dist.broadcast_(scales).tolist()
             for tensor in itertools.chain(run.sae.parameters(), run.sae.buffers()):
-                self.dist.broadcast_(tensor.data)
+                run.dist.broadcast_(tensor.data)
                 torch.autograd.graph.increment_version(tensor)  # .data writes skip the version counter
 
     def _restore(self) -> bool:
@@ -282,9 +360,12 @@ class Trainer:
                 "settings to resume it, a new out_dir, or resume=false to start over in this directory."
             )
         if self.dist.is_main:  # one rank repairs what a crash during a save left; the others wait
-            for run in self.runs:
-                ckpt.restore_committed(run.directory, state["step"])
+            for slot in self.slots:
+                ckpt.restore_committed(slot.directory, state["step"])
         self.dist.barrier()
+        for slot in self.slots:
+            if not isinstance(slot, SAERun):  # trained elsewhere: only its dead-latent counters, for the logs
+                slot.since_fired = ckpt.read_training_tensor(slot.directory, "since_fired").to(self.dist.device)
         for run in self.runs:
             tensors, optimizer, sae_state = ckpt.read_training_state(run.directory)
             run.since_fired = tensors.pop("since_fired").to(self.dist.device)
@@ -345,26 +426,31 @@ class Trainer:
         step late on every rank alike, so the host never waits for the step it just queued.
         """
         sparsity = sparsity_factor(self.step, self.n_steps, self.cfg.sparsity_warmup)
-        needed = {site for run in self.runs for site in (run.site, run.target)}
+        needed = {site for slot in self.slots for site in (slot.site, slot.target)}
         batch = {site: batch[site].to(self.dist.device, non_blocking=True) for site in needed}  # once per site
+        routed = self.router.route(batch)  # each SAE's rows to the ranks that train it
         stats, outs, finishers = [], [], []
         for run in self.runs:
-            x, var = self._normalised(batch[run.site], run.scale)
+            x, var = self._normalised(routed[run.site], run.scale)
             y = None
             if run.target != run.site:  # a transcoder: the FVU's variance is the target's
-                y, var = self._normalised(batch[run.target], run.target_scale)
+                y, var = self._normalised(routed[run.target], run.target_scale)
             run.sae.max_dead = run.dead_bound
             dead = None if run.dead_bound == 0 else run.dead_mask(self.cfg.dead_after_tokens)
-            out = run.sae(x, target=y, dead_mask=dead, sparsity_scale=sparsity)
+            with sparse.selection_span(run.dist.group, run.dist.world_size):
+                out = run.sae(x, target=y, dead_mask=dead, sparsity_scale=sparsity)
             out.losses["loss"].backward()
-            finishers.append(self.dist.start_grad_average(run.params))
-            run.loss_names = tuple(out.losses)
-            stats.append(self._batch_stats(x.shape[0], var, out))
+            finishers.append(run.dist.start_grad_average(run.params))
+            layout = tuple(out.losses), tuple(v.numel() for v in out.stats.values())
+            if run.loss_names and (run.loss_names, run.stat_sizes) != layout:
+                raise RuntimeError(f"{run.tag}: statistics {layout} differ from the layout the ranks agreed on")
+            run.loss_names, run.stat_sizes = layout
+            stats.append(self._batch_stats(x.shape[0], var, out, run.share))
             outs.append(out)
         reduced, flags = self._reduce_stats(stats, outs, signal_received)
         stop = self._settle()  # the previous step's: its copy is done by now
         lr_scale = lr_factor(self.step, self.n_steps, self.cfg.lr_warmup, self.cfg.lr_decay)
-        for run, out, finish, (losses, sums, fired) in zip(self.runs, outs, finishers, reduced):
+        for run, out, finish in zip(self.runs, outs, finishers):
             finish()
             run.lr_now = run.lr * lr_scale
             for group in run.optimizer.param_groups:
@@ -372,12 +458,14 @@ class Trainer:
             update(run.sae, run.optimizer, self.cfg.grad_clip)  # projection, clipping, Adam, constraint
             run.optimizer.zero_grad(set_to_none=True)
             run.sae.after_step(out)
-            run.since_fired.add_(self.cfg.batch_size).masked_fill_(fired, 0)
+        for slot, (losses, sums, fired) in zip(self.slots, reduced):  # every SAE of the run, trained here or not
+            slot.lr_now = slot.lr * lr_scale
+            slot.since_fired.add_(self.cfg.batch_size).masked_fill_(fired, 0)
             head = torch.cat([losses, sums])
-            run.totals = head if run.totals is None else run.totals.add_(head)
+            slot.totals = head if slot.totals is None else slot.totals.add_(head)
         # Latents one batch from the dead threshold: a bound on the dead count at the end of the
         # next step, which the step after it reads (dead_bound).
-        dying = [(r.since_fired >= self.cfg.dead_after_tokens - self.cfg.batch_size).sum().view(1) for r in self.runs]
+        dying = [(s.since_fired >= self.cfg.dead_after_tokens - self.cfg.batch_size).sum().view(1) for s in self.slots]
         self._pending = DeferredRead(
             torch.cat([losses for losses, _, _ in reduced] + [flags] + [d.to(flags.dtype) for d in dying])
         )
@@ -393,26 +481,26 @@ class Trainer:
         if self._pending is None:
             return 0
         values, offset = self._pending.read(), 0
-        for run in self.runs:
-            losses = dict(zip(run.loss_names, values[offset : offset + len(run.loss_names)]))
-            offset += len(run.loss_names)
+        for slot in self.slots:
+            losses = dict(zip(slot.loss_names, values[offset : offset + len(slot.loss_names)]))
+            offset += len(slot.loss_names)
             if not all(math.isfinite(v) for v in losses.values()):
                 start = self._pending_start
                 stop = start + self.cfg.batch_size
                 raise next(
                     (
                         err
-                        for site in dict.fromkeys((run.site, run.target))
+                        for site in dict.fromkeys((slot.site, slot.target))
                         if (err := self.source.nonfinite_error(site, start, stop))
                     ),
                     None,
                 ) or UserError(
-                    f"Non-finite loss for SAE {run.tag} at step {self._pending_step} ({losses}). Training stopped; the "
+                    f"Non-finite loss for SAE {slot.tag} at step {self._pending_step} ({losses}). Training stopped; the "
                     "last checkpoint was left untouched. Lower lr, use dtype=float32, or check the activations."
                 )
         flags = values[offset : offset + len(StopSignals.SIGNALS)]
-        for run, dying in zip(self.runs, values[offset + len(flags) :]):
-            run.dead_bound = int(dying)
+        for slot, dying in zip(self.slots, values[offset + len(flags) :]):
+            slot.dead_bound = int(dying)
         return next((int(sig) for sig, flag in zip(StopSignals.SIGNALS, flags) if flag > 0), 0)
 
     @staticmethod
@@ -430,46 +518,53 @@ class Trainer:
 
     @staticmethod
     @torch.no_grad()
-    def _batch_stats(n: int, var: torch.Tensor, out: SAEOutput) -> torch.Tensor:
+    def _batch_stats(n: int, var: torch.Tensor, out: SAEOutput, share: float) -> torch.Tensor:
         """This rank's statistics of one SAE as one fp64 vector: loss terms, squared error,
-        variance, active-latent count, `out.stats`, then the fired mask (as 0/1)."""
+        variance, active-latent count, `out.stats`, then the fired mask (as 0/1). The means
+        (loss terms, `out.stats`) are weighted by the rank's share of the global batch, so
+        their sum over the SAE's ranks is their mean over the global batch."""
         parts = [
-            torch.stack([v.detach().double() for v in out.losses.values()]),
+            torch.stack([v.detach().double() for v in out.losses.values()]) * share,
             (out.losses["mse"].detach().double() * n).view(1),
             var.double().view(1),
             (out.l0.double() * n).view(1),
         ]
-        parts += [v.detach().double().flatten() for v in out.stats.values()]
+        parts += [v.detach().double().flatten() * share for v in out.stats.values()]
         return torch.cat([*parts, out.fired.double()])
 
     def _reduce_stats(
         self, stats: list[torch.Tensor], outs: list[SAEOutput], signal_received: int
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """Sum the statistics and stop flags over ranks (one small collective); returns per SAE
-        (mean loss terms, [error, variance, active count] sums, fired mask) and the flags.
+        """Sum the statistics and stop flags over all ranks (one small collective, zeros for the
+        SAEs a rank does not train); returns per SAE of the run (mean loss terms, [error,
+        variance, active count] sums, fired mask) and the flags.
 
         The SAEs' own per-batch statistics (`out.stats`, e.g. BatchTopK's smallest kept
         activation) are averaged in place, so state updated from them stays identical on
-        every rank.
+        every rank that trains the SAE.
         """
         # One flag per signal: summing signal numbers across ranks would invent other signals.
         flags = torch.zeros(len(StopSignals.SIGNALS), dtype=torch.float64, device=self.dist.device)
         if signal_received:
             flags[StopSignals.SIGNALS.index(signal_received)] = 1.0
-        flat = self.dist.all_reduce_sum_(torch.cat([*stats, flags]))
-        world, offset, reduced = self.dist.world_size, 0, []
+        mine = {run.index: (vector, out) for run, vector, out in zip(self.runs, stats, outs)}
+        parts = [mine[i][0] if i in mine else flags.new_zeros(slot.stats_size) for i, slot in enumerate(self.slots)]
+        flat = self.dist.all_reduce_sum_(torch.cat([*parts, flags]))
+        offset, reduced = 0, []
 
         def take(n: int) -> torch.Tensor:
             nonlocal offset
             offset += n
             return flat[offset - n : offset]
 
-        for run, out in zip(self.runs, outs):
-            losses = take(len(out.losses)) / world
-            sums = take(3)
-            for key, value in out.stats.items():
-                out.stats[key] = (take(value.numel()) / world).view_as(value).to(value.dtype)
-            reduced.append((losses, sums, take(run.sae.cfg.d_sae) > 0))
+        for i, slot in enumerate(self.slots):
+            losses, sums = take(len(slot.loss_names)), take(3)
+            values = [take(n) for n in slot.stat_sizes]
+            if i in mine:
+                out = mine[i][1]
+                for (key, value), total in zip(out.stats.items(), values):
+                    out.stats[key] = total.view_as(value).to(value.dtype)
+            reduced.append((losses, sums, take(slot.d_sae) > 0))
         return reduced, take(len(StopSignals.SIGNALS))
 
     def _maybe_resample(self) -> None:
@@ -487,12 +582,19 @@ class Trainer:
                     run.optimizer,
                     run.dead_mask(self.cfg.dead_after_tokens),
                     sample,
-                    self.dist,
+                    run.dist,
                     (run.site, run.scale),
                     (run.target, run.target_scale),
+                    self._generator(run),
                 )
                 if count:
                     log.info("%s: resampled %d dead latents at step %d", run.tag, count, self.step)
+
+    def _generator(self, run: SAERun) -> torch.Generator:
+        """Randomness for one SAE at this step, from (seed, SAE, step) alone: the same whichever
+        ranks train the SAE, whatever else the process drew before, and after a resume."""
+        seed = int(np.random.SeedSequence([self.cfg.seed, run.index, self.step]).generate_state(1, np.uint64)[0])
+        return torch.Generator(self.dist.device).manual_seed(seed)
 
     def _callbacks(self) -> dict[str, dict[str, float]]:
         info = StepInfo(
@@ -505,11 +607,13 @@ class Trainer:
         return merged
 
     def _log(self, steps: int, seconds: float, extra: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-        """One metrics line per SAE: where the host reads the device's sums (one read per SAE)."""
+        """One metrics line per SAE of the run (written by rank 0, which has every SAE's sums,
+        trained there or not): where the host reads the device's sums (one read per SAE).
+        bound_fraction is this rank's: the GEMM time of the SAEs it trains over the wall time."""
         tokens_per_s = steps * self.cfg.batch_size / seconds
         bound = sum(r.bound_seconds for r in self.runs) * steps
         last = {}
-        for run in self.runs:
+        for run in self.slots:
             dead = run.dead_mask(self.cfg.dead_after_tokens).double().mean().view(1)
             assert run.totals is not None  # a log step follows at least one step
             *losses, err, var, active, dead_fraction = torch.cat([run.totals, dead]).tolist()
@@ -538,45 +642,76 @@ class Trainer:
 
     # ---- saving -----------------------------------------------------------------------------
     def save(self) -> None:
-        """Checkpoint every SAE (rank 0 writes; every rank waits so none runs ahead), after
-        checking the last step's losses: a non-finite step raises here instead of being saved."""
+        """Checkpoint every SAE, after checking the last step's losses: a non-finite step raises
+        here instead of being saved. The first owner of each SAE (rank 0 under data parallel)
+        stages its directory; then rank 0 swaps them all in and commits the run state (Contract
+        2). Each phase ends with every rank learning whether any rank's writes failed, so all
+        stop together and none runs ahead."""
         self._settle()
-        if self.dist.is_main:
-            with ckpt.failed_writes_stop(self.out_dir, [r.directory for r in self.runs], self.step):
-                for run in self.runs:
-                    staging = staging_dir(run.directory)
-                    save_sae(run.inference(), staging, self._inference_metadata(run))
-                    state = {
-                        "step": self.step,
-                        "tokens": self.tokens,
-                        "scale": run.scale,
-                        "target_scale": run.target_scale,
-                        "tag": run.tag,
-                        "site": run.site,
-                        "sae": asdict(run.sae.cfg),
-                    }
-                    ckpt.write_training_state(
-                        staging,
-                        {**run.sae.state_dict(), "since_fired": run.since_fired},
-                        run.optimizer.state_dict(),
-                        state,
-                    )
-                ckpt.commit(
-                    self.out_dir,
-                    [r.directory for r in self.runs],
-                    {
-                        "step": self.step,
-                        "tokens": self.tokens,
-                        "position": self.position,
-                        "n_steps": self.n_steps,
-                        "config": self.config_dict,
-                        "saes": [r.tag for r in self.runs],
-                        "wandb_id": self.wandb_id,
-                        "world_size": self.dist.world_size,
-                        "provenance": provenance(),
-                    },
-                )
-        self.dist.barrier()
+        writing = [run for run in self.runs if run.dist.is_main]
+
+        def stage() -> None:
+            for run in writing:
+                self._stage(run)
+
+        self._together(stage, [run.directory for run in writing])
+        committing = [slot.directory for slot in self.slots] if self.dist.is_main else []
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "position": self.position,
+            "n_steps": self.n_steps,
+            "config": self.config_dict,
+            "saes": [slot.tag for slot in self.slots],
+            "wandb_id": self.wandb_id,
+            "world_size": self.dist.world_size,
+            "provenance": provenance(),
+        }
+
+        def commit() -> None:
+            if self.dist.is_main:
+                ckpt.commit(self.out_dir, committing, state)
+
+        self._together(commit, committing)
+
+    def _together(self, write: Callable[[], None], sae_dirs: list[Path]) -> None:
+        """This rank's part of a save phase (`write`, touching `sae_dirs`), then one all-reduce
+        that tells every rank whether any rank's writes failed: then each stops with an error
+        (the failing one with its own), its staged directories removed, the previous checkpoint
+        intact."""
+        failure: UserError | None = None
+        try:
+            with ckpt.failed_writes_stop(self.out_dir, sae_dirs, self.step):
+                write()
+        except UserError as err:  # raised once every rank knows, so none waits for this one
+            failure = err
+        failed = self.dist.all_reduce_sum_(torch.tensor([float(failure is not None)], device=self.dist.device))
+        if failure is not None:
+            raise failure
+        if failed.item():
+            ckpt.remove_stale(self.out_dir, sae_dirs)
+            raise UserError(
+                f"Another rank could not write its part of the checkpoint of step {self.step} into {self.out_dir} "
+                "(its error says why). Training stopped; the previous checkpoint is intact. Fix that, then rerun the "
+                "same command to resume from it."
+            )
+
+    def _stage(self, run: SAERun) -> None:
+        """Write one SAE's checkpoint under its staging name (`ckpt.commit` swaps it in)."""
+        staging = staging_dir(run.directory)
+        save_sae(run.inference(), staging, self._inference_metadata(run))
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "scale": run.scale,
+            "target_scale": run.target_scale,
+            "tag": run.tag,
+            "site": run.site,
+            "sae": asdict(run.sae.cfg),
+        }
+        ckpt.write_training_state(
+            staging, {**run.sae.state_dict(), "since_fired": run.since_fired}, run.optimizer.state_dict(), state
+        )
 
     def _inference_metadata(self, run: SAERun) -> dict[str, Any]:
         return {
@@ -601,7 +736,8 @@ class Trainer:
         tokens = steps * self.cfg.batch_size
         bound = sum(r.bound_seconds for r in self.runs) * steps
         last = {
-            tag: metrics or self._last_logged(tag) for tag, metrics in ((r.tag, last.get(r.tag, {})) for r in self.runs)
+            tag: metrics or self._last_logged(tag)
+            for tag, metrics in ((s.tag, last.get(s.tag, {})) for s in self.slots)
         }
         return TrainSummary(
             out_dir=str(self.out_dir),
@@ -612,7 +748,7 @@ class Trainer:
             tokens_per_second=tokens / seconds if seconds else 0.0,
             bound_fraction=bound / seconds if seconds else 0.0,
             saes={
-                r.tag: {"checkpoint": str(r.directory), "site": r.site, "metrics": last.get(r.tag, {})}
-                for r in self.runs
+                s.tag: {"checkpoint": str(s.directory), "site": s.site, "metrics": last.get(s.tag, {})}
+                for s in self.slots
             },
         )
