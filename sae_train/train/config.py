@@ -29,6 +29,26 @@ class WandbConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the run's SAEs are laid out over the ranks of torchrun (plain data parallel by default)."""
+
+    saes: bool = False
+    """Spread the run's SAEs over the ranks (each rank owns some of them) instead of every rank
+    holding every SAE."""
+    latent_shards: int = 1
+    """Split each SAE's latents over this many ranks (W_enc columns, W_dec rows, b_enc and the
+    thresholds in contiguous ranges): one SAE wider than one device's memory. The world size
+    must be a multiple of it; the ranks form a data x latent grid (world = data ranks x
+    latent_shards). 1 = off. See README "Wide SAEs: parallel.latent_shards"."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.latent_shards, int) or self.latent_shards < 1:
+            raise UserError(
+                f"parallel.latent_shards={self.latent_shards!r} must be an integer >= 1 (1 = no latent sharding)."
+            )
+
+
+@dataclass
 class TrainConfig:
     """Train one or more SAEs on one activation stream."""
 
@@ -105,6 +125,7 @@ class TrainConfig:
     """Continue from the checkpoint in out_dir when there is one (same config required)."""
     progress: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -172,4 +193,8 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
         out["text"] = {k: out.pop(k) for k in _LEGACY_TEXT_KEYS if k in out}
     if isinstance(out.get("sae"), dict):
         out["sae"] = {**dataclasses.asdict(SAEConfig()), **out["sae"]}
+    # Resume re-splits the latents: their number of shards may change (runs older than it lack the block).
+    parallel = {**dataclasses.asdict(ParallelConfig()), **(out.get("parallel") or {})}
+    parallel.pop("latent_shards")
+    out["parallel"] = parallel
     return out

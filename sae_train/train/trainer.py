@@ -17,6 +17,7 @@ reaches a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -42,6 +43,7 @@ from sae_train.train.config import TrainConfig, comparable
 from sae_train.train.deferred import DeferredRead
 from sae_train.train.dist import Dist
 from sae_train.train.feed import device_batches
+from sae_train.train.latent_shards import LatentGroups, check_config, lr_of
 from sae_train.train.logger import MetricsLogger
 from sae_train.train.resample import resample_dead_
 from sae_train.train.roofline import step_gemm_seconds
@@ -84,10 +86,13 @@ class SAERun:
     """Known on the host: an upper bound on the latents dead at the next step (those one batch
     from the dead threshold at the end of the step before, read one step late like the losses).
     0: none can be dead, so the step skips revival work; None: unknown (first step of a call)."""
+    d_sae: int = 0
+    """The whole SAE's latents (sae.cfg.d_sae, or more when sae is one latent shard of it)."""
 
-    def inference(self) -> SAE:
-        """The inference copy acting on raw activations (`SAE.fold` with this run's scales)."""
-        return self.sae.fold(self.scale, self.target_scale if self.target != self.site else None)
+    def inference(self, sae: SAE | None = None) -> SAE:
+        """The inference copy acting on raw activations (`SAE.fold` with this run's scales) of
+        this run's SAE, or of `sae` (the whole SAE gathered from latent shards)."""
+        return (sae or self.sae).fold(self.scale, self.target_scale if self.target != self.site else None)
 
     def dead_mask(self, after_tokens: int) -> torch.Tensor:
         return self.since_fired >= after_tokens
@@ -179,9 +184,15 @@ class Trainer:
             raise UserError(f"out_dir={self.out_dir} is a file; choose a directory path.")
         self.n_steps = cfg.n_steps
         self.compute_dtype = resolve_dtype(cfg.dtype, dist.device)
-        self.local_batch = cfg.batch_size // dist.world_size
-        if cfg.batch_size % dist.world_size:
-            raise UserError(f"batch_size={cfg.batch_size} must divide evenly across {dist.world_size} ranks.")
+        # parallel.latent_shards: each rank holds a range of every SAE's latents (train/latent_shards.py)
+        self.shards = None
+        if cfg.parallel.latent_shards > 1:
+            check_config(cfg)
+            self.shards = LatentGroups(dist, cfg.parallel.latent_shards)
+        data_ranks = dist.world_size // cfg.parallel.latent_shards
+        self.local_batch = cfg.batch_size // data_ranks
+        if cfg.batch_size % data_ranks:
+            raise UserError(f"batch_size={cfg.batch_size} must divide evenly across {data_ranks} data ranks.")
         if dist.device.type == "cuda" and self.compute_dtype == torch.float32:
             enable_tf32()
         sites = [s for s in source.sites if s != cfg.sae.target]  # a transcoder's target is no training site
@@ -212,8 +223,12 @@ class Trainer:
             )
         target = sae_cfg.target or site
         d_out = self.source.d_in(target) if sae_cfg.target else 0
-        sae = create_sae(sae_cfg.resolved(d_in, d_out), compute_dtype=self.compute_dtype).to(self.dist.device)
-        lr = lr or sae.default_lr()
+        whole = sae_cfg.resolved(d_in, d_out)
+        mine = whole if self.shards is None else self.shards.shard_config(whole)
+        sae = create_sae(mine, compute_dtype=self.compute_dtype).to(self.dist.device)
+        if self.shards is not None:
+            self.shards.attach(sae, whole.d_sae)
+        lr = lr or (sae.default_lr() if self.shards is None else lr_of(sae, self.shards.size))
         beta1, beta2 = self.cfg.adam_betas
         # The fused kernel is ~3x faster than the default multi-tensor Adam on CPU (one pass over
         # parameter, gradient and both moments): a sixth of a TopK step at the reference size.
@@ -237,6 +252,7 @@ class Trainer:
             directory=self.out_dir / tag,
             bound_seconds=bound,
             since_fired=torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.dist.device),
+            d_sae=whole.d_sae,
         )
 
     @torch.no_grad()
@@ -246,6 +262,12 @@ class Trainer:
         sample = self.source.sample(self.cfg.init_tokens) if self.dist.is_main else None
         for run in self.runs:
             scales = torch.zeros(2, dtype=torch.float64, device=self.dist.device)  # source's, target's
+            # latent shards: rank 0 initialises the whole SAE once, then scatters its ranges
+            init = (
+                run.sae
+                if self.shards is None or sample is None
+                else self.shards.whole_sae(run.sae).to(self.dist.device)
+            )
             if sample is not None:
                 rows = {}
                 for i, site in enumerate(dict.fromkeys((run.site, run.target))):
@@ -258,10 +280,13 @@ class Trainer:
                     scales[i] = 1.0 / mean_norm
                 if run.target == run.site:
                     scales[1] = scales[0]
-                    run.sae.init_from_data(rows[run.site] * scales[0].item())
+                    init.init_from_data(rows[run.site] * scales[0].item())
                 else:
-                    run.sae.init_from_data(rows[run.site] * scales[0].item(), rows[run.target] * scales[1].item())
+                    init.init_from_data(rows[run.site] * scales[0].item(), rows[run.target] * scales[1].item())
             run.scale, run.target_scale = self.dist.broadcast_(scales).tolist()
+            if self.shards is not None:
+                self.shards.scatter_(run.sae, init.state_dict() if sample is not None else None)
+                continue
             for tensor in itertools.chain(run.sae.parameters(), run.sae.buffers()):
                 self.dist.broadcast_(tensor.data)
                 torch.autograd.graph.increment_version(tensor)  # .data writes skip the version counter
@@ -287,6 +312,8 @@ class Trainer:
         self.dist.barrier()
         for run in self.runs:
             tensors, optimizer, sae_state = ckpt.read_training_state(run.directory)
+            if self.shards is not None:  # the checkpoint holds the whole SAE: take this rank's range
+                tensors, optimizer = self.shards.split(run.sae, tensors, optimizer)
             run.since_fired = tensors.pop("since_fired").to(self.dist.device)
             load_weights(run.sae, tensors, run.sae.state_dict(), source=f"Training checkpoint {run.directory}")
             run.optimizer.load_state_dict(optimizer)
@@ -357,7 +384,11 @@ class Trainer:
             dead = None if run.dead_bound == 0 else run.dead_mask(self.cfg.dead_after_tokens)
             out = run.sae(x, target=y, dead_mask=dead, sparsity_scale=sparsity)
             out.losses["loss"].backward()
-            finishers.append(self.dist.start_grad_average(run.params))
+            finishers.append(
+                self.dist.start_grad_average(run.params)
+                if self.shards is None
+                else self.shards.start_grad_average(run.sae)
+            )
             run.loss_names = tuple(out.losses)
             stats.append(self._batch_stats(x.shape[0], var, out))
             outs.append(out)
@@ -378,6 +409,8 @@ class Trainer:
         # Latents one batch from the dead threshold: a bound on the dead count at the end of the
         # next step, which the step after it reads (dead_bound).
         dying = [(r.since_fired >= self.cfg.dead_after_tokens - self.cfg.batch_size).sum().view(1) for r in self.runs]
+        if self.shards is not None:  # every shard of an SAE must agree whether to run AuxK
+            dying = list(self.shards.all_reduce_sum_(torch.cat(dying)).split(1))
         self._pending = DeferredRead(
             torch.cat([losses for losses, _, _ in reduced] + [flags] + [d.to(flags.dtype) for d in dying])
         )
@@ -432,7 +465,8 @@ class Trainer:
     @torch.no_grad()
     def _batch_stats(n: int, var: torch.Tensor, out: SAEOutput) -> torch.Tensor:
         """This rank's statistics of one SAE as one fp64 vector: loss terms, squared error,
-        variance, active-latent count, `out.stats`, then the fired mask (as 0/1)."""
+        variance, active-latent count, `out.stats` (the fired mask travels apart:
+        `_reduce_stats`)."""
         parts = [
             torch.stack([v.detach().double() for v in out.losses.values()]),
             (out.losses["mse"].detach().double() * n).view(1),
@@ -440,7 +474,7 @@ class Trainer:
             (out.l0.double() * n).view(1),
         ]
         parts += [v.detach().double().flatten() for v in out.stats.values()]
-        return torch.cat([*parts, out.fired.double()])
+        return torch.cat(parts)
 
     def _reduce_stats(
         self, stats: list[torch.Tensor], outs: list[SAEOutput], signal_received: int
@@ -456,7 +490,13 @@ class Trainer:
         flags = torch.zeros(len(StopSignals.SIGNALS), dtype=torch.float64, device=self.dist.device)
         if signal_received:
             flags[StopSignals.SIGNALS.index(signal_received)] = 1.0
-        flat = self.dist.all_reduce_sum_(torch.cat([*stats, flags]))
+        fired = torch.cat([out.fired.double() for out in outs])
+        if self.shards is None:  # one collective
+            flat = self.dist.all_reduce_sum_(torch.cat([*stats, flags, fired]))
+            fired = flat[flat.numel() - fired.numel() :]
+        else:  # a shard's fired mask: summed over the data ranks holding the same latents
+            flat = self.dist.all_reduce_sum_(torch.cat([*stats, flags]))
+            fired = self.shards.data_sum_(fired)
         world, offset, reduced = self.dist.world_size, 0, []
 
         def take(n: int) -> torch.Tensor:
@@ -464,13 +504,15 @@ class Trainer:
             offset += n
             return flat[offset - n : offset]
 
-        for run, out in zip(self.runs, outs):
+        for out in outs:
             losses = take(len(out.losses)) / world
             sums = take(3)
             for key, value in out.stats.items():
                 out.stats[key] = (take(value.numel()) / world).view_as(value).to(value.dtype)
-            reduced.append((losses, sums, take(run.sae.cfg.d_sae) > 0))
-        return reduced, take(len(StopSignals.SIGNALS))
+            reduced.append((losses, sums))
+        flags = take(len(StopSignals.SIGNALS))
+        masks = fired.split([run.sae.cfg.d_sae for run in self.runs])
+        return [(losses, sums, mask > 0) for (losses, sums), mask in zip(reduced, masks)], flags
 
     def _maybe_resample(self) -> None:
         every = self.cfg.resample_every
@@ -509,10 +551,12 @@ class Trainer:
         tokens_per_s = steps * self.cfg.batch_size / seconds
         bound = sum(r.bound_seconds for r in self.runs) * steps
         last = {}
-        for run in self.runs:
-            dead = run.dead_mask(self.cfg.dead_after_tokens).double().mean().view(1)
+        dead = torch.cat([run.dead_mask(self.cfg.dead_after_tokens).sum().view(1) for run in self.runs]).double()
+        if self.shards is not None:  # every rank logs at the same steps: a collective is safe here
+            self.shards.all_reduce_sum_(dead)
+        for run, count in zip(self.runs, dead.split(1)):
             assert run.totals is not None  # a log step follows at least one step
-            *losses, err, var, active, dead_fraction = torch.cat([run.totals, dead]).tolist()
+            *losses, err, var, active, dead_fraction = torch.cat([run.totals, count / run.d_sae]).tolist()
             metrics = {k: v / steps for k, v in zip(run.loss_names, losses)}
             metrics.update(
                 l0=active / (steps * self.cfg.batch_size),
@@ -541,26 +585,27 @@ class Trainer:
         """Checkpoint every SAE (rank 0 writes; every rank waits so none runs ahead), after
         checking the last step's losses: a non-finite step raises here instead of being saved."""
         self._settle()
-        if self.dist.is_main:
-            with ckpt.failed_writes_stop(self.out_dir, [r.directory for r in self.runs], self.step):
-                for run in self.runs:
-                    staging = staging_dir(run.directory)
-                    save_sae(run.inference(), staging, self._inference_metadata(run))
-                    state = {
-                        "step": self.step,
-                        "tokens": self.tokens,
-                        "scale": run.scale,
-                        "target_scale": run.target_scale,
-                        "tag": run.tag,
-                        "site": run.site,
-                        "sae": asdict(run.sae.cfg),
-                    }
-                    ckpt.write_training_state(
-                        staging,
-                        {**run.sae.state_dict(), "since_fired": run.since_fired},
-                        run.optimizer.state_dict(),
-                        state,
-                    )
+        main = self.dist.is_main
+        writes = ckpt.failed_writes_stop(self.out_dir, [r.directory for r in self.runs], self.step)
+        with writes if main else contextlib.nullcontext():
+            for run in self.runs:
+                whole = self._whole(run)
+                if whole is None:
+                    continue
+                sae, tensors, optimizer = whole
+                staging = staging_dir(run.directory)
+                save_sae(run.inference(sae), staging, self._inference_metadata(run))
+                state = {
+                    "step": self.step,
+                    "tokens": self.tokens,
+                    "scale": run.scale,
+                    "target_scale": run.target_scale,
+                    "tag": run.tag,
+                    "site": run.site,
+                    "sae": asdict(sae.cfg),
+                }
+                ckpt.write_training_state(staging, tensors, optimizer, state)
+            if main:
                 ckpt.commit(
                     self.out_dir,
                     [r.directory for r in self.runs],
@@ -577,6 +622,22 @@ class Trainer:
                     },
                 )
         self.dist.barrier()
+
+    def _whole(self, run: SAERun) -> tuple[SAE, dict[str, torch.Tensor], dict[str, Any]] | None:
+        """On rank 0: the SAE as one process holds it, its training tensors (+ dead-latent
+        counters) and optimizer state -- gathered from the latent shards (a collective every
+        rank makes); None on the other ranks."""
+        tensors = {**run.sae.state_dict(), "since_fired": run.since_fired}
+        if self.shards is None:
+            return (run.sae, tensors, run.optimizer.state_dict()) if self.dist.is_main else None
+        gathered = self.shards.gather(run.sae, tensors, run.optimizer.state_dict())
+        if gathered is None:
+            return None
+        tensors, optimizer = gathered
+        sae = self.shards.whole_sae(run.sae)
+        weights = {k: v for k, v in tensors.items() if k != "since_fired"}
+        load_weights(sae, weights, sae.state_dict(), source=f"The gathered shards of {run.tag}")
+        return sae, tensors, optimizer
 
     def _inference_metadata(self, run: SAERun) -> dict[str, Any]:
         return {
