@@ -3,15 +3,30 @@ threaded fake communicator), then real torchrun runs (gloo) against one process.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from sae_train.errors import UserError
+from sae_train.eval.checkpoints import load_checkpoints
+from sae_train.export import ExportConfig, run
 from sae_train.sae import SAEConfig, create_sae, sparse
 from sae_train.sae.base import SAE
+from sae_train.sae.checkpoint import OPTIMIZER_FILE, RUN_STATE_FILE, TRAINING_WEIGHTS_FILE, WEIGHTS_FILE
 from sae_train.sae.shard import LatentShard, shard_of
+from sae_train.train.config import ParallelConfig, TrainConfig
+from sae_train.train.dist import Dist
+from sae_train.train.latent_shards import check_config, data_view
+from tests.test_train_ddp import ENV, SITE, train_cmd
 
 
 class _Hub:
@@ -177,3 +192,139 @@ def test_sharded_step_equals_one_process(arch, n, dead):
     for name, p in full.named_parameters():
         got = _join(full, [dict(s.named_parameters())[name].grad for s in shards], name)
         torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        ({"sae": SAEConfig(architecture="matryoshka")}, "cannot be split by latent"),
+        ({"sae": SAEConfig(architecture="relu")}, "resample_every=0"),
+        ({"eval_every_tokens": 4096}, "eval_every_tokens=0"),
+    ],
+)
+def test_what_sharding_cannot_train_is_refused_up_front(tmp_path, overrides, says):
+    cfg = TrainConfig(store=str(tmp_path), parallel=ParallelConfig(latent_shards=2), **overrides)
+    with pytest.raises(UserError, match=says):
+        check_config(cfg)
+
+
+def test_world_and_widths_must_split():
+    with pytest.raises(UserError, match="multiple of it"):
+        data_view(Dist(rank=0, world_size=3), 2)
+    assert data_view(Dist(rank=5, world_size=6), 2) == Dist(rank=2, world_size=3)
+    with pytest.raises(UserError, match="latent_shards"):
+        ParallelConfig(latent_shards=0)
+
+
+# ---------------------------------------------------------------------------------- torchrun (gloo)
+
+ARCHS = ("topk", "batchtopk", "relu")
+"""JumpReLU is pinned in process above: its step is discontinuous in the rounding of z (which
+tokens fall in a threshold's window), so runs that sum in another order drift apart by design."""
+RUN = (
+    "n_tokens=8192",
+    "batch_size=256",
+    "resample_every=0",
+    "dead_after_tokens=1024",  # latents die within the run: AuxK's merged selection is exercised
+    "sae.l1_coefficient=0.05",
+    # Adam's first steps move an entry by ~lr whatever its gradient's size: eps above the rounding
+    # noise of gradients that are ~0 keeps the runs comparable entry by entry
+    "adam_eps=1e-6",
+    "log_every=1",
+    f"+sweep.architecture=[{','.join(ARCHS)}]",
+)
+
+
+def _tag(arch: str) -> str:
+    return f"{SITE}/architecture={arch}"
+
+
+def _launch(store: Path, out: Path, ranks: int, shards: int) -> list[str]:
+    return train_cmd(store, out, *RUN, f"parallel.latent_shards={shards}", ranks=ranks)
+
+
+def _train(store: Path, out: Path, ranks: int, shards: int) -> None:
+    done = subprocess.run(_launch(store, out, ranks, shards), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def runs(synthetic_store, tmp_path_factory) -> dict[str, Path]:
+    """One torchrun per layout, each training the three architectures at once (a sweep):
+    one process; 2 latent shards; 2 data ranks (plain DDP); 2 data x 2 latent; and 2 shards
+    stopped by SIGTERM early, resumed on 4 shards (the checkpoint re-split)."""
+    store, root = synthetic_store(16_384, tokens_per_shard=4096), tmp_path_factory.mktemp("latent-shards")
+    out = {name: root / name for name in ("one", "two", "ddp", "grid", "resumed")}
+    _train(store, out["one"], 1, 1)
+    _train(store, out["two"], 2, 2)
+    _train(store, out["ddp"], 2, 1)
+    _train(store, out["grid"], 4, 2)
+    proc = subprocess.Popen(
+        _launch(store, out["resumed"], 2, 2), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    metrics, deadline = out["resumed"] / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size):
+        time.sleep(0.02)
+    for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+        os.kill(int(pid), signal.SIGTERM)
+    proc.communicate(timeout=120)
+    state = json.loads((out["resumed"] / RUN_STATE_FILE).read_text())
+    assert 0 < state["step"] < 32, state["step"]  # stopped midway: the resume below re-splits a real checkpoint
+    _train(store, out["resumed"], 4, 4)
+    return out
+
+
+def _assert_same(run: Path, one: Path) -> None:
+    for arch in ARCHS:
+        for name in (TRAINING_WEIGHTS_FILE, WEIGHTS_FILE):
+            want, got = load_file(str(one / _tag(arch) / name)), load_file(str(run / _tag(arch) / name))
+            assert sorted(got) == sorted(want)
+            for key in want:
+                torch.testing.assert_close(
+                    got[key].float(), want[key].float(), rtol=1e-4, atol=1e-5, msg=f"{arch} {key}"
+                )
+        adam_one, adam = (torch.load(d / _tag(arch) / OPTIMIZER_FILE, weights_only=True) for d in (one, run))
+        for i, entry in adam_one["state"].items():
+            for key, value in entry.items():
+                scale = float(value.abs().max()) if value.dim() else 1.0  # moments of ~0 gradients are rounding noise
+                torch.testing.assert_close(
+                    adam["state"][i][key], value, rtol=1e-3, atol=1e-4 * scale, msg=f"{arch} adam {key}"
+                )
+
+
+def test_two_latent_shards_equal_one_process(runs):
+    """Weights, Adam state, dead-latent counters (the selection) and the folded checkpoint."""
+    _assert_same(runs["two"], runs["one"])
+    weights = load_file(str(runs["one"] / _tag("topk") / TRAINING_WEIGHTS_FILE))
+    assert (weights["since_fired"] >= 1024).any(), "no latent died: AuxK was not exercised"
+
+
+def test_two_data_by_two_latent_equals_two_data_ranks(runs):
+    """Against plain DDP on the same 2 data ranks: DDP's AuxK term is normalised by each rank's
+    own residual variance, so once latents die 2 data ranks drift from one process (ReLU and
+    JumpReLU, without AuxK, match one process too)."""
+    _assert_same(runs["grid"], runs["ddp"])
+
+
+def test_resume_re_splits_onto_four_shards(runs):
+    _assert_same(runs["resumed"], runs["one"])
+    assert json.loads((runs["resumed"] / RUN_STATE_FILE).read_text())["world_size"] == 4
+
+
+def test_sharded_checkpoint_is_one_ordinary_sae(runs, tmp_path):
+    """eval's loader sees whole SAEs; the export writes SAELens folders that sae_lens loads and
+    that reconstruct like ours."""
+    checkpoints = {c.name: c for c in load_checkpoints(str(runs["two"]))}
+    assert sorted(checkpoints) == sorted(_tag(a) for a in ARCHS)
+    run(ExportConfig(checkpoint=str(runs["two"]), out_dir=str(tmp_path / "export")))
+    sae_lens = pytest.importorskip("sae_lens")
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 3
+    for arch in ARCHS:
+        ours = checkpoints[_tag(arch)].sae
+        assert ours.cfg.d_sae == 128 and ours.shard is None
+        theirs = sae_lens.SAE.load_from_disk(tmp_path / "export" / _tag(arch))
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(x), ours.reconstruct(x)[1], rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ divided by the data ranks (their parts from each shard add up to one process's g
 
 Checkpoints stay one ordinary SAE: a save gathers every shard's tensors (and Adam moments,
 dead-latent counters) to rank 0, which writes the same files a single process would; resume
-and the first initialisation split them again (rank 0 builds the whole SAE once, for the
+reads each rank's range (`select`) and the first initialisation splits them again (rank 0 builds the whole SAE once, for the
 data-dependent init, and scatters it). So eval, export and inspect never see a shard, and a
 run may resume under another number of shards.
 """
@@ -30,7 +30,7 @@ from torch import Tensor
 from sae_train.errors import UserError
 from sae_train.sae import SAE, SAEConfig, create_sae
 from sae_train.sae.registry import ARCHITECTURES
-from sae_train.sae.shard import LatentShard, shard_of
+from sae_train.sae.shard import LatentShard, shard_of, shard_range
 from sae_train.train.config import TrainConfig
 from sae_train.train.dist import Dist
 
@@ -202,21 +202,31 @@ class LatentGroups:
         cfg = SAEConfig(**{**shard.cfg.to_dict(), "d_sae": shard.shard.d_sae})
         return create_sae(cfg, compute_dtype=shard.compute_dtype)
 
-    def split(
-        self, sae: SAE, tensors: dict[str, Tensor], optimizer: dict[str, Any]
-    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """This rank's part of a whole SAE's training state (resume): its tensors and Adam state."""
+    def select(self, sae: SAE) -> Callable[[str, tuple[int, ...]], tuple[slice, ...] | None]:
+        """What this rank reads of a whole SAE's training tensors (`ckpt.read_training_state`):
+        its range along a sharded tensor's latent axis, all of the others."""
         axes = self._axes(sae)
 
-        def part(name: str, t: Tensor) -> Tensor:
-            return shard_of(t, axes[name], self.size, self.rank).contiguous() if name in axes else t
+        def select(name: str, shape: tuple[int, ...]) -> tuple[slice, ...] | None:
+            if name not in axes:
+                return None
+            start, stop = shard_range(shape[axes[name]], self.size, self.rank)
+            return tuple(slice(start, stop) if dim == axes[name] else slice(None) for dim in range(len(shape)))
 
-        names = [name for name, _ in sae.named_parameters()]
+        return select
+
+    def split_optimizer(self, sae: SAE, optimizer: dict[str, Any]) -> dict[str, Any]:
+        """This rank's part of a whole SAE's Adam state (resume): copies of its ranges."""
+        names, axes = [name for name, _ in sae.named_parameters()], self._axes(sae)
+
+        def part(name: str, t: Tensor) -> Tensor:
+            return shard_of(t, axes[name], self.size, self.rank).clone() if name in axes else t.clone()
+
         state = {
             i: {key: part(names[i], v) if torch.is_tensor(v) and v.dim() else v for key, v in entry.items()}
             for i, entry in optimizer["state"].items()
         }
-        return {name: part(name, t) for name, t in tensors.items()}, {**optimizer, "state": state}
+        return {**optimizer, "state": state}
 
     def gather(
         self, sae: SAE, tensors: dict[str, Tensor], optimizer: dict[str, Any]

@@ -258,20 +258,17 @@ class Trainer:
     @torch.no_grad()
     def _initialise(self) -> None:
         """Normalisation constants and data-dependent init (b_dec) from one sample, made on
-        rank 0 and broadcast so every rank starts from identical weights."""
+        rank 0 and broadcast so every rank starts from identical weights (latent shards: rank 0
+        initialises the whole SAE and scatters each shard its range)."""
         sample = self.source.sample(self.cfg.init_tokens) if self.dist.is_main else None
         for run in self.runs:
             scales = torch.zeros(2, dtype=torch.float64, device=self.dist.device)  # source's, target's
-            # latent shards: rank 0 initialises the whole SAE once, then scatters its ranges
-            init = (
-                run.sae
-                if self.shards is None or sample is None
-                else self.shards.whole_sae(run.sae).to(self.dist.device)
-            )
+            # latent shards: rank 0 initialises the whole SAE once, in host memory, then scatters its ranges
+            init = run.sae if self.shards is None or sample is None else self.shards.whole_sae(run.sae)
             if sample is not None:
                 rows = {}
                 for i, site in enumerate(dict.fromkeys((run.site, run.target))):
-                    rows[site] = sample[site].to(self.dist.device, torch.float32)
+                    rows[site] = sample[site].to(init.b_dec.device, torch.float32)
                     mean_norm = float(rows[site].norm(dim=1).mean())
                     if not math.isfinite(mean_norm) or mean_norm == 0.0:
                         raise self.source.nonfinite_error(site, 0, len(rows[site]), sample=True) or UserError(
@@ -311,9 +308,11 @@ class Trainer:
                 ckpt.restore_committed(run.directory, state["step"])
         self.dist.barrier()
         for run in self.runs:
-            tensors, optimizer, sae_state = ckpt.read_training_state(run.directory)
-            if self.shards is not None:  # the checkpoint holds the whole SAE: take this rank's range
-                tensors, optimizer = self.shards.split(run.sae, tensors, optimizer)
+            # latent shards: the checkpoint holds the whole SAE; each rank reads its range
+            select = None if self.shards is None else self.shards.select(run.sae)
+            tensors, optimizer, sae_state = ckpt.read_training_state(run.directory, select)
+            if self.shards is not None:
+                optimizer = self.shards.split_optimizer(run.sae, optimizer)
             run.since_fired = tensors.pop("since_fired").to(self.dist.device)
             load_weights(run.sae, tensors, run.sae.state_dict(), source=f"Training checkpoint {run.directory}")
             run.optimizer.load_state_dict(optimizer)
