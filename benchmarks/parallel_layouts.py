@@ -14,7 +14,8 @@ Latent shards N (x 8/N data ranks): the decoder all-reduce of [B_local, d_in] an
 latents are dead; the gradients of a shard over its 8/N data ranks. Statistics, b_dec and the
 clip norm (a few KB) are left out of both.
 
-Measured (CPU, gloo): peak RSS of every rank for a small SAE (d_in 256, d_sae 65536, TopK)
+Measured (CPU, gloo): peak RSS of every rank for a small SAE (TopK, d_in 512, d_sae 65536, batch
+256: 67M parameters, 1.07 GB with gradients and Adam state)
 trained by torchrun as one process and as 2 latent shards: during training (the largest RSS
 seen after each step) and over the whole run (ru_maxrss: also the initialisation, which rank 0
 makes for the whole SAE, and the final save, which gathers the whole SAE on rank 0).
@@ -101,8 +102,8 @@ def worker(store: str, out: str, shards: int) -> None:
         store=store,
         out_dir=out,
         sae=SAEConfig(architecture="topk", k=32, d_sae=65536),
-        n_tokens=16 * 1024,
-        batch_size=1024,
+        n_tokens=16 * 256,
+        batch_size=256,
         dtype="float32",
         progress=False,
         init_tokens=4096,
@@ -120,11 +121,11 @@ def measured_rows() -> list[dict[str, str]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
-        writer = StoreWriter(store, {"benchmark": "parallel_layouts"}, {"x": 256}, torch.float32)
+        writer = StoreWriter(store, {"benchmark": "parallel_layouts"}, {"x": 512}, torch.float32)
         gen = torch.Generator().manual_seed(0)
         for i in range(4):
             writer.write_shard(
-                i, {"x": torch.randn(4096, 256, generator=gen)}, torch.zeros(4096, dtype=torch.int32),
+                i, {"x": torch.randn(4096, 512, generator=gen)}, torch.zeros(4096, dtype=torch.int32),
                 torch.zeros(4096, dtype=torch.int32),
             )  # fmt: skip
         writer.close()
@@ -159,7 +160,7 @@ def main() -> None:
     print("One TopK SAE, d_in 4096, d_sae 2^20, k 32, global batch 4096, 8 ranks (fp32; computed):\n")
     print(markdown(computed_rows()))
     if not args.no_measure:
-        print("\nMeasured on this CPU (TopK, d_in 256, d_sae 65536, batch 1024, torchrun + gloo):\n")
+        print("\nMeasured on this CPU (TopK, d_in 512, d_sae 65536, batch 256, torchrun + gloo):\n")
         print(markdown(measured_rows()))
 
 

@@ -298,6 +298,13 @@ def _assert_same(run: Path, one: Path) -> None:
 def test_two_latent_shards_equal_one_process(runs):
     """Weights, Adam state, dead-latent counters (the selection) and the folded checkpoint."""
     _assert_same(runs["two"], runs["one"])
+    logged = {}
+    for name in ("one", "two"):  # the metrics too: L0 and dead fraction summed over the shards
+        rows = [json.loads(line) for line in (runs[name] / "metrics.jsonl").read_text().splitlines()]
+        logged[name] = {(r["step"], r["sae"]): [r[k] for k in ("loss", "fvu", "l0", "dead_fraction")] for r in rows}
+    assert logged["two"].keys() == logged["one"].keys()
+    for key, values in logged["one"].items():
+        assert logged["two"][key] == pytest.approx(values, rel=1e-4, abs=1e-6), key
     weights = load_file(str(runs["one"] / _tag("topk") / TRAINING_WEIGHTS_FILE))
     assert (weights["since_fired"] >= 1024).any(), "no latent died: AuxK was not exercised"
 

@@ -10,8 +10,9 @@ data ranks holding one shard: its gradients and fired masks). Gradients: a shard
 are averaged over its data group; the replicated ones (b_dec) summed over every rank and
 divided by the data ranks (their parts from each shard add up to one process's gradient).
 
-Checkpoints stay one ordinary SAE: a save gathers every shard's tensors (and Adam moments,
-dead-latent counters) to rank 0, which writes the same files a single process would; resume
+Checkpoints stay one ordinary SAE: a save gathers every shard's tensors (each shard folds its own
+range first; then the training weights, dead-latent counters and Adam moments) to rank 0, one
+file's worth at a time, and rank 0 writes the same files a single process would; resume
 reads each rank's range (`select`) and the first initialisation splits them again (rank 0 builds the whole SAE once, for the
 data-dependent init, and scatters it). So eval, export and inspect never see a shard, and a
 run may resume under another number of shards.
@@ -197,7 +198,7 @@ class LatentGroups:
             torch.autograd.graph.increment_version(local)
 
     def whole_sae(self, shard: SAE) -> SAE:
-        """A fresh whole SAE of which `shard` is a part (rank 0's, for the init and for saving)."""
+        """A fresh whole SAE of which `shard` is a part, in host memory (rank 0's, for the init)."""
         assert shard.shard is not None
         cfg = SAEConfig(**{**shard.cfg.to_dict(), "d_sae": shard.shard.d_sae})
         return create_sae(cfg, compute_dtype=shard.compute_dtype)
@@ -228,31 +229,39 @@ class LatentGroups:
         }
         return {**optimizer, "state": state}
 
-    def gather(
-        self, sae: SAE, tensors: dict[str, Tensor], optimizer: dict[str, Any]
-    ) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
-        """The whole SAE's training state on rank 0 from its shards' (`split` undone; None on
-        the other ranks). Only data rank 0's shards take part."""
+    def _gather(self, name: str, t: Tensor, axes: dict[str, int]) -> Tensor:
+        """One tensor of the whole SAE on rank 0 (its shards' ranges concatenated, on the host);
+        on the other shards of data rank 0, their own part."""
+        if name not in axes:
+            return t.detach().cpu()
+        t = t.detach().contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.size)] if self.rank == 0 else None
+        with self.dist._collective("checkpoint gather"):
+            tdist.gather(t, parts, dst=0, group=self.latent_group)
+        return torch.cat(parts, axes[name]).cpu() if parts is not None else t
+
+    def gather_tensors(self, sae: SAE, tensors: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """The whole SAE's `tensors` (a shard's, by name) on rank 0, None elsewhere. Only data
+        rank 0's shards take part."""
         if self.data_rank != 0:
             return None
         axes = self._axes(sae)
+        whole = {name: self._gather(name, t, axes) for name, t in tensors.items()}
+        return whole if self.rank == 0 else None
 
-        def whole(name: str, t: Tensor) -> Tensor:
-            if name not in axes:
-                return t.detach().cpu()
-            t = t.detach().contiguous()
-            parts = [torch.empty_like(t) for _ in range(self.size)] if self.rank == 0 else None
-            with self.dist._collective("checkpoint gather"):
-                tdist.gather(t, parts, dst=0, group=self.latent_group)
-            return torch.cat(parts, axes[name]).cpu() if parts is not None else t
-
-        names = [name for name, _ in sae.named_parameters()]
-        full = {name: whole(name, t) for name, t in tensors.items()}
+    def gather_optimizer(self, sae: SAE, optimizer: dict[str, Any]) -> dict[str, Any] | None:
+        """The whole SAE's Adam state (`split_optimizer` undone) on rank 0, None elsewhere."""
+        if self.data_rank != 0:
+            return None
+        names, axes = [name for name, _ in sae.named_parameters()], self._axes(sae)
         state = {
-            i: {key: whole(names[i], v) if torch.is_tensor(v) and v.dim() else v for key, v in entry.items()}
+            i: {
+                key: self._gather(names[i], v, axes) if torch.is_tensor(v) and v.dim() else v
+                for key, v in entry.items()
+            }
             for i, entry in optimizer["state"].items()
         }
-        return (full, {**optimizer, "state": state}) if self.rank == 0 else None
+        return {**optimizer, "state": state} if self.rank == 0 else None
 
 
 def lr_of(shard: SAE, shards: int) -> float:

@@ -36,7 +36,7 @@ from sae_train.atomic import staging_dir
 from sae_train.errors import UserError
 from sae_train.lm.model import resolve_dtype
 from sae_train.provenance import provenance
-from sae_train.sae import SAE, SAEOutput, create_sae, kernels, load_weights, save_sae
+from sae_train.sae import SAE, SAEOutput, create_sae, kernels, load_folded, load_weights, save_sae
 from sae_train.sae import checkpoint as ckpt
 from sae_train.sae.kernels import keep_freed_memory
 from sae_train.train.config import TrainConfig, comparable
@@ -89,10 +89,9 @@ class SAERun:
     d_sae: int = 0
     """The whole SAE's latents (sae.cfg.d_sae, or more when sae is one latent shard of it)."""
 
-    def inference(self, sae: SAE | None = None) -> SAE:
-        """The inference copy acting on raw activations (`SAE.fold` with this run's scales) of
-        this run's SAE, or of `sae` (the whole SAE gathered from latent shards)."""
-        return (sae or self.sae).fold(self.scale, self.target_scale if self.target != self.site else None)
+    def inference(self) -> SAE:
+        """The inference copy acting on raw activations (`SAE.fold` with this run's scales)."""
+        return self.sae.fold(self.scale, self.target_scale if self.target != self.site else None)
 
     def dead_mask(self, after_tokens: int) -> torch.Tensor:
         return self.since_fired >= after_tokens
@@ -588,22 +587,25 @@ class Trainer:
         writes = ckpt.failed_writes_stop(self.out_dir, [r.directory for r in self.runs], self.step)
         with writes if main else contextlib.nullcontext():
             for run in self.runs:
-                whole = self._whole(run)
-                if whole is None:
-                    continue
-                sae, tensors, optimizer = whole
-                staging = staging_dir(run.directory)
-                save_sae(run.inference(sae), staging, self._inference_metadata(run))
-                state = {
-                    "step": self.step,
-                    "tokens": self.tokens,
-                    "scale": run.scale,
-                    "target_scale": run.target_scale,
-                    "tag": run.tag,
-                    "site": run.site,
-                    "sae": asdict(sae.cfg),
-                }
-                ckpt.write_training_state(staging, tensors, optimizer, state)
+                # latent shards: each piece is gathered to rank 0 (a collective), written, dropped
+                inference = self._whole_inference(run)
+                if inference is not None:  # rank 0
+                    staging = staging_dir(run.directory)
+                    save_sae(inference, staging, self._inference_metadata(run))
+                del inference
+                training = self._whole_training_state(run)
+                if training is not None:  # rank 0
+                    tensors, optimizer = training
+                    state = {
+                        "step": self.step,
+                        "tokens": self.tokens,
+                        "scale": run.scale,
+                        "target_scale": run.target_scale,
+                        "tag": run.tag,
+                        "site": run.site,
+                        "sae": asdict(replace(run.sae.cfg, d_sae=run.d_sae)),
+                    }
+                    ckpt.write_training_state(staging, tensors, optimizer, state)
             if main:
                 ckpt.commit(
                     self.out_dir,
@@ -622,21 +624,30 @@ class Trainer:
                 )
         self.dist.barrier()
 
-    def _whole(self, run: SAERun) -> tuple[SAE, dict[str, torch.Tensor], dict[str, Any]] | None:
-        """On rank 0: the SAE as one process holds it, its training tensors (+ dead-latent
-        counters) and optimizer state -- gathered from the latent shards (a collective every
-        rank makes); None on the other ranks."""
+    def _whole_inference(self, run: SAERun) -> SAE | None:
+        """On rank 0: the inference SAE (`SAERun.inference`); latent shards fold their own
+        ranges, gathered into one SAE (a collective every rank makes). None on the other ranks."""
+        if self.shards is None:
+            return run.inference() if self.dist.is_main else None
+        folded = run.inference()
+        tensors = self.shards.gather_tensors(folded, {n: folded.state_dict()[n] for n in folded.inference_tensors})
+        if tensors is None:
+            return None
+        cfg = replace(folded.cfg, d_sae=run.d_sae)
+        return load_folded(cfg, tensors, normalization_scale=folded.normalization_scale,
+                           target_normalization_scale=folded.target_normalization_scale,
+                           compute_dtype=folded.compute_dtype, source=f"The gathered shards of {run.tag}")  # fmt: skip
+
+    def _whole_training_state(self, run: SAERun) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """On rank 0: the training tensors (+ dead-latent counters) and optimizer state as one
+        process holds them -- gathered from the latent shards (a collective every rank makes).
+        None on the other ranks."""
         tensors = {**run.sae.state_dict(), "since_fired": run.since_fired}
         if self.shards is None:
-            return (run.sae, tensors, run.optimizer.state_dict()) if self.dist.is_main else None
-        gathered = self.shards.gather(run.sae, tensors, run.optimizer.state_dict())
-        if gathered is None:
-            return None
-        tensors, optimizer = gathered
-        sae = self.shards.whole_sae(run.sae)
-        weights = {k: v for k, v in tensors.items() if k != "since_fired"}
-        load_weights(sae, weights, sae.state_dict(), source=f"The gathered shards of {run.tag}")
-        return sae, tensors, optimizer
+            return (tensors, run.optimizer.state_dict()) if self.dist.is_main else None
+        whole = self.shards.gather_tensors(run.sae, tensors)
+        optimizer = self.shards.gather_optimizer(run.sae, run.optimizer.state_dict())
+        return None if whole is None or optimizer is None else (whole, optimizer)
 
     def _inference_metadata(self, run: SAERun) -> dict[str, Any]:
         return {
