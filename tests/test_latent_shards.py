@@ -27,6 +27,7 @@ from sae_train.train.config import ParallelConfig, TrainConfig
 from sae_train.train.dist import Dist
 from sae_train.train.latent_shards import check_config, data_view
 from tests.test_train_ddp import ENV, SITE, train_cmd
+from tests.tiny import write_corpus
 
 
 class _Hub:
@@ -335,3 +336,32 @@ def test_sharded_checkpoint_is_one_ordinary_sae(runs, tmp_path):
         theirs = sae_lens.SAE.load_from_disk(tmp_path / "export" / _tag(arch))
         with torch.no_grad():
             torch.testing.assert_close(theirs(x), ours.reconstruct(x)[1], rtol=1e-5, atol=1e-5)
+
+
+def test_live_source_on_two_shards_equals_one_process(tiny_model_dir, tmp_path):
+    """source=live: the two shards of one data rank run the model on the same windows."""
+    corpus = write_corpus(tmp_path / "corpus", n_files=40, n_words=200)
+    live = (
+        "source=live",
+        f"model.name={tiny_model_dir('llama')}",
+        "model.dtype=float32",
+        "data=files",
+        f"data.path={corpus}",
+        "sites=[blocks.1.hook_resid_post]",
+        "n_tokens=2048",
+        "batch_size=256",
+        "text.context_size=32",
+        "live_buffer_tokens=1024",
+        "init_tokens=1024",
+        "adam_eps=1e-6",
+    )
+    for ranks in (1, 2):
+        cmd = train_cmd(Path("unused"), tmp_path / f"out{ranks}", *live, f"parallel.latent_shards={ranks}", ranks=ranks)
+        cmd = [arg for arg in cmd if not arg.startswith("store=")]
+        done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (
+        load_file(str(tmp_path / d / "blocks.1.hook_resid_post" / TRAINING_WEIGHTS_FILE)) for d in ("out1", "out2")
+    )
+    for key in one:
+        torch.testing.assert_close(two[key].float(), one[key].float(), rtol=1e-4, atol=1e-5, msg=key)
