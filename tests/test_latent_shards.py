@@ -150,11 +150,13 @@ def _full(arch: str, **extra) -> SAE:
 
 def _join(full: SAE, parts: list[torch.Tensor | None], name: str) -> torch.Tensor:
     """A sharded gradient put together: concatenated along the latent axis; a replicated
-    tensor's summed over the shards (b_dec: its decoder part lives on shard 0)."""
-    assert all(p is not None for p in parts), name
+    tensor's summed over the shards (b_dec: its decoder part lives on shard 0 -- a transcoder's
+    other shards have none, which the trainer reduces as zeros)."""
+    assert parts[0] is not None, name
+    grads = [torch.zeros_like(parts[0]) if p is None else p for p in parts]
     if name in full.latent_axes:
-        return torch.cat(parts, full.latent_axes[name])  # type: ignore[arg-type]
-    return torch.stack(parts).sum(0)  # type: ignore[arg-type]
+        return torch.cat(grads, full.latent_axes[name])
+    return torch.stack(grads).sum(0)
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
@@ -365,3 +367,24 @@ def test_live_source_on_two_shards_equals_one_process(tiny_model_dir, tmp_path):
     )
     for key in one:
         torch.testing.assert_close(two[key].float(), one[key].float(), rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_sharded_transcoder_step_equals_one_process(arch):
+    """A transcoder (no skip connection): b_dec is an output bias only, its gradient on shard 0."""
+    cfg = SAEConfig(architecture=arch, k=4, d_sae=64, target="out", l1_coefficient=0.05).resolved(16, 12)
+    full = create_sae(cfg)
+    full.impl = "torch"
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(32, 16, generator=gen), torch.randn(32, 12, generator=gen)
+    out = full(x, target=y)
+    out.losses["loss"].backward()
+    shards = shards_of(full, 2)
+
+    def step(s: SAE) -> Callable[[], object]:
+        return lambda: s(x, target=y).losses["loss"].backward()
+
+    in_threads([step(s) for s in shards])
+    for name, p in full.named_parameters():
+        got = _join(full, [dict(s.named_parameters())[name].grad for s in shards], name)
+        torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6, msg=name)
