@@ -88,6 +88,8 @@ class SAERun:
     0: none can be dead, so the step skips revival work; None: unknown (first step of a call)."""
     d_sae: int = 0
     """The whole SAE's latents (sae.cfg.d_sae, or more when sae is one latent shard of it)."""
+    dead_count: torch.Tensor | None = None
+    """On the device: the whole SAE's dead latents after the last step (read at log steps)."""
 
     def inference(self) -> SAE:
         """The inference copy acting on raw activations (`SAE.fold` with this run's scales)."""
@@ -404,13 +406,18 @@ class Trainer:
             run.since_fired.add_(self.cfg.batch_size).masked_fill_(fired, 0)
             head = torch.cat([losses, sums])
             run.totals = head if run.totals is None else run.totals.add_(head)
-        # Latents one batch from the dead threshold: a bound on the dead count at the end of the
-        # next step, which the step after it reads (dead_bound).
-        dying = [(r.since_fired >= self.cfg.dead_after_tokens - self.cfg.batch_size).sum().view(1) for r in self.runs]
-        if self.shards is not None:  # every shard of an SAE must agree whether to run AuxK
-            dying = list(self.shards.all_reduce_sum_(torch.cat(dying)).split(1))
+        # Per SAE: the latents one batch from the dead threshold (a bound on the dead count at the
+        # end of the next step, which the step after it reads: dead_bound), and the dead ones.
+        after, batch = self.cfg.dead_after_tokens, self.cfg.batch_size
+        counts = torch.stack(
+            [torch.stack([(r.since_fired >= after - batch).sum(), r.dead_mask(after).sum()]) for r in self.runs]
+        )
+        if self.shards is not None:  # over the shards: all of them must agree whether to run AuxK
+            self.shards.all_reduce_sum_(counts)
+        for run, dead in zip(self.runs, counts[:, 1]):
+            run.dead_count = dead
         self._pending = DeferredRead(
-            torch.cat([losses for losses, _, _ in reduced] + [flags] + [d.to(flags.dtype) for d in dying])
+            torch.cat([losses for losses, _, _ in reduced] + [flags, counts[:, 0].to(flags.dtype)])
         )
         self._pending_step, self._pending_start = self.step, self.position  # its batch: global rows from here
         self.step += 1
@@ -549,12 +556,10 @@ class Trainer:
         tokens_per_s = steps * self.cfg.batch_size / seconds
         bound = sum(r.bound_seconds for r in self.runs) * steps
         last = {}
-        dead = torch.cat([run.dead_mask(self.cfg.dead_after_tokens).sum().view(1) for run in self.runs]).double()
-        if self.shards is not None:  # every rank logs at the same steps: a collective is safe here
-            self.shards.all_reduce_sum_(dead)
-        for run, count in zip(self.runs, dead.split(1)):
-            assert run.totals is not None  # a log step follows at least one step
-            *losses, err, var, active, dead_fraction = torch.cat([run.totals, count / run.d_sae]).tolist()
+        for run in self.runs:
+            assert run.totals is not None and run.dead_count is not None  # a log step follows at least one step
+            dead = (run.dead_count.double() / run.d_sae).view(1)
+            *losses, err, var, active, dead_fraction = torch.cat([run.totals, dead]).tolist()
             metrics = {k: v / steps for k, v in zip(run.loss_names, losses)}
             metrics.update(
                 l0=active / (steps * self.cfg.batch_size),
