@@ -408,9 +408,10 @@ class Trainer:
             run.totals = head if run.totals is None else run.totals.add_(head)
         # Per SAE: the latents one batch from the dead threshold (a bound on the dead count at the
         # end of the next step, which the step after it reads: dead_bound), and the dead ones.
-        after, batch = self.cfg.dead_after_tokens, self.cfg.batch_size
+        after = self.cfg.dead_after_tokens
+        soon = after - self.cfg.batch_size
         counts = torch.stack(
-            [torch.stack([(r.since_fired >= after - batch).sum(), r.dead_mask(after).sum()]) for r in self.runs]
+            [torch.stack([(r.since_fired >= soon).sum(), r.dead_mask(after).sum()]) for r in self.runs]
         )
         if self.shards is not None:  # over the shards: all of them must agree whether to run AuxK
             self.shards.all_reduce_sum_(counts)
