@@ -25,7 +25,7 @@ from sae_train.sae.checkpoint import OPTIMIZER_FILE, RUN_STATE_FILE, TRAINING_WE
 from sae_train.sae.shard import LatentShard, shard_of
 from sae_train.train.config import ParallelConfig, TrainConfig
 from sae_train.train.dist import Dist
-from sae_train.train.latent_shards import check_config, data_view
+from sae_train.train.latent_shards import check_config, data_view, shard_config
 from tests.test_train_ddp import ENV, SITE, train_cmd
 from tests.tiny import write_corpus
 
@@ -220,6 +220,11 @@ def test_world_and_widths_must_split():
     assert data_view(Dist(rank=5, world_size=6), 2) == Dist(rank=2, world_size=3)
     with pytest.raises(UserError, match="latent_shards"):
         ParallelConfig(latent_shards=0)
+    with pytest.raises(UserError, match="equal ranges"):
+        shard_config(SAEConfig(d_sae=100).resolved(16), 3)
+    with pytest.raises(UserError, match="picks its k best"):
+        shard_config(SAEConfig(k=32, d_sae=96).resolved(16), 4)
+    assert shard_config(SAEConfig(k=8, d_sae=96).resolved(16), 4).d_sae == 24
 
 
 # ---------------------------------------------------------------------------------- torchrun (gloo)

@@ -12,10 +12,10 @@ divided by the data ranks (their parts from each shard add up to one process's g
 
 Checkpoints stay one ordinary SAE: a save gathers every shard's tensors (each shard folds its own
 range first; then the training weights, dead-latent counters and Adam moments) to rank 0, one
-file's worth at a time, and rank 0 writes the same files a single process would; resume
-reads each rank's range (`select`) and the first initialisation splits them again (rank 0 builds the whole SAE once, for the
-data-dependent init, and scatters it). So eval, export and inspect never see a shard, and a
-run may resume under another number of shards.
+file's worth at a time, and rank 0 writes the same files a single process would. Resume reads
+each rank's range of them (`select`, `split_optimizer`); the first initialisation is made once
+on rank 0 for the whole SAE (the data-dependent init) and scattered (`scatter_`). So eval,
+export and inspect never see a shard, and a run may resume under another number of shards.
 """
 
 from __future__ import annotations
@@ -84,6 +84,21 @@ def check_config(cfg: TrainConfig) -> None:
         )
 
 
+def shard_config(cfg: SAEConfig, shards: int) -> SAEConfig:
+    """The config of one of `shards` latent shards of an SAE of resolved config `cfg`."""
+    if cfg.d_sae % shards:
+        raise UserError(
+            f"sae.d_sae={cfg.d_sae} does not split into parallel.latent_shards={shards} equal ranges; pick a "
+            "d_sae (or expansion_factor) that the number of shards divides."
+        )
+    if "k" in ARCHITECTURES[cfg.architecture].config_fields and cfg.k > cfg.d_sae // shards:
+        raise UserError(
+            f"sae.k={cfg.k} exceeds the {cfg.d_sae // shards} latents of one of parallel.latent_shards="
+            f"{shards} shards (each picks its k best before they are merged); use fewer shards or a wider SAE."
+        )
+    return SAEConfig(**{**cfg.to_dict(), "d_sae": cfg.d_sae // shards})
+
+
 class LatentGroups:
     """The grid's process groups; the `LatentComm` of every shard SAE on this rank (sae/shard.py)."""
 
@@ -127,20 +142,6 @@ class LatentGroups:
             with self.dist._collective("data all-reduce"):
                 tdist.all_reduce(tensor, group=self.data_group)
         return tensor
-
-    def shard_config(self, cfg: SAEConfig) -> SAEConfig:
-        """The config of this rank's shard of an SAE of resolved config `cfg`."""
-        if cfg.d_sae % self.size:
-            raise UserError(
-                f"sae.d_sae={cfg.d_sae} does not split into parallel.latent_shards={self.size} equal ranges; pick a "
-                "d_sae (or expansion_factor) that the number of shards divides."
-            )
-        if "k" in ARCHITECTURES[cfg.architecture].config_fields and cfg.k > cfg.d_sae // self.size:
-            raise UserError(
-                f"sae.k={cfg.k} exceeds the {cfg.d_sae // self.size} latents of one of parallel.latent_shards="
-                f"{self.size} shards (each picks its k best before they are merged); use fewer shards or a wider SAE."
-            )
-        return SAEConfig(**{**cfg.to_dict(), "d_sae": cfg.d_sae // self.size})
 
     def attach(self, sae: SAE, d_sae: int) -> None:
         sae.shard = LatentShard(self, d_sae)

@@ -43,7 +43,7 @@ from sae_train.train.config import TrainConfig, comparable
 from sae_train.train.deferred import DeferredRead
 from sae_train.train.dist import Dist
 from sae_train.train.feed import device_batches
-from sae_train.train.latent_shards import LatentGroups, check_config, lr_of
+from sae_train.train.latent_shards import LatentGroups, check_config, lr_of, shard_config
 from sae_train.train.logger import MetricsLogger
 from sae_train.train.resample import resample_dead_
 from sae_train.train.roofline import step_gemm_seconds
@@ -225,7 +225,7 @@ class Trainer:
         target = sae_cfg.target or site
         d_out = self.source.d_in(target) if sae_cfg.target else 0
         whole = sae_cfg.resolved(d_in, d_out)
-        mine = whole if self.shards is None else self.shards.shard_config(whole)
+        mine = whole if self.shards is None else shard_config(whole, self.shards.size)
         sae = create_sae(mine, compute_dtype=self.compute_dtype).to(self.dist.device)
         if self.shards is not None:
             self.shards.attach(sae, whole.d_sae)
