@@ -19,10 +19,11 @@ from safetensors.torch import load_file
 from sae_train.errors import UserError
 from sae_train.eval.checkpoints import load_checkpoints
 from sae_train.export import ExportConfig, run
-from sae_train.sae import SAEConfig, create_sae, sparse
+from sae_train.sae import SAEConfig, create_sae, kernels, sparse
 from sae_train.sae.base import SAE
 from sae_train.sae.checkpoint import OPTIMIZER_FILE, RUN_STATE_FILE, TRAINING_WEIGHTS_FILE, WEIGHTS_FILE
 from sae_train.sae.shard import LatentShard, shard_of
+from sae_train.train import update
 from sae_train.train.config import ParallelConfig, TrainConfig
 from sae_train.train.dist import Dist
 from sae_train.train.latent_shards import check_config, data_view, shard_config
@@ -393,3 +394,26 @@ def test_sharded_transcoder_step_equals_one_process(arch):
     for name, p in full.named_parameters():
         got = _join(full, [dict(s.named_parameters())[name].grad for s in shards], name)
         torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("step", [update.fused_update, update.reference_update])
+def test_sharded_optimizer_step_clips_by_the_whole_norm(step):
+    """The optimizer step of 2 shards (the fused CPU one and the reference one CUDA runs) equals
+    one process's, gradient clipping by the whole SAE's norm included."""
+    if step is update.fused_update and not kernels.available():
+        pytest.skip("needs the CPU kernels")
+    full = _full("topk")
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(6))
+    full(x).losses["loss"].backward()
+    shards = shards_of(full, 2)
+    in_threads([(lambda s=s: s(x).losses["loss"].backward()) for s in shards])
+    b_dec = sum(s.b_dec.grad for s in shards)  # what the trainer's gradient reduction does
+    for s in shards:
+        s.b_dec.grad = b_dec.clone()
+    adam = {"lr": 1e-2, "fused": True}
+    step(full, torch.optim.Adam(full.parameters(), **adam), 1e-3)  # clipping is active
+    in_threads([(lambda s=s: step(s, torch.optim.Adam(s.parameters(), **adam), 1e-3)) for s in shards])
+    for name, p in full.named_parameters():
+        parts = [dict(s.named_parameters())[name].detach() for s in shards]
+        got = torch.cat(parts, full.latent_axes[name]) if name in full.latent_axes else parts[1]
+        torch.testing.assert_close(got, p.detach(), rtol=1e-5, atol=1e-6, msg=name)

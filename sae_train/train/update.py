@@ -42,11 +42,10 @@ def reference_update(sae: SAE, optimizer: torch.optim.Optimizer, grad_clip: floa
         if sae.shard is None:
             torch.nn.utils.clip_grad_norm_([p for p in sae.parameters() if p.requires_grad], grad_clip)
         else:  # a latent shard: the whole SAE's norm (sae/shard.py)
-            grads = {n: p.grad for n, p in sae.named_parameters() if p.requires_grad and p.grad is not None}
-            norm = sae.shard.norm_sq(
-                {n: torch.linalg.vector_norm(g).square() for n, g in grads.items()}, sae.latent_axes
-            )
-            torch.nn.utils.clip_grads_with_norm_(list(grads.values()), grad_clip, norm.sqrt().to(torch.float32))
+            params = {n: p for n, p in sae.named_parameters() if p.requires_grad and p.grad is not None}
+            squares = {n: torch.linalg.vector_norm(p.grad).square() for n, p in params.items()}
+            norm = sae.shard.norm_sq(squares, sae.latent_axes).sqrt().to(torch.float32)
+            torch.nn.utils.clip_grads_with_norm_(list(params.values()), grad_clip, norm)
     optimizer.step()
     sae.constrain_()
 
