@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from sae_train.errors import UserError
 from sae_train.sae import kernels
 from sae_train.sae.config import SAEConfig
+from sae_train.sae.shard import LatentShard
 
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 CHUNK_TOKENS = 4096
@@ -134,6 +135,14 @@ class SAE(nn.Module, abc.ABC):
     saelens_training_architecture: ClassVar[str] = "standard"
     """SAELens's name for how it was trained (`metadata.training_architecture`). Where it equals
     `saelens_architecture`, SAELens SAEs of that architecture load as this one."""
+    latent_axes: ClassVar[dict[str, int]] = {"W_enc": 1, "W_dec": 0, "b_enc": 0}
+    """Tensor name -> its latent dimension: what a latent shard holds a slice of (sae/shard.py);
+    the other tensors are copied on every shard."""
+    shardable_latents: ClassVar[bool] = True
+    """Whether its latents can be split over ranks (`parallel.latent_shards`, sae/shard.py)."""
+    shard: LatentShard | None = None
+    """Set on a latent shard (an SAE holding a contiguous range of a wider SAE's latents): its
+    training forward then selects and decodes together with the other shards (sae/shard.py)."""
 
     def __init__(self, cfg: SAEConfig, *, compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -232,7 +241,7 @@ class SAE(nn.Module, abc.ABC):
         target = self._check_target(x, target)
         if dead_mask is not None and dead_mask.shape != (self.cfg.d_sae,):
             raise ValueError(f"dead_mask must be bool [{self.cfg.d_sae}], got {tuple(dead_mask.shape)}")
-        fast = self._fast_path(x) and (self.fused_transcoders or not self.cfg.is_transcoder)
+        fast = self._fast_path(x) and (self.fused_transcoders or not self.cfg.is_transcoder) and self.shard is None
         step = self._forward_fast if fast else self._forward_torch
         with torch.autocast(x.device.type, enabled=False):  # compute_dtype decides, not autocast
             if not self.cfg.skip:
@@ -444,6 +453,19 @@ class SAE(nn.Module, abc.ABC):
         """a @ w in the GEMM dtype, result in the accumulation dtype."""
         cd = self._gemm_dtype
         return (a.to(cd) @ w.to(cd)).to(self._acc_dtype)
+
+    def _decoded(self, partial: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """The training reconstruction partial + b_dec from this SAE's decode of its latents, and
+        rows (a per-token sparsity term [B], or None) -- on a latent shard both summed over the
+        shards in one all-reduce, b_dec added by shard 0 alone (sae/shard.py)."""
+        if self.shard is None:
+            return partial + self.b_dec, rows
+        if self.shard.comm.rank == 0:
+            partial = partial + self.b_dec
+        if rows is None:
+            return self.shard.sum(partial)[0], None
+        x_hat, rows = self.shard.sum(partial, rows)
+        return x_hat, rows
 
     def _encoder_input(self, x: Tensor) -> Tensor:
         """What the encoder multiplies: x - b_dec for an SAE, x for a transcoder."""

@@ -28,6 +28,7 @@ class BatchTopKSAE(TopKSAE):
     architecture = "batchtopk"
     config_fields = TopKSAE.config_fields | {"batchtopk_threshold_beta"}
     inference_tensors = (*TopKSAE.inference_tensors, "threshold")
+    latent_axes = {**TopKSAE.latent_axes, "threshold": 0}
     # at inference z * [z > threshold]: SAELens's JumpReLU (as SAELens exports its own BatchTopK)
     saelens_architecture, saelens_training_architecture = "jumprelu", "batchtopk"
     batch_selection = True
@@ -40,6 +41,9 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
 
     def _select_torch(self, z: Tensor, world: int) -> sparse.BatchSelection:
+        if self.shard is not None:  # the global batch's blocks: data ranks x latent shards
+            comm = self.shard.comm
+            return sparse.batch_topk(z, self.b_enc.detach(), self.cfg.k, comm.data_ranks, comm.batch_gather)
         return sparse.batch_topk(z, self.b_enc.detach(), self.cfg.k, world)
 
     def _activation(self, z: Tensor) -> Tensor:

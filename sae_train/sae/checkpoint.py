@@ -29,7 +29,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -308,11 +308,27 @@ def read_training_tensor(directory: Path, name: str) -> torch.Tensor:
         ) from err
 
 
-def read_training_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(tensors, optimizer state, trainer state) of one SAE's checkpoint."""
+def read_training_state(
+    directory: Path, select: Callable[[str, tuple[int, ...]], tuple[slice, ...] | None] | None = None
+) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(tensors, optimizer state, trainer state) of one SAE's checkpoint.
+
+    select(name, shape): the part of a training tensor to read (None: all of it). With it, only
+    those bytes are read, and the optimizer state is memory-mapped, not read: a latent shard
+    resuming takes its range of a checkpoint much larger than its memory."""
     try:
-        tensors = load_file(str(directory / TRAINING_WEIGHTS_FILE))
-        optimizer = torch.load(directory / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
+        if select is None:
+            tensors = load_file(str(directory / TRAINING_WEIGHTS_FILE))
+        else:
+            tensors = {}
+            with safe_open(str(directory / TRAINING_WEIGHTS_FILE), framework="pt") as f:
+                for name in f.keys():
+                    part = f.get_slice(name)
+                    index = select(name, tuple(part.get_shape()))
+                    tensors[name] = f.get_tensor(name) if index is None else part[index]
+        optimizer = torch.load(
+            directory / OPTIMIZER_FILE, weights_only=True, map_location="cpu", mmap=select is not None
+        )
         state = json.loads((directory / TRAINER_STATE_FILE).read_text())
     except (OSError, RuntimeError, ValueError) as err:
         raise UserError(

@@ -65,6 +65,7 @@ class JumpReLUSAE(SAE):
     revival = "none"
     base_lr = 1.1e-3  # 5.5x Gao et al.'s: the thresholds close latents for good at higher rates
     inference_tensors = (*SAE.inference_tensors, "threshold")
+    latent_axes = {**SAE.latent_axes, "threshold": 0}
     saelens_architecture = saelens_training_architecture = "jumprelu"
     fused_transcoders = True
 
@@ -93,8 +94,9 @@ class JumpReLUSAE(SAE):
         z = self._preact(x)
         eps = self.cfg.jumprelu_bandwidth
         f = JumpReLUFunction.apply(z, self.threshold, eps).to(self._gemm_dtype)
-        l0 = StepFunction.apply(z, self.threshold, eps).sum(-1).mean()
-        x_hat = self._matmul(f, self.W_dec) + self.b_dec
+        x_hat, l0 = self._decoded(self._matmul(f, self.W_dec), StepFunction.apply(z, self.threshold, eps).sum(-1))
+        assert l0 is not None
+        l0 = l0.mean()
         active = f != 0
         return self._output(target, x_hat, l0, f, active.sum(-1).float().mean(), active.any(0), sparsity_scale)
 

@@ -54,6 +54,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     config_fields = BatchTopKSAE.config_fields | {"matryoshka_prefixes", "matryoshka_weights"}
     # inherited step_gemms ("encoder"): the decode and every gradient are sparse on the fast path
     saelens_architecture, saelens_training_architecture = "jumprelu", "matryoshka_batchtopk"
+    shardable_latents = False  # its prefixes nest over the whole latent range, one decode per prefix
 
     def __init__(self, cfg: SAEConfig, *, compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__(cfg, compute_dtype=compute_dtype)

@@ -97,9 +97,7 @@ def _batch_topk_global(z: Tensor, bias: Tensor, n_keep: int, world: int) -> tupl
     n_keep *= world
     offsets, idx, pre = batch_topk_kernel(z, bias, min(n_keep, z.numel()))
     ranked, order = pre.sort(descending=True, stable=True)  # CSR order is flat-index order
-    padded = torch.full((n_keep,), float("-inf"))
-    padded[: ranked.numel()] = ranked
-    n_local, min_kept = sparse.global_cut(padded, n_keep)
+    n_local, min_kept = sparse.global_cut(ranked, n_keep)
     keep = torch.zeros(pre.numel(), dtype=torch.bool)
     keep[order[: int(n_local)]] = True
     rows = torch.repeat_interleave(torch.arange(z.shape[0]), offsets.diff())[keep]

@@ -46,10 +46,11 @@ class ReLUSAE(SAE):
 
     def _forward_torch(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
         f = torch.relu(self._preact(x)).to(self._gemm_dtype)  # the latents the decoder sees
-        x_hat = self._matmul(f, self.W_dec) + self.b_dec
-        fa = f.to(x_hat.dtype)
+        fa = f.to(self._acc_dtype)
         w = self._l1_weights()
-        l1 = (fa if w is None else fa * w).sum(-1).mean()
+        x_hat, l1 = self._decoded(self._matmul(f, self.W_dec), (fa if w is None else fa * w).sum(-1))
+        assert l1 is not None
+        l1 = l1.mean()
         active = fa != 0
         return self._output(target, x_hat, l1, f, active.sum(-1).float().mean(), active.any(0), sparsity_scale)
 

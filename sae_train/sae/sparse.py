@@ -30,7 +30,7 @@ Gradients: autograd, with two custom pieces.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -230,23 +230,30 @@ def selection_world() -> int:
     return 1
 
 
-def batch_topk(z: Tensor, bias: Tensor, k: int, world: int = 1) -> BatchSelection:
+def batch_topk(
+    z: Tensor,
+    bias: Tensor,
+    k: int,
+    world: int = 1,
+    gather: Callable[[Tensor], tuple[Tensor, int]] | None = None,
+) -> BatchSelection:
     """The k*B largest entries of z + bias over the batch; with world > 1 (`selection_world`),
     the k*B*world largest over every rank's rows, so that N ranks select what 1 process would
-    on the concatenated batch (`global_cut`).
+    on the concatenated batch (`global_cut`). `gather` replaces the all_gather over every rank of
+    torch.distributed (latent shards: the ranks holding blocks of the global batch, sae/shard.py).
 
-    Fixed size: k*B entries (k*B*world per rank under DDP, `keep` marks the kept ones);
-    entries that are not positive get value 0 after ReLU, as in TopK.
+    Fixed size: min(k*B*world, entries of z) per rank (`keep` marks the kept ones when the cut
+    spans ranks); entries that are not positive get value 0 after ReLU, as in TopK.
     """
     B, n = z.shape
     key = _exact(z, bias, None)  # exact values: global_cut compares them across ranks
-    n_keep = min(k * B * world, key.numel())
-    ranked, vals = ranked_top(key.view(1, -1), n_keep)
+    n_keep = k * B * world
+    ranked, vals = ranked_top(key.view(1, -1), min(n_keep, key.numel()))
     ranked, vals = ranked[0], vals[0]
     keep = None
-    if world > 1:
-        n_local, min_kept = global_cut(vals, n_keep)
-        keep = torch.arange(n_keep, device=z.device) < n_local
+    if world > 1 or gather is not None:
+        n_local, min_kept = global_cut(vals, n_keep, gather)
+        keep = torch.arange(vals.numel(), device=z.device) < n_local
     else:
         min_kept = _min_positive(vals)
     ids, order = ranked.sort()
@@ -262,30 +269,51 @@ def _min_positive(v: Tensor) -> Tensor:
     return torch.where(torch.isinf(m), torch.zeros_like(m), m)
 
 
-def global_cut(ranked_vals: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
+def _all_gather_world(tensor: Tensor) -> tuple[Tensor, int]:
+    """[world, *tensor.shape] over every rank of torch.distributed (or of the `selection_span`
+    group), and this rank's index among them."""
+    group = None if _span is None else _span[0]
+    parts = [torch.empty_like(tensor) for _ in range(tdist.get_world_size(group))]
+    tdist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.stack(parts), tdist.get_rank(group)
+
+
+def cut_mask(every: Tensor, n_keep: int) -> Tensor:
+    """Which candidates of every [..., P, c] (P parts -- ranks, latent shards -- each listing its
+    candidates in the selection's order among equals: ranked, or by ascending column) are among
+    the n_keep largest of their [..., P*c]: bool [..., P, c].
+
+    With t the n_keep-th value, entries above t are kept, and entries equal to t go to the
+    lower parts first (rank r's rows follow rank r-1's; shard s's latents follow shard s-1's),
+    then in their order within the part -- ties to the lower global index, the selection rule.
+    NaN ranks above everything."""
+    t = every.flatten(-2).topk(n_keep, dim=-1, sorted=True).values[..., -1, None, None]
+    eq = (every == t) | (every.isnan() & t.isnan())
+    gt = ~(every <= t) & ~eq
+    need = n_keep - gt.sum((-2, -1))
+    eq_n = eq.sum(-1)  # [..., P]
+    quota = (need.unsqueeze(-1) - (eq_n.cumsum(-1) - eq_n)).clamp(min=0).minimum(eq_n)
+    return gt | (eq & (eq.cumsum(-1) <= quota.unsqueeze(-1)))
+
+
+def global_cut(
+    ranked_vals: Tensor, n_keep: int, gather: Callable[[Tensor], tuple[Tensor, int]] | None = None
+) -> tuple[Tensor, Tensor]:
     """How many of this rank's candidates to keep so that the ranks together keep the n_keep
     largest entries of the global batch, and the smallest positive kept value (both 0-d device
     tensors, equal on every rank for the second).
 
-    ranked_vals are this rank's n_keep best entries, ranked by the selection rule (the global
-    top n_keep can hold at most n_keep of one rank's). One all_gather of them gives every rank
-    the global n_keep-th value t; entries above t are kept, and entries equal to t go to the
-    lower global flat index, i.e. to lower ranks first (rank r's rows follow rank r-1's).
+    ranked_vals are this rank's best entries (at most n_keep), ranked by the selection rule (the
+    global top n_keep can hold at most n_keep of one rank's). One gather of them (padded to
+    n_keep with -inf; default: an all_gather over every rank) gives every rank the global
+    n_keep-th value t; `cut_mask` keeps the entries above t and gives those equal to t to the
+    lower ranks first.
     """
-    group = None if _span is None else _span[0]
-    world, rank = tdist.get_world_size(group), tdist.get_rank(group)
-    parts = [torch.empty_like(ranked_vals) for _ in range(world)]
-    tdist.all_gather(parts, ranked_vals.contiguous(), group=group)
-    allv = torch.stack(parts)  # [world, n_keep]
-    t = allv.flatten().topk(n_keep, sorted=True).values[-1]
-    eq = (allv == t) | (allv.isnan() & t.isnan())
-    gt = ~(allv <= t) & ~eq  # NaN ranks above everything
-    need = n_keep - gt.sum()
-    eq_n = eq.sum(1)
-    quota = (need - (eq_n.cumsum(0) - eq_n)).clamp(min=0).minimum(eq_n)
-    kept = gt | (eq & (torch.arange(allv.shape[1], device=allv.device) < (gt.sum(1) + quota)[:, None]))
-    min_kept = _min_positive(torch.where(kept, allv, torch.zeros_like(allv)).flatten())
-    return gt[rank].sum() + quota[rank], min_kept
+    padded = torch.cat([ranked_vals, ranked_vals.new_full((n_keep - ranked_vals.numel(),), float("-inf"))])
+    every, rank = (gather or _all_gather_world)(padded)
+    kept = cut_mask(every, n_keep)
+    min_kept = _min_positive(torch.where(kept, every, torch.zeros_like(every)).flatten())
+    return kept[rank].sum(), min_kept
 
 
 class SparsePreact(torch.autograd.Function):

@@ -56,7 +56,8 @@ class TopKSAE(SAE):
         ids, vals = sparse.topk_rows(z, self.b_enc.detach(), k)
         offsets = torch.arange(0, B * k + 1, k, device=z.device)
         rows = torch.arange(B * k, device=z.device) // k
-        return sparse.BatchSelection(offsets, ids.view(-1), rows, vals.view(-1), None, None)
+        keep = None if self.shard is None else self.shard.keep_top(vals, k)  # a latent shard: the token's k over all
+        return sparse.BatchSelection(offsets, ids.view(-1), rows, vals.view(-1), keep, None)
 
     def _activation(self, z: Tensor) -> Tensor:
         k = self.cfg.k
@@ -72,6 +73,11 @@ class TopKSAE(SAE):
         their pre-activations (-inf where not dead), bool [B*aux_k'] whether the pick is a dead
         latent -- picks beyond n_dead are not)."""
         d_sae, bias = self.cfg.d_sae, self.b_enc.detach()
+        if self.shard is not None:  # the aux_k best dead latents over every shard (sae/shard.py)
+            aux_ids, vals = sparse.topk_rows(z, bias, min(self.cfg.aux_k, d_sae), dead_mask)
+            keep = self.shard.keep_top(vals, min(self.cfg.aux_k, self.shard.d_sae))
+            aux_ids = aux_ids.view(-1)
+            return aux_ids, vals.view(-1), dead_mask[aux_ids] & keep
         if self.max_dead is None or self.max_dead >= d_sae:
             aux_ids, vals = sparse.topk_rows(z, bias, min(self.cfg.aux_k, d_sae), dead_mask)
             aux_ids = aux_ids.view(-1)
@@ -104,7 +110,7 @@ class TopKSAE(SAE):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The training decode of the selected entries (CSR `offsets`, token of each entry `rows`)
         and its loss terms: (x_hat [B, d_out], {"mse": ...})."""
-        x_hat = sparse.SparseDecode.apply(vals, W_dec, groups, rows, offsets) + self.b_dec
+        x_hat, _ = self._decoded(sparse.SparseDecode.apply(vals, W_dec, groups, rows, offsets))
         return x_hat, {"mse": self._mse(x_hat, target)}
 
     def _forward_torch(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
@@ -140,7 +146,10 @@ class TopKSAE(SAE):
             a_vals = torch.where(aux_valid, torch.relu(pre[n_main:]), torch.zeros_like(pre[n_main:]))
             a_offsets = torch.arange(0, B * aux_k + 1, aux_k, device=x.device)
             e_hat = sparse.SparseDecode.apply(a_vals, W_dec, sparse.ByLatent(aux_ids, d_sae), rows[n_main:], a_offsets)
-            auxk = torch.where(dead_mask.any(), auxk_ratio(e_hat, (target - x_hat).detach()), auxk)
+            n_dead = dead_mask.sum()
+            if self.shard is not None:  # every shard's dead latents reconstruct the residual together
+                e_hat, n_dead = self.shard.sum(e_hat, n_dead.to(e_hat.dtype))
+            auxk = torch.where(n_dead > 0, auxk_ratio(e_hat, (target - x_hat).detach()), auxk)
         out = self._output(x, x_hat, terms, auxk, SparseLatents(vals.detach(), ids[:n_main], offsets, self.cfg.d_sae))
         if sel.min_kept is not None:
             out.stats["min_kept"] = sel.min_kept

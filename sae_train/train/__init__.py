@@ -14,6 +14,7 @@ from dataclasses import replace
 from sae_train.lm import LanguageModel
 from sae_train.train.config import TrainConfig, WandbConfig
 from sae_train.train.dist import Dist, init_distributed, shutdown
+from sae_train.train.latent_shards import data_view
 from sae_train.train.signals import Preempted
 from sae_train.train.sources import ActivationSource, LiveSource, StoreSource
 from sae_train.train.trainer import Callback, SAERun, StepInfo, Trainer, TrainSummary
@@ -61,6 +62,8 @@ def run(cfg: TrainConfig, callbacks: Sequence[Callback] = (), lm: LanguageModel 
     """Train the SAEs `cfg` describes (resuming a checkpoint in out_dir) and return a summary."""
     dist = init_distributed(cfg.device, cfg.dist_timeout_s)
     try:
-        return Trainer(cfg, build_source(cfg, dist, lm), dist, callbacks).fit()
+        # latent shards of one data rank read the same batches (train/latent_shards.py)
+        source = build_source(cfg, data_view(dist, cfg.parallel.latent_shards), lm)
+        return Trainer(cfg, source, dist, callbacks).fit()
     finally:
         shutdown(dist)

@@ -31,7 +31,8 @@ class WandbConfig:
 @dataclass
 class ParallelConfig:
     """How a torchrun/Slurm run lays its work over the ranks (plain data parallel by default:
-    every rank holds every SAE and trains it on its share of each batch)."""
+    every rank holds every SAE and trains it on its share of each batch). The two layouts below
+    do not combine yet: pick one."""
 
     saes: bool = False
     """Spread the run's SAEs over the ranks: each rank holds and trains only its own (balanced
@@ -39,7 +40,16 @@ class ParallelConfig:
     SAE's rows reach its owners through one all-to-all per site and step. See
     sae_train/train/placement.py for the rule."""
     latent_shards: int = 1
-    """Split each SAE's latents over this many ranks (one wide SAE on several GPUs)."""
+    """Split each SAE's latents over this many ranks (W_enc columns, W_dec rows, b_enc and the
+    thresholds in contiguous ranges): one SAE wider than one device's memory. The world size
+    must be a multiple of it; the ranks form a data x latent grid (world = data ranks x
+    latent_shards). 1 = off. See README "Wide SAEs: parallel.latent_shards"."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.latent_shards, int) or self.latent_shards < 1:
+            raise UserError(
+                f"parallel.latent_shards={self.latent_shards!r} must be an integer >= 1 (1 = no latent sharding)."
+            )
 
 
 @dataclass
@@ -147,10 +157,11 @@ class TrainConfig:
                 raise UserError(
                     f"sweep key '{key}' is not an SAE field or lr; valid: lr, {', '.join(SAEConfig.__dataclass_fields__)}."
                 )
-        if self.parallel.latent_shards != 1:
+        if self.parallel.saes and self.parallel.latent_shards != 1:
             raise UserError(
-                f"parallel.latent_shards={self.parallel.latent_shards}: latent sharding is not part of this build; "
-                "remove it (parallel.saes=true spreads whole SAEs over the ranks)."
+                f"parallel.saes=true with parallel.latent_shards={self.parallel.latent_shards}: the two layouts do not "
+                "combine yet. Spread whole SAEs over the ranks (parallel.saes=true) or split each SAE's latents "
+                "(parallel.latent_shards=N), not both."
             )
         if self.parallel.saes and self.eval_every_tokens:
             raise UserError(
@@ -192,7 +203,7 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
         "out_dir",
         "device",
         "dist_timeout_s",
-        "parallel",  # the layout over ranks changes where SAEs train, not what they compute
+        "parallel",  # the layout over ranks (spread, latent shards) changes where SAEs train, not what they compute
     }
     out = {k: v for k, v in config.items() if k not in free}
     if "text" not in out and any(k in out for k in _LEGACY_TEXT_KEYS):

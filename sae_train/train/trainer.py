@@ -37,13 +37,14 @@ from sae_train.atomic import staging_dir
 from sae_train.errors import UserError
 from sae_train.lm.model import resolve_dtype
 from sae_train.provenance import provenance
-from sae_train.sae import SAE, SAEConfig, SAEOutput, create_sae, kernels, load_weights, save_sae, sparse
+from sae_train.sae import SAE, SAEConfig, SAEOutput, create_sae, kernels, load_folded, load_weights, save_sae, sparse
 from sae_train.sae import checkpoint as ckpt
 from sae_train.sae.kernels import keep_freed_memory
 from sae_train.train.config import TrainConfig, comparable
 from sae_train.train.deferred import DeferredRead
 from sae_train.train.dist import Dist
 from sae_train.train.feed import device_batches
+from sae_train.train.latent_shards import LatentGroups, check_config, shard_config
 from sae_train.train.logger import MetricsLogger
 from sae_train.train.placement import Placement, Router
 from sae_train.train.resample import resample_dead_
@@ -68,6 +69,7 @@ class SAESlot:
     target: str
     """The site it reconstructs: `site` for an SAE, sae.cfg.target for a transcoder."""
     d_sae: int
+    """The whole SAE's latents (sae.cfg.d_sae, or more when sae is one latent shard of it)."""
     lr: float
     directory: Path
     since_fired: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
@@ -84,6 +86,8 @@ class SAESlot:
     """Known on the host: an upper bound on the latents dead at the next step (those one batch
     from the dead threshold at the end of the step before, read one step late like the losses).
     0: none can be dead, so the step skips revival work; None: unknown (first step of a call)."""
+    dead_count: torch.Tensor | None = None
+    """On the device: the whole SAE's dead latents after the last step (read at log steps)."""
 
     def dead_mask(self, after_tokens: int) -> torch.Tensor:
         return self.since_fired >= after_tokens
@@ -205,8 +209,14 @@ class Trainer:
             raise UserError(f"out_dir={self.out_dir} is a file; choose a directory path.")
         self.n_steps = cfg.n_steps
         self.compute_dtype = resolve_dtype(cfg.dtype, dist.device)
-        if cfg.batch_size % dist.world_size:
-            raise UserError(f"batch_size={cfg.batch_size} must divide evenly across {dist.world_size} ranks.")
+        # parallel.latent_shards: each rank holds a range of every SAE's latents (train/latent_shards.py)
+        self.shards = None
+        if cfg.parallel.latent_shards > 1:
+            check_config(cfg)
+            self.shards = LatentGroups(dist, cfg.parallel.latent_shards)
+        data_ranks = dist.world_size // cfg.parallel.latent_shards
+        if cfg.batch_size % data_ranks:
+            raise UserError(f"batch_size={cfg.batch_size} must divide evenly across {data_ranks} data ranks.")
         if dist.device.type == "cuda" and self.compute_dtype == torch.float32:
             enable_tf32()
         sites = [s for s in source.sites if s != cfg.sae.target]  # a transcoder's target is no training site
@@ -274,7 +284,10 @@ class Trainer:
         return sae_cfg.resolved(d_in, d_out), lr
 
     def _build_run(self, slot: SAESlot, index: int, sae_cfg: SAEConfig, dist: Dist) -> SAERun:
-        sae = create_sae(sae_cfg, compute_dtype=self.compute_dtype).to(self.dist.device)
+        mine = sae_cfg if self.shards is None else shard_config(sae_cfg, self.shards.size)
+        sae = create_sae(mine, compute_dtype=self.compute_dtype).to(self.dist.device)
+        if self.shards is not None:
+            self.shards.attach(sae, sae_cfg.d_sae)
         beta1, beta2 = self.cfg.adam_betas
         # The fused kernel is ~3x faster than the default multi-tensor Adam on CPU (one pass over
         # parameter, gradient and both moments): a sixth of a TopK step at the reference size.
@@ -288,13 +301,17 @@ class Trainer:
         share = self.placement.share(index, self.dist.rank)
         bound = _step_gemm_seconds(
             sae.cfg.architecture,
-            round(share * self.cfg.batch_size),
+            round(share * self.cfg.batch_size)
+            if self.shards is None
+            else self.cfg.batch_size // self.shards.data_ranks,
             sae.cfg.d_in,
             sae.cfg.d_sae,
             self.compute_dtype,
             self.dist.device,
         )
         fields = {f.name: getattr(slot, f.name) for f in dataclasses.fields(SAESlot)}
+        if self.shards is not None:  # this shard's latents only
+            fields["since_fired"] = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.dist.device)
         return SAERun(**fields, index=index, sae=sae, optimizer=optimizer, dist=dist, share=share, bound_seconds=bound)
 
     @torch.no_grad()
@@ -319,15 +336,18 @@ class Trainer:
     def _initialise(self) -> None:
         """Normalisation constants and data-dependent init (b_dec) from one sample, made by the
         first owner of each SAE (rank 0 under data parallel) and broadcast to its other owners,
-        so they start from identical weights."""
+        so they start from identical weights (latent shards: rank 0 initialises the whole SAE and
+        scatters each shard its range)."""
         sample = self.source.sample(self.cfg.init_tokens) if any(r.dist.is_main for r in self.runs) else None
         for run in self.runs:
             scales = torch.zeros(2, dtype=torch.float64, device=self.dist.device)  # source's, target's
+            # latent shards: rank 0 initialises the whole SAE once, in host memory, then scatters its ranges
+            init = run.sae if self.shards is None or not run.dist.is_main else self.shards.whole_sae(run.sae)
             if run.dist.is_main:
                 assert sample is not None
                 rows = {}
                 for i, site in enumerate(dict.fromkeys((run.site, run.target))):
-                    rows[site] = sample[site].to(self.dist.device, torch.float32)
+                    rows[site] = sample[site].to(init.b_dec.device, torch.float32)
                     mean_norm = float(rows[site].norm(dim=1).mean())
                     if not math.isfinite(mean_norm) or mean_norm == 0.0:
                         raise self.source.nonfinite_error(site, 0, len(rows[site]), sample=True) or UserError(
@@ -336,10 +356,13 @@ class Trainer:
                     scales[i] = 1.0 / mean_norm
                 if run.target == run.site:
                     scales[1] = scales[0]
-                    run.sae.init_from_data(rows[run.site] * scales[0].item())
+                    init.init_from_data(rows[run.site] * scales[0].item())
                 else:
-                    run.sae.init_from_data(rows[run.site] * scales[0].item(), rows[run.target] * scales[1].item())
+                    init.init_from_data(rows[run.site] * scales[0].item(), rows[run.target] * scales[1].item())
             run.scale, run.target_scale = run.dist.broadcast_(scales).tolist()
+            if self.shards is not None:
+                self.shards.scatter_(run.sae, init.state_dict() if run.dist.is_main else None)
+                continue
             for tensor in itertools.chain(run.sae.parameters(), run.sae.buffers()):
                 run.dist.broadcast_(tensor.data)
                 torch.autograd.graph.increment_version(tensor)  # .data writes skip the version counter
@@ -367,7 +390,11 @@ class Trainer:
             if not isinstance(slot, SAERun):  # trained elsewhere: only its dead-latent counters, for the logs
                 slot.since_fired = ckpt.read_training_tensor(slot.directory, "since_fired").to(self.dist.device)
         for run in self.runs:
-            tensors, optimizer, sae_state = ckpt.read_training_state(run.directory)
+            # latent shards: the checkpoint holds the whole SAE; each rank reads its range
+            select = None if self.shards is None else self.shards.select(run.sae)
+            tensors, optimizer, sae_state = ckpt.read_training_state(run.directory, select)
+            if self.shards is not None:
+                optimizer = self.shards.split_optimizer(run.sae, optimizer)
             run.since_fired = tensors.pop("since_fired").to(self.dist.device)
             load_weights(run.sae, tensors, run.sae.state_dict(), source=f"Training checkpoint {run.directory}")
             run.optimizer.load_state_dict(optimizer)
@@ -440,7 +467,11 @@ class Trainer:
             with sparse.selection_span(run.dist.group, run.dist.world_size):
                 out = run.sae(x, target=y, dead_mask=dead, sparsity_scale=sparsity)
             out.losses["loss"].backward()
-            finishers.append(run.dist.start_grad_average(run.params))
+            finishers.append(
+                run.dist.start_grad_average(run.params)
+                if self.shards is None
+                else self.shards.start_grad_average(run.sae)
+            )
             layout = tuple(out.losses), tuple(v.numel() for v in out.stats.values())
             if run.loss_names and (run.loss_names, run.stat_sizes) != layout:
                 raise RuntimeError(f"{run.tag}: statistics {layout} differ from the layout the ranks agreed on")
@@ -463,11 +494,19 @@ class Trainer:
             slot.since_fired.add_(self.cfg.batch_size).masked_fill_(fired, 0)
             head = torch.cat([losses, sums])
             slot.totals = head if slot.totals is None else slot.totals.add_(head)
-        # Latents one batch from the dead threshold: a bound on the dead count at the end of the
-        # next step, which the step after it reads (dead_bound).
-        dying = [(s.since_fired >= self.cfg.dead_after_tokens - self.cfg.batch_size).sum().view(1) for s in self.slots]
+        # Per SAE: the latents one batch from the dead threshold (a bound on the dead count at the
+        # end of the next step, which the step after it reads: dead_bound), and the dead ones.
+        after = self.cfg.dead_after_tokens
+        soon = after - self.cfg.batch_size
+        counts = torch.stack(
+            [torch.stack([(s.since_fired >= soon).sum(), s.dead_mask(after).sum()]) for s in self.slots]
+        )
+        if self.shards is not None:  # over the shards: all of them must agree whether to run AuxK
+            self.shards.all_reduce_sum_(counts)
+        for slot, dead in zip(self.slots, counts[:, 1]):
+            slot.dead_count = dead
         self._pending = DeferredRead(
-            torch.cat([losses for losses, _, _ in reduced] + [flags] + [d.to(flags.dtype) for d in dying])
+            torch.cat([losses for losses, _, _ in reduced] + [flags, counts[:, 0].to(flags.dtype)])
         )
         self._pending_step, self._pending_start = self.step, self.position  # its batch: global rows from here
         self.step += 1
@@ -520,9 +559,9 @@ class Trainer:
     @torch.no_grad()
     def _batch_stats(n: int, var: torch.Tensor, out: SAEOutput, share: float) -> torch.Tensor:
         """This rank's statistics of one SAE as one fp64 vector: loss terms, squared error,
-        variance, active-latent count, `out.stats`, then the fired mask (as 0/1). The means
-        (loss terms, `out.stats`) are weighted by the rank's share of the global batch, so
-        their sum over the SAE's ranks is their mean over the global batch."""
+        variance, active-latent count, `out.stats` (the fired mask travels apart: `_reduce_stats`).
+        The means (loss terms, `out.stats`) are weighted by the rank's share of the global batch,
+        so their sum over the SAE's ranks is their mean over the global batch."""
         parts = [
             torch.stack([v.detach().double() for v in out.losses.values()]) * share,
             (out.losses["mse"].detach().double() * n).view(1),
@@ -530,7 +569,7 @@ class Trainer:
             (out.l0.double() * n).view(1),
         ]
         parts += [v.detach().double().flatten() * share for v in out.stats.values()]
-        return torch.cat([*parts, out.fired.double()])
+        return torch.cat(parts)
 
     def _reduce_stats(
         self, stats: list[torch.Tensor], outs: list[SAEOutput], signal_received: int
@@ -548,8 +587,18 @@ class Trainer:
         if signal_received:
             flags[StopSignals.SIGNALS.index(signal_received)] = 1.0
         mine = {run.index: (vector, out) for run, vector, out in zip(self.runs, stats, outs)}
-        parts = [mine[i][0] if i in mine else flags.new_zeros(slot.stats_size) for i, slot in enumerate(self.slots)]
-        flat = self.dist.all_reduce_sum_(torch.cat([*parts, flags]))
+        shard_fired: Sequence[torch.Tensor] = ()
+        if self.shards is None:  # one collective; each SAE's fired mask rides with its statistics
+            parts = [
+                torch.cat([mine[i][0], mine[i][1].fired.double()]) if i in mine else flags.new_zeros(slot.stats_size)
+                for i, slot in enumerate(self.slots)
+            ]
+            flat = self.dist.all_reduce_sum_(torch.cat([*parts, flags]))
+        else:  # a shard's fired mask: summed over the data ranks holding the same latents
+            flat = self.dist.all_reduce_sum_(torch.cat([*stats, flags]))
+            shard_fired = self.shards.data_sum_(torch.cat([out.fired.double() for out in outs])).split(
+                [run.sae.cfg.d_sae for run in self.runs]
+            )
         offset, reduced = 0, []
 
         def take(n: int) -> torch.Tensor:
@@ -564,7 +613,8 @@ class Trainer:
                 out = mine[i][1]
                 for (key, value), total in zip(out.stats.items(), values):
                     out.stats[key] = total.view_as(value).to(value.dtype)
-            reduced.append((losses, sums, take(slot.d_sae) > 0))
+            fired = shard_fired[i] if shard_fired else take(slot.d_sae)
+            reduced.append((losses, sums, fired > 0))
         return reduced, take(len(StopSignals.SIGNALS))
 
     def _maybe_resample(self) -> None:
@@ -614,8 +664,8 @@ class Trainer:
         bound = sum(r.bound_seconds for r in self.runs) * steps
         last = {}
         for run in self.slots:
-            dead = run.dead_mask(self.cfg.dead_after_tokens).double().mean().view(1)
-            assert run.totals is not None  # a log step follows at least one step
+            assert run.totals is not None and run.dead_count is not None  # a log step follows at least one step
+            dead = (run.dead_count.double() / run.d_sae).view(1)
             *losses, err, var, active, dead_fraction = torch.cat([run.totals, dead]).tolist()
             metrics = {k: v / steps for k, v in zip(run.loss_names, losses)}
             metrics.update(
@@ -648,13 +698,14 @@ class Trainer:
         2). Each phase ends with every rank learning whether any rank's writes failed, so all
         stop together and none runs ahead."""
         self._settle()
-        writing = [run for run in self.runs if run.dist.is_main]
+        # latent shards: every rank takes part in gathering each SAE to rank 0, which writes it
+        staging = self.runs if self.shards is not None else [run for run in self.runs if run.dist.is_main]
 
         def stage() -> None:
-            for run in writing:
+            for run in staging:
                 self._stage(run)
 
-        self._together(stage, [run.directory for run in writing])
+        self._together(stage, [run.directory for run in staging if run.dist.is_main])
         committing = [slot.directory for slot in self.slots] if self.dist.is_main else []
         state = {
             "step": self.step,
@@ -697,21 +748,52 @@ class Trainer:
             )
 
     def _stage(self, run: SAERun) -> None:
-        """Write one SAE's checkpoint under its staging name (`ckpt.commit` swaps it in)."""
+        """Write one SAE's checkpoint under its staging name (`ckpt.commit` swaps it in); with
+        latent shards, each piece is gathered to rank 0 (a collective), written, dropped."""
         staging = staging_dir(run.directory)
-        save_sae(run.inference(), staging, self._inference_metadata(run))
-        state = {
-            "step": self.step,
-            "tokens": self.tokens,
-            "scale": run.scale,
-            "target_scale": run.target_scale,
-            "tag": run.tag,
-            "site": run.site,
-            "sae": asdict(run.sae.cfg),
-        }
-        ckpt.write_training_state(
-            staging, {**run.sae.state_dict(), "since_fired": run.since_fired}, run.optimizer.state_dict(), state
-        )
+        inference = self._whole_inference(run)
+        if inference is not None:
+            save_sae(inference, staging, self._inference_metadata(run))
+        del inference
+        training = self._whole_training_state(run)
+        if training is not None:
+            tensors, optimizer = training
+            state = {
+                "step": self.step,
+                "tokens": self.tokens,
+                "scale": run.scale,
+                "target_scale": run.target_scale,
+                "tag": run.tag,
+                "site": run.site,
+                "sae": asdict(replace(run.sae.cfg, d_sae=run.d_sae)),
+            }
+            ckpt.write_training_state(staging, tensors, optimizer, state)
+
+    def _whole_inference(self, run: SAERun) -> SAE | None:
+        """On the SAE's first owner: the inference SAE (`SAERun.inference`); latent shards fold
+        their own ranges, gathered into one SAE on rank 0 (a collective every rank makes). None
+        on the other ranks."""
+        if self.shards is None:
+            return run.inference() if run.dist.is_main else None
+        folded = run.inference()
+        tensors = self.shards.gather_tensors(folded, {n: folded.state_dict()[n] for n in folded.inference_tensors})
+        if tensors is None:
+            return None
+        cfg = replace(folded.cfg, d_sae=run.d_sae)
+        return load_folded(cfg, tensors, normalization_scale=folded.normalization_scale,
+                           target_normalization_scale=folded.target_normalization_scale,
+                           compute_dtype=folded.compute_dtype, source=f"The gathered shards of {run.tag}")  # fmt: skip
+
+    def _whole_training_state(self, run: SAERun) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """On the SAE's first owner: the training tensors (+ dead-latent counters) and optimizer
+        state as one process holds them -- gathered to rank 0 from the latent shards (a
+        collective every rank makes). None on the other ranks."""
+        tensors = {**run.sae.state_dict(), "since_fired": run.since_fired}
+        if self.shards is None:
+            return (tensors, run.optimizer.state_dict()) if run.dist.is_main else None
+        whole = self.shards.gather_tensors(run.sae, tensors)
+        optimizer = self.shards.gather_optimizer(run.sae, run.optimizer.state_dict())
+        return None if whole is None or optimizer is None else (whole, optimizer)
 
     def _inference_metadata(self, run: SAERun) -> dict[str, Any]:
         return {

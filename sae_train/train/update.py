@@ -39,7 +39,13 @@ def reference_update(sae: SAE, optimizer: torch.optim.Optimizer, grad_clip: floa
     """One optimizer step the plain way (any device, optimizer and dtype)."""
     sae.project_grads_()
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in sae.parameters() if p.requires_grad], grad_clip)
+        if sae.shard is None:
+            torch.nn.utils.clip_grad_norm_([p for p in sae.parameters() if p.requires_grad], grad_clip)
+        else:  # a latent shard: the whole SAE's norm (sae/shard.py)
+            params = {n: p for n, p in sae.named_parameters() if p.requires_grad and p.grad is not None}
+            squares = {n: torch.linalg.vector_norm(p.grad).square() for n, p in params.items()}
+            norm = sae.shard.norm_sq(squares, sae.latent_axes).sqrt().to(torch.float32)
+            torch.nn.utils.clip_grads_with_norm_(list(params.values()), grad_clip, norm)
     optimizer.step()
     sae.constrain_()
 
@@ -94,25 +100,29 @@ def fused_update(sae: SAE, optimizer: torch.optim.Adam, grad_clip: float) -> Non
     params = [p for group in optimizer.param_groups for p in group["params"]]
     # pass 1: projection coefficients and the squared norm of the gradient Adam will see
     coefs: dict[int, torch.Tensor] = {}
-    total = 0.0
+    squares: dict[str, float] = {}
+    names = {id(p): n for n, p in sae.named_parameters()}
     for p in reversed(params):  # pass 2 starts where pass 1 ends: those tensors may still be cached
         on_rows = project and p is sae.W_dec
         if grad_clip > 0 or on_rows:
             sq, coef = kernels.rows_sqnorm(p.grad, p.detach() if on_rows else None)
-            total += sq
+            squares[names[id(p)]] = sq
             if coef is not None:
                 coefs[id(p)] = coef
+    total = sum(squares.values())
+    if sae.shard is not None and grad_clip > 0:  # a latent shard: the whole SAE's norm (sae/shard.py)
+        total = float(sae.shard.norm_sq({n: torch.tensor(v) for n, v in squares.items()}, sae.latent_axes))
     # clip_grad_norm_'s coefficient, clamped at 1 (NaN when the norm is not finite, as there)
     clip = min(grad_clip / (math.sqrt(total) + 1e-6), 1.0) if grad_clip > 0 else 1.0
     # pass 2: Adam (+ decoder renormalisation, + bf16 copies for the next forward's GEMMs)
     bf16_copies = sae.compute_dtype == torch.bfloat16
-    names = {id(getattr(sae, n)): n for n in _SHADOWED}
+    shadowed = {id(getattr(sae, n)): n for n in _SHADOWED}
     for group in optimizer.param_groups:
         beta1, beta2 = group["betas"]
         for p in group["params"]:
             state = _adam_state(optimizer, group, p)
             state["step"] += 1
-            name = names.get(id(p))
+            name = shadowed.get(id(p))
             shadow = torch.empty_like(p, dtype=torch.bfloat16) if name and bf16_copies else None
             kernels.adam_rows(
                 p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"], step=float(state["step"]),
