@@ -750,13 +750,15 @@ class Trainer:
     def _stage(self, run: SAERun) -> None:
         """Write one SAE's checkpoint under its staging name (`ckpt.commit` swaps it in); with
         latent shards, each piece is gathered to rank 0 (a collective), written, dropped."""
-        staging = staging_dir(run.directory)
         inference = self._whole_inference(run)
-        if inference is not None:
+        staging = None
+        if inference is not None:  # the writing rank
+            staging = staging_dir(run.directory)
             save_sae(inference, staging, self._inference_metadata(run))
         del inference
         training = self._whole_training_state(run)
         if training is not None:
+            assert staging is not None  # the same rank
             tensors, optimizer = training
             state = {
                 "step": self.step,
