@@ -3,6 +3,7 @@ stage's output, and its errors, on a tiny random Llama (tests/tiny.py)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -246,21 +247,27 @@ def test_several_checkpoints_at_once_keyed_by_name_or_site(lm, sae_dir, tmp_path
 
 
 def test_values_in_units_of_the_inspected_act_max(lm, sae_dir, tmp_path):
-    inspected = tmp_path / "inspect"
-    (inspected / "features").mkdir(parents=True)
-    (inspected / "features" / "1.json").write_text(json.dumps({"index": 1, "act_max": 2.5}))
-    (inspected / "features" / "4.json").write_text(json.dumps({"index": 4, "act_max": 0.0}))
+    """inspect's layout: <out_dir>/<checkpoint name>/features/*.jsonl.gz, a record per line."""
+    features = tmp_path / "inspect" / SITE / "features"
+    features.mkdir(parents=True)
+    with gzip.open(features / "latents-0000000-0000063.jsonl.gz", "wt") as f:
+        for index in range(D_SAE):
+            f.write(json.dumps({"index": index, "act_max": 0.0 if index == 4 else 2.5 + index}) + "\n")
     ckpt = load(sae_dir)
-    assert act_max(str(inspected), ckpt, [1]) == {1: 2.5}
-    scaled = run(steer_cfg(sae_dir, tmp_path / "a", features={1: 4.0}, inspect_dir=str(inspected)), lm).payload
-    raw = run(steer_cfg(sae_dir, tmp_path / "b", features={1: 10.0}), lm).payload
+    inspected = str(tmp_path / "inspect")
+    assert act_max(inspected, ckpt, [1, 9]) == {1: 3.5, 9: 11.5}
+    assert act_max(str(tmp_path / "inspect" / SITE), ckpt, [1]) == {1: 3.5}  # the checkpoint's own folder
+    scaled = run(steer_cfg(sae_dir, tmp_path / "a", features={1: 4.0}, inspect_dir=inspected), lm).payload
+    raw = run(steer_cfg(sae_dir, tmp_path / "b", features={1: 14.0}), lm).payload
     entry = scaled["interventions"][0]
-    assert (entry["value"], entry["units"], entry["act_max"], entry["raw_value"]) == (4.0, "act_max", 2.5, 10.0)
+    assert (entry["value"], entry["units"], entry["act_max"], entry["raw_value"]) == (4.0, "act_max", 3.5, 14.0)
     assert scaled["steered"] == raw["steered"] and scaled["steered"] != scaled["default"]
     with pytest.raises(UserError, match="never fired"):
-        act_max(str(inspected), ckpt, [4])
-    with pytest.raises(UserError, match="no record of latent 9"):
-        act_max(str(inspected), ckpt, [9])
+        act_max(inspected, ckpt, [4])
+    with pytest.raises(UserError, match=f"no record of latent {D_SAE}"):
+        act_max(inspected, ckpt, [D_SAE])
+    with pytest.raises(UserError, match="holds no inspect records"):
+        act_max(str(tmp_path), ckpt, [1])
 
 
 # ---------------------------------------------------------------------------------- bad input

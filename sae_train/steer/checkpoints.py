@@ -3,17 +3,21 @@ their values (raw, or multiples of `sae-train inspect`'s act_max)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from sae_train.errors import UserError
 from sae_train.sae.checkpoint import Checkpoint, load_checkpoints
 from sae_train.steer.config import FeatureSpec
 
-INSPECT_RECORD = "features/{latent}.json"
-"""Where an inspect out_dir keeps a latent's record (a JSON object with `act_max`); for an
-out_dir holding several checkpoints, below a folder named after each."""
+INSPECT_RECORDS = "features"
+"""The folder of an inspect out_dir's per-latent records, below a folder named after each
+checkpoint: `*.jsonl.gz` / `*.jsonl` shards (one JSON record a line) or `*.json` files (one
+record each); every record has the latent's `index` and its `act_max`."""
 
 
 def load(checkpoint: str | os.PathLike) -> Checkpoint:
@@ -63,29 +67,53 @@ def select(checkpoints: list[Checkpoint], spec: FeatureSpec) -> list[tuple[Check
     return chosen
 
 
+def _records(path: Path) -> Iterator[dict[str, Any]]:
+    """The records in one file of an inspect features folder (other files: none)."""
+    name = path.name
+    if name.endswith(".jsonl.gz"):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            yield from (json.loads(line) for line in f if line.strip())
+    elif name.endswith(".jsonl"):
+        with path.open(encoding="utf-8") as f:
+            yield from (json.loads(line) for line in f if line.strip())
+    elif name.endswith(".json"):
+        yield json.loads(path.read_text(encoding="utf-8"))
+
+
 def act_max(inspect_dir: str, checkpoint: Checkpoint, latents: list[int]) -> dict[int, float]:
-    """Each latent's act_max in an inspect out_dir (`INSPECT_RECORD`, below the folder named after
-    the checkpoint where there is one); a UserError when a record is missing, has no positive
-    act_max (the latent never fired there), or is unreadable."""
+    """Each latent's act_max (its largest activation over the inspected tokens) from an
+    `sae-train inspect` out_dir (`INSPECT_RECORDS`; inspect_dir may also be the checkpoint's own
+    folder in it); a UserError when a record is missing, unreadable, or has no positive act_max."""
     root = Path(inspect_dir) / checkpoint.name
-    root = root if root.is_dir() else Path(inspect_dir)
+    folder = (root if root.is_dir() else Path(inspect_dir)) / INSPECT_RECORDS
+    if not folder.is_dir():
+        raise UserError(
+            f"inspect_dir={inspect_dir} holds no inspect records of {checkpoint.name} (no {root / INSPECT_RECORDS}). "
+            f"Run sae-train inspect checkpoint={checkpoint.path} out_dir={inspect_dir}, or leave inspect_dir empty "
+            "to give values in raw activation units."
+        )
+    wanted, found = set(latents), {}
+    try:
+        for path in sorted(folder.iterdir()):
+            for record in _records(path):
+                if isinstance(record, dict) and record.get("index") in wanted:
+                    found[record["index"]] = record.get("act_max")
+            if wanted <= found.keys():
+                break
+    except (OSError, EOFError, ValueError) as err:
+        raise UserError(f"{folder} holds an unreadable inspect record ({err}); rerun sae-train inspect.") from err
     out = {}
     for latent in latents:
-        path = root / INSPECT_RECORD.format(latent=latent)
-        try:
-            value = json.loads(path.read_text()).get("act_max")
-        except FileNotFoundError:
+        if latent not in found:
             raise UserError(
-                f"inspect_dir={inspect_dir} has no record of latent {latent} of {checkpoint.name} ({path} is missing). "
-                f"Run sae-train inspect checkpoint={checkpoint.path} out_dir={inspect_dir}, or leave inspect_dir empty "
-                "to give values in raw activation units."
-            ) from None
-        except (OSError, ValueError, AttributeError) as err:
-            raise UserError(f"{path} is not an inspect record ({err}); rerun sae-train inspect.") from err
+                f"{folder} has no record of latent {latent} of {checkpoint.name}; inspect it again with this "
+                "checkpoint, or leave inspect_dir empty to give values in raw activation units."
+            )
+        value = found[latent]
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise UserError(
-                f"{path} gives act_max={value!r} for latent {latent}: it never fired in the inspected tokens, so values "
-                "in its units are undefined. Steer it in raw units (leave inspect_dir empty)."
+                f"{folder} gives act_max={value!r} for latent {latent} of {checkpoint.name}: it never fired in the "
+                "inspected tokens, so values in its units are undefined. Steer it in raw units (leave inspect_dir empty)."
             )
         out[latent] = float(value)
     return out
