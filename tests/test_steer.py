@@ -279,6 +279,11 @@ def test_bad_input_is_a_clear_error(lm, sae_dir, tmp_path):
     with pytest.raises(UserError, match="Latent -1 does not exist"):
         with steering(lm.model, load(sae_dir), [-1], mode="ablate"):
             pass
+    narrow = load(save_checkpoint(tmp_path / "narrow", lm, "blocks.1.mlp.hook_post"))  # width 64, not 32
+    narrow.meta = narrow.meta | {"site": SITE}
+    with pytest.raises(UserError, match="reads width 64 and writes width 64, but the model has widths 32 and 32"):
+        with steering(lm.model, narrow, {1: 1.0}):
+            next_logits(lm, prompt_ids(lm))
     foreign = save_checkpoint(tmp_path / "deep", lm)
     meta = json.loads((foreign / "cfg.json").read_text())
     (foreign / "cfg.json").write_text(json.dumps(meta | {"site": "blocks.7.hook_resid_post"}))

@@ -136,6 +136,11 @@ def steering(
 
     @torch.no_grad()
     def edit(x: Tensor, y: Tensor) -> Tensor:
+        if (x.shape[-1], y.shape[-1]) != (sae.cfg.d_in, sae.cfg.d_out):
+            raise UserError(
+                f"Checkpoint {checkpoint.path} reads width {sae.cfg.d_in} and writes width {sae.cfg.d_out}, but the "
+                f"model has widths {x.shape[-1]} and {y.shape[-1]} there: it was trained on another model."
+            )
         steered = tracker.mask(y.shape[1], y.device)
         if steered is None:
             rows_x, rows_y = x.flatten(0, 1), y.flatten(0, 1)

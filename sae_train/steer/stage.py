@@ -82,10 +82,11 @@ def _check_sites(c: Checkpoint, lm: LanguageModel) -> tuple[str, str]:
         except UserError as err:
             model = lm.identity.get("name", "")
             raise UserError(f"Checkpoint {c.path} uses site '{name}', which model '{model}' lacks. {err}") from err
-        if lm.site_width(site) != width:
+        actual = lm.site_width(site)
+        if actual != width:
             raise UserError(
-                f"Checkpoint {c.path} has width {width} at site '{name}', but the model has {lm.site_width(site)} "
-                "there: it was trained on another model. Pass the model it was trained on (model.name=...)."
+                f"Checkpoint {c.path} has width {width} at site '{name}', but the model has {actual} there: it was "
+                "trained on another model. Pass the model it was trained on (model.name=...)."
             )
     return c.site, sites[-1][0]
 
