@@ -306,3 +306,14 @@ def test_bad_input_is_a_clear_error(lm, sae_dir, tmp_path):
         steer_cfg(sae_dir, tmp_path, positions="middle")
     with pytest.raises(UserError, match="prompt is empty"):
         replace(steer_cfg(sae_dir, tmp_path), prompt="")
+
+
+@pytest.mark.parametrize("text", ["def f(x):", 'print("hi")', "it's", "a\\'b", "x = {1: 2}, [3]\n    y", "ends\\", ""])
+def test_the_prompt_on_the_command_line_is_the_text_itself(text):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from sae_train.cli import _verbatim
+
+    (arg,) = _verbatim("steer", [f"prompt={text}"])
+    assert OverridesParser.create().parse_override(arg).value() == text
+    assert _verbatim("eval", [f"prompt={text}"]) == [f"prompt={text}"]  # only steer's free text
