@@ -222,7 +222,7 @@ def test_steer_side_by_side_then_several_features_keyed_by_site(home):
         home,
         "steer",
         f"checkpoint=runs/sae/{SITE}",
-        "prompt=def list_files(path):",
+        "prompt=def add(a, b):\n",
         "features={3: 14.7}",
         "mode=add",
         "positions=all",
@@ -231,7 +231,7 @@ def test_steer_side_by_side_then_several_features_keyed_by_site(home):
     )
     assert "default" in steered.stdout and "| steered" in steered.stdout
     payload = json.loads((home / "runs/steer/steer.json").read_text())
-    assert payload["prompt"]["text"] == "def list_files(path):"
+    assert payload["prompt"]["text"] == "def add(a, b):\n"
     assert [(i["latent"], i["value"]) for i in payload["interventions"]] == [(3, 14.7)]
     sae_train(
         home,

@@ -128,6 +128,7 @@ def _effect(lm: LanguageModel, input_ids: torch.Tensor, c: Checkpoint, latent: i
     with steering(lm.model, c, [latent], mode="ablate", positions="all"):
         ablated = lm.model(input_ids).logits[0, -1].float()
     delta = ablated - clean
+    p_clean, p_ablated = clean.softmax(-1), ablated.softmax(-1)
 
     def tokens(ids: torch.Tensor) -> list[dict[str, Any]]:
         return [
@@ -137,6 +138,8 @@ def _effect(lm: LanguageModel, input_ids: torch.Tensor, c: Checkpoint, latent: i
                 "logit_clean": float(clean[t]),
                 "logit_ablated": float(ablated[t]),
                 "delta": float(delta[t]),
+                "prob_clean": float(p_clean[t]),
+                "prob_ablated": float(p_ablated[t]),
             }
             for t in ids
         ]
