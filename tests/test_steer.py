@@ -154,8 +154,10 @@ def test_transcoder_steers_the_mlp_output_from_its_input(lm, tmp_path):
 # ---------------------------------------------------------------------------------- positions and generation
 
 
-def test_positions_follow_the_kv_cache_during_generation(lm, sae_dir):
-    ckpt = load(sae_dir)
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "gemma2"])
+def test_positions_follow_the_kv_cache_during_generation(family, tiny_model_dir, tmp_path):
+    lm = LanguageModel.load(ModelConfig(name=str(tiny_model_dir(family)), dtype="float32", device="cpu"))
+    ckpt = load(save_checkpoint(tmp_path / SITE, lm))
     ids = prompt_ids(lm)
     default = greedy(lm, ids)
     runs = {}
