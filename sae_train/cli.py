@@ -9,6 +9,7 @@ message and a non-zero exit.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,14 +27,35 @@ stages:
   inspect   feature records (top/quantile examples, logit lens) and a static browser
   export    write checkpoints in the SAELens layout (and push them to the hub)
   pipeline  all of the above on the embedded default model
+  steer     generate with SAE/transcoder latents added, clamped or ablated
 
 -m runs a Hydra multirun sweep (e.g. sae-train -m train sae.k=16,32,64). Options of a stage:
 sae-train <stage> --cfg job"""
 
 
+VERBATIM = {"steer": ("prompt",)}
+"""Free-text settings of a stage, handed to Hydra as quoted strings: `prompt=def f(x):` is the
+text itself, not Hydra override syntax (whose parentheses, colons and quotes would need quoting)."""
+
+
+def _verbatim(stage: str, args: list[str]) -> list[str]:
+    """args with each `key=text` of VERBATIM[stage] quoted for Hydra's override parser (a quote,
+    and backslashes before a quote or at the end, escaped)."""
+
+    def quote(text: str) -> str:
+        return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text) + "'"
+
+    keys = VERBATIM.get(stage, ())
+    out = []
+    for arg in args:
+        key, eq, text = arg.partition("=")
+        out.append(f"{key}={quote(text)}" if eq and key in keys else arg)
+    return out
+
+
 def _stages() -> dict[str, tuple[type, Callable[[Any], Any]]]:
     """stage name -> (config dataclass, run function); imported lazily to keep --help fast."""
-    from sae_train import cache, export, pipeline, train
+    from sae_train import cache, export, pipeline, steer, train
     from sae_train import eval as eval_stage  # not the builtin
     from sae_train import inspect as inspect_stage  # not the standard library's
 
@@ -44,6 +66,7 @@ def _stages() -> dict[str, tuple[type, Callable[[Any], Any]]]:
         "inspect": (inspect_stage.InspectConfig, _report(inspect_stage.run)),
         "export": (export.ExportConfig, _report(export.run)),
         "pipeline": (pipeline.PipelineConfig, _report(pipeline.run)),
+        "steer": (steer.SteerConfig, _report(steer.run)),
     }
 
 
@@ -106,7 +129,7 @@ def main() -> None:
             print(f"\n{message}", file=sys.stderr)
             sys.exit(err.exit_code if isinstance(err, Preempted) else 1)
 
-    sys.argv = [f"sae-train {stage}", *rest]
+    sys.argv = [f"sae-train {stage}", *_verbatim(stage, rest)]
     hydra.main(config_path=str(CONF_DIR), config_name=stage, version_base="1.3")(task)()
 
 

@@ -222,3 +222,37 @@ def test_train_with_periodic_eval_logs_held_out_metrics(home):
     evals = [row for row in metric_rows(home / "runs/periodic") if "eval/fvu" in row]
     assert [row["step"] for row in evals] == [2, 4]
     assert all({"eval/ce_recovered", "eval/kl", "eval/l0"} <= row.keys() for row in evals)
+
+
+def test_steer_side_by_side_then_several_features_keyed_by_site(home):
+    """README, steer: the documented command (a latent id the tiny SAE has), then the keyed form
+    over the training out_dir with effect=true."""
+    assert "prompt:" in sae_train(home, "steer", "--cfg", "job").stdout
+    steered = sae_train(
+        home,
+        "steer",
+        f"checkpoint=runs/sae/{SITE}",
+        "prompt=def add(a, b):\n",
+        "features={3: 14.7}",
+        "mode=add",
+        "positions=all",
+        "max_new_tokens=8",
+        "out_dir=runs/steer",
+    )
+    assert "default" in steered.stdout and "| steered" in steered.stdout
+    payload = json.loads((home / "runs/steer/steer.json").read_text())
+    assert payload["prompt"]["text"] == "def add(a, b):\n"
+    assert [(i["latent"], i["value"]) for i in payload["interventions"]] == [(3, 14.7)]
+    sae_train(
+        home,
+        "steer",
+        "checkpoint=runs/sae",
+        "prompt=x = 1",
+        f"features={{{SITE}: [3, 5]}}",
+        "mode=ablate",
+        "effect=true",
+        "max_new_tokens=4",
+        "out_dir=runs/steer-keyed",
+    )
+    payload = json.loads((home / "runs/steer-keyed/steer.json").read_text())
+    assert [e["latent"] for e in payload["effect"]] == [3, 5]

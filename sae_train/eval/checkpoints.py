@@ -7,77 +7,12 @@ model, data and text settings they recorded become the eval's defaults.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
 from sae_train.errors import UserError
 from sae_train.lm import LanguageModel, Site
-from sae_train.sae import SAE, load_sae, load_sae_cfg
-from sae_train.sae.checkpoint import CFG_FILE, find_checkpoints
+from sae_train.sae import SAE
+from sae_train.sae.checkpoint import Checkpoint, load_checkpoints, recorded
 
-
-@dataclass
-class Checkpoint:
-    name: str
-    """Label in the report: the path below the sweep directory (the trainer's tag), or for a
-    single checkpoint its recorded tag."""
-    path: Path
-    meta: dict[str, Any]
-    """The whole cfg.json: SAE config plus the trainer's metadata (site, source, provenance...)."""
-    sae: SAE
-
-    @property
-    def site(self) -> str:
-        return self.meta["site"]
-
-
-def load_checkpoints(path: str) -> list[Checkpoint]:
-    """Load every checkpoint at or below `path` (a missing or corrupt file is a UserError)."""
-    root, directories = find_checkpoints(path)
-    checkpoints = []
-    for directory in directories:
-        meta = load_sae_cfg(directory)
-        sae = load_sae(directory)
-        if not isinstance(meta.get("site"), str):
-            raise UserError(
-                f"Checkpoint {directory}: {CFG_FILE} records no activation site ('site'), so it cannot be "
-                "spliced into the model. Checkpoints written by sae-train train always have one."
-            )
-        name = directory.relative_to(root).as_posix() if directory != root else str(meta.get("tag") or root.name)
-        checkpoints.append(Checkpoint(name=name, path=directory, meta=meta, sae=sae))
-    return checkpoints
-
-
-def _model_key(model: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The parts of a recorded model identity that name the weights (dtype does not)."""
-    return None if model is None else {k: model.get(k) for k in ("name", "hub_id", "revision")}
-
-
-_DISAGREEMENT = {
-    "model": ("different models", "Evaluate checkpoints of different models in separate calls."),
-    "data": (
-        "different data sources",
-        "Evaluate them in separate calls, or pass data=... to evaluate all on one source.",
-    ),
-    "text": ("different text settings", "Evaluate them in separate calls."),
-}
-
-
-def recorded(checkpoints: list[Checkpoint], key: str) -> dict[str, Any] | None:
-    """The `source[key]` ("model", "data" or "text") all checkpoints recorded; None when none did.
-
-    Checkpoints that disagree cannot be evaluated against one model or on one text: an error.
-    """
-    values = {c.name: (c.meta.get("source") or {}).get(key) for c in checkpoints}
-    compare = _model_key if key == "model" else (lambda v: v)
-    distinct = {json.dumps(compare(v), sort_keys=True) for v in values.values()}
-    if len(distinct) > 1:
-        listing = "; ".join(f"{name}: {json.dumps(compare(v), sort_keys=True)}" for name, v in values.items())
-        what, fix = _DISAGREEMENT[key]
-        raise UserError(f"The checkpoints were trained on {what} ({listing}). {fix}")
-    return next(iter(values.values()))
+__all__ = ["Checkpoint", "group_by_site", "load_checkpoints", "recorded"]
 
 
 def group_by_site(checkpoints: list[Checkpoint], lm: LanguageModel) -> list[tuple[Site, Site | None, dict[str, SAE]]]:

@@ -24,29 +24,11 @@ from sae_train.eval.downstream import SiteEvaluator, layer_forwards
 from sae_train.eval.metrics import density_histogram
 from sae_train.eval.report import EvalSummary, write_report
 from sae_train.eval.tokens import held_out_windows
-from sae_train.lm import LanguageModel, ModelConfig
+from sae_train.lm import LanguageModel
+from sae_train.lm.model import model_config
 from sae_train.provenance import provenance
 
 log = logging.getLogger(__name__)
-
-
-def model_config(recorded: dict[str, Any] | None, requested: ModelConfig | None = None) -> ModelConfig:
-    """`requested` when it names a model; else the model recorded (name, hub id, revision) with
-    requested's settings, its dtype "auto" meaning the recorded dtype. None = as recorded."""
-    requested = requested or ModelConfig(name="")
-    if requested.name:
-        return requested
-    if not recorded or not recorded.get("name"):
-        raise UserError("The checkpoints record no model; pass model.name=<the model the SAEs were trained on>.")
-    revision = recorded.get("revision") or "main"
-    return replace(
-        requested,
-        name=recorded["name"],
-        hub_id=recorded.get("hub_id") or "",
-        # Local files and directories record a content fingerprint, not a hub revision.
-        revision="main" if revision.startswith("sha256:") else revision,
-        dtype=(recorded.get("dtype") or "auto") if requested.dtype == "auto" else requested.dtype,
-    )
 
 
 def data_config(recorded: dict[str, Any] | None, requested: DataConfig | None = None) -> DataConfig:

@@ -12,7 +12,7 @@ import importlib.util
 import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,25 @@ class ModelConfig:
     this process's own GPU (LOCAL_RANK, else SLURM_LOCALID)."""
     trust_remote_code: bool = False
     """Run modelling code shipped with the checkpoint. Off unless you trust the repository."""
+
+
+def model_config(recorded: dict[str, Any] | None, requested: ModelConfig | None = None) -> ModelConfig:
+    """`requested` when it names a model; else the model recorded (name, hub id, revision) with
+    requested's settings, its dtype "auto" meaning the recorded dtype. None = as recorded."""
+    requested = requested or ModelConfig(name="")
+    if requested.name:
+        return requested
+    if not recorded or not recorded.get("name"):
+        raise UserError("The checkpoints record no model; pass model.name=<the model the SAEs were trained on>.")
+    revision = recorded.get("revision") or "main"
+    return replace(
+        requested,
+        name=recorded["name"],
+        hub_id=recorded.get("hub_id") or "",
+        # Local files and directories record a content fingerprint, not a hub revision.
+        revision="main" if revision.startswith("sha256:") else revision,
+        dtype=(recorded.get("dtype") or "auto") if requested.dtype == "auto" else requested.dtype,
+    )
 
 
 def resolve_device(device: str) -> torch.device:

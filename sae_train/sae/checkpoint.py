@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,71 @@ def find_checkpoints(path: str) -> tuple[Path, list[Path]]:
             f"Point it at {expected}."
         )
     return root, found
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint directory: its SAE and the metadata that says where it belongs in the
+    model (`site`, the site it reads; a transcoder writes `sae.cfg.target`)."""
+
+    name: str
+    """Label in the report: the path below the sweep directory (the trainer's tag), or for a
+    single checkpoint its recorded tag."""
+    path: Path
+    meta: dict[str, Any]
+    """The whole cfg.json: SAE config plus the trainer's metadata (site, source, provenance...)."""
+    sae: SAE
+
+    @property
+    def site(self) -> str:
+        return self.meta["site"]
+
+
+def load_checkpoints(path: str) -> list[Checkpoint]:
+    """Load every checkpoint at or below `path` (a missing or corrupt file is a UserError)."""
+    root, directories = find_checkpoints(path)
+    checkpoints = []
+    for directory in directories:
+        meta = load_sae_cfg(directory)
+        sae = load_sae(directory)
+        if not isinstance(meta.get("site"), str):
+            raise UserError(
+                f"Checkpoint {directory}: {CFG_FILE} records no activation site ('site'), so it cannot be "
+                "spliced into the model. Checkpoints written by sae-train train always have one."
+            )
+        name = directory.relative_to(root).as_posix() if directory != root else str(meta.get("tag") or root.name)
+        checkpoints.append(Checkpoint(name=name, path=directory, meta=meta, sae=sae))
+    return checkpoints
+
+
+def _model_key(model: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The parts of a recorded model identity that name the weights (dtype does not)."""
+    return None if model is None else {k: model.get(k) for k in ("name", "hub_id", "revision")}
+
+
+_DISAGREEMENT = {
+    "model": ("different models", "Use checkpoints of different models in separate calls."),
+    "data": (
+        "different data sources",
+        "Use them in separate calls, or pass data=... to use one source for all.",
+    ),
+    "text": ("different text settings", "Use them in separate calls."),
+}
+
+
+def recorded(checkpoints: list[Checkpoint], key: str) -> dict[str, Any] | None:
+    """The `source[key]` ("model", "data" or "text") all checkpoints recorded; None when none did.
+
+    Checkpoints that disagree cannot run against one model or on one text: an error.
+    """
+    values = {c.name: (c.meta.get("source") or {}).get(key) for c in checkpoints}
+    compare = _model_key if key == "model" else (lambda v: v)
+    distinct = {json.dumps(compare(v), sort_keys=True) for v in values.values()}
+    if len(distinct) > 1:
+        listing = "; ".join(f"{name}: {json.dumps(compare(v), sort_keys=True)}" for name, v in values.items())
+        what, fix = _DISAGREEMENT[key]
+        raise UserError(f"The checkpoints were trained on {what} ({listing}). {fix}")
+    return next(iter(values.values()))
 
 
 # ---------------------------------------------------------------------------------- training state
