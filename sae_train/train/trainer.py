@@ -158,15 +158,16 @@ def enable_tf32() -> None:
         matmul.allow_tf32 = True
 
 
-def sae_plan(cfg: TrainConfig, sites: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(tag, site, SAE-field overrides) for every SAE of the run: sites x sweep combinations."""
+def sae_plan(cfg: TrainConfig, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(tag, site read, site written, SAE-field overrides) for every SAE of the run: (source,
+    target) pairs x sweep combinations."""
     keys = sorted(cfg.sweep)
     plan = []
-    for site in sites:
+    for site, target in pairs:
         for values in itertools.product(*(cfg.sweep[k] for k in keys)):
             overrides = dict(zip(keys, values))
             suffix = "-".join(f"{k}={v}" for k, v in overrides.items())
-            plan.append((f"{site}/{suffix}" if suffix else site, site, overrides))
+            plan.append((f"{site}/{suffix}" if suffix else site, site, target, overrides))
     return plan
 
 
@@ -184,8 +185,8 @@ class Trainer:
             raise UserError(f"batch_size={cfg.batch_size} must divide evenly across {dist.world_size} ranks.")
         if dist.device.type == "cuda" and self.compute_dtype == torch.float32:
             enable_tf32()
-        sites = [s for s in source.sites if s != cfg.sae.target]  # a transcoder's target is no training site
-        self.runs = [self._build_run(tag, site, overrides) for tag, site, overrides in sae_plan(cfg, sites)]
+        pairs = cfg.site_pairs(source.sites, where="the activation stream")  # targets are no training sites
+        self.runs = [self._build_run(*planned) for planned in sae_plan(cfg, pairs)]
         self.step = self.tokens = self.position = 0
         self._pending: DeferredRead | None = None  # the last step's losses and stop flags
         self._pending_step = self._pending_start = 0
@@ -200,17 +201,16 @@ class Trainer:
         self.wandb_id = self.logger.run_id
 
     # ---- set-up -------------------------------------------------------------------------
-    def _build_run(self, tag: str, site: str, overrides: dict[str, Any]) -> SAERun:
+    def _build_run(self, tag: str, site: str, target: str, overrides: dict[str, Any]) -> SAERun:
         d_in = self.source.d_in(site)
         overrides = dict(overrides)
         lr = overrides.pop("lr", self.cfg.lr)
-        sae_cfg = replace(self.cfg.sae, **overrides)
+        sae_cfg = replace(self.cfg.sae, **overrides, target="" if target == site else target)
         if sae_cfg.d_in not in (0, d_in):
             raise UserError(
                 f"sae.d_in={sae_cfg.d_in} does not match site {site} of the data, whose activations have "
                 f"d_in={d_in}. Remove sae.d_in (it is read from the data) or pick the matching site."
             )
-        target = sae_cfg.target or site
         d_out = self.source.d_in(target) if sae_cfg.target else 0
         sae = create_sae(sae_cfg.resolved(d_in, d_out), compute_dtype=self.compute_dtype).to(self.dist.device)
         lr = lr or sae.default_lr()
