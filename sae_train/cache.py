@@ -44,9 +44,7 @@ SHARD_BYTES = 1 << 30
 
 def windows_per_shard(cfg: CacheConfig, widths: dict[str, int], bytes_per_value: int) -> int:
     """Windows per shard: cfg.tokens_per_shard's, or (0) the automatic size (see CacheConfig)."""
-    tokens = cfg.tokens_per_shard or min(
-        DEFAULT_SHARD_TOKENS, SHARD_BYTES // (bytes_per_value * sum(widths.values()))
-    )
+    tokens = cfg.tokens_per_shard or min(DEFAULT_SHARD_TOKENS, SHARD_BYTES // (bytes_per_value * sum(widths.values())))
     return max(1, tokens // cfg.text.context_size)
 
 

@@ -142,7 +142,11 @@ def paired_target(template: str, source: str) -> str:
 
 def family_of(model: nn.Module) -> Family:
     """The layer layout of `model`, by its config's model_type."""
-    model_type = getattr(model.config, "model_type", "")
+    return family_of_type(getattr(model.config, "model_type", ""))
+
+
+def family_of_type(model_type: str) -> Family:
+    """The layer layout of a model family, by its Hugging Face model_type."""
     if model_type not in FAMILIES:
         raise UserError(
             f"Model type '{model_type}' is not supported for named activation sites. Supported "

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from sae_train.data import DataConfig, TextConfig
@@ -147,7 +147,9 @@ class TrainConfig:
         if self.sites:
             sources = expand_sites(self.sites, available, where=where)
         else:
-            targets = set(expand_sites([template.replace(LAYER_FIELD, "*")], available, where=where)) if template else set()
+            targets = (
+                set(expand_sites([template.replace(LAYER_FIELD, "*")], available, where=where)) if template else set()
+            )
             sources = [s for s in available if s not in targets]
         pairs = [(s, paired_target(template, s) if template else s) for s in sources]
         same = [s for s, t in pairs if template and s == t]
