@@ -40,7 +40,7 @@ import logging
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 import yaml
@@ -110,7 +110,7 @@ def threshold_of(sae: SAE) -> Tensor | None:
     if sae.saelens_architecture == "standard":
         return None
     if sae.saelens_architecture == "jumprelu":
-        return sae.threshold
+        return cast(Tensor, sae.threshold)
     raise UserError(
         f"circuit-tracer cannot run a {sae.cfg.architecture} dictionary: from a local directory it loads "
         "JumpReLU (a threshold per latent) or ReLU only, and a TopK one would come up as ReLU. Train "
