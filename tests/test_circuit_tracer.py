@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae_train import cache, export, train
+from sae_train import eval as eval_stage
 from sae_train.cache import CacheConfig
 from sae_train.circuit_tracer import (
     THRESHOLD,
@@ -23,8 +24,11 @@ from sae_train.circuit_tracer import (
     transcoder_reference,
     transcoder_tensors,
 )
-from sae_train.data import DataConfig, TextConfig
+from sae_train.data import DataConfig, TextConfig, TokenSpec
+from sae_train.data.packing import keep_mask
 from sae_train.errors import UserError
+from sae_train.eval import EvalConfig
+from sae_train.eval.tokens import held_out_windows
 from sae_train.export import ExportConfig
 from sae_train.lm import LanguageModel, ModelConfig
 from sae_train.lm.sites import expand_sites, model_site_names, paired_target
@@ -295,3 +299,49 @@ def test_circuit_tracer_loads_the_set_reproduces_it_and_attributes(trained_set, 
     assert active > 0
     assert graph["n_layers"] == N_LAYERS and graph["d_transcoder"] == 4 * 32
     assert graph["active_features"] > 0 and 0 not in graph["positions"]
+
+
+def test_eval_reports_ce_with_every_transcoder_spliced_at_once(trained_set, tmp_path):
+    """The replacement model's CE against a naive twin: a forward hook on each layer's MLP
+    returning the transcoder of its own input at the counted positions."""
+    model_dir, corpus, run = trained_set
+    summary = eval_stage.run(
+        EvalConfig(
+            checkpoint=str(run),
+            n_tokens=256,
+            batch_size=4,
+            data=DataConfig(source="files", path=str(corpus)),
+            out_dir=str(tmp_path / "eval"),
+            progress=False,
+        )
+    )
+    replaced = summary.payload["replacement"]
+    assert replaced["saes"] == [f"blocks.{i}.mlp.hook_in" for i in range(N_LAYERS)]
+    assert "all 3 transcoders spliced at once" in summary.table()
+
+    lm = LanguageModel.load(ModelConfig(name=str(model_dir), dtype="float32", device="cpu"))
+    text = TextConfig(context_size=32)
+    windows = held_out_windows(lm.tokenizer, DataConfig(source="files", path=str(corpus), split="eval"), text, 256)
+    counted = keep_mask(windows, TokenSpec.from_tokenizer(lm.tokenizer, text))
+    saes = [load_sae(run / f"blocks.{i}.mlp.hook_in") for i in range(N_LAYERS)]
+
+    def replace_with(sae):
+        def hook(_module, args, output):
+            out = output.clone()
+            out[counted] = sae.reconstruct(args[0][counted])[1]
+            return out
+
+        return hook
+
+    handles = [lm.layers[i].mlp.register_forward_hook(replace_with(sae)) for i, sae in enumerate(saes)]
+    try:
+        with torch.no_grad():
+            logits = lm.model(input_ids=windows).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    scored = counted[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1][scored].double(), windows[:, 1:][scored])
+    assert replaced["n_predictions"] == int(scored.sum())
+    assert replaced["ce_replaced"] == pytest.approx(float(ce), rel=1e-5)
+    assert replaced["ce_replaced"] > replaced["ce_clean"]
