@@ -122,8 +122,10 @@ def run(cfg: EvalConfig, lm: LanguageModel | None = None) -> EvalSummary:
     for batch in tqdm(windows.split(cfg.batch_size), desc="eval", unit="batch", disable=not cfg.progress):
         input_ids = batch.to(lm.device)
         counted = keep_mask(input_ids, tokens)
-        for evaluator in [*evaluators, *([replacement] if replacement else [])]:
+        for evaluator in evaluators:
             evaluator.add_batch(lm, input_ids, counted)
+        if replacement is not None:
+            replacement.add_batch(lm, input_ids, counted)
         counted_tokens += int(counted.sum())
         predictions += int(counted[:, 1:].sum())
 
