@@ -24,8 +24,6 @@ and SAELens's name; TransformerLens calls it `ln2.hook_normalized`), the source 
 whose target is `hook_mlp_out`."""
 _SITE_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in SITE_KINDS) + r")$")
 _PATTERN_RE = re.compile(r"^blocks\.\*\.(" + "|".join(re.escape(k) for k in SITE_KINDS) + r")$")
-LAYER_FIELD = "{layer}"
-"""In a transcoder's target (`sae.target=blocks.{layer}.hook_mlp_out`): the layer of the source it pairs with."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +92,17 @@ def model_site_names(layer_count: int) -> list[str]:
     return [f"blocks.{layer}.{kind}" for layer in range(layer_count) for kind in SITE_KINDS]
 
 
+def _pattern_kind(name: str) -> str:
+    """KIND of a pattern blocks.*.KIND (a UserError for any other use of *)."""
+    match = _PATTERN_RE.match(name)
+    if match is None:
+        raise UserError(
+            f"Site pattern '{name}' is not of the form blocks.*.KIND with KIND one of {', '.join(SITE_KINDS)} "
+            "(e.g. blocks.*.mlp.hook_in: that site at every layer). Fix the site name."
+        )
+    return match.group(1)
+
+
 def expand_sites(names: Sequence[str], available: Sequence[str], *, where: str) -> list[str]:
     """`names` with every pattern `blocks.*.KIND` replaced by the sites of `available` that match
     it, in layer order (plain names pass through; duplicates dropped). The one place patterns are
@@ -104,13 +113,8 @@ def expand_sites(names: Sequence[str], available: Sequence[str], *, where: str) 
         if not is_pattern(name):
             out.append(name)
             continue
-        match = _PATTERN_RE.match(name)
-        if match is None:
-            raise UserError(
-                f"Site pattern '{name}' is not of the form blocks.*.KIND with KIND one of {', '.join(SITE_KINDS)} "
-                "(e.g. blocks.*.mlp.hook_in: that site at every layer). Fix the site name."
-            )
-        found = [s for s in available if (m := _SITE_RE.match(s)) and m.group(2) == match.group(1)]
+        kind = _pattern_kind(name)
+        found = [s for s in available if (m := _SITE_RE.match(s)) and m.group(2) == kind]
         if not found:
             raise UserError(
                 f"Site pattern '{name}' matches no site of {where}, which holds {', '.join(available)}. "
@@ -127,17 +131,18 @@ def layer_of(name: str) -> int | None:
 
 
 def paired_target(template: str, source: str) -> str:
-    """The site a transcoder reading `source` writes: `template` with {layer} replaced by the
-    source's layer (a template without {layer} is one site for every source)."""
-    if LAYER_FIELD not in template:
+    """The site a transcoder reading `source` writes: a pattern `blocks.*.KIND` (sae.target) means
+    KIND at the source's own layer; a plain site is the one target of every source."""
+    if not is_pattern(template):
         return template
+    kind = _pattern_kind(template)
     layer = layer_of(source)
     if layer is None:
         raise UserError(
-            f"sae.target={template} pairs each source with its layer's target, but the source site '{source}' "
+            f"sae.target={template} pairs each source with the target at its layer, but the source site '{source}' "
             "has no layer in its name. Use named sites (blocks.L.mlp.hook_in or blocks.*.mlp.hook_in) as sources."
         )
-    return template.replace(LAYER_FIELD, str(layer))
+    return f"blocks.{layer}.{kind}"
 
 
 def family_of(model: nn.Module) -> Family:
