@@ -274,6 +274,11 @@ def save_model(model: ModelConfig, out: Path) -> Path:
     lm = LanguageModel.load(replace(model, dtype="float32", device="cpu"))
     out.mkdir(parents=True, exist_ok=True)
     hf_model: Any = lm.model
+    # A GGUF file loads dequantized into plain float weights, but transformers still marks the
+    # model as quantized and refuses to save it; what is saved is the plain model.
+    hf_model.hf_quantizer = None
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config
     hf_model.save_pretrained(out)
     lm.tokenizer.save_pretrained(out)
     config_file = out / "tokenizer_config.json"
