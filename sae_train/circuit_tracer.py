@@ -207,7 +207,7 @@ def _site_error(directory: Path, meta: dict[str, Any], layout: ModelLayout) -> U
         f"Checkpoint {directory} reads {meta.get('site')} and writes {meta.get('target') or meta.get('site')}; "
         f"circuit-tracer's transcoder sets read each layer's MLP input ({INPUT_HOOK}) and write its output "
         f"({layout.output_hook}). Train the set with sites=[blocks.*.{SOURCE_KIND}] "
-        f"sae.target=blocks.*.{TARGET_KIND}, or export this run with format=saelens."
+        f"sae.target=blocks.{{layer}}.{TARGET_KIND}, or export this run with format=saelens."
     )
 
 
@@ -241,7 +241,7 @@ def transcoder_set_layers(
             f"The transcoder set at these checkpoints covers layers {sorted(layers)}, but model {layout.name} has "
             f"{layout.n_layers} layers (0..{layout.n_layers - 1}); circuit-tracer needs exactly one transcoder per "
             f"layer (missing: {missing or 'none'}). Train every layer in one run: sites=[blocks.*.{SOURCE_KIND}] "
-            f"sae.target=blocks.*.{TARGET_KIND}."
+            f"sae.target=blocks.{{layer}}.{TARGET_KIND}."
         )
     widths = {i: (e[2].cfg.d_sae, e[2].cfg.skip) for i, e in layers.items()}
     if len(set(widths.values())) > 1:

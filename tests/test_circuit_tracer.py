@@ -1,5 +1,5 @@
 """Transcoder sets (every layer's MLP transcoder from one pass: site patterns blocks.*.KIND and
-sae.target=blocks.*.KIND: each source's own layer) and their export to circuit-tracer: the folded tensors against
+sae.target=blocks.{layer}.KIND) and their export to circuit-tracer: the folded tensors against
 circuit-tracer's math, bad input, and circuit-tracer itself (the `make interop` venv) loading a
 set trained on a tiny random Llama and computing an attribution graph."""
 
@@ -31,7 +31,7 @@ from sae_train.eval import EvalConfig
 from sae_train.eval.tokens import held_out_windows
 from sae_train.export import ExportConfig
 from sae_train.lm import LanguageModel, ModelConfig
-from sae_train.lm.sites import expand_sites, model_site_names, paired_target
+from sae_train.lm.sites import expand_sites, layer_target, model_site_names
 from sae_train.sae import SAEConfig, load_sae
 from sae_train.store import ActivationStore, StoreWriter
 from sae_train.train import TrainConfig
@@ -45,7 +45,7 @@ needs_interop = pytest.mark.skipif(
     not INTEROP_PYTHON.is_file(),
     reason=f"no circuit-tracer environment at {INTEROP_PYTHON}: run `make interop` (or set SAE_TRAIN_INTEROP_PYTHON)",
 )
-SET = dict(sites=["blocks.*.mlp.hook_in"], target="blocks.*.hook_mlp_out")
+SET = dict(sites=["blocks.*.mlp.hook_in"], target="blocks.{layer}.hook_mlp_out")
 N_LAYERS = 3  # tests/tiny.py's models
 
 
@@ -66,11 +66,11 @@ def test_site_patterns_expand_to_every_layer_and_pair_targets():
         expand_sites(["blocks.*.hook_resid_post"], store, where="store X")
     with pytest.raises(UserError, match="not of the form blocks"):
         expand_sites(["blocks.*.nonsense"], store, where="s")
-    assert paired_target("blocks.*.hook_mlp_out", "blocks.10.mlp.hook_in") == "blocks.10.hook_mlp_out"
-    assert paired_target("blocks.5.hook_mlp_out", "blocks.10.mlp.hook_in") == "blocks.5.hook_mlp_out"
+    assert layer_target("blocks.{layer}.hook_mlp_out", "blocks.10.mlp.hook_in") == "blocks.10.hook_mlp_out"
+    assert layer_target("blocks.5.hook_mlp_out", "blocks.10.mlp.hook_in") == "blocks.5.hook_mlp_out"
     with pytest.raises(UserError, match="has no layer"):
-        paired_target("blocks.*.hook_mlp_out", "model.layers.1.mlp")
-    with pytest.raises(UserError, match="equals sae.target"):  # before any work
+        layer_target("blocks.{layer}.hook_mlp_out", "model.layers.1.mlp")
+    with pytest.raises(UserError, match="includes sae.target"):  # before any work
         TrainConfig(source="live", sites=["blocks.*.hook_mlp_out"], sae=SAEConfig(target=SET["target"]))
     cfg = TrainConfig(
         source="live", sites=["blocks.*.mlp.hook_in", "blocks.1.hook_mlp_out"], sae=SAEConfig(target=SET["target"])

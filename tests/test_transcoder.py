@@ -202,7 +202,7 @@ def test_bad_configs_are_named():
         sae(x, target=y[:5])
     with pytest.raises(UserError, match="sweep.target"):
         TrainConfig(store="s", sae=SAEConfig(target=TARGET), sweep={"target": [TARGET]})
-    with pytest.raises(UserError, match="equals sae.target"):
+    with pytest.raises(UserError, match="includes sae.target"):
         TrainConfig(source="live", sites=[TARGET], sae=SAEConfig(target=TARGET))
 
 

@@ -24,6 +24,9 @@ and SAELens's name; TransformerLens calls it `ln2.hook_normalized`), the source 
 whose target is `hook_mlp_out`."""
 _SITE_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in SITE_KINDS) + r")$")
 _PATTERN_RE = re.compile(r"^blocks\.\*\.(" + "|".join(re.escape(k) for k in SITE_KINDS) + r")$")
+LAYER_FIELD = "{layer}"
+"""In a transcoder's target (sae.target=blocks.{layer}.hook_mlp_out): the layer of the source it
+pairs with. (Hydra's override grammar needs it quoted: 'sae.target="blocks.{layer}.hook_mlp_out"'.)"""
 
 
 @dataclass(frozen=True)
@@ -130,19 +133,18 @@ def layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def paired_target(template: str, source: str) -> str:
-    """The site a transcoder reading `source` writes: a pattern `blocks.*.KIND` (sae.target) means
-    KIND at the source's own layer; a plain site is the one target of every source."""
-    if not is_pattern(template):
+def layer_target(template: str, source: str) -> str:
+    """The site a transcoder reading `source` writes: `template` (sae.target) with {layer} replaced
+    by the source's layer; a template without {layer} is the one target of every source."""
+    if LAYER_FIELD not in template:
         return template
-    kind = _pattern_kind(template)
     layer = layer_of(source)
     if layer is None:
         raise UserError(
             f"sae.target={template} pairs each source with the target at its layer, but the source site '{source}' "
             "has no layer in its name. Use named sites (blocks.L.mlp.hook_in or blocks.*.mlp.hook_in) as sources."
         )
-    return f"blocks.{layer}.{kind}"
+    return template.replace(LAYER_FIELD, str(layer))
 
 
 def family_of(model: nn.Module) -> Family:

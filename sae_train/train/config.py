@@ -10,7 +10,7 @@ from typing import Any
 from sae_train.data import DataConfig, TextConfig
 from sae_train.errors import UserError
 from sae_train.lm import ModelConfig
-from sae_train.lm.sites import expand_sites, paired_target
+from sae_train.lm.sites import LAYER_FIELD, expand_sites, layer_target
 from sae_train.sae import SAEConfig
 
 SOURCES = ("store", "live")
@@ -123,12 +123,12 @@ class TrainConfig:
         if "target" in self.sweep:
             raise UserError(
                 "sweep.target: a run's targets come from sae.target alone, one site or one per source layer "
-                "(sae.target=blocks.*.hook_mlp_out); train other targets in their own runs."
+                "(sae.target=blocks.{layer}.hook_mlp_out); train other targets in their own runs."
             )
-        if self.sae.target and self.sites == [self.sae.target]:
+        if self.sae.target and self.sae.target.replace(LAYER_FIELD, "*") in self.sites:
             raise UserError(
-                f"sites=[{self.sae.target}] equals sae.target: a transcoder reads another site than it writes. "
-                "Set sites to its source (e.g. blocks.L.mlp.hook_in), or remove sae.target for an SAE."
+                f"sites={self.sites} includes sae.target={self.sae.target}: a transcoder reads another site than it "
+                "writes. Set sites to its sources (e.g. blocks.L.mlp.hook_in), or remove sae.target for SAEs."
             )
         for key in self.sweep:
             if key not in SAEConfig.__dataclass_fields__ and key != "lr":
@@ -142,14 +142,16 @@ class TrainConfig:
         """(site read, site written) of every dictionary of the run, given the sites the
         activation stream can carry (`available`, named `where` in errors): `sites` with its
         patterns (blocks.*.KIND) expanded, or, when empty, every available site that is no
-        target; each paired with `sae.target` (blocks.*.KIND: KIND at the source's layer), or itself for an SAE."""
+        target; each paired with `sae.target` ({layer}: the source's layer), or itself for an SAE."""
         template = self.sae.target
         if self.sites:
             sources = expand_sites(self.sites, available, where=where)
         else:
-            targets = set(expand_sites([template], available, where=where)) if template else set()
+            targets = (
+                set(expand_sites([template.replace(LAYER_FIELD, "*")], available, where=where)) if template else set()
+            )
             sources = [s for s in available if s not in targets]
-        pairs = [(s, paired_target(template, s) if template else s) for s in sources]
+        pairs = [(s, layer_target(template, s) if template else s) for s in sources]
         same = [s for s, t in pairs if template and s == t]
         if same:
             raise UserError(
