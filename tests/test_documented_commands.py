@@ -212,3 +212,42 @@ def test_train_with_periodic_eval_logs_held_out_metrics(home):
     evals = [row for row in metric_rows(home / "runs/periodic") if "eval/fvu" in row]
     assert [row["step"] for row in evals] == [2, 4]
     assert all({"eval/ce_recovered", "eval/kl", "eval/l0"} <= row.keys() for row in evals)
+
+
+def test_transcoder_set_live_then_eval_and_circuit_tracer_export(home, tiny):
+    """README, Transcoder sets and circuit-tracer: the three commands (train every layer live,
+    eval with all transcoders spliced at once, export in circuit-tracer's layout)."""
+    sae_train(
+        home,
+        "train",
+        "source=live",
+        *tiny,
+        "sites=[blocks.*.mlp.hook_in]",
+        "sae=batchtopk",
+        'sae.target="blocks.{layer}.hook_mlp_out"',
+        "sae.skip=true",
+        "sae.k=4",
+        "text.context_size=32",
+        "live_buffer_tokens=1024",
+        *TRAIN,
+        "out_dir=runs/tcset",
+    )
+    evaluated = sae_train(
+        home, "eval", "checkpoint=runs/tcset", "n_tokens=256", "out_dir=runs/tcset-eval", "progress=false"
+    )
+    assert "all 3 transcoders spliced at once" in evaluated.stdout
+    sae_train(
+        home,
+        "export",
+        "format=circuit_tracer",
+        "checkpoint=runs/tcset",
+        "eval_dir=runs/tcset-eval",
+        "out_dir=runs/tcset-ct",
+    )
+    assert sorted(p.name for p in (home / "runs/tcset-ct").iterdir()) == [
+        "README.md",
+        "config.yaml",
+        "layer_0.safetensors",
+        "layer_1.safetensors",
+        "layer_2.safetensors",
+    ]
