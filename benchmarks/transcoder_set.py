@@ -10,7 +10,7 @@
 3. `sae-train eval`: per-layer FVU, L0 and CE/KL with one transcoder spliced at a time, and CE with
    all 30 spliced at once (the replacement model).
 4. `sae-train export format=circuit_tracer` into DIR/circuit-tracer.
-5. circuit-tracer 0.5.0 (its own venv, `make interop`; --interop-python) loads the set with the
+5. circuit-tracer 0.5.0 (its own venv, `make interop`; --interop or SAE_TRAIN_INTEROP) loads the set with the
    nnsight backend and computes an attribution graph for a prompt (tests/ct_graph.py).
 
 Prints the wall time of each stage, per-layer FVU and the CE numbers, and writes DIR/summary.json.
@@ -52,9 +52,10 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument(
-        "--interop-python",
+        "--interop",
         type=Path,
-        default=Path(os.environ.get("SAE_TRAIN_INTEROP_PYTHON", REPO / ".venv-interop" / "bin" / "python")),
+        default=Path(os.environ.get("SAE_TRAIN_INTEROP", REPO / ".venv-interop")),
+        help="circuit-tracer's venv (make interop)",
     )
     args = parser.parse_args()
     out = args.out.resolve()
@@ -95,13 +96,14 @@ def main() -> None:
     report = json.loads((evals / "eval.json").read_text())
     layers = {int(entry["site"].split(".")[1]): entry["metrics"] for entry in report["saes"].values()}
     graph = None
-    if args.interop_python.is_file():
+    interop_python = args.interop / "bin" / "python"
+    if interop_python.is_file():
         lm = LanguageModel.load(ModelConfig(name=str(model_dir), dtype="float32", device="cpu"))
         inputs = out / "prompt.safetensors"
         save_file({"input_ids": lm.tokenizer(PROMPT, return_tensors="pt").input_ids}, str(inputs))
         started = time.perf_counter()
         subprocess.run(
-            [str(args.interop_python), str(REPO / "tests" / "ct_graph.py"), str(model_dir), str(ct), str(inputs)]
+            [str(interop_python), str(REPO / "tests" / "ct_graph.py"), str(model_dir), str(ct), str(inputs)]
             + [str(out / "graph"), PROMPT],
             check=True,
             env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""},
@@ -109,7 +111,7 @@ def main() -> None:
         seconds["circuit_tracer"] = time.perf_counter() - started
         graph = json.loads((out / "graph" / "graph.json").read_text())
     else:
-        print(f"no circuit-tracer environment at {args.interop_python} (make interop): graph skipped")
+        print(f"no circuit-tracer venv at {args.interop} (make interop): graph skipped")
 
     summary = {
         "tokens": args.tokens,

@@ -39,11 +39,12 @@ from tests.test_transcoder import _rewrite_target_rows, transcoder
 from tests.tiny import write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
-INTEROP_PYTHON = Path(os.environ.get("SAE_TRAIN_INTEROP_PYTHON", REPO / ".venv-interop" / "bin" / "python"))
-"""circuit-tracer's own environment (`make interop`); SAE_TRAIN_INTEROP_PYTHON overrides it."""
+INTEROP = Path(os.environ.get("SAE_TRAIN_INTEROP", REPO / ".venv-interop"))
+"""circuit-tracer's own venv (`make interop`); SAE_TRAIN_INTEROP points elsewhere."""
+INTEROP_PYTHON = INTEROP / "bin" / "python"
 needs_interop = pytest.mark.skipif(
     not INTEROP_PYTHON.is_file(),
-    reason=f"no circuit-tracer environment at {INTEROP_PYTHON}: run `make interop` (or set SAE_TRAIN_INTEROP_PYTHON)",
+    reason=f"no circuit-tracer venv at {INTEROP}: run `make interop` (or set SAE_TRAIN_INTEROP to one)",
 )
 SET = dict(sites=["blocks.*.mlp.hook_in"], target="blocks.{layer}.hook_mlp_out")
 N_LAYERS = 3  # tests/tiny.py's models
