@@ -85,7 +85,10 @@ def main() -> None:
         f"sae.expansion_factor={args.expansion_factor}",
         f"n_tokens={args.tokens}",
         f"batch_size={args.batch_size}",
-        "live_buffer_tokens=16384",  # 60 sites x 576 floats a token: 2.3 GB per 16k-token block
+        # 60 sites x 576 floats: 138 KB a token, so the shuffle block and the one-off init sample
+        # (every site at once) are kept at 8,192 tokens (1.1 GB each) instead of 64k and 32k.
+        "live_buffer_tokens=8192",
+        "init_tokens=8192",
         f"out_dir={run}",
     )
     seconds["eval"] = cli("eval", f"checkpoint={run}", f"n_tokens={args.eval_tokens}", f"out_dir={evals}")
