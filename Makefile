@@ -25,7 +25,14 @@ GPU_WHEEL_PKGS ?= datasets dill multiprocess hydra-core omegaconf antlr4-python3
 	opentelemetry-exporter-otlp-proto-http opentelemetry-exporter-otlp-proto-common opentelemetry-exporter-http-transport
 PLATFORMS := $(foreach n,2_17 2_24 2_27 2_28 2_31 2_34 2_35,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64
 
-.PHONY: install demo test lint bench clean gpu-wheels gpu-check
+# circuit-tracer (attribution graphs over our exported transcoder sets) pins transformers<=4.57.3
+# and huggingface-hub<1.0, so it gets its own venv; tests/test_circuit_tracer.py runs it there
+# (and skips, saying why, without it). torch first, so pip never pulls the CUDA build; nnsight
+# 0.7.0 because 0.8 breaks circuit-tracer 0.5.0's import.
+INTEROP ?= .venv-interop
+INTEROP_PKGS ?= circuit-tracer==0.5.0 nnsight==0.7.0 'transformers<=4.57.3' 'huggingface-hub<1.0'
+
+.PHONY: install demo test lint bench clean gpu-wheels gpu-check interop
 
 install: $(VENV)/.installed
 
@@ -48,6 +55,14 @@ lint: install
 	$(BIN)/ruff format --check sae_train tests benchmarks
 	$(BIN)/mypy
 
+interop: $(INTEROP)/.installed
+
+$(INTEROP)/.installed:
+	test -x $(INTEROP)/bin/python || $(PYTHON) -m venv $(INTEROP)
+	$(INTEROP)/bin/python -c "import torch" 2>/dev/null || $(INTEROP)/bin/python -m pip install "$(TORCH)"
+	$(INTEROP)/bin/python -m pip install $(INTEROP_PKGS)
+	touch $@
+
 bench: install
 	$(BIN)/python benchmarks/cache_throughput.py
 	$(BIN)/python benchmarks/train_throughput.py
@@ -69,4 +84,4 @@ gpu-check:
 	PYTHONPATH=$(CURDIR):$(CURDIR)/$(GPU_SITE) $(GPU_PYTHON) benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) runs outputs multirun .pytest_cache $(GPU_SITE)
+	rm -rf $(VENV) $(INTEROP) runs outputs multirun .pytest_cache $(GPU_SITE)

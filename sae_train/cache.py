@@ -30,12 +30,22 @@ from sae_train.data.packing import keep_mask
 from sae_train.distenv import store_writers
 from sae_train.errors import UserError
 from sae_train.lm import LanguageModel, ModelConfig, Site
+from sae_train.lm.sites import expand_sites, model_site_names
 from sae_train.store import StoreWriter
 from sae_train.store.manifest import DTYPES
 
 log = logging.getLogger(__name__)
 
 STORE_DTYPES = tuple(DTYPES)
+DEFAULT_SHARD_TOKENS = 65_536
+SHARD_BYTES = 1 << 30
+"""Memory bound of one shard's activations when tokens_per_shard is automatic (0)."""
+
+
+def windows_per_shard(cfg: CacheConfig, widths: dict[str, int], bytes_per_value: int) -> int:
+    """Windows per shard: cfg.tokens_per_shard's, or (0) the automatic size (see CacheConfig)."""
+    tokens = cfg.tokens_per_shard or min(DEFAULT_SHARD_TOKENS, SHARD_BYTES // (bytes_per_value * sum(widths.values())))
+    return max(1, tokens // cfg.text.context_size)
 
 
 @dataclass
@@ -47,13 +57,18 @@ class CacheConfig:
     text: TextConfig = field(default_factory=TextConfig)
     """How the text becomes windows (text.context_size, text.prepend_bos, text.exclude_special_tokens)."""
     sites: list[str] = field(default_factory=lambda: ["blocks.8.hook_resid_post"])
-    """Activation sites to record in one pass (TransformerLens names or module paths)."""
+    """Activation sites to record in one pass (TransformerLens names or module paths);
+    `blocks.*.KIND` = that site at every layer (a transcoder set: blocks.*.mlp.hook_in and
+    blocks.*.hook_mlp_out)."""
     n_tokens: int = 200_000
     """Tokens to run through the model (window count = n_tokens / text.context_size, rounded up).
     Raising it on a finished store extends the store."""
     out_dir: str = "runs/acts"
-    tokens_per_shard: int = 65_536
-    """Shard size in tokens, rounded down to whole windows: the unit of resume and shuffling."""
+    tokens_per_shard: int = 0
+    """Shard size in tokens, rounded down to whole windows: the unit of resume and shuffling.
+    0 = 65,536, or fewer when the sites are many, so that one shard's activations stay within
+    `SHARD_BYTES` in the model's dtype (the cache holds about two shards in memory at once):
+    all 60 MLP sites of SmolLM2-135M in fp32 give 7,680 tokens."""
     batch_size: int = 8192
     """Tokens per forward pass (whole windows, at least one): the GPU's work per launch."""
     store_dtype: str = "bfloat16"
@@ -71,7 +86,7 @@ class CacheConfig:
             raise UserError(f"store_dtype='{self.store_dtype}' must be one of {', '.join(STORE_DTYPES)}.")
         if self.n_tokens <= 0 or self.batch_size <= 0:
             raise UserError("n_tokens and batch_size must be positive.")
-        if self.tokens_per_shard < self.text.context_size:
+        if self.tokens_per_shard and self.tokens_per_shard < self.text.context_size:
             raise UserError(
                 f"tokens_per_shard={self.tokens_per_shard} is smaller than one window (text.context_size="
                 f"{self.text.context_size}); raise tokens_per_shard."
@@ -147,7 +162,7 @@ def run(cfg: CacheConfig, lm: LanguageModel | None = None) -> CacheSummary:
     """Cache activations as `cfg` says (resuming what a previous run left); returns a summary."""
     rank, world = store_writers(cfg.rank, cfg.world_size)
     lm = lm or LanguageModel.load(cfg.model)
-    sites = [lm.site(name) for name in cfg.sites]
+    sites = [lm.site(name) for name in expand_sites(cfg.sites, model_site_names(lm.n_layers), where="the model")]
     tokens = TokenSpec.from_tokenizer(lm.tokenizer, cfg.text)
     windows = iter_windows(iter_documents(cfg.data), lm.tokenizer, cfg.text, tokens)
     first = next(windows, None)
@@ -159,9 +174,9 @@ def run(cfg: CacheConfig, lm: LanguageModel | None = None) -> CacheSummary:
         )
     windows = _prepend(first, windows)
 
-    per_shard = cfg.tokens_per_shard // cfg.text.context_size
     n_windows = math.ceil(cfg.n_tokens / cfg.text.context_size)
     widths = {site.name: lm.site_width(site) for site in sites}
+    per_shard = windows_per_shard(cfg, widths, lm.dtype.itemsize)
     spec = store_spec(cfg, lm, tokens, per_shard)
     with (
         StoreWriter(cfg.out_dir, spec, widths, DTYPES[cfg.store_dtype], rank=rank, world_size=world) as writer,

@@ -58,6 +58,9 @@ EVAL_FREQUENCY_FILE = "frequency.safetensors"
 [d_sae] per SAE, keyed by the SAE's name in eval.json "saes". Exported as sparsity.safetensors."""
 
 
+FORMATS = ("saelens", "circuit_tracer")
+
+
 @dataclass
 class ExportConfig:
     """`sae-train export`: write checkpoints in the SAELens layout with a model card (and push them)."""
@@ -66,7 +69,12 @@ class ExportConfig:
     """A checkpoint directory (sae.safetensors + cfg.json), or a directory holding several (a
     training run's out_dir, a sweep): every checkpoint below it is exported."""
     out_dir: str = "runs/export"
-    """Export root: one folder per SAE (named by its tag) and README.md. Other content stays."""
+    """Export root: one folder per SAE (named by its tag) and README.md. Other content stays.
+    format=circuit_tracer: the transcoder set's directory itself (replaced whole)."""
+    format: str = "saelens"
+    """saelens: one SAELens v6 folder per SAE. circuit_tracer: a transcoder set (a run's
+    transcoders at every layer, blocks.L.mlp.hook_in -> blocks.L.hook_mlp_out) as one
+    circuit-tracer directory, config.yaml + layer_{i}.safetensors (sae_train/circuit_tracer.py)."""
     eval_dir: str = ""
     """out_dir of `sae-train eval` on these checkpoints: its numbers go into the model card, and
     per-latent firing frequencies (when it recorded them) into sparsity.safetensors. Empty = the
@@ -82,6 +90,8 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if not self.checkpoint:
             raise UserError("checkpoint is empty; pass checkpoint=<a checkpoint directory or a training out_dir>.")
+        if self.format not in FORMATS:
+            raise UserError(f"format={self.format!r} is not an export format; use one of {', '.join(FORMATS)}.")
         if not self.out_dir:
             raise UserError("out_dir is empty; pass out_dir=<directory for the export>, e.g. out_dir=runs/export.")
         if self.push_to_hub and not self.repo_id:
@@ -176,8 +186,9 @@ class _Plan:
     meta: dict[str, Any]
 
 
-def _plan(cfg: ExportConfig) -> tuple[Path, list[_Plan]]:
-    """Everything checkable before writing: checkpoints, their cfg.json, folder names, out_dir."""
+def find_checkpoints_to_export(cfg: ExportConfig) -> tuple[Path, list[_Plan]]:
+    """out_dir and the checkpoints below cfg.checkpoint with their cfg.json, checked: out_dir is
+    no file and not inside the checkpoints, every checkpoint records its site."""
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"out_dir={cfg.out_dir} is a file; choose a directory path for the export.")
@@ -197,6 +208,12 @@ def _plan(cfg: ExportConfig) -> tuple[Path, list[_Plan]]:
                 "SAELens needs (hook_name). Checkpoints written by sae-train train always have one."
             )
         plans.append(_Plan(_export_name(meta, directory), directory, meta))
+    return out, plans
+
+
+def _plan(cfg: ExportConfig) -> tuple[Path, list[_Plan]]:
+    """Everything checkable before writing: checkpoints, their cfg.json, folder names, out_dir."""
+    out, plans = find_checkpoints_to_export(cfg)
     names: dict[str, Path] = {}
     for p in plans:
         if p.name in names:
@@ -212,7 +229,7 @@ def _plan(cfg: ExportConfig) -> tuple[Path, list[_Plan]]:
                     f"Export folders {a!r} and {b!r} would nest (one SAE folder inside another). "
                     "Export these checkpoints in separate calls, to different out_dirs."
                 )
-    checkpoints = [d.resolve() for d in directories]
+    checkpoints = [p.directory.resolve() for p in plans]
     for p in plans:
         target = out / p.name
         if any(_overlaps(target.resolve(), c) for c in checkpoints):
@@ -317,25 +334,34 @@ def saelens_metadata(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@torch.no_grad()
-def verify(sae: SAE, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], *, n: int = 256) -> None:
-    """Check that SAELens's math on the converted weights reproduces `sae` on a probe batch.
-
-    The probe is raw-scale activations around b_dec (norm ~ 1/normalization_scale, the data's);
-    a mismatch is a conversion bug, never bad input.
-    """
+def probe_batch(sae: SAE, n: int = 256) -> torch.Tensor:
+    """Raw-scale activations for checking a conversion: around b_dec for an SAE (a transcoder's
+    b_dec is an output bias), norm ~ 1/normalization_scale, the data's."""
     gen = torch.Generator().manual_seed(0)
     d_in = sae.cfg.d_in
-    centre = 0.0 if sae.cfg.is_transcoder else sae.b_dec.detach().float()  # a transcoder's b_dec is an output bias
-    x = centre + torch.randn(n, d_in, generator=gen) / (d_in**0.5 * sae.normalization_scale)
-    f_ref, x_ref = saelens_reference(cfg, tensors, x)
+    centre = 0.0 if sae.cfg.is_transcoder else sae.b_dec.detach().float()
+    return centre + torch.randn(n, d_in, generator=gen) / (d_in**0.5 * sae.normalization_scale)
+
+
+@torch.no_grad()
+def check_conversion(sae: SAE, reference: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, layout: str) -> None:
+    """Raise unless `reference` (latents, output) that another library's math computes on the
+    converted weights for `x` equals `sae.reconstruct(x)` to 1e-5: a mismatch is a conversion bug,
+    never bad input."""
+    f_ref, x_ref = reference
     f, x_hat = sae.reconstruct(x)
     tol = 1e-5 * float(x_ref.abs().max().clamp_min(1e-12))
     if not (torch.allclose(f, f_ref, rtol=1e-5, atol=tol) and torch.allclose(x_hat, x_ref, rtol=1e-5, atol=tol)):
         raise RuntimeError(
-            f"SAELens conversion check failed for a {sae.cfg.architecture} SAE: max latent difference "
+            f"{layout} conversion check failed for a {sae.cfg.architecture} SAE: max latent difference "
             f"{(f - f_ref).abs().max():.3g}, max reconstruction difference {(x_hat - x_ref).abs().max():.3g}"
         )
+
+
+def verify(sae: SAE, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], *, n: int = 256) -> None:
+    """Check that SAELens's math on the converted weights reproduces `sae` on a probe batch."""
+    x = probe_batch(sae, n)
+    check_conversion(sae, saelens_reference(cfg, tensors, x), x, "SAELens")
 
 
 def _write_folder(
@@ -557,8 +583,13 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
 # ---------------------------------------------------------------------------------- stage
 
 
-def run(cfg: ExportConfig) -> ExportSummary:
-    """Export (and push) the checkpoints at cfg.checkpoint; returns what was written."""
+def run(cfg: ExportConfig) -> Any:
+    """Export (and push) the checkpoints at cfg.checkpoint; returns what was written (an
+    ExportSummary, or for format=circuit_tracer a circuit_tracer.CircuitTracerSummary)."""
+    if cfg.format == "circuit_tracer":
+        from sae_train import circuit_tracer  # it builds on this module's checkpoint discovery
+
+        return circuit_tracer.run(cfg)
     token = None
     if cfg.push_to_hub:
         from sae_train.hub import resolve_token

@@ -256,3 +256,42 @@ def test_steer_side_by_side_then_several_features_keyed_by_site(home):
     )
     payload = json.loads((home / "runs/steer-keyed/steer.json").read_text())
     assert [e["latent"] for e in payload["effect"]] == [3, 5]
+
+
+def test_transcoder_set_live_then_eval_and_circuit_tracer_export(home, tiny):
+    """README, Transcoder sets and circuit-tracer: the three commands (train every layer live,
+    eval with all transcoders spliced at once, export in circuit-tracer's layout)."""
+    sae_train(
+        home,
+        "train",
+        "source=live",
+        *tiny,
+        "sites=[blocks.*.mlp.hook_in]",
+        "sae=batchtopk",
+        'sae.target="blocks.{layer}.hook_mlp_out"',
+        "sae.skip=true",
+        "sae.k=4",
+        "text.context_size=32",
+        "live_buffer_tokens=1024",
+        *TRAIN,
+        "out_dir=runs/tcset",
+    )
+    evaluated = sae_train(
+        home, "eval", "checkpoint=runs/tcset", "n_tokens=256", "out_dir=runs/tcset-eval", "progress=false"
+    )
+    assert "all 3 transcoders spliced at once" in evaluated.stdout
+    sae_train(
+        home,
+        "export",
+        "format=circuit_tracer",
+        "checkpoint=runs/tcset",
+        "eval_dir=runs/tcset-eval",
+        "out_dir=runs/tcset-ct",
+    )
+    assert sorted(p.name for p in (home / "runs/tcset-ct").iterdir()) == [
+        "README.md",
+        "config.yaml",
+        "layer_0.safetensors",
+        "layer_1.safetensors",
+        "layer_2.safetensors",
+    ]

@@ -202,7 +202,7 @@ def test_bad_configs_are_named():
         sae(x, target=y[:5])
     with pytest.raises(UserError, match="sweep.target"):
         TrainConfig(store="s", sae=SAEConfig(target=TARGET), sweep={"target": [TARGET]})
-    with pytest.raises(UserError, match="equals sae.target"):
+    with pytest.raises(UserError, match="includes sae.target"):
         TrainConfig(source="live", sites=[TARGET], sae=SAEConfig(target=TARGET))
 
 
@@ -491,11 +491,11 @@ def test_target_rows_not_lining_up_with_the_source_are_refused(tmp_path):
         )
 
 
-def _rewrite_target_rows(shard: Path, rows: int) -> None:
-    """Rewrite a shard (and its size in the manifest) with only `rows` rows of the target."""
+def _rewrite_target_rows(shard: Path, rows: int, site: str = TARGET) -> None:
+    """Rewrite a shard (and its size in the manifest) with only `rows` rows of `site`."""
     tensors = shardfile.open_tensors(shard, shardfile.read_header(shard))
     tensors = {k: v.clone() for k, v in tensors.items()}
-    tensors[TARGET] = tensors[TARGET][:rows]
+    tensors[site] = tensors[site][:rows]
     shard.write_bytes(b"".join(bytes(part) for part in shardfile.encode(tensors)))
     manifest_file = shard.parent / "manifest.json"
     manifest = json.loads(manifest_file.read_text())

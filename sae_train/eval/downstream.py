@@ -20,6 +20,7 @@ read in that same forward (the MLP's actual input). The ablations ablate the tar
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -168,3 +169,41 @@ class SiteEvaluator:
         if "mean" in self.ablations:
             metrics["ce_recovered_mean"] = ce_recovered(clean, sae.mean_ce, metrics["ce_mean"])
         return metrics
+
+
+class ReplacementEvaluator:
+    """CE and KL with every transcoder of a set spliced in at once: each target (an MLP's output)
+    replaced by its transcoder applied to its source as computed in that same forward, so errors
+    compound through the layers as in circuit tracing's replacement model (per-site numbers
+    splice one transcoder at a time). Two full forwards per batch: clean and replaced.
+
+    `transcoders`: (source, target, name, inference transcoder) with distinct targets.
+    """
+
+    def __init__(self, transcoders: Sequence[tuple[Site, Site, str, SAE]]):
+        targets = [target.name for _, target, _, _ in transcoders]
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"one transcoder per target site, got targets {targets}")
+        self.transcoders = list(transcoders)
+        self.clean, self.replaced = LossStats(), LossStats()
+
+    @torch.no_grad()
+    def add_batch(self, lm: LanguageModel, input_ids: Tensor, counted: Tensor) -> None:
+        scored = counted[:, 1:]
+        targets = input_ids[:, 1:][scored]
+        clean = next_token_log_probs(lm.model(input_ids=input_ids, use_cache=False).logits, scored)
+        self.clean.update(clean, clean, targets)
+        with ExitStack() as stack:
+            for source, target, _, sae in self.transcoders:
+                stack.enter_context(lm.splice_from(source, target, _transcode_at(counted, sae)))
+            logits = lm.model(input_ids=input_ids, use_cache=False).logits
+        self.replaced.update(next_token_log_probs(logits, scored), clean, targets)
+
+    def results(self) -> dict[str, Any]:
+        return {
+            "saes": [name for _, _, name, _ in self.transcoders],
+            "ce_clean": self.clean.mean_ce,
+            "ce_replaced": self.replaced.mean_ce,
+            "kl": self.replaced.mean_kl,
+            "n_predictions": self.replaced.n,
+        }

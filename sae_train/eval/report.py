@@ -105,6 +105,8 @@ class EvalSummary:
                 f"cost per batch at {site}: {cost['conditions']} conditions, {cost['shared']} layer-forwards "
                 f"with the shared prefix vs {cost['naive']} naive ({cost['shared'] / cost['naive']:.0%})"
             )
+        if "replacement" in self.payload:
+            lines.append(replacement_line(self.payload["replacement"]))
         tokens = self.payload["tokens"]
         lines.append(
             f"tokens       {tokens['run']:,} run, {tokens['counted']:,} counted ({tokens['windows']} windows "
@@ -112,6 +114,14 @@ class EvalSummary:
         )
         lines.append(f"wrote        {Path(self.out_dir) / 'eval.json'}, eval.md, density.png")
         return "\n".join(lines)
+
+
+def replacement_line(r: dict[str, Any]) -> str:
+    """The replacement model (every transcoder of a set spliced in at once) in one line."""
+    return (
+        f"all {len(r['saes'])} transcoders spliced at once: CE {_fmt('{:.4f}', r['ce_clean'])} clean -> "
+        f"{_fmt('{:.4f}', r['ce_replaced'])} replaced, KL {_fmt('{:.4f}', r['kl'])}"
+    )
 
 
 def _fmt(fmt: str, value: Any) -> str:
@@ -161,6 +171,11 @@ def markdown(summary: EvalSummary) -> str:
             "",
             metrics_table(summary.saes),
             "",
+            *(
+                [replacement_line(p["replacement"]) + " (the replacement model of circuit tracing).", ""]
+                if "replacement" in p
+                else []
+            ),
             DEFINITIONS,
         ]
     )

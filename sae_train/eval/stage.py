@@ -20,13 +20,14 @@ from sae_train.data.packing import keep_mask
 from sae_train.errors import UserError
 from sae_train.eval.checkpoints import Checkpoint, group_by_site, load_checkpoints, recorded
 from sae_train.eval.config import EvalConfig
-from sae_train.eval.downstream import SiteEvaluator, layer_forwards
+from sae_train.eval.downstream import ReplacementEvaluator, SiteEvaluator, layer_forwards
 from sae_train.eval.metrics import density_histogram
 from sae_train.eval.report import EvalSummary, write_report
 from sae_train.eval.tokens import held_out_windows
-from sae_train.lm import LanguageModel
+from sae_train.lm import LanguageModel, Site
 from sae_train.lm.model import model_config
 from sae_train.provenance import provenance
+from sae_train.sae import SAE
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,16 @@ def _sae_entry(c: Checkpoint, site: str, metrics: dict[str, float], density: dic
     }
 
 
+def _replacement(groups: list[tuple[Site, Site | None, dict[str, SAE]]]) -> ReplacementEvaluator | None:
+    """All transcoders spliced at once, when the checkpoints are a transcoder set: two or more
+    transcoders, one per target site (a sweep at one target has no single replacement model)."""
+    transcoders = [(source, target, saes) for target, source, saes in groups if source is not None]
+    targets = [target.name for _, target, _ in transcoders]
+    if len(transcoders) < 2 or any(len(saes) != 1 for _, _, saes in transcoders) or len(set(targets)) < len(targets):
+        return None
+    return ReplacementEvaluator([(s, t, *next(iter(saes.items()))) for s, t, saes in transcoders])
+
+
 def run(cfg: EvalConfig, lm: LanguageModel | None = None) -> EvalSummary:
     """Evaluate the checkpoint(s) at cfg.checkpoint; writes the report to cfg.out_dir and returns
     it (the CLI prints `summary.table()`). Pass `lm` to reuse a loaded model."""
@@ -88,12 +99,15 @@ def run(cfg: EvalConfig, lm: LanguageModel | None = None) -> EvalSummary:
     tokens = TokenSpec.from_tokenizer(lm.tokenizer, text)
 
     evaluators = [SiteEvaluator(site, saes, downstream=cfg.downstream, source=source) for site, source, saes in groups]
+    replacement = _replacement(groups) if cfg.downstream else None
     counted_tokens = predictions = 0
     for batch in tqdm(windows.split(cfg.batch_size), desc="eval", unit="batch", disable=not cfg.progress):
         input_ids = batch.to(lm.device)
         counted = keep_mask(input_ids, tokens)
         for evaluator in evaluators:
             evaluator.add_batch(lm, input_ids, counted)
+        if replacement is not None:
+            replacement.add_batch(lm, input_ids, counted)
         counted_tokens += int(counted.sum())
         predictions += int(counted[:, 1:].sum())
 
@@ -131,6 +145,7 @@ def run(cfg: EvalConfig, lm: LanguageModel | None = None) -> EvalSummary:
         },
         "cost": cost,
         "saes": {c.name: entries[c.name] for c in checkpoints},
+        **({"replacement": replacement.results()} if replacement else {}),
     }
     summary = EvalSummary(out_dir=cfg.out_dir, payload=payload, frequencies=frequencies)
     write_report(summary)

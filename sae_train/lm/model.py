@@ -188,6 +188,25 @@ def _load_hf(cfg: ModelConfig, path: str, dtype: torch.dtype) -> tuple[nn.Module
     return model, tokenizer, revision
 
 
+def read_model_config(cfg: ModelConfig) -> Any:
+    """The model's Hugging Face config alone, without its weights (layer count, model type)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(cfg.name)
+    local = Path(path)
+    try:
+        if local.suffix == ".gguf":
+            return AutoConfig.from_pretrained(str(local.parent), gguf_file=local.name)
+        if local.is_dir():
+            return AutoConfig.from_pretrained(str(local), trust_remote_code=cfg.trust_remote_code)
+        return AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"Could not read the config of model '{cfg.name}': {err}. Run where the model is available (a local "
+            "directory or .gguf file at the recorded path, or a hub id in the cache with HF_HUB_OFFLINE=1)."
+        ) from err
+
+
 class LanguageModel:
     """A causal LM ready for activation capture and splicing."""
 

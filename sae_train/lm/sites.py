@@ -10,6 +10,7 @@ conditions.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,10 @@ SITE_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_ou
 and SAELens's name; TransformerLens calls it `ln2.hook_normalized`), the source of a transcoder
 whose target is `hook_mlp_out`."""
 _SITE_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in SITE_KINDS) + r")$")
+_PATTERN_RE = re.compile(r"^blocks\.\*\.(" + "|".join(re.escape(k) for k in SITE_KINDS) + r")$")
+LAYER_FIELD = "{layer}"
+"""In a transcoder's target (sae.target=blocks.{layer}.hook_mlp_out): the layer of the source it
+pairs with. (Hydra's override grammar needs it quoted: 'sae.target="blocks.{layer}.hook_mlp_out"'.)"""
 
 
 @dataclass(frozen=True)
@@ -89,9 +94,75 @@ class Site:
     resume_layer: int
 
 
+def is_pattern(name: str) -> bool:
+    """Whether `name` is a layer pattern, `blocks.*.KIND`: that site kind at every layer."""
+    return "*" in name
+
+
+def model_site_names(layer_count: int) -> list[str]:
+    """Every named site of a model with `layer_count` layers, layer by layer."""
+    return [f"blocks.{layer}.{kind}" for layer in range(layer_count) for kind in SITE_KINDS]
+
+
+def _pattern_kind(name: str) -> str:
+    """KIND of a pattern blocks.*.KIND (a UserError for any other use of *)."""
+    match = _PATTERN_RE.match(name)
+    if match is None:
+        raise UserError(
+            f"Site pattern '{name}' is not of the form blocks.*.KIND with KIND one of {', '.join(SITE_KINDS)} "
+            "(e.g. blocks.*.mlp.hook_in: that site at every layer). Fix the site name."
+        )
+    return match.group(1)
+
+
+def expand_sites(names: Sequence[str], available: Sequence[str], *, where: str) -> list[str]:
+    """`names` with every pattern `blocks.*.KIND` replaced by the sites of `available` that match
+    it, in layer order (plain names pass through; duplicates dropped). The one place patterns are
+    expanded: against a model's sites (`model_site_names`) for cache and live training, against a
+    store's sites for training from a store. `where` names `available` in errors."""
+    out: list[str] = []
+    for name in names:
+        if not is_pattern(name):
+            out.append(name)
+            continue
+        kind = _pattern_kind(name)
+        found = [s for s in available if (m := _SITE_RE.match(s)) and m.group(2) == kind]
+        if not found:
+            raise UserError(
+                f"Site pattern '{name}' matches no site of {where}, which holds {', '.join(available)}. "
+                "Cache that site kind first, or fix the pattern."
+            )
+        out += sorted(found, key=lambda s: int(s.split(".")[1]))
+    return list(dict.fromkeys(out))
+
+
+def layer_of(name: str) -> int | None:
+    """The layer of a named site `blocks.L.KIND` (None for anything else)."""
+    match = _SITE_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def layer_target(template: str, source: str) -> str:
+    """The site a transcoder reading `source` writes: `template` (sae.target) with {layer} replaced
+    by the source's layer; a template without {layer} is the one target of every source."""
+    if LAYER_FIELD not in template:
+        return template
+    layer = layer_of(source)
+    if layer is None:
+        raise UserError(
+            f"sae.target={template} pairs each source with the target at its layer, but the source site '{source}' "
+            "has no layer in its name. Use named sites (blocks.L.mlp.hook_in or blocks.*.mlp.hook_in) as sources."
+        )
+    return template.replace(LAYER_FIELD, str(layer))
+
+
 def family_of(model: nn.Module) -> Family:
     """The layer layout of `model`, by its config's model_type."""
-    model_type = getattr(model.config, "model_type", "")
+    return family_of_type(getattr(model.config, "model_type", ""))
+
+
+def family_of_type(model_type: str) -> Family:
+    """The layer layout of a model family, by its Hugging Face model_type."""
     if model_type not in FAMILIES:
         raise UserError(
             f"Model type '{model_type}' is not supported for named activation sites. Supported "

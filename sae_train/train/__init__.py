@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from sae_train.lm import LanguageModel
+from sae_train.lm.sites import model_site_names
+from sae_train.store import ActivationStore
 from sae_train.train.config import TrainConfig, WandbConfig
 from sae_train.train.dist import Dist, init_distributed, shutdown
 from sae_train.train.latent_shards import data_view
@@ -34,21 +36,25 @@ __all__ = [
 
 
 def build_source(cfg: TrainConfig, dist: Dist, lm: LanguageModel | None = None) -> ActivationSource:
+    """The run's activation stream, carrying every site its dictionaries read or write (site
+    patterns expanded against the store's sites, or the model's)."""
     if cfg.source == "store":
+        pairs = cfg.site_pairs(list(ActivationStore(cfg.store).sites), where=f"activation store {cfg.store}")
         return StoreSource(
             cfg.store,
-            cfg.data_sites,
+            cfg.data_sites(pairs),
             cfg.batch_size,
             dist,
             seed=cfg.seed,
             window_shards=cfg.shuffle_window,
-            target=cfg.sae.target,
+            targets=[target for site, target in pairs if target != site],
         )
     # Each rank runs its own copy of the model on its own device.
     lm = lm or LanguageModel.load(replace(cfg.model, device=str(dist.device)))
+    pairs = cfg.site_pairs(model_site_names(lm.n_layers), where=f"model {lm.identity['name']}")
     return LiveSource(
         lm,
-        cfg.data_sites,
+        cfg.data_sites(pairs),
         cfg.data,
         cfg.text,
         cfg.batch_size,

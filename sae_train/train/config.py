@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sae_train.data import DataConfig, TextConfig
 from sae_train.errors import UserError
 from sae_train.lm import ModelConfig
+from sae_train.lm.sites import LAYER_FIELD, expand_sites, layer_target
 from sae_train.sae import SAEConfig
 
 SOURCES = ("store", "live")
@@ -67,8 +69,9 @@ class TrainConfig:
     text: TextConfig = field(default_factory=TextConfig)
     """source=live: how the text becomes windows (a store records its own)."""
     sites: list[str] = field(default_factory=list)
-    """Sites to train on (each SAE reads one); empty = every site in the store (source=store)
-    except `sae.target`. A transcoder (sae.target set) reads these and writes the target."""
+    """Sites to train on (each SAE reads one); `blocks.*.KIND` = that kind at every layer (of the
+    model, or present in the store); empty = every site in the store (source=store) except the
+    targets. A transcoder (sae.target set) reads these and writes the target."""
     sae: SAEConfig = field(default_factory=SAEConfig)
     sweep: dict[str, list[Any]] = field(default_factory=dict)
     """One-pass sweep: SAE fields (or `lr`) to vary, e.g. +sweep.k=[16,32,64]. Every
@@ -144,13 +147,13 @@ class TrainConfig:
             raise UserError(f"n_tokens={self.n_tokens} must be at least one batch (batch_size={self.batch_size}).")
         if "target" in self.sweep:
             raise UserError(
-                "sweep.target: one run has one target site; train each target in its own run "
-                "(or several source sites, sites=[...], towards one target)."
+                "sweep.target: a run's targets come from sae.target alone, one site or one per source layer "
+                "(sae.target=blocks.{layer}.hook_mlp_out); train other targets in their own runs."
             )
-        if self.sae.target and self.sites == [self.sae.target]:
+        if self.sae.target and self.sae.target.replace(LAYER_FIELD, "*") in self.sites:
             raise UserError(
-                f"sites=[{self.sae.target}] equals sae.target: a transcoder reads another site than it writes. "
-                "Set sites to its source (e.g. blocks.L.mlp.hook_in), or remove sae.target for an SAE."
+                f"sites={self.sites} includes sae.target={self.sae.target}: a transcoder reads another site than it "
+                "writes. Set sites to its sources (e.g. blocks.L.mlp.hook_in), or remove sae.target for SAEs."
             )
         for key in self.sweep:
             if key not in SAEConfig.__dataclass_fields__ and key != "lr":
@@ -172,14 +175,32 @@ class TrainConfig:
         if not 0 <= self.lr_warmup + self.lr_decay <= 1 or not 0 <= self.sparsity_warmup <= 1:
             raise UserError("lr_warmup + lr_decay and sparsity_warmup are fractions of the run in [0, 1].")
 
-    @property
-    def data_sites(self) -> list[str]:
-        """The sites the activation stream must carry: `sites` plus a transcoder's target
-        (empty: every site of the store)."""
-        sites = list(self.sites)
-        if sites and self.sae.target and self.sae.target not in sites:
-            sites.append(self.sae.target)
-        return sites
+    def site_pairs(self, available: Sequence[str], *, where: str) -> list[tuple[str, str]]:
+        """(site read, site written) of every dictionary of the run, given the sites the
+        activation stream can carry (`available`, named `where` in errors): `sites` with its
+        patterns (blocks.*.KIND) expanded, or, when empty, every available site that is no
+        target; each paired with `sae.target` ({layer}: the source's layer), or itself for an SAE."""
+        template = self.sae.target
+        if self.sites:
+            sources = expand_sites(self.sites, available, where=where)
+        else:
+            targets = (
+                set(expand_sites([template.replace(LAYER_FIELD, "*")], available, where=where)) if template else set()
+            )
+            sources = [s for s in available if s not in targets]
+        pairs = [(s, layer_target(template, s) if template else s) for s in sources]
+        same = [s for s, t in pairs if template and s == t]
+        if same:
+            raise UserError(
+                f"sae.target={template} makes site {same[0]} its own target: a transcoder reads another site than it "
+                "writes. Set sites to the sources (e.g. blocks.*.mlp.hook_in), or remove sae.target for SAEs."
+            )
+        return pairs
+
+    @staticmethod
+    def data_sites(pairs: Sequence[tuple[str, str]]) -> list[str]:
+        """The sites the activation stream must carry for these (source, target) pairs."""
+        return list(dict.fromkeys(site for pair in pairs for site in pair))
 
     @property
     def n_steps(self) -> int:

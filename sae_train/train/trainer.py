@@ -188,15 +188,16 @@ def enable_tf32() -> None:
         matmul.allow_tf32 = True
 
 
-def sae_plan(cfg: TrainConfig, sites: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(tag, site, SAE-field overrides) for every SAE of the run: sites x sweep combinations."""
+def sae_plan(cfg: TrainConfig, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(tag, site read, site written, SAE-field overrides) for every SAE of the run: (source,
+    target) pairs x sweep combinations."""
     keys = sorted(cfg.sweep)
     plan = []
-    for site in sites:
+    for site, target in pairs:
         for values in itertools.product(*(cfg.sweep[k] for k in keys)):
             overrides = dict(zip(keys, values))
             suffix = "-".join(f"{k}={v}" for k, v in overrides.items())
-            plan.append((f"{site}/{suffix}" if suffix else site, site, overrides))
+            plan.append((f"{site}/{suffix}" if suffix else site, site, target, overrides))
     return plan
 
 
@@ -219,8 +220,8 @@ class Trainer:
             raise UserError(f"batch_size={cfg.batch_size} must divide evenly across {data_ranks} data ranks.")
         if dist.device.type == "cuda" and self.compute_dtype == torch.float32:
             enable_tf32()
-        sites = [s for s in source.sites if s != cfg.sae.target]  # a transcoder's target is no training site
-        self._place(sae_plan(cfg, sites))
+        pairs = cfg.site_pairs(source.sites, where="the activation stream")  # targets are no training sites
+        self._place(sae_plan(cfg, pairs))
         self.step = self.tokens = self.position = 0
         self._pending: DeferredRead | None = None  # the last step's losses and stop flags
         self._pending_step = self._pending_start = 0
@@ -235,10 +236,10 @@ class Trainer:
         self.wandb_id = self.logger.run_id
 
     # ---- set-up -------------------------------------------------------------------------
-    def _place(self, plan: list[tuple[str, str, dict[str, Any]]]) -> None:
+    def _place(self, plan: list[tuple[str, str, str, dict[str, Any]]]) -> None:
         """Decide which ranks train which SAEs (train/placement.py) and build this rank's:
         `runs` (the SAEs trained here) and `slots` (every SAE of the run, `runs` among them)."""
-        configs = [self._sae_config(site, overrides) for _, site, overrides in plan]
+        configs = [self._sae_config(site, target, overrides) for _, site, target, overrides in plan]
         with torch.device("meta"):  # shapes, parameter counts and default lrs, without memory
             shapes = [create_sae(sae_cfg, compute_dtype=self.compute_dtype) for sae_cfg, _ in configs]
         self.placement = Placement.build(
@@ -250,7 +251,7 @@ class Trainer:
         groups = self.placement.owner_dists(self.dist)
         owned = set(self.placement.owned(self.dist.rank))
         self.slots: list[SAESlot] = []
-        for index, ((tag, site, _), (sae_cfg, lr), shape) in enumerate(zip(plan, configs, shapes)):
+        for index, ((tag, site, _, _), (sae_cfg, lr), shape) in enumerate(zip(plan, configs, shapes)):
             slot = SAESlot(
                 tag=tag,
                 site=site,
@@ -268,13 +269,13 @@ class Trainer:
         if any(len(group) < self.dist.world_size for group in self.placement.owners):  # some rank lacks some SAE
             self._exchange_layouts()
 
-    def _sae_config(self, site: str, overrides: dict[str, Any]) -> tuple[SAEConfig, float]:
-        """The resolved config of the SAE reading `site` with sweep `overrides`, and its lr (0:
-        the architecture's default)."""
+    def _sae_config(self, site: str, target: str, overrides: dict[str, Any]) -> tuple[SAEConfig, float]:
+        """The resolved config of the SAE reading `site` and writing `target` with sweep
+        `overrides`, and its lr (0: the architecture's default)."""
         d_in = self.source.d_in(site)
         overrides = dict(overrides)
         lr = overrides.pop("lr", self.cfg.lr)
-        sae_cfg = replace(self.cfg.sae, **overrides)
+        sae_cfg = replace(self.cfg.sae, **overrides, target="" if target == site else target)
         if sae_cfg.d_in not in (0, d_in):
             raise UserError(
                 f"sae.d_in={sae_cfg.d_in} does not match site {site} of the data, whose activations have "
