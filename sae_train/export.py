@@ -25,7 +25,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -37,7 +37,9 @@ from sae_train.errors import UserError
 from sae_train.provenance import provenance, public_record, public_source
 from sae_train.sae import SAE, load_sae, load_sae_cfg
 from sae_train.sae.checkpoint import CFG_FILE as CHECKPOINT_CFG
+from sae_train.sae import clt_export
 from sae_train.sae.checkpoint import find_checkpoints
+from sae_train.sae.clt import CrossLayerTranscoder
 from sae_train.sae.saelens import (
     CFG_FILE,
     METADATA_KEY,
@@ -359,8 +361,40 @@ def _write_folder(
     return sorted(names)
 
 
+def _export_cross_layer(plan: _Plan, out: Path, sae: CrossLayerTranscoder) -> ExportedSAE:
+    """A cross-layer transcoder, in circuit-tracer's CLT layout (its only export: SAELens has no CLT)."""
+    target = out / plan.name
+    staging = staging_dir(target)
+    try:
+        model = plan.meta.get("source", {}).get("model") or {}
+        names = clt_export.write_circuit_tracer(
+            sae, staging, sites=plan.meta["sites"], targets=plan.meta["targets"], model_name=model.get("name", "")
+        )
+        clt_export.verify(sae, staging)
+        swap_dir(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    drop_previous(target)
+    log.info("exported %s -> %s (circuit-tracer CLT)", plan.directory, target)
+    return ExportedSAE(
+        name=plan.name,
+        checkpoint=str(plan.directory),
+        site=plan.meta["site"],
+        architecture=sae.cfg.architecture,
+        saelens_architecture=clt_export.MODEL_KIND,
+        d_in=sae.cfg.d_in,
+        d_sae=sae.cfg.d_sae,
+        k=sae.cfg.k,
+        tokens_trained=plan.meta.get("tokens_trained"),
+        files=[f"{plan.name}/{n}" for n in names],
+    )
+
+
 def _export_one(plan: _Plan, out: Path, results: EvalResults | None) -> ExportedSAE:
     sae = load_sae(plan.directory)
+    if sae.cross_layer:
+        return _export_cross_layer(plan, out, cast(CrossLayerTranscoder, sae))
     cfg, tensors = to_saelens(sae, saelens_metadata(plan.meta))
     verify(sae, cfg, tensors)
     eval_name = results.match(plan.meta) if results else None

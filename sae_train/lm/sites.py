@@ -146,3 +146,40 @@ def resolve_site(model: nn.Module, name: str) -> Site:
         return Site(name, name, on_input=False, layer=None, resume_layer=0)
 
     raise UserError(f"Unknown activation site '{name}'. Valid sites for this model: {valid_site_names(model)}.")
+
+
+# ------------------------------------------------------------------ layer patterns (cross-layer transcoders)
+
+_LAYER_PATTERN_RE = re.compile(r"^blocks\.\*\.(.+)$")
+_LAYER_OF_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def expand_layer_sites(sites: list[str], n_layers: int) -> list[str]:
+    """`sites` with each pattern `blocks.*.KIND` replaced by blocks.0.KIND .. blocks.{n_layers-1}.KIND
+    (in layer order); other names as they are."""
+    out: list[str] = []
+    for name in sites:
+        match = _LAYER_PATTERN_RE.match(name)
+        out += [f"blocks.{i}.{match.group(1)}" for i in range(n_layers)] if match else [name]
+    return out
+
+
+def layer_count(sites: list[str]) -> int:
+    """1 + the deepest layer named among `sites` (`blocks.N.…`), 0 if none: what `blocks.*`
+    spans over the sites of an activation store."""
+    return 1 + max((int(m.group(1)) for s in sites if (m := _LAYER_OF_RE.match(s))), default=-1)
+
+
+def layer_target(template: str, site: str) -> str:
+    """The site a dictionary reading `site` writes: `template` with `{layer}` replaced by the
+    layer of `site` (blocks.{layer}.hook_mlp_out for blocks.3.mlp.hook_in -> blocks.3.hook_mlp_out);
+    a template without `{layer}` is the target itself."""
+    if "{layer}" not in template:
+        return template
+    match = _LAYER_OF_RE.match(site)
+    if match is None:
+        raise UserError(
+            f"sae.target={template} names a target per layer ({{layer}}), but site {site} has no layer "
+            "(blocks.N.…). Use layer sites, e.g. sites=[blocks.*.mlp.hook_in]."
+        )
+    return template.replace("{layer}", match.group(1))

@@ -134,6 +134,12 @@ class SAE(nn.Module, abc.ABC):
     saelens_training_architecture: ClassVar[str] = "standard"
     """SAELens's name for how it was trained (`metadata.training_architecture`). Where it equals
     `saelens_architecture`, SAELens SAEs of that architecture load as this one."""
+    gemm_weight_names: ClassVar[tuple[str, ...]] = ("W_enc", "W_dec")
+    """The parameters the GEMMs read in compute_dtype (`gemm_weight`): the optimizer step writes
+    their bf16 copies (train/update.py)."""
+    cross_layer: ClassVar[bool] = False
+    """Whether it reads one site per layer at once (a cross-layer transcoder, sae/clt.py): one
+    SAE per run over all its sites, `forward` on [B, L, d_in] with targets [B, L, d_out]."""
 
     def __init__(self, cfg: SAEConfig, *, compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -153,8 +159,13 @@ class SAE(nn.Module, abc.ABC):
         # target_normalization_scale the target's (a transcoder's; the same for an SAE).
         self.folded = False
         self.normalization_scale = self.target_normalization_scale = 1.0
+        self._gemm_copies = _GemmCopies()  # see gemm_weight
+        self._init_parameters(torch.Generator().manual_seed(cfg.seed))
+
+    def _init_parameters(self, gen: torch.Generator) -> None:
+        """Create the parameters (and buffers) at their initial values, drawn from `gen`."""
+        cfg = self.cfg
         d_in, d_out, d_sae = cfg.d_in, cfg.d_out, cfg.d_sae
-        gen = torch.Generator().manual_seed(cfg.seed)
         W_dec = torch.randn(d_sae, d_out, generator=gen)
         W_dec *= self._decoder_init_norm() / W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
@@ -169,9 +180,14 @@ class SAE(nn.Module, abc.ABC):
         if cfg.skip:
             self.W_skip = nn.Parameter(torch.zeros(d_in, d_out))
             self.inference_tensors = (*type(self).inference_tensors, "W_skip")
-        self._gemm_copies = _GemmCopies()  # see gemm_weight
 
     # ------------------------------------------------------------------ architecture hooks
+
+    @property
+    def n_latents(self) -> int:
+        """Latents tracked for dead-latent revival (`SAEOutput.fired`, `dead_mask`): d_sae, or
+        one block of d_sae per layer for a cross-layer transcoder."""
+        return self.cfg.d_sae
 
     @property
     def unit_norm_decoder(self) -> bool:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from sae_train.lm import LanguageModel
+from sae_train.lm.sites import layer_count
+from sae_train.store import ActivationStore
 from sae_train.train.config import TrainConfig, WandbConfig
 from sae_train.train.dist import Dist, init_distributed, shutdown
 from sae_train.train.signals import Preempted
@@ -34,20 +36,22 @@ __all__ = [
 
 def build_source(cfg: TrainConfig, dist: Dist, lm: LanguageModel | None = None) -> ActivationSource:
     if cfg.source == "store":
+        stored = list(ActivationStore(cfg.store).sites)
+        sites = cfg.data_sites(layer_count(stored))
         return StoreSource(
             cfg.store,
-            cfg.data_sites,
+            sites,
             cfg.batch_size,
             dist,
             seed=cfg.seed,
             window_shards=cfg.shuffle_window,
-            target=cfg.sae.target,
+            targets=cfg.targets(sites or stored),
         )
     # Each rank runs its own copy of the model on its own device.
     lm = lm or LanguageModel.load(replace(cfg.model, device=str(dist.device)))
     return LiveSource(
         lm,
-        cfg.data_sites,
+        cfg.data_sites(lm.n_layers),
         cfg.data,
         cfg.text,
         cfg.batch_size,

@@ -9,6 +9,7 @@ from typing import Any
 from sae_train.data import DataConfig, TextConfig
 from sae_train.errors import UserError
 from sae_train.lm import ModelConfig
+from sae_train.lm.sites import expand_layer_sites, layer_target
 from sae_train.sae import SAEConfig
 
 SOURCES = ("store", "live")
@@ -135,14 +136,18 @@ class TrainConfig:
         if not 0 <= self.lr_warmup + self.lr_decay <= 1 or not 0 <= self.sparsity_warmup <= 1:
             raise UserError("lr_warmup + lr_decay and sparsity_warmup are fractions of the run in [0, 1].")
 
-    @property
-    def data_sites(self) -> list[str]:
-        """The sites the activation stream must carry: `sites` plus a transcoder's target
-        (empty: every site of the store)."""
-        sites = list(self.sites)
-        if sites and self.sae.target and self.sae.target not in sites:
-            sites.append(self.sae.target)
-        return sites
+    def targets(self, sites: list[str]) -> list[str]:
+        """The distinct transcoder targets of training sites `sites` (`sae.target`, whose
+        `{layer}` takes each site's layer); none for SAEs."""
+        if not self.sae.target:
+            return []
+        return list(dict.fromkeys(layer_target(self.sae.target, s) for s in sites))
+
+    def data_sites(self, n_layers: int) -> list[str]:
+        """The sites the activation stream must carry: `sites` (a pattern `blocks.*.KIND` expanded
+        over n_layers layers) plus their transcoder targets; empty: every site of the store."""
+        sites = expand_layer_sites(self.sites, n_layers)
+        return sites + [t for t in self.targets(sites) if t not in sites]
 
     @property
     def n_steps(self) -> int:

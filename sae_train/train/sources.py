@@ -8,7 +8,7 @@ the one-off initialisation statistics.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from itertools import islice
 from typing import Protocol
@@ -61,7 +61,7 @@ class StoreSource:
         *,
         seed: int,
         window_shards: int,
-        target: str = "",
+        targets: Sequence[str] = (),
     ):
         self.store = ActivationStore(path)
         if self.store.n_tokens == 0:
@@ -69,8 +69,8 @@ class StoreSource:
                 f"Activation store {path} holds no tokens yet; run (or finish) `sae-train cache ... out_dir={path}` first."
             )
         self.sites = sites or list(self.store.sites)
-        if target:
-            self._check_target(target, [s for s in self.sites if s != target])
+        if targets:
+            self._check_targets(list(targets), [s for s in self.sites if s not in targets])
         unknown = [s for s in self.sites if s not in self.store.sites]
         if unknown:
             raise UserError(f"Store {path} has no site {unknown}; it holds {list(self.store.sites)}. Fix sites=[...].")
@@ -79,22 +79,23 @@ class StoreSource:
         self.provenance = {"source": "store", "store": str(path), **{k: spec.get(k) for k in ("model", "data", "text")}}
         self._reader: ShuffledBatches | None = None
 
-    def _check_target(self, target: str, sources: list[str]) -> None:
-        """A transcoder's target must be in the store, row for row with its sources (each shard
+    def _check_targets(self, targets: list[str], sources: list[str]) -> None:
+        """A transcoder's targets must be in the store, row for row with its sources (each shard
         one tensor per site over the same tokens; checked on the shard headers)."""
         fix = (
             f"A transcoder trains on its source and target sites cached in one pass, so their rows are the same "
-            f"tokens: `sae-train cache sites=[{','.join(sources) or '<source>'},{target}] ...` into a new "
-            "out_dir, or train with source=live."
+            f"tokens: `sae-train cache sites=[{','.join([*sources, *targets]) if sources else '<source>,' + ','.join(targets)}] ...` "
+            "into a new out_dir, or train with source=live."
         )
-        if target not in self.store.sites:
+        missing = [t for t in targets if t not in self.store.sites]
+        if missing:
             raise UserError(
-                f"sae.target={target} is not in activation store {self.store.root}, which holds "
+                f"sae.target={', '.join(missing)} is not in activation store {self.store.root}, which holds "
                 f"{list(self.store.sites)}. {fix}"
             )
         for info in self.store.manifest.shards:
             entries = read_header(self.store.root / info.file)
-            rows = {s: entries[s].shape[0] for s in (*sources, target) if s in entries}
+            rows = {s: entries[s].shape[0] for s in (*sources, *targets) if s in entries}
             if any(n != info.n_tokens for n in rows.values()):
                 raise UserError(
                     f"Shard {info.file} of activation store {self.store.root} records {info.n_tokens} tokens "

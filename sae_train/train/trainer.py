@@ -35,7 +35,8 @@ from sae_train.atomic import staging_dir
 from sae_train.errors import UserError
 from sae_train.lm.model import resolve_dtype
 from sae_train.provenance import provenance
-from sae_train.sae import SAE, SAEOutput, create_sae, kernels, load_weights, save_sae
+from sae_train.lm.sites import layer_target
+from sae_train.sae import ARCHITECTURES, SAE, SAEOutput, create_sae, kernels, load_weights, save_sae
 from sae_train.sae import checkpoint as ckpt
 from sae_train.sae.kernels import keep_freed_memory
 from sae_train.train.config import TrainConfig, comparable
@@ -68,10 +69,14 @@ class SAERun:
     directory: Path
     bound_seconds: float
     """Time of the dense GEMMs of one step on this machine (the roofline)."""
-    scale: float = 1.0
-    """Normalisation constant: the SAE sees x * scale, which has unit mean L2 norm."""
-    target_scale: float = 1.0
+    scale: float | list[float] = 1.0
+    """Normalisation constant: the SAE sees x * scale, which has unit mean L2 norm (a cross-layer
+    transcoder: one per layer)."""
+    target_scale: float | list[float] = 1.0
     """The target's (a transcoder's target is y * target_scale, of unit mean norm; = scale for an SAE)."""
+    layers: tuple[tuple[str, str], ...] = ()
+    """A cross-layer transcoder (`SAE.cross_layer`): the (source, target) sites of each of its
+    layers, in layer order (`site` and `target` are layer 0's); empty for every other SAE."""
     since_fired: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     """Tokens since each latent last fired (dead-latent tracking)."""
     loss_names: tuple[str, ...] = ()
@@ -87,7 +92,13 @@ class SAERun:
 
     def inference(self) -> SAE:
         """The inference copy acting on raw activations (`SAE.fold` with this run's scales)."""
-        return self.sae.fold(self.scale, self.target_scale if self.target != self.site else None)
+        return self.sae.fold(self.scale, self.target_scale if self.target != self.site else None)  # type: ignore[arg-type]
+
+    @property
+    def all_sites(self) -> tuple[str, ...]:
+        """Every site the run reads: its sources and targets."""
+        pairs = self.layers or ((self.site, self.target),)
+        return tuple(dict.fromkeys(site for pair in pairs for site in pair))
 
     def dead_mask(self, after_tokens: int) -> torch.Tensor:
         return self.since_fired >= after_tokens
@@ -158,16 +169,34 @@ def enable_tf32() -> None:
         matmul.allow_tf32 = True
 
 
-def sae_plan(cfg: TrainConfig, sites: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(tag, site, SAE-field overrides) for every SAE of the run: sites x sweep combinations."""
+CROSS_LAYER_TAG = "clt"
+"""The tag (checkpoint directory) of a run's cross-layer transcoder, which reads every site."""
+
+
+def sae_plan(cfg: TrainConfig, sites: Sequence[str]) -> list[tuple[str, tuple[str, ...], dict[str, Any]]]:
+    """(tag, sites read, SAE-field overrides) for every SAE of the run: sites x sweep
+    combinations, each SAE reading one site -- or, for a cross-layer architecture, one SAE per
+    sweep combination reading all of them."""
     keys = sorted(cfg.sweep)
+    groups = [(CROSS_LAYER_TAG, tuple(sites))] if ARCHITECTURES[cfg.sae.architecture].cross_layer else []
     plan = []
-    for site in sites:
+    for name, read in groups or [(site, (site,)) for site in sites]:
         for values in itertools.product(*(cfg.sweep[k] for k in keys)):
             overrides = dict(zip(keys, values))
             suffix = "-".join(f"{k}={v}" for k, v in overrides.items())
-            plan.append((f"{site}/{suffix}" if suffix else site, site, overrides))
+            plan.append((f"{name}/{suffix}" if suffix else name, read, overrides))
     return plan
+
+
+def check_layer_widths(layers: Sequence[tuple[str, str]], width: Callable[[str], int]) -> None:
+    """A cross-layer transcoder's sources share one width, and its targets another."""
+    for side, name in ((0, "source"), (1, "target")):
+        widths = {pair[side]: width(pair[side]) for pair in layers}
+        if len(set(widths.values())) > 1:
+            raise UserError(
+                f"A cross-layer transcoder needs one width for all its {name} sites; got {widths}. "
+                "Pick sites of one kind (sites=[blocks.*.mlp.hook_in], sae.target=blocks.{layer}.hook_mlp_out)."
+            )
 
 
 class Trainer:
@@ -184,8 +213,9 @@ class Trainer:
             raise UserError(f"batch_size={cfg.batch_size} must divide evenly across {dist.world_size} ranks.")
         if dist.device.type == "cuda" and self.compute_dtype == torch.float32:
             enable_tf32()
-        sites = [s for s in source.sites if s != cfg.sae.target]  # a transcoder's target is no training site
-        self.runs = [self._build_run(tag, site, overrides) for tag, site, overrides in sae_plan(cfg, sites)]
+        targets = set(cfg.targets(source.sites))
+        sites = [s for s in source.sites if s not in targets]  # a transcoder's target is no training site
+        self.runs = [self._build_run(tag, read, overrides) for tag, read, overrides in sae_plan(cfg, sites)]
         self.step = self.tokens = self.position = 0
         self._pending: DeferredRead | None = None  # the last step's losses and stop flags
         self._pending_step = self._pending_start = 0
@@ -200,17 +230,23 @@ class Trainer:
         self.wandb_id = self.logger.run_id
 
     # ---- set-up -------------------------------------------------------------------------
-    def _build_run(self, tag: str, site: str, overrides: dict[str, Any]) -> SAERun:
+    def _build_run(self, tag: str, sites: tuple[str, ...], overrides: dict[str, Any]) -> SAERun:
+        site = sites[0]
         d_in = self.source.d_in(site)
         overrides = dict(overrides)
         lr = overrides.pop("lr", self.cfg.lr)
         sae_cfg = replace(self.cfg.sae, **overrides)
+        cross_layer = ARCHITECTURES[sae_cfg.architecture].cross_layer
+        layers = tuple((s, layer_target(sae_cfg.target, s)) for s in sites) if cross_layer else ()
+        if layers:
+            sae_cfg = replace(sae_cfg, n_layers=len(layers))
+            check_layer_widths(layers, self.source.d_in)
         if sae_cfg.d_in not in (0, d_in):
             raise UserError(
                 f"sae.d_in={sae_cfg.d_in} does not match site {site} of the data, whose activations have "
                 f"d_in={d_in}. Remove sae.d_in (it is read from the data) or pick the matching site."
             )
-        target = sae_cfg.target or site
+        target = layer_target(sae_cfg.target, site) if sae_cfg.target else site
         d_out = self.source.d_in(target) if sae_cfg.target else 0
         sae = create_sae(sae_cfg.resolved(d_in, d_out), compute_dtype=self.compute_dtype).to(self.dist.device)
         lr = lr or sae.default_lr()
@@ -224,8 +260,9 @@ class Trainer:
             eps=self.cfg.adam_eps,
             fused=self.dist.device.type in ("cpu", "cuda"),
         )
+        rows = self.local_batch * max(1, len(layers))  # a cross-layer transcoder's L encoder GEMMs
         bound = _step_gemm_seconds(
-            sae.cfg.architecture, self.local_batch, d_in, sae.cfg.d_sae, self.compute_dtype, self.dist.device
+            sae.cfg.architecture, rows, d_in, sae.cfg.d_sae, self.compute_dtype, self.dist.device
         )
         return SAERun(
             tag=tag,
@@ -236,7 +273,8 @@ class Trainer:
             lr=lr,
             directory=self.out_dir / tag,
             bound_seconds=bound,
-            since_fired=torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.dist.device),
+            since_fired=torch.zeros(sae.n_latents, dtype=torch.long, device=self.dist.device),
+            layers=layers,
         )
 
     @torch.no_grad()
@@ -245,6 +283,9 @@ class Trainer:
         rank 0 and broadcast so every rank starts from identical weights."""
         sample = self.source.sample(self.cfg.init_tokens) if self.dist.is_main else None
         for run in self.runs:
+            if run.layers:
+                self._initialise_layers(run, sample)
+                continue
             scales = torch.zeros(2, dtype=torch.float64, device=self.dist.device)  # source's, target's
             if sample is not None:
                 rows = {}
@@ -265,6 +306,30 @@ class Trainer:
             for tensor in itertools.chain(run.sae.parameters(), run.sae.buffers()):
                 self.dist.broadcast_(tensor.data)
                 torch.autograd.graph.increment_version(tensor)  # .data writes skip the version counter
+
+    def _initialise_layers(self, run: SAERun, sample: dict[str, torch.Tensor] | None) -> None:
+        """`_initialise` for a cross-layer transcoder: one constant per source and target site."""
+        L = len(run.layers)
+        scales = torch.zeros(2, L, dtype=torch.float64, device=self.dist.device)  # sources', targets'
+        if sample is not None:
+            stacked = []
+            for side in range(2):
+                rows = []
+                for layer, pair in enumerate(run.layers):
+                    x = sample[pair[side]].to(self.dist.device, torch.float32)
+                    mean_norm = float(x.norm(dim=1).mean())
+                    if not math.isfinite(mean_norm) or mean_norm == 0.0:
+                        raise self.source.nonfinite_error(pair[side], 0, len(x), sample=True) or UserError(
+                            f"Activations of {pair[side]} have mean norm {mean_norm}; the data is degenerate."
+                        )
+                    scales[side, layer] = 1.0 / mean_norm
+                    rows.append(x / mean_norm)
+                stacked.append(torch.stack(rows, dim=1))
+            run.sae.init_from_data(stacked[0], stacked[1])
+        run.scale, run.target_scale = self.dist.broadcast_(scales).tolist()
+        for tensor in itertools.chain(run.sae.parameters(), run.sae.buffers()):
+            self.dist.broadcast_(tensor.data)
+            torch.autograd.graph.increment_version(tensor)
 
     def _restore(self) -> bool:
         state = ckpt.read_run_state(self.out_dir)
@@ -345,14 +410,17 @@ class Trainer:
         step late on every rank alike, so the host never waits for the step it just queued.
         """
         sparsity = sparsity_factor(self.step, self.n_steps, self.cfg.sparsity_warmup)
-        needed = {site for run in self.runs for site in (run.site, run.target)}
+        needed = {site for run in self.runs for site in run.all_sites}
         batch = {site: batch[site].to(self.dist.device, non_blocking=True) for site in needed}  # once per site
         stats, outs, finishers = [], [], []
         for run in self.runs:
-            x, var = self._normalised(batch[run.site], run.scale)
-            y = None
-            if run.target != run.site:  # a transcoder: the FVU's variance is the target's
-                y, var = self._normalised(batch[run.target], run.target_scale)
+            if run.layers:
+                x, y, var = self._normalised_layers(batch, run)
+            else:
+                x, var = self._normalised(batch[run.site], run.scale)  # type: ignore[arg-type]
+                y = None
+            if run.target != run.site and not run.layers:  # a transcoder: the FVU's variance is the target's
+                y, var = self._normalised(batch[run.target], run.target_scale)  # type: ignore[arg-type]
             run.sae.max_dead = run.dead_bound
             dead = None if run.dead_bound == 0 else run.dead_mask(self.cfg.dead_after_tokens)
             out = run.sae(x, target=y, dead_mask=dead, sparsity_scale=sparsity)
@@ -400,11 +468,7 @@ class Trainer:
                 start = self._pending_start
                 stop = start + self.cfg.batch_size
                 raise next(
-                    (
-                        err
-                        for site in dict.fromkeys((run.site, run.target))
-                        if (err := self.source.nonfinite_error(site, start, stop))
-                    ),
+                    (err for site in run.all_sites if (err := self.source.nonfinite_error(site, start, stop))),
                     None,
                 ) or UserError(
                     f"Non-finite loss for SAE {run.tag} at step {self._pending_step} ({losses}). Training stopped; the "
@@ -427,6 +491,22 @@ class Trainer:
             return x, torch.tensor(var, dtype=torch.float64)
         x = raw.float() * scale
         return x, torch.linalg.vector_norm(x - x.mean(0)).square()
+
+    @classmethod
+    @torch.no_grad()
+    def _normalised_layers(
+        cls, batch: dict[str, torch.Tensor], run: SAERun
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A cross-layer transcoder's inputs [B, L, d_in] and targets [B, L, d_out], each site
+        scaled by its own constant, and the targets' variance summed over layers."""
+        assert isinstance(run.scale, list) and isinstance(run.target_scale, list)
+        xs = [cls._normalised(batch[source], scale)[0] for (source, _), scale in zip(run.layers, run.scale)]
+        ys, var = [], torch.zeros((), dtype=torch.float64, device=xs[0].device)
+        for (_, target), scale in zip(run.layers, run.target_scale):
+            y, v = cls._normalised(batch[target], scale)
+            ys.append(y)
+            var = var + v.to(var.device)
+        return torch.stack(xs, dim=1), torch.stack(ys, dim=1), var
 
     @staticmethod
     @torch.no_grad()
@@ -469,7 +549,7 @@ class Trainer:
             sums = take(3)
             for key, value in out.stats.items():
                 out.stats[key] = (take(value.numel()) / world).view_as(value).to(value.dtype)
-            reduced.append((losses, sums, take(run.sae.cfg.d_sae) > 0))
+            reduced.append((losses, sums, take(run.sae.n_latents) > 0))
         return reduced, take(len(StopSignals.SIGNALS))
 
     def _maybe_resample(self) -> None:
@@ -579,7 +659,9 @@ class Trainer:
         self.dist.barrier()
 
     def _inference_metadata(self, run: SAERun) -> dict[str, Any]:
+        layers = {"sites": [s for s, _ in run.layers], "targets": [t for _, t in run.layers]} if run.layers else {}
         return {
+            **layers,
             "site": run.site,
             "tag": run.tag,
             "normalization_scale": run.scale,
