@@ -35,9 +35,8 @@ from sae_train import __version__
 from sae_train.atomic import drop_previous, staging_dir, swap_dir, write_text_atomic
 from sae_train.errors import UserError
 from sae_train.provenance import provenance, public_record, public_source
-from sae_train.sae import SAE, load_sae, load_sae_cfg
+from sae_train.sae import SAE, clt_export, load_sae, load_sae_cfg
 from sae_train.sae.checkpoint import CFG_FILE as CHECKPOINT_CFG
-from sae_train.sae import clt_export
 from sae_train.sae.checkpoint import find_checkpoints
 from sae_train.sae.clt import CrossLayerTranscoder
 from sae_train.sae.saelens import (

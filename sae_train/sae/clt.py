@@ -290,13 +290,13 @@ class CrossLayerTranscoder(SAE):
         per layer is invariant to one factor on every encoder, b_enc being 0)."""
         x = self._check_layers(x, self.cfg.d_in, "input")
         y = self._check_layers(target, self.cfg.d_out, "target")
-        for l in range(self.n_layers):
+        for i in range(self.n_layers):
             if self.cfg.b_dec_init == "geometric_median":
-                self.b_dec[l] = geometric_median(y[:, l])
+                self.b_dec[i] = geometric_median(y[:, i])
             elif self.cfg.b_dec_init == "mean":
-                self.b_dec[l] = y[:, l].mean(0)
+                self.b_dec[i] = y[:, i].mean(0)
             else:
-                self.b_dec[l] = 0
+                self.b_dec[i] = 0
         num, denom = x.new_zeros(()), x.new_zeros(())
         rows = max(1, CHUNK_TOKENS // self.n_layers)
         for chunk, y_chunk in zip(x.split(rows), y.split(rows)):
@@ -358,12 +358,12 @@ class _LayerPreacts(torch.autograd.Function):
         d_in = w_shape[1]
         grad_W = gp.new_zeros(w_shape)
         grad_b = gp.new_zeros(b_shape)
-        for l, (start, stop, rows, groups) in enumerate(ctx.layers):
+        for i, (start, stop, rows, groups) in enumerate(ctx.layers):
             order, bags = groups.get()
-            table = torch.cat([xl[l], xl.new_ones(xl.shape[1], 1)], dim=1).to(gp.dtype)
+            table = torch.cat([xl[i], xl.new_ones(xl.shape[1], 1)], dim=1).to(gp.dtype)
             g = F.embedding_bag(
                 rows[order], table, bags, mode="sum", per_sample_weights=gp[start:stop][order], include_last_offset=True
             )
-            grad_W[l] = g[:, :d_in].t()
-            grad_b[l] = g[:, d_in]
+            grad_W[i] = g[:, :d_in].t()
+            grad_b[i] = g[:, d_in]
         return None, None, None, grad_W, grad_b

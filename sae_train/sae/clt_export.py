@@ -59,14 +59,14 @@ def circuit_tracer_files(sae: CrossLayerTranscoder) -> dict[str, dict[str, Tenso
         return x.detach().to("cpu", torch.float32).contiguous()
 
     files = {}
-    for l in range(sae.n_layers):
-        files[f"W_enc_{l}.safetensors"] = {
-            f"W_enc_{l}": t(sae.W_enc[l].T),
-            f"b_enc_{l}": t(sae.b_enc[l]),
-            f"b_dec_{l}": t(sae.b_dec[l]),
-            f"threshold_{l}": t(sae.threshold[l]),
+    for i in range(sae.n_layers):
+        files[f"W_enc_{i}.safetensors"] = {
+            f"W_enc_{i}": t(sae.W_enc[i].T),
+            f"b_enc_{i}": t(sae.b_enc[i]),
+            f"b_dec_{i}": t(sae.b_dec[i]),
+            f"threshold_{i}": t(sae.threshold[i]),
         }
-        files[f"W_dec_{l}.safetensors"] = {f"W_dec_{l}": t(sae.decoder(l))}
+        files[f"W_dec_{i}.safetensors"] = {f"W_dec_{i}": t(sae.decoder(i))}
     return files
 
 
@@ -108,12 +108,12 @@ def circuit_tracer_reconstruct(directory: str | os.PathLike, x: Tensor) -> tuple
     written plainly from its code: (latents [B, L, d_sae], outputs [B, L, d_out])."""
     folder = Path(directory)
     L = len(list(folder.glob("W_enc_*.safetensors")))
-    enc = [load_file(folder / f"W_enc_{l}.safetensors") for l in range(L)]
-    dec = [load_file(folder / f"W_dec_{l}.safetensors")[f"W_dec_{l}"] for l in range(L)]
+    enc = [load_file(folder / f"W_enc_{i}.safetensors") for i in range(L)]
+    dec = [load_file(folder / f"W_dec_{i}.safetensors")[f"W_dec_{i}"] for i in range(L)]
     latents = []
-    for l in range(L):
-        z = torch.nn.functional.linear(x[:, l].float(), enc[l][f"W_enc_{l}"], enc[l][f"b_enc_{l}"])
-        latents.append(z * (z > enc[l][f"threshold_{l}"]))
+    for i in range(L):
+        z = torch.nn.functional.linear(x[:, i].float(), enc[i][f"W_enc_{i}"], enc[i][f"b_enc_{i}"])
+        latents.append(z * (z > enc[i][f"threshold_{i}"]))
     out = torch.stack([enc[j][f"b_dec_{j}"].expand(x.shape[0], -1) for j in range(L)], dim=1).clone()
     for s in range(L):
         for j in range(s, L):

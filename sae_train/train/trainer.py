@@ -34,8 +34,8 @@ from tqdm import tqdm
 from sae_train.atomic import staging_dir
 from sae_train.errors import UserError
 from sae_train.lm.model import resolve_dtype
-from sae_train.provenance import provenance
 from sae_train.lm.sites import layer_target
+from sae_train.provenance import provenance
 from sae_train.sae import ARCHITECTURES, SAE, SAEOutput, create_sae, kernels, load_weights, save_sae
 from sae_train.sae import checkpoint as ckpt
 from sae_train.sae.kernels import keep_freed_memory
