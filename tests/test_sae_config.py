@@ -50,7 +50,7 @@ def test_resolving_to_a_different_width_is_an_error():
 
 
 def test_every_architecture_is_registered_once():
-    assert set(ARCHITECTURES) == {"relu", "topk", "batchtopk", "matryoshka", "jumprelu"}
+    assert set(ARCHITECTURES) == {"relu", "topk", "batchtopk", "matryoshka", "jumprelu", "clt"}
     for name, cls in ARCHITECTURES.items():
         assert cls.architecture == name
 

@@ -1,0 +1,368 @@
+"""Cross-layer transcoders (sae=clt): the training forward and its gradients against a naive loop
+over layers, inference, folding onto raw activations and the circuit-tracer export, training from
+a store and live, resume, the all-layers splice of the eval, bad input, and circuit-tracer itself
+loading our export and computing a graph (when its venv exists)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae_train import cache, export, train
+from sae_train.cache import CacheConfig
+from sae_train.data import DataConfig, TextConfig
+from sae_train.errors import UserError
+from sae_train.export import ExportConfig
+from sae_train.lm import ModelConfig
+from sae_train.sae import SAEConfig, create_sae, load_sae, load_sae_cfg, save_sae
+from sae_train.sae.checkpoint import RUN_STATE_FILE, TRAINING_WEIGHTS_FILE
+from sae_train.sae.clt import CrossLayerTranscoder
+from sae_train.sae.clt_export import circuit_tracer_reconstruct, write_circuit_tracer
+from sae_train.train import StepInfo, TrainConfig
+from tests.tiny import write_corpus
+
+L, D_IN, D_OUT, D_SAE, K = 3, 10, 8, 24, 3
+TEMPLATE = "blocks.{layer}.hook_mlp_out"
+SOURCES = [f"blocks.{i}.mlp.hook_in" for i in range(L)]
+TARGETS = [f"blocks.{i}.hook_mlp_out" for i in range(L)]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def clt(skip: bool = False, seed: int = 0) -> CrossLayerTranscoder:
+    """A training-state CLT with every parameter and threshold moved off its initial value."""
+    cfg = SAEConfig(architecture="clt", target=TEMPLATE, k=K, d_sae=D_SAE, n_layers=L, skip=skip, seed=seed)
+    sae = create_sae(cfg.resolved(D_IN, D_OUT))
+    assert isinstance(sae, CrossLayerTranscoder)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+        sae.threshold.copy_(0.05 + 0.1 * torch.rand(L, D_SAE, generator=gen))
+    sae.constrain_()
+    return sae
+
+
+def data(n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, L, D_IN, generator=gen) + 0.3
+    y = torch.tanh(x @ torch.randn(D_IN, D_OUT, generator=gen)) + 0.1 * torch.randn(n, L, D_OUT, generator=gen)
+    return x, y
+
+
+def naive_forward(sae: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None):
+    """The training forward written as a plain loop over layers with dense latents: BatchTopK per
+    layer, every decoder from layer s to each layer j >= s, the summed MSE and AuxK."""
+    B = x.shape[0]
+    y_hat = [sae.b_dec[j].expand(B, D_OUT) for j in range(L)]
+    skip = [x[:, j] @ sae.W_skip[j] if sae.cfg.skip else torch.zeros(B, D_OUT) for j in range(L)]
+    target = [y[:, j] - skip[j] for j in range(L)]
+    latents, zs = [], []
+    for s in range(L):
+        z = x[:, s] @ sae.W_enc[s] + sae.b_enc[s]
+        flat = torch.relu(z.detach()).flatten()
+        keep = torch.zeros_like(flat, dtype=torch.bool).scatter(0, flat.topk(K * B).indices, True).view_as(z)
+        latents.append(torch.relu(z) * keep)
+        zs.append(z)
+    for s in range(L):
+        for j in range(s, L):
+            y_hat[j] = y_hat[j] + latents[s] @ sae.decoder(s)[:, j - s]
+    mse = sum((y_hat[j] - target[j]).pow(2).sum(-1).mean() for j in range(L))
+    auxk = torch.zeros(())
+    if dead is not None:
+        e_hat = [torch.zeros(B, D_OUT) for _ in range(L)]
+        for s in range(L):
+            mask = dead[s * D_SAE : (s + 1) * D_SAE]
+            z = zs[s].masked_fill(~mask, float("-inf"))
+            top = z.detach().topk(sae.cfg.aux_k, dim=1).indices
+            a = torch.zeros_like(z).scatter(1, top, torch.relu(z.gather(1, top))) * mask
+            for j in range(s, L):
+                e_hat[j] = e_hat[j] + a @ sae.decoder(s)[:, j - s]
+        e = torch.stack([target[j] - y_hat[j] for j in range(L)], 1).detach().flatten(1)
+        eh = torch.stack(e_hat, 1).flatten(1)
+        auxk = (eh - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    out = torch.stack([y_hat[j] + skip[j] for j in range(L)], dim=1)
+    return out, mse + sae.cfg.aux_coefficient * auxk, mse, auxk, latents
+
+
+@pytest.mark.parametrize("dead", [False, True])
+@pytest.mark.parametrize("skip", [False, True])
+def test_training_forward_and_gradients_match_a_naive_loop_over_layers(skip, dead):
+    sae = clt(skip)
+    x, y = data()
+    dead_mask = torch.rand(L * D_SAE, generator=torch.Generator().manual_seed(3)) < 0.4 if dead else None
+    out = sae(x, target=y, dead_mask=dead_mask)
+    out.losses["loss"].backward()
+    fast = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    ref, loss, mse, auxk, latents = naive_forward(sae, x, y, dead_mask)
+    loss.backward()
+    torch.testing.assert_close(out.x_hat, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.losses["mse"], mse, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.losses["auxk"], auxk, rtol=1e-5, atol=1e-6)
+    assert dead is (float(auxk.detach()) > 0)
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(fast[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    dense = out.latents.to_dense().view(L, x.shape[0], D_SAE)
+    for s in range(L):
+        torch.testing.assert_close(dense[s], latents[s].detach(), rtol=1e-5, atol=1e-6)
+    n_active = sum(int((f != 0).sum()) for f in latents)
+    assert float(out.l0) == pytest.approx(n_active / x.shape[0])
+    fired = torch.cat([(f != 0).any(0) for f in latents])
+    assert torch.equal(out.fired, fired)
+
+
+def test_inference_is_jumprelu_per_layer_and_decodes_to_every_later_layer():
+    sae = clt()
+    x, _ = data()
+    latents, y = sae.reconstruct(x)
+    for s in range(L):
+        z = x[:, s] @ sae.W_enc[s] + sae.b_enc[s]
+        torch.testing.assert_close(latents[:, s], z * (z > sae.threshold[s]), rtol=1e-5, atol=1e-6)
+    for j in range(L):
+        expected = sae.b_dec[j] + sum(latents[:, s] @ sae.decoder(s)[:, j - s] for s in range(j + 1))
+        torch.testing.assert_close(y[:, j], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_thresholds_track_each_layers_smallest_kept_activation():
+    sae = clt()
+    sae.threshold.zero_()
+    x, y = data()
+    out = sae(x, target=y)
+    kept = out.latents.values.view(L, -1)  # BatchTopK: k * B entries per layer
+    sae.after_step(out)
+    for s in range(L):
+        assert torch.all(sae.threshold[s] == kept[s][kept[s] > 0].min())
+
+
+def test_fold_acts_on_raw_activations_and_the_export_is_exact(tmp_path):
+    """The folded CLT (checkpoint round trip) and circuit-tracer's math on the exported files both
+    reproduce the training model on raw activations to 1e-5."""
+    sae = clt()
+    x_norm, _ = data(64)
+    scale = torch.tensor([0.5, 2.0, 0.25])
+    target_scale = torch.tensor([3.0, 0.2, 1.5])
+    latents, y_norm = sae.reconstruct(x_norm)
+    x_raw, y_raw = x_norm / scale[None, :, None], y_norm / target_scale[None, :, None]
+    folded = sae.fold(scale.tolist(), target_scale.tolist())
+    save_sae(folded, tmp_path / "ckpt", {"site": SOURCES[0], "sites": SOURCES, "targets": TARGETS})
+    loaded = load_sae(tmp_path / "ckpt")
+    assert loaded.normalization_scale == scale.tolist()
+    for model in (folded, loaded):
+        f, y = model.reconstruct(x_raw)
+        torch.testing.assert_close(y, y_raw, rtol=1e-5, atol=1e-5)
+        assert torch.equal(f != 0, latents != 0)  # the same latents fire
+        for s in range(L):  # unit-norm decoders on raw activations
+            torch.testing.assert_close(model.decoder(s).flatten(1).norm(dim=1), torch.ones(D_SAE))
+    names = write_circuit_tracer(loaded, tmp_path / "ct", sites=SOURCES, targets=TARGETS, model_name="m")
+    assert names == sorted(["config.yaml", *(f"W_{p}_{i}.safetensors" for p in ("enc", "dec") for i in range(L))])
+    enc1 = load_file(tmp_path / "ct" / "W_enc_1.safetensors")
+    assert {k: tuple(v.shape) for k, v in enc1.items()} == {
+        "W_enc_1": (D_SAE, D_IN),
+        "b_enc_1": (D_SAE,),
+        "b_dec_1": (D_OUT,),
+        "threshold_1": (D_SAE,),
+    }
+    assert load_file(tmp_path / "ct" / "W_dec_1.safetensors")["W_dec_1"].shape == (D_SAE, L - 1, D_OUT)
+    config = (tmp_path / "ct" / "config.yaml").read_text()
+    assert "model_kind: cross_layer_transcoder" in config and "feature_input_hook: mlp.hook_in" in config
+    _, y_ct = circuit_tracer_reconstruct(tmp_path / "ct", x_raw)
+    torch.testing.assert_close(y_ct, y_raw, rtol=1e-5, atol=1e-5)
+
+
+def test_a_clt_with_a_skip_connection_is_not_exported_for_circuit_tracer(tmp_path):
+    folded = clt(skip=True).fold([1.0] * L, [1.0] * L)
+    with pytest.raises(UserError, match="never reads.*sae.skip=false"):
+        write_circuit_tracer(folded, tmp_path / "ct", sites=SOURCES, targets=TARGETS, model_name="m")
+
+
+# ---------------------------------------------------------------------------------- training runs
+
+
+def cache_layers(model_dir: Path, out: Path, sites: list[str]) -> Path:
+    cache.run(
+        CacheConfig(
+            model=ModelConfig(name=str(model_dir), dtype="float32", device="cpu"),
+            sites=sites,
+            text=TextConfig(context_size=32),
+            n_tokens=4096,
+            tokens_per_shard=1024,
+            batch_size=128,
+            store_dtype="float32",
+            out_dir=str(out),
+            progress=False,
+        )
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def clt_store(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny Llama's MLP inputs and outputs at its 3 layers, cached in one pass."""
+    return cache_layers(tiny_model_dir("llama"), tmp_path_factory.mktemp("clt") / "acts", [*SOURCES, *TARGETS])
+
+
+def train_cfg(store: Path, out: Path, **overrides) -> TrainConfig:
+    base = dict(
+        store=str(store),
+        sites=["blocks.*.mlp.hook_in"],
+        out_dir=str(out),
+        n_tokens=8192,
+        batch_size=256,
+        dtype="float32",
+        progress=False,
+        sae=SAEConfig(architecture="clt", k=4, expansion_factor=4, target=TEMPLATE),
+    )
+    return TrainConfig(**(base | overrides))
+
+
+def test_trains_one_clt_over_every_layer_of_a_store_and_exports_it(clt_store, tmp_path):
+    summary = train.run(train_cfg(clt_store, tmp_path / "run"))
+    assert list(summary.saes) == ["clt"]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["fvu"] < 0.6 * logged[0]["fvu"]
+    ckpt = Path(summary.saes["clt"]["checkpoint"])
+    meta = load_sae_cfg(ckpt)
+    assert meta["sites"] == SOURCES and meta["targets"] == TARGETS and meta["n_layers"] == L
+    assert len(meta["normalization_scale"]) == len(meta["target_normalization_scale"]) == L
+    sae = load_sae(ckpt)
+    assert isinstance(sae, CrossLayerTranscoder) and sae.cfg.d_sae == 4 * sae.cfg.d_in
+    result = export.run(ExportConfig(checkpoint=str(tmp_path / "run"), out_dir=str(tmp_path / "export")))
+    assert sorted(Path(f).name for f in result.saes[0].files)[-1] == "config.yaml"
+    x = torch.randn(16, L, sae.cfg.d_in) / torch.tensor(meta["normalization_scale"])[None, :, None]
+    torch.testing.assert_close(circuit_tracer_reconstruct(tmp_path / "export" / "clt", x)[1], sae.reconstruct(x)[1])
+
+
+def _sigterm_at(step: int):
+    def callback(info: StepInfo) -> None:
+        if info.step == step:
+            signal.raise_signal(signal.SIGTERM)
+
+    return callback
+
+
+def test_resume_after_sigterm_equals_uninterrupted(clt_store, tmp_path):
+    whole = train.run(train_cfg(clt_store, tmp_path / "whole"))
+    with pytest.raises(train.Preempted):
+        train.run(train_cfg(clt_store, tmp_path / "split"), callbacks=[_sigterm_at(10)])
+    assert json.loads((tmp_path / "split" / RUN_STATE_FILE).read_text())["step"] == 12
+    resumed = train.run(train_cfg(clt_store, tmp_path / "split"))
+    assert resumed.new_steps == whole.steps - 12
+    a = load_file(str(tmp_path / "whole" / "clt" / TRAINING_WEIGHTS_FILE))
+    b = load_file(str(tmp_path / "split" / "clt" / TRAINING_WEIGHTS_FILE))
+    assert a.keys() == b.keys() and "threshold" in a and a["since_fired"].shape == (L * a["b_enc"].shape[1],)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_trains_live_over_every_layer(tiny_model_dir, tmp_path):
+    model = ModelConfig(name=str(tiny_model_dir("llama")), dtype="float32", device="cpu")
+    summary = train.run(
+        TrainConfig(
+            source="live",
+            model=model,
+            data=DataConfig(source="files", path=str(write_corpus(tmp_path / "corpus"))),
+            text=TextConfig(context_size=32),
+            sites=["blocks.*.mlp.hook_in"],
+            out_dir=str(tmp_path / "live"),
+            n_tokens=2048,
+            batch_size=256,
+            live_buffer_tokens=1024,
+            dtype="float32",
+            progress=False,
+            sae=SAEConfig(architecture="clt", k=4, expansion_factor=2, target=TEMPLATE),
+        )
+    )
+    meta = load_sae_cfg(summary.saes["clt"]["checkpoint"])
+    assert meta["sites"] == SOURCES and meta["targets"] == TARGETS
+
+
+def test_a_store_without_the_mlp_input_site_is_named(tiny_model_dir, tmp_path):
+    store = cache_layers(tiny_model_dir("llama"), tmp_path / "acts", ["blocks.0.hook_resid_post", *TARGETS])
+    with pytest.raises(UserError, match=r"has no site \['blocks.0.mlp.hook_in'"):
+        train.run(train_cfg(store, tmp_path / "run"))
+
+
+def test_bad_clt_configs_are_named():
+    with pytest.raises(UserError, match="sae.target=blocks.{layer}.hook_mlp_out"):
+        SAEConfig(architecture="clt")
+    with pytest.raises(UserError, match="expected \\[n_tokens, 3, 10\\]"):
+        clt()(torch.randn(4, 2, D_IN), target=torch.randn(4, L, D_OUT))
+
+
+# ---------------------------------------------------------------------------------- circuit-tracer
+
+INTEROP = Path(os.environ.get("SAE_TRAIN_INTEROP", REPO / ".venv-interop"))
+INTEROP_PYTHON = INTEROP / "bin" / "python"
+
+CIRCUIT_TRACER_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from safetensors.torch import load_file
+    from circuit_tracer import ReplacementModel, attribute
+    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
+
+    export_dir, model_dir, probe = sys.argv[1:]
+    transcoders, config = load_transcoder_from_hub(export_dir, device=torch.device("cpu"), dtype=torch.float32)
+    assert type(transcoders).__name__ == "CrossLayerTranscoder", type(transcoders)
+    tensors = load_file(probe)
+    x = tensors["x"].transpose(0, 1)  # circuit-tracer's [L, n_pos, d]
+    y = transcoders.forward(x).transpose(0, 1)
+    print("max_diff", float((y - tensors["y"]).abs().max()), "scale", float(tensors["y"].abs().max()))
+    model = ReplacementModel.from_pretrained_and_transcoders(
+        model_dir, transcoders, backend="nnsight", device=torch.device("cpu"), dtype=torch.float32
+    )
+    graph = attribute("def value(self): return self.value", model, max_n_logits=3, batch_size=64)
+    print("active_features", int(graph.active_features.shape[0]))
+    """
+)
+
+
+def for_circuit_tracer(model_dir: Path, out: Path) -> Path:
+    """A copy of a tiny model directory that circuit-tracer's transformers (<= 4.57) loads: ours
+    (5.x) records the tokenizer class as TokenizersBackend, which 4.57 calls PreTrainedTokenizerFast."""
+    shutil.copytree(model_dir, out)
+    config = out / "tokenizer_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"tokenizer_class": "PreTrainedTokenizerFast"}))
+    return out
+
+
+@pytest.mark.skipif(
+    not INTEROP_PYTHON.exists(),
+    reason=f"circuit-tracer's venv ({INTEROP}; `make interop`, or set SAE_TRAIN_INTEROP) is absent",
+)
+def test_circuit_tracer_loads_our_clt_and_computes_a_graph(clt_store, tiny_model_dir, tmp_path):
+    summary = train.run(train_cfg(clt_store, tmp_path / "run"))
+    export.run(ExportConfig(checkpoint=str(tmp_path / "run"), out_dir=str(tmp_path / "export")))
+    sae = load_sae(summary.saes["clt"]["checkpoint"])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, L, sae.cfg.d_in, generator=gen) / torch.tensor(sae.normalization_scale)[None, :, None]
+    save_file({"x": x.contiguous(), "y": sae.reconstruct(x)[1].contiguous()}, str(tmp_path / "probe.safetensors"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
+    done = subprocess.run(
+        [
+            str(INTEROP_PYTHON),
+            "-c",
+            CIRCUIT_TRACER_SCRIPT,
+            str((tmp_path / "export" / "clt").resolve()),
+            str(for_circuit_tracer(tiny_model_dir("llama"), tmp_path / "model").resolve()),
+            str(tmp_path / "probe.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    numbers = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith(("max_diff", "active")))
+    diff, scale = (float(v) for v in numbers["max_diff"].split(" scale "))
+    assert diff <= 1e-5 * scale
+    assert int(numbers["active_features"]) > 0
