@@ -18,11 +18,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae_train import cache, export, train
+from sae_train import eval as eval_stage
 from sae_train.cache import CacheConfig
 from sae_train.data import DataConfig, TextConfig
 from sae_train.errors import UserError
+from sae_train.eval import EvalConfig
+from sae_train.eval.downstream import next_token_log_probs
+from sae_train.eval.layers import CrossLayerEvaluator
 from sae_train.export import ExportConfig
-from sae_train.lm import ModelConfig
+from sae_train.lm import LanguageModel, ModelConfig
 from sae_train.sae import SAEConfig, create_sae, load_sae, load_sae_cfg, save_sae
 from sae_train.sae.checkpoint import RUN_STATE_FILE, TRAINING_WEIGHTS_FILE
 from sae_train.sae.clt import CrossLayerTranscoder
@@ -37,10 +41,10 @@ TARGETS = [f"blocks.{i}.hook_mlp_out" for i in range(L)]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def clt(skip: bool = False, seed: int = 0) -> CrossLayerTranscoder:
+def clt(skip: bool = False, seed: int = 0, d_in: int = D_IN, d_out: int = D_OUT) -> CrossLayerTranscoder:
     """A training-state CLT with every parameter and threshold moved off its initial value."""
     cfg = SAEConfig(architecture="clt", target=TEMPLATE, k=K, d_sae=D_SAE, n_layers=L, skip=skip, seed=seed)
-    sae = create_sae(cfg.resolved(D_IN, D_OUT))
+    sae = create_sae(cfg.resolved(d_in, d_out))
     assert isinstance(sae, CrossLayerTranscoder)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -184,6 +188,73 @@ def test_a_clt_with_a_skip_connection_is_not_exported_for_circuit_tracer(tmp_pat
         write_circuit_tracer(folded, tmp_path / "ct", sites=SOURCES, targets=TARGETS, model_name="m")
 
 
+# ---------------------------------------------------------------------------------- eval
+
+
+def test_the_replacement_model_replaces_every_mlp_output_at_once(tiny_model_dir):
+    """The eval's spliced CE is the replacement model's (each layer's MLP output from the CLT
+    applied to the MLP inputs of that same pass), written here with plain module hooks; its FVU
+    per layer is the CLT's on the clean pass."""
+    lm = LanguageModel.load(ModelConfig(name=str(tiny_model_dir("llama")), dtype="float32", device="cpu"))
+    sae = clt(skip=True, d_in=lm.d_model, d_out=lm.d_model).fold([1.0] * L, [1.0] * L)
+    input_ids = torch.randint(3, lm.model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    pairs = [(lm.site(s), lm.site(t)) for s, t in zip(SOURCES, TARGETS)]
+    evaluator = CrossLayerEvaluator(pairs, "clt", sae)
+    evaluator.add_batch(lm, input_ids, torch.ones_like(input_ids, dtype=torch.bool))
+    metrics = evaluator.results(dense_threshold=1.0)["clt"]
+
+    latents: list[torch.Tensor] = []
+
+    def replace(layer: int):
+        def hook(module, args, out):
+            x = args[0].flatten(0, 1)
+            latents.append(sae.encode_layer(x, layer))
+            return sae.decode_layer(latents, layer, x).view_as(out)
+
+        return hook
+
+    scored = torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
+    targets = input_ids[:, 1:].flatten()
+
+    def ce(logits: torch.Tensor) -> float:
+        return float(-next_token_log_probs(logits, scored).gather(1, targets[:, None]).mean())
+
+    with torch.no_grad():
+        clean = ce(lm.model(input_ids).logits)
+        handles = [lm.layers[i].mlp.register_forward_hook(replace(i)) for i in range(L)]
+        try:
+            spliced = ce(lm.model(input_ids).logits)
+        finally:
+            for handle in handles:
+                handle.remove()
+        acts = lm.capture([site for pair in pairs for site in pair], input_ids)
+        x = torch.stack([acts[s].flatten(0, 1) for s in SOURCES], 1)
+        y = torch.stack([acts[t].flatten(0, 1) for t in TARGETS], 1).double()
+        y_hat = sae.reconstruct(x)[1].double()
+    assert metrics["ce_clean"] == pytest.approx(clean, rel=1e-5)
+    assert metrics["ce_sae"] == pytest.approx(spliced, rel=1e-5)
+    assert metrics["ce_sae"] != pytest.approx(clean, rel=1e-3) and metrics["ce_sae"] != metrics["ce_zero"]
+    for i in range(L):
+        fvu = float((y[:, i] - y_hat[:, i]).pow(2).sum() / (y[:, i] - y[:, i].mean(0)).pow(2).sum())
+        assert metrics[f"fvu_{i}"] == pytest.approx(fvu, rel=1e-6)
+    assert metrics["fvu"] == pytest.approx(float((y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum()), rel=1e-6)
+
+
+def test_a_clt_that_writes_nothing_is_the_zero_ablation(tiny_model_dir):
+    """No latent fires and b_dec = 0: every MLP output replaced by zero at once, exactly the
+    all-layers zero ablation."""
+    lm = LanguageModel.load(ModelConfig(name=str(tiny_model_dir("llama")), dtype="float32", device="cpu"))
+    sae = clt(d_in=lm.d_model, d_out=lm.d_model).fold([1.0] * L, [1.0] * L)
+    with torch.no_grad():
+        sae.threshold.fill_(float("inf"))
+        sae.b_dec.zero_()
+    input_ids = torch.randint(3, lm.model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    evaluator = CrossLayerEvaluator([(lm.site(s), lm.site(t)) for s, t in zip(SOURCES, TARGETS)], "clt", sae)
+    evaluator.add_batch(lm, input_ids, torch.ones_like(input_ids, dtype=torch.bool))
+    m = evaluator.results(dense_threshold=1.0)["clt"]
+    assert m["ce_sae"] == m["ce_zero"] != m["ce_clean"] and m["ce_recovered"] == 0.0 and m["l0"] == 0
+
+
 # ---------------------------------------------------------------------------------- training runs
 
 
@@ -235,6 +306,19 @@ def test_trains_one_clt_over_every_layer_of_a_store_and_exports_it(clt_store, tm
     assert len(meta["normalization_scale"]) == len(meta["target_normalization_scale"]) == L
     sae = load_sae(ckpt)
     assert isinstance(sae, CrossLayerTranscoder) and sae.cfg.d_sae == 4 * sae.cfg.d_in
+    evaluation = eval_stage.run(
+        EvalConfig(
+            checkpoint=str(tmp_path / "run"),
+            out_dir=str(tmp_path / "eval"),
+            model=ModelConfig(name="", device="cpu"),
+            n_tokens=512,
+            batch_size=4,
+            progress=False,
+        )
+    )
+    m = evaluation.payload["saes"]["clt"]["metrics"]
+    assert m["fvu"] < 0.8 and all(m[f"fvu_{i}"] < 1 for i in range(L))
+    assert 0 < m["kl"] < m["kl_zero"]  # closer to the model than removing every MLP (CE barely moves on it)
     result = export.run(ExportConfig(checkpoint=str(tmp_path / "run"), out_dir=str(tmp_path / "export")))
     assert sorted(Path(f).name for f in result.saes[0].files)[-1] == "config.yaml"
     x = torch.randn(16, L, sae.cfg.d_in) / torch.tensor(meta["normalization_scale"])[None, :, None]

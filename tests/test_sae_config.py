@@ -18,7 +18,7 @@ def test_defaults_are_valid_and_resolve():
 @pytest.mark.parametrize(
     "kwargs, needle",
     [
-        ({"architecture": "gated"}, "batchtopk, jumprelu, matryoshka, relu, topk"),
+        ({"architecture": "gated"}, "batchtopk, clt, jumprelu, matryoshka, relu, topk"),
         ({"k": 0}, "k=0"),
         ({"k": -3}, "k=-3"),
         ({"d_in": 16, "d_sae": 64, "k": 65}, "at most d_sae = 64"),

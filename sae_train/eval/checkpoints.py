@@ -80,6 +80,39 @@ def recorded(checkpoints: list[Checkpoint], key: str) -> dict[str, Any] | None:
     return next(iter(values.values()))
 
 
+def cross_layer_pairs(c: Checkpoint, lm: LanguageModel) -> list[tuple[Site, Site]]:
+    """The (source, target) sites of each layer of cross-layer transcoder checkpoint `c`
+    (cfg.json's `sites` and `targets`), checked against the model like `group_by_site` does."""
+    sites, targets = c.meta.get("sites"), c.meta.get("targets")
+    if (
+        not isinstance(sites, list)
+        or not isinstance(targets, list)
+        or not len(sites) == len(targets) == c.sae.cfg.n_layers
+    ):
+        raise UserError(
+            f"Checkpoint {c.path}: a cross-layer transcoder's {CFG_FILE} must list its {c.sae.cfg.n_layers} source "
+            "'sites' and 'targets'; sae-train train writes both. The file is incomplete."
+        )
+    model = lm.identity.get("name", "")
+    pairs = []
+    for source, target in zip(sites, targets):
+        resolved = []
+        for name, dim in ((source, "d_in"), (target, "d_out")):
+            try:
+                site = lm.site(name)
+            except UserError as err:
+                raise UserError(f"Checkpoint {c.path} uses site '{name}', which model '{model}' lacks. {err}") from err
+            width = lm.site_width(site)
+            if width != getattr(c.sae.cfg, dim):
+                raise UserError(
+                    f"Checkpoint {c.path} has {dim}={getattr(c.sae.cfg, dim)}, but model '{model}' has width "
+                    f"{width} at '{name}'. Pass the model it was trained on (model.name=...)."
+                )
+            resolved.append(site)
+        pairs.append((resolved[0], resolved[1]))
+    return pairs
+
+
 def group_by_site(checkpoints: list[Checkpoint], lm: LanguageModel) -> list[tuple[Site, Site | None, dict[str, SAE]]]:
     """(site spliced, site read or None, {name: SAE on lm's device}) per group, after checking
     that each SAE fits its sites. SAEs group by their site (read = spliced: None); transcoders

@@ -102,6 +102,11 @@ class SiteEvaluator:
         self.spliced = {name: LossStats() for name in self.saes}
 
     @property
+    def label(self) -> str:
+        """The site, or source->target for transcoders (the report's cost entries)."""
+        return self.site.name if self.source is None else f"{self.source.name}->{self.site.name}"
+
+    @property
     def n_conditions(self) -> int:
         """Downstream forwards per batch: clean, each SAE, each ablation."""
         return 1 + len(self.saes) + len(self.ablations)

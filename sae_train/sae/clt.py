@@ -163,6 +163,26 @@ class CrossLayerTranscoder(SAE):
             out = out + self._skip(self._check_layers(x, self.cfg.d_in, "input"))
         return latents, out
 
+    def encode_layer(self, x: Tensor, layer: int) -> Tensor:
+        """Latents [B, d_sae] of one layer from its inputs x [B, d_in] (inference semantics)."""
+        with torch.autocast(x.device.type, enabled=False):
+            z = self._matmul(x.to(self._acc_dtype), self.W_enc[layer]) + self.b_enc[layer]
+            return z * (z > self.threshold[layer]).to(z.dtype)
+
+    def decode_layer(self, latents: Sequence[Tensor], layer: int, x: Tensor | None = None) -> Tensor:
+        """Layer `layer`'s output [B, d_out] from the latents of layers 0..layer (`encode_layer`),
+        plus the skip term from its input x where the CLT has one: what replaces that layer's
+        MLP output in the replacement model."""
+        with torch.autocast(latents[0].device.type, enabled=False):
+            out = self.b_dec[layer] + sum(
+                self._matmul(latents[s], self.decoder(s)[:, layer - s]) for s in range(layer + 1)
+            )
+            if self.cfg.skip:
+                if x is None:
+                    raise ValueError("a CLT with a skip connection needs the layer's input x")
+                out = out + self._matmul(x.to(self._acc_dtype), self.W_skip[layer])
+            return out
+
     def _skip(self, x: Tensor) -> Tensor:
         return torch.bmm(x.transpose(0, 1), self.W_skip).transpose(0, 1)
 
