@@ -328,7 +328,9 @@ def verify(sae: SAE, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], *, n
     gen = torch.Generator().manual_seed(0)
     d_in = sae.cfg.d_in
     centre = 0.0 if sae.cfg.is_transcoder else sae.b_dec.detach().float()  # a transcoder's b_dec is an output bias
-    x = centre + torch.randn(n, d_in, generator=gen) / (d_in**0.5 * sae.normalization_scale)
+    scale = sae.normalization_scale
+    assert isinstance(scale, float)  # one site, one scale (cross-layer transcoders export elsewhere)
+    x = centre + torch.randn(n, d_in, generator=gen) / (d_in**0.5 * scale)
     f_ref, x_ref = saelens_reference(cfg, tensors, x)
     f, x_hat = sae.reconstruct(x)
     tol = 1e-5 * float(x_ref.abs().max().clamp_min(1e-12))

@@ -158,7 +158,9 @@ class SAE(nn.Module, abc.ABC):
         # activations; normalization_scale is the scale folded into it (x_raw * scale = x_norm),
         # target_normalization_scale the target's (a transcoder's; the same for an SAE).
         self.folded = False
-        self.normalization_scale = self.target_normalization_scale = 1.0
+        # Cross-layer transcoders record one scale per layer.
+        self.normalization_scale: float | list[float] = 1.0
+        self.target_normalization_scale: float | list[float] = 1.0
         self._gemm_copies = _GemmCopies()  # see gemm_weight
         self._init_parameters(torch.Generator().manual_seed(cfg.seed))
 

@@ -239,6 +239,7 @@ class CrossLayerTranscoder(SAE):
                 mains.append((main, sel.rows, sel.offsets, sel.keep, n_main))
                 layers.append((start, start + ids.numel(), rows, every))
                 pres.append(pre)
+                assert sel.min_kept is not None  # batch_topk always reports it
                 min_kept.append(sel.min_kept)
                 start += ids.numel()
                 del z

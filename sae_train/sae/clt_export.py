@@ -16,6 +16,7 @@ layout, so a CLT trained with sae.skip=true is refused here rather than exported
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -42,6 +43,10 @@ def hook_name(site: str) -> str:
             "(mlp.hook_in -> hook_mlp_out). Train the CLT on sites=[blocks.*.mlp.hook_in]."
         )
     return match.group(1)
+
+
+def _save(tensors: dict[str, Tensor], path: Path) -> None:
+    save_file(tensors, str(path))
 
 
 def circuit_tracer_files(sae: CrossLayerTranscoder) -> dict[str, dict[str, Tensor]]:
@@ -91,7 +96,7 @@ def write_circuit_tracer(
     out.mkdir(parents=True, exist_ok=True)
     files = circuit_tracer_files(sae)
     for name, tensors in files.items():
-        write_atomic(out / name, lambda tmp, tensors=tensors: save_file(tensors, str(tmp)))
+        write_atomic(out / name, functools.partial(_save, tensors))
     config = {
         "model_kind": MODEL_KIND,
         "model_name": model_name,

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm import tqdm
@@ -568,8 +568,8 @@ class Trainer:
                     run.dead_mask(self.cfg.dead_after_tokens),
                     sample,
                     self.dist,
-                    (run.site, run.scale),
-                    (run.target, run.target_scale),
+                    (run.site, cast(float, run.scale)),  # cross-layer transcoders revive by AuxK
+                    (run.target, cast(float, run.target_scale)),
                 )
                 if count:
                     log.info("%s: resampled %d dead latents at step %d", run.tag, count, self.step)
