@@ -212,3 +212,28 @@ def test_train_with_periodic_eval_logs_held_out_metrics(home):
     evals = [row for row in metric_rows(home / "runs/periodic") if "eval/fvu" in row]
     assert [row["step"] for row in evals] == [2, 4]
     assert all({"eval/ce_recovered", "eval/kl", "eval/l0"} <= row.keys() for row in evals)
+
+
+def test_cross_layer_transcoder_cache_train_eval_export(tmp_path, tiny):
+    """README, Cross-layer transcoders: cache every layer's MLP input and output, train `sae=clt`
+    over `blocks.*.mlp.hook_in` (from the store and live), eval, export for circuit-tracer."""
+    layers = [f"blocks.{i}.{kind}" for i in range(3) for kind in ("mlp.hook_in", "hook_mlp_out")]
+    sae_train(
+        tmp_path,
+        "cache",
+        *tiny,
+        f"sites=[{','.join(layers)}]",
+        "n_tokens=4096",
+        "text.context_size=32",
+        "out_dir=runs/acts-mlp",
+        "tokens_per_shard=1024",
+        "progress=false",
+    )
+    clt = ["sae=clt", "sites=[blocks.*.mlp.hook_in]", "sae.k=4", "sae.d_sae=64", *TRAIN]
+    sae_train(tmp_path, "train", "store=runs/acts-mlp", *clt, "out_dir=runs/clt")
+    sae_train(tmp_path, "train", "source=live", *tiny, *clt, "out_dir=runs/clt-live")
+    sae_train(tmp_path, "eval", "checkpoint=runs/clt", "n_tokens=512", "out_dir=runs/clt-eval", "progress=false")
+    metrics = json.loads((tmp_path / "runs/clt-eval/eval.json").read_text())["saes"]["clt"]["metrics"]
+    assert {"fvu_0", "fvu_2", "ce_recovered"} <= set(metrics)
+    sae_train(tmp_path, "export", "checkpoint=runs/clt", "out_dir=runs/clt-export")
+    assert "model_kind: cross_layer_transcoder" in (tmp_path / "runs/clt-export/clt/config.yaml").read_text()
