@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae_train import cache, export, train
+from sae_train import cache, export, pipeline, train
 from sae_train import eval as eval_stage
 from sae_train.cache import CacheConfig
 from sae_train.data import DataConfig, TextConfig
@@ -323,6 +323,14 @@ def test_trains_one_clt_over_every_layer_of_a_store_and_exports_it(clt_store, tm
     assert sorted(Path(f).name for f in result.saes[0].files)[-1] == "config.yaml"
     x = torch.randn(16, L, sae.cfg.d_in) / torch.tensor(meta["normalization_scale"])[None, :, None]
     torch.testing.assert_close(circuit_tracer_reconstruct(tmp_path / "export" / "clt", x)[1], sae.reconstruct(x)[1])
+
+
+def test_periodic_eval_during_training_evaluates_the_replacement_model(clt_store, tmp_path):
+    pipeline.train_stage(train_cfg(clt_store, tmp_path / "run", eval_every_tokens=4096, eval_tokens=256))
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in logged if "eval/fvu" in row]
+    assert [row["step"] for row in evals] == [16, 32] and all(row["sae"] == "clt" for row in evals)
+    assert 0 < evals[-1]["eval/fvu"] < 1 and evals[-1]["eval/kl"] > 0
 
 
 def _sigterm_at(step: int):
