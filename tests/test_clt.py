@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -353,6 +354,26 @@ def test_resume_after_sigterm_equals_uninterrupted(clt_store, tmp_path):
     assert a.keys() == b.keys() and "threshold" in a and a["since_fired"].shape == (L * a["b_enc"].shape[1],)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_two_ranks_equal_one_process(clt_store, tmp_path):
+    """torchrun (gloo): the per-layer BatchTopK selection is global across ranks, so two ranks
+    train what one process trains."""
+
+    def run(out: Path, ranks: int) -> dict[str, torch.Tensor]:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+        args = [f"store={clt_store}", f"out_dir={out}", "sae=clt", "sites=[blocks.*.mlp.hook_in]", "sae.k=4"]
+        args += ["sae.expansion_factor=4", "n_tokens=4096", "batch_size=256", "dtype=float32", "progress=false"]
+        env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        done = subprocess.run(
+            [*launcher, "-m", "sae_train.cli", "train", *args], env=env, capture_output=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return load_file(str(out / "clt" / TRAINING_WEIGHTS_FILE))
+
+    one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
+    for key in one:
+        torch.testing.assert_close(two[key].float(), one[key].float(), rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_trains_live_over_every_layer(tiny_model_dir, tmp_path):
