@@ -112,6 +112,7 @@ class ExportedSAE:
     architecture: str
     """Ours (`sae.architecture`)."""
     saelens_architecture: str
+    """The architecture it is stored as, in `format`."""
     d_in: int
     d_sae: int
     k: int | None
@@ -121,6 +122,8 @@ class ExportedSAE:
     eval_name: str | None = None
     """Its name in eval.json when it was evaluated."""
     metrics: dict[str, Any] = field(default_factory=dict)
+    format: str = "SAELens"
+    """Whose layout the folder has: "SAELens", or "circuit-tracer" (a cross-layer transcoder)."""
 
 
 @dataclass
@@ -389,6 +392,7 @@ def _export_cross_layer(plan: _Plan, out: Path, sae: CrossLayerTranscoder) -> Ex
         k=sae.cfg.k,
         tokens_trained=plan.meta.get("tokens_trained"),
         files=[f"{plan.name}/{n}" for n in names],
+        format="circuit-tracer",
     )
 
 
@@ -484,7 +488,8 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
     versions = _distinct([(m.get("provenance") or {}).get("version") for m in metas])
     commits = _distinct([(m.get("provenance") or {}).get("commit") for m in metas])
     repo = repo_id or "<owner/name>"
-    example = saes[0].name
+    in_saelens = [s for s in saes if s.format == "SAELens"]
+    cross_layer = [s for s in saes if s.format == "circuit-tracer"]
 
     columns = ["SAE (folder)", "site", "architecture", "d_in", "d_sae", "k", "tokens trained"]
     evaluated = results is not None and bool(results.entries)
@@ -495,7 +500,7 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
         arch = (
             s.architecture
             if s.architecture == s.saelens_architecture
-            else f"{s.architecture} (SAELens {s.saelens_architecture})"
+            else f"{s.architecture} ({s.format} {s.saelens_architecture})"
         )
         row = [
             f"`{s.name}`",
@@ -541,30 +546,41 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
                 ),
                 "",
             ]
-            if any(s.saelens_architecture.endswith("transcoder") for s in saes)
+            if any(s.saelens_architecture.endswith("transcoder") for s in in_saelens)
+            else []
+        ),
+        *(
+            [
+                (
+                    "A cross-layer transcoder (folder in circuit-tracer's layout: `config.yaml`, `W_enc_{i}` and "
+                    "`W_dec_{i}.safetensors`) has one encoder per layer reading that layer's MLP input and decoders "
+                    "to the MLP outputs of that layer and every later one, JumpReLU thresholds, all normalisations "
+                    "folded in; its training record stays in the sae-train checkpoint."
+                ),
+                "",
+            ]
+            if cross_layer
             else []
         ),
         "## Usage",
         "",
-        "With [SAELens](https://github.com/decoderesearch/SAELens) (>= 6):",
-        "",
-        "```python",
-        "from sae_lens import SAE",
-        "",
-        f'sae = SAE.from_pretrained("{repo}", "{example}")   # from the hub: repo id, then the SAE folder',
-        f'sae = SAE.load_from_disk("path/to/export/{example}")   # or from a local copy',
-        "```",
-        "",
-        "With sae-train:",
-        "",
-        "```python",
-        "from sae_train.hub import load_exported",
-        "",
-        f'sae = load_exported("{repo}", folder="{example}")',
-        "latents = sae.encode(x)          # x: [n_tokens, d_in] raw activations",
-        "x_hat = sae.decode(latents)",
-        "```",
-        "",
+        *(_saelens_usage(repo, in_saelens[0].name) if in_saelens else []),
+        *(
+            [
+                "With [circuit-tracer](https://github.com/safety-research/circuit-tracer) (0.5), from a local copy "
+                "(an absolute path):",
+                "",
+                "```python",
+                "from circuit_tracer import ReplacementModel",
+                "",
+                f'model = ReplacementModel.from_pretrained("<model>", "/abs/path/to/export/{cross_layer[0].name}", '
+                'backend="nnsight")',
+                "```",
+                "",
+            ]
+            if cross_layer
+            else []
+        ),
         "## Evaluation",
         "",
     ]
@@ -587,6 +603,30 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
         "",
     ]
     return "\n".join(lines)
+
+
+def _saelens_usage(repo: str, example: str) -> list[str]:
+    return [
+        "With [SAELens](https://github.com/decoderesearch/SAELens) (>= 6):",
+        "",
+        "```python",
+        "from sae_lens import SAE",
+        "",
+        f'sae = SAE.from_pretrained("{repo}", "{example}")   # from the hub: repo id, then the SAE folder',
+        f'sae = SAE.load_from_disk("path/to/export/{example}")   # or from a local copy',
+        "```",
+        "",
+        "With sae-train:",
+        "",
+        "```python",
+        "from sae_train.hub import load_exported",
+        "",
+        f'sae = load_exported("{repo}", folder="{example}")',
+        "latents = sae.encode(x)          # x: [n_tokens, d_in] raw activations",
+        "x_hat = sae.decode(latents)",
+        "```",
+        "",
+    ]
 
 
 # ---------------------------------------------------------------------------------- stage
