@@ -223,7 +223,11 @@ def _plan(cfg: ExportConfig) -> tuple[Path, list[_Plan]]:
             raise UserError(f"Exporting to {target} would overwrite checkpoint data. Choose another out_dir.")
         if target.exists():
             foreign = (
-                sorted(c.name for c in target.iterdir() if c.name not in EXPORT_FILES)
+                sorted(
+                    c.name
+                    for c in target.iterdir()
+                    if c.name not in EXPORT_FILES and not clt_export.is_export_file(c.name)
+                )
                 if target.is_dir()
                 else [target.name]
             )

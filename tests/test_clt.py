@@ -324,6 +324,8 @@ def test_trains_one_clt_over_every_layer_of_a_store_and_exports_it(clt_store, tm
     assert sorted(Path(f).name for f in result.saes[0].files)[-1] == "config.yaml"
     usage = (tmp_path / "export" / "README.md").read_text().split("## Usage")[1].split("## Evaluation")[0]
     assert "ReplacementModel.from_pretrained" in usage and "sae_lens" not in usage  # SAELens has no CLT
+    again = export.run(ExportConfig(checkpoint=str(tmp_path / "run"), out_dir=str(tmp_path / "export")))
+    assert again.saes[0].files == result.saes[0].files  # an export replaces its own folder
     x = torch.randn(16, L, sae.cfg.d_in) / torch.tensor(meta["normalization_scale"])[None, :, None]
     torch.testing.assert_close(circuit_tracer_reconstruct(tmp_path / "export" / "clt", x)[1], sae.reconstruct(x)[1])
 

@@ -34,6 +34,11 @@ MODEL_KIND = "cross_layer_transcoder"
 CONFIG_FILE = "config.yaml"
 
 
+def is_export_file(name: str) -> bool:
+    """Whether a file name is one this layout writes (an export may replace it)."""
+    return name == CONFIG_FILE or re.fullmatch(r"W_(enc|dec)_\d+\.safetensors", name) is not None
+
+
 def hook_name(site: str) -> str:
     """circuit-tracer's per-layer hook name of one of our sites: blocks.3.mlp.hook_in -> mlp.hook_in."""
     match = re.match(r"^blocks\.\d+\.(.+)$", site)
