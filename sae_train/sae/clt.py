@@ -276,9 +276,7 @@ class CrossLayerTranscoder(SAE):
         vals_cat, ids_cat = torch.cat(values), torch.cat(ids_all)
         offsets_cat = torch.cat([*offsets_all, vals_cat.new_full((1,), vals_cat.numel(), dtype=offsets_all[0].dtype)])
         active = (vals_cat != 0).float()
-        layer_of = torch.repeat_interleave(
-            torch.arange(L, device=x.device), torch.tensor([v.numel() for v in values], device=x.device)
-        )
+        layer_of = torch.arange(L, device=x.device).repeat_interleave(values[0].numel())  # k * B entries per layer
         counts = torch.zeros(self.n_latents, device=x.device).index_add_(0, layer_of * d_sae + ids_cat, active)
         out = SAEOutput(
             x_hat,

@@ -414,13 +414,13 @@ class Trainer:
         batch = {site: batch[site].to(self.dist.device, non_blocking=True) for site in needed}  # once per site
         stats, outs, finishers = [], [], []
         for run in self.runs:
-            if run.layers:
+            if run.layers:  # a cross-layer transcoder: every layer's source and target
                 x, y, var = self._normalised_layers(batch, run)
             else:
-                x, var = self._normalised(batch[run.site], run.scale)  # type: ignore[arg-type]
+                x, var = self._normalised(batch[run.site], cast(float, run.scale))
                 y = None
-            if run.target != run.site and not run.layers:  # a transcoder: the FVU's variance is the target's
-                y, var = self._normalised(batch[run.target], run.target_scale)  # type: ignore[arg-type]
+                if run.target != run.site:  # a transcoder: the FVU's variance is the target's
+                    y, var = self._normalised(batch[run.target], cast(float, run.target_scale))
             run.sae.max_dead = run.dead_bound
             dead = None if run.dead_bound == 0 else run.dead_mask(self.cfg.dead_after_tokens)
             out = run.sae(x, target=y, dead_mask=dead, sparsity_scale=sparsity)
