@@ -402,6 +402,13 @@ def test_trains_live_over_every_layer(tiny_model_dir, tmp_path):
     assert meta["sites"] == SOURCES and meta["targets"] == TARGETS
 
 
+def test_a_layer_target_template_gives_per_site_transcoders_their_own_layers_target(clt_store, tmp_path):
+    cfg = train_cfg(clt_store, tmp_path / "run", sae=SAEConfig(architecture="batchtopk", k=4, target=TEMPLATE))
+    summary = train.run(cfg)
+    assert list(summary.saes) == SOURCES
+    assert [load_sae_cfg(summary.saes[s]["checkpoint"])["target"] for s in SOURCES] == TARGETS
+
+
 def test_a_store_without_the_mlp_input_site_is_named(tiny_model_dir, tmp_path):
     store = cache_layers(tiny_model_dir("llama"), tmp_path / "acts", ["blocks.0.hook_resid_post", *TARGETS])
     with pytest.raises(UserError, match=r"has no site \['blocks.0.mlp.hook_in'"):

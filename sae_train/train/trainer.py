@@ -241,12 +241,14 @@ class Trainer:
         if layers:
             sae_cfg = replace(sae_cfg, n_layers=len(layers))
             check_layer_widths(layers, self.source.d_in)
+        elif sae_cfg.target:  # a transcoder writes its own layer's target (`{layer}`)
+            sae_cfg = replace(sae_cfg, target=layer_target(sae_cfg.target, site))
         if sae_cfg.d_in not in (0, d_in):
             raise UserError(
                 f"sae.d_in={sae_cfg.d_in} does not match site {site} of the data, whose activations have "
                 f"d_in={d_in}. Remove sae.d_in (it is read from the data) or pick the matching site."
             )
-        target = layer_target(sae_cfg.target, site) if sae_cfg.target else site
+        target = layer_target(sae_cfg.target, site) if sae_cfg.target else site  # a CLT's: layer 0's
         d_out = self.source.d_in(target) if sae_cfg.target else 0
         sae = create_sae(sae_cfg.resolved(d_in, d_out), compute_dtype=self.compute_dtype).to(self.dist.device)
         lr = lr or sae.default_lr()
