@@ -32,7 +32,10 @@ from sae_train.sae import SAEConfig, create_sae, load_sae, load_sae_cfg, save_sa
 from sae_train.sae.checkpoint import RUN_STATE_FILE, TRAINING_WEIGHTS_FILE
 from sae_train.sae.clt import CrossLayerTranscoder
 from sae_train.sae.clt_export import circuit_tracer_reconstruct, write_circuit_tracer
-from sae_train.train import StepInfo, TrainConfig
+from sae_train.train import StepInfo, TrainConfig, Trainer
+from sae_train.train.dist import Dist
+from sae_train.train.sources import StoreSource
+from tests.syncs import record_sync_ops
 from tests.tiny import write_corpus
 
 L, D_IN, D_OUT, D_SAE, K = 3, 10, 8, 24, 3
@@ -378,6 +381,26 @@ def test_two_ranks_equal_one_process(clt_store, tmp_path):
     one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
     for key in one:
         torch.testing.assert_close(two[key].float(), one[key].float(), rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_warmed_up_step_records_no_sync_op(clt_store, tmp_path, monkeypatch):
+    """As tests/test_train_syncs.py for the other architectures: a CLT step (with AuxK) makes
+    the host wait for the device nowhere."""
+    monkeypatch.setenv("SAE_TRAIN_KERNELS", "torch")
+    cfg = train_cfg(clt_store, tmp_path / "run", n_tokens=65_536, dead_after_tokens=256, checkpoint_every_tokens=0)
+    dist = Dist(device=torch.device("cpu"))
+    sites = cfg.data_sites(L)
+    source = StoreSource(cfg.store, sites, cfg.batch_size, dist, seed=0, window_shards=2, targets=cfg.targets(sites))
+    trainer = Trainer(cfg, source, dist)
+    batches = trainer.source.batches(0)
+    for _ in range(4):
+        trainer.train_step(next(batches), 0)
+    batch = next(batches)
+    batches.close()
+    with record_sync_ops() as ops:
+        trainer.train_step(batch, 0)
+    assert ops == []
+    assert trainer.runs[0].dead_mask(cfg.dead_after_tokens).any()  # AuxK ran
 
 
 def test_trains_live_over_every_layer(tiny_model_dir, tmp_path):

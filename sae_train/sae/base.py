@@ -362,8 +362,10 @@ class SAE(nn.Module, abc.ABC):
         The norm constraint is re-imposed after the step anyway; without this projection Adam
         would spend the step partly on a direction that constrain_ undoes.
         """
+        if not self.unit_norm_decoder:
+            return
         g = self.W_dec.grad
-        if not self.unit_norm_decoder or g is None:
+        if g is None:
             return
         w = self.W_dec
         # This runs every step: on CPU vecdot makes a [d_sae, d_in] product first, a row norm does not.
