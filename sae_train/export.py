@@ -376,7 +376,11 @@ def _export_cross_layer(plan: _Plan, out: Path, sae: CrossLayerTranscoder) -> Ex
     try:
         model = plan.meta.get("source", {}).get("model") or {}
         names = clt_export.write_circuit_tracer(
-            sae, staging, sites=plan.meta["sites"], targets=plan.meta["targets"], model_name=model.get("name", "")
+            sae,
+            staging,
+            sites=plan.meta["sites"],
+            targets=plan.meta["targets"],
+            model_name=model.get("hub_id") or model.get("name", ""),
         )
         clt_export.verify(sae, staging)
         swap_dir(target)
