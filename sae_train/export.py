@@ -142,12 +142,16 @@ class ExportSummary:
 
     def table(self) -> str:
         width = max(len(s.name) for s in self.saes)
-        lines = [f"export       {self.out_dir}: {len(self.saes)} SAE(s) in the SAELens layout + {README}"]
+        layouts = ", ".join(
+            f"{sum(s.format == f for s in self.saes)} in the {f} layout"
+            for f in dict.fromkeys(s.format for s in self.saes)
+        )
+        lines = [f"export       {self.out_dir}: {len(self.saes)} SAE(s), {layouts} + {README}"]
         for s in self.saes:
             arch = (
                 s.architecture
                 if s.architecture == s.saelens_architecture
-                else f"{s.architecture} (as {s.saelens_architecture})"
+                else f"{s.architecture} (as {s.format} {s.saelens_architecture})"
             )
             extra = f"k {s.k}  " if s.k else ""
             status = "evaluated" if s.eval_name else "not evaluated"

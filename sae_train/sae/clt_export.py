@@ -16,7 +16,6 @@ layout, so a CLT trained with sae.skip=true is refused here rather than exported
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from pathlib import Path
@@ -26,7 +25,6 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sae_train.atomic import write_atomic, write_text_atomic
 from sae_train.errors import UserError
 from sae_train.sae.clt import CrossLayerTranscoder
 
@@ -48,10 +46,6 @@ def hook_name(site: str) -> str:
             "(mlp.hook_in -> hook_mlp_out). Train the CLT on sites=[blocks.*.mlp.hook_in]."
         )
     return match.group(1)
-
-
-def _save(tensors: dict[str, Tensor], path: Path) -> None:
-    save_file(tensors, str(path))
 
 
 def circuit_tracer_files(sae: CrossLayerTranscoder) -> dict[str, dict[str, Tensor]]:
@@ -84,7 +78,8 @@ def write_circuit_tracer(
     sae: CrossLayerTranscoder, out_dir: str | os.PathLike, *, sites: list[str], targets: list[str], model_name: str
 ) -> list[str]:
     """Write `sae` (folded) into out_dir in circuit-tracer's CLT layout; returns the file names.
-    `sites`/`targets`: its source and target site per layer (for the hook names)."""
+    `sites`/`targets`: its source and target site per layer (for the hook names). Files are
+    written in place: stage out_dir and swap it in, as `sae-train export` does."""
     inputs, outputs = {hook_name(s) for s in sites}, {hook_name(s) for s in targets}
     if len(inputs) != 1 or len(outputs) != 1 or len(sites) != sae.n_layers:
         raise UserError(
@@ -101,14 +96,14 @@ def write_circuit_tracer(
     out.mkdir(parents=True, exist_ok=True)
     files = circuit_tracer_files(sae)
     for name, tensors in files.items():
-        write_atomic(out / name, functools.partial(_save, tensors))
+        save_file(tensors, str(out / name))
     config = {
         "model_kind": MODEL_KIND,
         "model_name": model_name,
         "feature_input_hook": inputs.pop(),
         "feature_output_hook": outputs.pop(),
     }
-    write_text_atomic(out / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))  # last: marks the folder complete
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
     return sorted([*files, CONFIG_FILE])
 
 
