@@ -25,7 +25,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -35,9 +35,10 @@ from sae_train import __version__
 from sae_train.atomic import drop_previous, staging_dir, swap_dir, write_text_atomic
 from sae_train.errors import UserError
 from sae_train.provenance import provenance, public_record, public_source
-from sae_train.sae import SAE, load_sae, load_sae_cfg
+from sae_train.sae import SAE, clt_export, load_sae, load_sae_cfg
 from sae_train.sae.checkpoint import CFG_FILE as CHECKPOINT_CFG
 from sae_train.sae.checkpoint import find_checkpoints
+from sae_train.sae.clt import CrossLayerTranscoder
 from sae_train.sae.saelens import (
     CFG_FILE,
     METADATA_KEY,
@@ -121,6 +122,7 @@ class ExportedSAE:
     architecture: str
     """Ours (`sae.architecture`)."""
     saelens_architecture: str
+    """The architecture it is stored as, in `format`."""
     d_in: int
     d_sae: int
     k: int | None
@@ -130,6 +132,8 @@ class ExportedSAE:
     eval_name: str | None = None
     """Its name in eval.json when it was evaluated."""
     metrics: dict[str, Any] = field(default_factory=dict)
+    format: str = "SAELens"
+    """Whose layout the folder has: "SAELens", or "circuit-tracer" (a cross-layer transcoder)."""
 
 
 @dataclass
@@ -148,12 +152,16 @@ class ExportSummary:
 
     def table(self) -> str:
         width = max(len(s.name) for s in self.saes)
-        lines = [f"export       {self.out_dir}: {len(self.saes)} SAE(s) in the SAELens layout + {README}"]
+        layouts = ", ".join(
+            f"{sum(s.format == f for s in self.saes)} in the {f} layout"
+            for f in dict.fromkeys(s.format for s in self.saes)
+        )
+        lines = [f"export       {self.out_dir}: {len(self.saes)} SAE(s), {layouts} + {README}"]
         for s in self.saes:
             arch = (
                 s.architecture
                 if s.architecture == s.saelens_architecture
-                else f"{s.architecture} (as {s.saelens_architecture})"
+                else f"{s.architecture} (as {s.format} {s.saelens_architecture})"
             )
             extra = f"k {s.k}  " if s.k else ""
             status = "evaluated" if s.eval_name else "not evaluated"
@@ -236,7 +244,11 @@ def _plan(cfg: ExportConfig) -> tuple[Path, list[_Plan]]:
             raise UserError(f"Exporting to {target} would overwrite checkpoint data. Choose another out_dir.")
         if target.exists():
             foreign = (
-                sorted(c.name for c in target.iterdir() if c.name not in EXPORT_FILES)
+                sorted(
+                    c.name
+                    for c in target.iterdir()
+                    if c.name not in EXPORT_FILES and not clt_export.is_export_file(c.name)
+                )
                 if target.is_dir()
                 else [target.name]
             )
@@ -340,7 +352,9 @@ def probe_batch(sae: SAE, n: int = 256) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     d_in = sae.cfg.d_in
     centre = 0.0 if sae.cfg.is_transcoder else sae.b_dec.detach().float()
-    return centre + torch.randn(n, d_in, generator=gen) / (d_in**0.5 * sae.normalization_scale)
+    scale = sae.normalization_scale
+    assert isinstance(scale, float)  # one site, one scale (a cross-layer transcoder's probe: circuit_tracer.py)
+    return centre + torch.randn(n, d_in, generator=gen) / (d_in**0.5 * scale)
 
 
 @torch.no_grad()
@@ -385,8 +399,45 @@ def _write_folder(
     return sorted(names)
 
 
+def _export_cross_layer(plan: _Plan, out: Path, sae: CrossLayerTranscoder) -> ExportedSAE:
+    """A cross-layer transcoder, in circuit-tracer's CLT layout (its only export: SAELens has no CLT)."""
+    target = out / plan.name
+    staging = staging_dir(target)
+    try:
+        model = plan.meta.get("source", {}).get("model") or {}
+        names = clt_export.write_circuit_tracer(
+            sae,
+            staging,
+            sites=plan.meta["sites"],
+            targets=plan.meta["targets"],
+            model_name=model.get("hub_id") or model.get("name", ""),
+        )
+        clt_export.verify(sae, staging)
+        swap_dir(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    drop_previous(target)
+    log.info("exported %s -> %s (circuit-tracer CLT)", plan.directory, target)
+    return ExportedSAE(
+        name=plan.name,
+        checkpoint=str(plan.directory),
+        site=plan.meta["site"],
+        architecture=sae.cfg.architecture,
+        saelens_architecture=clt_export.MODEL_KIND,
+        d_in=sae.cfg.d_in,
+        d_sae=sae.cfg.d_sae,
+        k=sae.cfg.k,
+        tokens_trained=plan.meta.get("tokens_trained"),
+        files=[f"{plan.name}/{n}" for n in names],
+        format="circuit-tracer",
+    )
+
+
 def _export_one(plan: _Plan, out: Path, results: EvalResults | None) -> ExportedSAE:
     sae = load_sae(plan.directory)
+    if sae.cross_layer:
+        return _export_cross_layer(plan, out, cast(CrossLayerTranscoder, sae))
     cfg, tensors = to_saelens(sae, saelens_metadata(plan.meta))
     verify(sae, cfg, tensors)
     eval_name = results.match(plan.meta) if results else None
@@ -475,7 +526,8 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
     versions = _distinct([(m.get("provenance") or {}).get("version") for m in metas])
     commits = _distinct([(m.get("provenance") or {}).get("commit") for m in metas])
     repo = repo_id or "<owner/name>"
-    example = saes[0].name
+    in_saelens = [s for s in saes if s.format == "SAELens"]
+    cross_layer = [s for s in saes if s.format == "circuit-tracer"]
 
     columns = ["SAE (folder)", "site", "architecture", "d_in", "d_sae", "k", "tokens trained"]
     evaluated = results is not None and bool(results.entries)
@@ -486,7 +538,7 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
         arch = (
             s.architecture
             if s.architecture == s.saelens_architecture
-            else f"{s.architecture} (SAELens {s.saelens_architecture})"
+            else f"{s.architecture} ({s.format} {s.saelens_architecture})"
         )
         row = [
             f"`{s.name}`",
@@ -532,30 +584,41 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
                 ),
                 "",
             ]
-            if any(s.saelens_architecture.endswith("transcoder") for s in saes)
+            if any(s.saelens_architecture.endswith("transcoder") for s in in_saelens)
+            else []
+        ),
+        *(
+            [
+                (
+                    "A cross-layer transcoder (folder in circuit-tracer's layout: `config.yaml`, `W_enc_{i}` and "
+                    "`W_dec_{i}.safetensors`) has one encoder per layer reading that layer's MLP input and decoders "
+                    "to the MLP outputs of that layer and every later one, JumpReLU thresholds, all normalisations "
+                    "folded in; its training record stays in the sae-train checkpoint."
+                ),
+                "",
+            ]
+            if cross_layer
             else []
         ),
         "## Usage",
         "",
-        "With [SAELens](https://github.com/decoderesearch/SAELens) (>= 6):",
-        "",
-        "```python",
-        "from sae_lens import SAE",
-        "",
-        f'sae = SAE.from_pretrained("{repo}", "{example}")   # from the hub: repo id, then the SAE folder',
-        f'sae = SAE.load_from_disk("path/to/export/{example}")   # or from a local copy',
-        "```",
-        "",
-        "With sae-train:",
-        "",
-        "```python",
-        "from sae_train.hub import load_exported",
-        "",
-        f'sae = load_exported("{repo}", folder="{example}")',
-        "latents = sae.encode(x)          # x: [n_tokens, d_in] raw activations",
-        "x_hat = sae.decode(latents)",
-        "```",
-        "",
+        *(_saelens_usage(repo, in_saelens[0].name) if in_saelens else []),
+        *(
+            [
+                "With [circuit-tracer](https://github.com/safety-research/circuit-tracer) (0.5), from a local copy "
+                "(an absolute path):",
+                "",
+                "```python",
+                "from circuit_tracer import ReplacementModel",
+                "",
+                f'model = ReplacementModel.from_pretrained("<model>", "/abs/path/to/export/{cross_layer[0].name}", '
+                'backend="nnsight")',
+                "```",
+                "",
+            ]
+            if cross_layer
+            else []
+        ),
         "## Evaluation",
         "",
     ]
@@ -578,6 +641,30 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
         "",
     ]
     return "\n".join(lines)
+
+
+def _saelens_usage(repo: str, example: str) -> list[str]:
+    return [
+        "With [SAELens](https://github.com/decoderesearch/SAELens) (>= 6):",
+        "",
+        "```python",
+        "from sae_lens import SAE",
+        "",
+        f'sae = SAE.from_pretrained("{repo}", "{example}")   # from the hub: repo id, then the SAE folder',
+        f'sae = SAE.load_from_disk("path/to/export/{example}")   # or from a local copy',
+        "```",
+        "",
+        "With sae-train:",
+        "",
+        "```python",
+        "from sae_train.hub import load_exported",
+        "",
+        f'sae = load_exported("{repo}", folder="{example}")',
+        "latents = sae.encode(x)          # x: [n_tokens, d_in] raw activations",
+        "x_hat = sae.decode(latents)",
+        "```",
+        "",
+    ]
 
 
 # ---------------------------------------------------------------------------------- stage
