@@ -57,6 +57,7 @@ class CrossLayerTranscoder(SAE):
     step_gemms = ("encoder",)  # per layer; the trainer times L of them. Decode and backward are sparse.
     saelens_architecture = saelens_training_architecture = "clt"  # no SAELens equivalent: export for circuit-tracer
     cross_layer = True
+    shardable_latents = False  # per-layer encoders and L-wide decoders: no latent-shard layout (sae/shard.py)
     gemm_weight_names = ("W_enc",)  # the decoders are read by the sparse decode, in fp32
     threshold: Tensor
     threshold_updates: Tensor
