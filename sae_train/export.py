@@ -25,7 +25,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -35,10 +35,9 @@ from sae_train import __version__
 from sae_train.atomic import drop_previous, staging_dir, swap_dir, write_text_atomic
 from sae_train.errors import UserError
 from sae_train.provenance import provenance, public_record, public_source
-from sae_train.sae import SAE, clt_export, load_sae, load_sae_cfg
+from sae_train.sae import ARCHITECTURES, SAE, load_sae, load_sae_cfg
 from sae_train.sae.checkpoint import CFG_FILE as CHECKPOINT_CFG
 from sae_train.sae.checkpoint import find_checkpoints
-from sae_train.sae.clt import CrossLayerTranscoder
 from sae_train.sae.saelens import (
     CFG_FILE,
     METADATA_KEY,
@@ -71,11 +70,13 @@ class ExportConfig:
     training run's out_dir, a sweep): every checkpoint below it is exported."""
     out_dir: str = "runs/export"
     """Export root: one folder per SAE (named by its tag) and README.md. Other content stays.
-    format=circuit_tracer: the transcoder set's directory itself (replaced whole)."""
+    format=circuit_tracer: the transcoder set's (or cross-layer transcoder's) directory itself
+    (replaced whole)."""
     format: str = "saelens"
     """saelens: one SAELens v6 folder per SAE. circuit_tracer: a transcoder set (a run's
     transcoders at every layer, blocks.L.mlp.hook_in -> blocks.L.hook_mlp_out) as one
-    circuit-tracer directory, config.yaml + layer_{i}.safetensors (sae_train/circuit_tracer.py)."""
+    circuit-tracer directory, config.yaml + layer_{i}.safetensors, or a cross-layer transcoder
+    (sae=clt) as config.yaml + W_enc_{i}/W_dec_{i}.safetensors (sae_train/circuit_tracer.py)."""
     eval_dir: str = ""
     """out_dir of `sae-train eval` on these checkpoints: its numbers go into the model card, and
     per-latent firing frequencies (when it recorded them) into sparsity.safetensors. Empty = the
@@ -122,7 +123,6 @@ class ExportedSAE:
     architecture: str
     """Ours (`sae.architecture`)."""
     saelens_architecture: str
-    """The architecture it is stored as, in `format`."""
     d_in: int
     d_sae: int
     k: int | None
@@ -132,8 +132,6 @@ class ExportedSAE:
     eval_name: str | None = None
     """Its name in eval.json when it was evaluated."""
     metrics: dict[str, Any] = field(default_factory=dict)
-    format: str = "SAELens"
-    """Whose layout the folder has: "SAELens", or "circuit-tracer" (a cross-layer transcoder)."""
 
 
 @dataclass
@@ -152,16 +150,12 @@ class ExportSummary:
 
     def table(self) -> str:
         width = max(len(s.name) for s in self.saes)
-        layouts = ", ".join(
-            f"{sum(s.format == f for s in self.saes)} in the {f} layout"
-            for f in dict.fromkeys(s.format for s in self.saes)
-        )
-        lines = [f"export       {self.out_dir}: {len(self.saes)} SAE(s), {layouts} + {README}"]
+        lines = [f"export       {self.out_dir}: {len(self.saes)} SAE(s) in the SAELens layout + {README}"]
         for s in self.saes:
             arch = (
                 s.architecture
                 if s.architecture == s.saelens_architecture
-                else f"{s.architecture} (as {s.format} {s.saelens_architecture})"
+                else f"{s.architecture} (as {s.saelens_architecture})"
             )
             extra = f"k {s.k}  " if s.k else ""
             status = "evaluated" if s.eval_name else "not evaluated"
@@ -222,6 +216,14 @@ def find_checkpoints_to_export(cfg: ExportConfig) -> tuple[Path, list[_Plan]]:
 def _plan(cfg: ExportConfig) -> tuple[Path, list[_Plan]]:
     """Everything checkable before writing: checkpoints, their cfg.json, folder names, out_dir."""
     out, plans = find_checkpoints_to_export(cfg)
+    cross_layer = [
+        p.directory for p in plans if getattr(ARCHITECTURES.get(str(p.meta.get("architecture"))), "cross_layer", False)
+    ]
+    if cross_layer:
+        raise UserError(
+            f"Checkpoint {cross_layer[0]} is a cross-layer transcoder, which SAELens has no layout for. Export it "
+            "for circuit-tracer: `sae-train export format=circuit_tracer checkpoint=<its directory> out_dir=...`."
+        )
     names: dict[str, Path] = {}
     for p in plans:
         if p.name in names:
@@ -244,11 +246,7 @@ def _plan(cfg: ExportConfig) -> tuple[Path, list[_Plan]]:
             raise UserError(f"Exporting to {target} would overwrite checkpoint data. Choose another out_dir.")
         if target.exists():
             foreign = (
-                sorted(
-                    c.name
-                    for c in target.iterdir()
-                    if c.name not in EXPORT_FILES and not clt_export.is_export_file(c.name)
-                )
+                sorted(c.name for c in target.iterdir() if c.name not in EXPORT_FILES)
                 if target.is_dir()
                 else [target.name]
             )
@@ -399,45 +397,8 @@ def _write_folder(
     return sorted(names)
 
 
-def _export_cross_layer(plan: _Plan, out: Path, sae: CrossLayerTranscoder) -> ExportedSAE:
-    """A cross-layer transcoder, in circuit-tracer's CLT layout (its only export: SAELens has no CLT)."""
-    target = out / plan.name
-    staging = staging_dir(target)
-    try:
-        model = plan.meta.get("source", {}).get("model") or {}
-        names = clt_export.write_circuit_tracer(
-            sae,
-            staging,
-            sites=plan.meta["sites"],
-            targets=plan.meta["targets"],
-            model_name=model.get("hub_id") or model.get("name", ""),
-        )
-        clt_export.verify(sae, staging)
-        swap_dir(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    drop_previous(target)
-    log.info("exported %s -> %s (circuit-tracer CLT)", plan.directory, target)
-    return ExportedSAE(
-        name=plan.name,
-        checkpoint=str(plan.directory),
-        site=plan.meta["site"],
-        architecture=sae.cfg.architecture,
-        saelens_architecture=clt_export.MODEL_KIND,
-        d_in=sae.cfg.d_in,
-        d_sae=sae.cfg.d_sae,
-        k=sae.cfg.k,
-        tokens_trained=plan.meta.get("tokens_trained"),
-        files=[f"{plan.name}/{n}" for n in names],
-        format="circuit-tracer",
-    )
-
-
 def _export_one(plan: _Plan, out: Path, results: EvalResults | None) -> ExportedSAE:
     sae = load_sae(plan.directory)
-    if sae.cross_layer:
-        return _export_cross_layer(plan, out, cast(CrossLayerTranscoder, sae))
     cfg, tensors = to_saelens(sae, saelens_metadata(plan.meta))
     verify(sae, cfg, tensors)
     eval_name = results.match(plan.meta) if results else None
@@ -526,8 +487,7 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
     versions = _distinct([(m.get("provenance") or {}).get("version") for m in metas])
     commits = _distinct([(m.get("provenance") or {}).get("commit") for m in metas])
     repo = repo_id or "<owner/name>"
-    in_saelens = [s for s in saes if s.format == "SAELens"]
-    cross_layer = [s for s in saes if s.format == "circuit-tracer"]
+    example = saes[0].name
 
     columns = ["SAE (folder)", "site", "architecture", "d_in", "d_sae", "k", "tokens trained"]
     evaluated = results is not None and bool(results.entries)
@@ -538,7 +498,7 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
         arch = (
             s.architecture
             if s.architecture == s.saelens_architecture
-            else f"{s.architecture} ({s.format} {s.saelens_architecture})"
+            else f"{s.architecture} (SAELens {s.saelens_architecture})"
         )
         row = [
             f"`{s.name}`",
@@ -584,41 +544,30 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
                 ),
                 "",
             ]
-            if any(s.saelens_architecture.endswith("transcoder") for s in in_saelens)
-            else []
-        ),
-        *(
-            [
-                (
-                    "A cross-layer transcoder (folder in circuit-tracer's layout: `config.yaml`, `W_enc_{i}` and "
-                    "`W_dec_{i}.safetensors`) has one encoder per layer reading that layer's MLP input and decoders "
-                    "to the MLP outputs of that layer and every later one, JumpReLU thresholds, all normalisations "
-                    "folded in; its training record stays in the sae-train checkpoint."
-                ),
-                "",
-            ]
-            if cross_layer
+            if any(s.saelens_architecture.endswith("transcoder") for s in saes)
             else []
         ),
         "## Usage",
         "",
-        *(_saelens_usage(repo, in_saelens[0].name) if in_saelens else []),
-        *(
-            [
-                "With [circuit-tracer](https://github.com/safety-research/circuit-tracer) (0.5), from a local copy "
-                "(an absolute path):",
-                "",
-                "```python",
-                "from circuit_tracer import ReplacementModel",
-                "",
-                f'model = ReplacementModel.from_pretrained("<model>", "/abs/path/to/export/{cross_layer[0].name}", '
-                'backend="nnsight")',
-                "```",
-                "",
-            ]
-            if cross_layer
-            else []
-        ),
+        "With [SAELens](https://github.com/decoderesearch/SAELens) (>= 6):",
+        "",
+        "```python",
+        "from sae_lens import SAE",
+        "",
+        f'sae = SAE.from_pretrained("{repo}", "{example}")   # from the hub: repo id, then the SAE folder',
+        f'sae = SAE.load_from_disk("path/to/export/{example}")   # or from a local copy',
+        "```",
+        "",
+        "With sae-train:",
+        "",
+        "```python",
+        "from sae_train.hub import load_exported",
+        "",
+        f'sae = load_exported("{repo}", folder="{example}")',
+        "latents = sae.encode(x)          # x: [n_tokens, d_in] raw activations",
+        "x_hat = sae.decode(latents)",
+        "```",
+        "",
         "## Evaluation",
         "",
     ]
@@ -641,30 +590,6 @@ def model_card(saes: list[ExportedSAE], metas: list[dict[str, Any]], results: Ev
         "",
     ]
     return "\n".join(lines)
-
-
-def _saelens_usage(repo: str, example: str) -> list[str]:
-    return [
-        "With [SAELens](https://github.com/decoderesearch/SAELens) (>= 6):",
-        "",
-        "```python",
-        "from sae_lens import SAE",
-        "",
-        f'sae = SAE.from_pretrained("{repo}", "{example}")   # from the hub: repo id, then the SAE folder',
-        f'sae = SAE.load_from_disk("path/to/export/{example}")   # or from a local copy',
-        "```",
-        "",
-        "With sae-train:",
-        "",
-        "```python",
-        "from sae_train.hub import load_exported",
-        "",
-        f'sae = load_exported("{repo}", folder="{example}")',
-        "latents = sae.encode(x)          # x: [n_tokens, d_in] raw activations",
-        "x_hat = sae.decode(latents)",
-        "```",
-        "",
-    ]
 
 
 # ---------------------------------------------------------------------------------- stage

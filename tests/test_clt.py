@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from sae_train import cache, export, pipeline, train
 from sae_train import eval as eval_stage
 from sae_train.cache import CacheConfig
+from sae_train.circuit_tracer import ModelLayout, check_cross_layer, cross_layer_files, cross_layer_reference
 from sae_train.data import DataConfig, TextConfig
 from sae_train.errors import UserError
 from sae_train.eval import EvalConfig
@@ -31,7 +32,6 @@ from sae_train.lm import LanguageModel, ModelConfig
 from sae_train.sae import SAEConfig, create_sae, load_sae, load_sae_cfg, save_sae
 from sae_train.sae.checkpoint import RUN_STATE_FILE, TRAINING_WEIGHTS_FILE
 from sae_train.sae.clt import CrossLayerTranscoder
-from sae_train.sae.clt_export import circuit_tracer_reconstruct, write_circuit_tracer
 from sae_train.train import StepInfo, TrainConfig, Trainer, build_source
 from sae_train.train.dist import Dist
 from tests.syncs import record_sync_ops
@@ -169,26 +169,28 @@ def test_fold_acts_on_raw_activations_and_the_export_is_exact(tmp_path):
         assert torch.equal(f != 0, latents != 0)  # the same latents fire
         for s in range(L):  # unit-norm decoders on raw activations
             torch.testing.assert_close(model.decoder(s).flatten(1).norm(dim=1), torch.ones(D_SAE))
-    names = write_circuit_tracer(loaded, tmp_path / "ct", sites=SOURCES, targets=TARGETS, model_name="m")
-    assert names == sorted(["config.yaml", *(f"W_{p}_{i}.safetensors" for p in ("enc", "dec") for i in range(L))])
-    enc1 = load_file(tmp_path / "ct" / "W_enc_1.safetensors")
-    assert {k: tuple(v.shape) for k, v in enc1.items()} == {
+    assert isinstance(loaded, CrossLayerTranscoder)
+    files = cross_layer_files(loaded)
+    assert sorted(files) == sorted(f"W_{p}_{i}.safetensors" for p in ("enc", "dec") for i in range(L))
+    assert {k: tuple(v.shape) for k, v in files["W_enc_1.safetensors"].items()} == {
         "W_enc_1": (D_SAE, D_IN),
         "b_enc_1": (D_SAE,),
         "b_dec_1": (D_OUT,),
         "threshold_1": (D_SAE,),
     }
-    assert load_file(tmp_path / "ct" / "W_dec_1.safetensors")["W_dec_1"].shape == (D_SAE, L - 1, D_OUT)
-    config = (tmp_path / "ct" / "config.yaml").read_text()
-    assert "model_kind: cross_layer_transcoder" in config and "feature_input_hook: mlp.hook_in" in config
-    _, y_ct = circuit_tracer_reconstruct(tmp_path / "ct", x_raw)
+    assert files["W_dec_1.safetensors"]["W_dec_1"].shape == (D_SAE, L - 1, D_OUT)
+    _, y_ct = cross_layer_reference(files, x_raw)
     torch.testing.assert_close(y_ct, y_raw, rtol=1e-5, atol=1e-5)
 
 
-def test_a_clt_with_a_skip_connection_is_not_exported_for_circuit_tracer(tmp_path):
-    folded = clt(skip=True).fold([1.0] * L, [1.0] * L)
+def test_what_circuit_tracer_cannot_load_is_refused_before_writing():
+    layout = ModelLayout(name="m", n_layers=L, output_hook="mlp.hook_out")
+    meta = {"sites": SOURCES, "targets": TARGETS}
+    check_cross_layer(Path("ckpt"), meta, clt().fold([1.0] * L, [1.0] * L), layout)
     with pytest.raises(UserError, match="never reads.*sae.skip=false"):
-        write_circuit_tracer(folded, tmp_path / "ct", sites=SOURCES, targets=TARGETS, model_name="m")
+        check_cross_layer(Path("ckpt"), meta, clt(skip=True).fold([1.0] * L, [1.0] * L), layout)
+    with pytest.raises(UserError, match="every layer 0..3 of model m"):
+        check_cross_layer(Path("ckpt"), meta, clt().fold([1.0] * L, [1.0] * L), ModelLayout("m", L + 1, "mlp.hook_out"))
 
 
 # ---------------------------------------------------------------------------------- eval
@@ -322,14 +324,23 @@ def test_trains_one_clt_over_every_layer_of_a_store_and_exports_it(clt_store, tm
     m = evaluation.payload["saes"]["clt"]["metrics"]
     assert m["fvu"] < 0.8 and all(m[f"fvu_{i}"] < 1 for i in range(L))
     assert 0 < m["kl"] < m["kl_zero"]  # closer to the model than removing every MLP (CE barely moves on it)
-    result = export.run(ExportConfig(checkpoint=str(tmp_path / "run"), out_dir=str(tmp_path / "export")))
-    assert sorted(Path(f).name for f in result.saes[0].files)[-1] == "config.yaml"
-    usage = (tmp_path / "export" / "README.md").read_text().split("## Usage")[1].split("## Evaluation")[0]
-    assert "ReplacementModel.from_pretrained" in usage and "sae_lens" not in usage  # SAELens has no CLT
-    again = export.run(ExportConfig(checkpoint=str(tmp_path / "run"), out_dir=str(tmp_path / "export")))
-    assert again.saes[0].files == result.saes[0].files  # an export replaces its own folder
+    with pytest.raises(UserError, match="SAELens has no layout for.*format=circuit_tracer"):
+        export.run(ExportConfig(checkpoint=str(tmp_path / "run"), out_dir=str(tmp_path / "saelens")))
+    out = tmp_path / "export"
+    ct = ExportConfig(
+        checkpoint=str(tmp_path / "run"), out_dir=str(out), format="circuit_tracer", eval_dir=str(tmp_path / "eval")
+    )
+    result = export.run(ct)
+    layer_files = sorted(f"W_{p}_{i}.safetensors" for p in ("enc", "dec") for i in range(L))
+    assert result.files == sorted(["README.md", "config.yaml", *layer_files])
+    config = (out / "config.yaml").read_text()
+    assert "model_kind: cross_layer_transcoder" in config and "feature_input_hook: mlp.hook_in" in config
+    assert [row["metrics"]["fvu"] for row in result.layers] == [m[f"fvu_{i}"] for i in range(L)]
+    assert "Cross-layer transcoder" in (out / "README.md").read_text()
+    assert export.run(ct).files == result.files  # an export replaces its own directory
+    files = {name: load_file(out / name) for name in layer_files}
     x = torch.randn(16, L, sae.cfg.d_in) / torch.tensor(meta["normalization_scale"])[None, :, None]
-    torch.testing.assert_close(circuit_tracer_reconstruct(tmp_path / "export" / "clt", x)[1], sae.reconstruct(x)[1])
+    torch.testing.assert_close(cross_layer_reference(files, x)[1], sae.reconstruct(x)[1])
 
 
 def test_periodic_eval_during_training_evaluates_the_replacement_model(clt_store, tmp_path):
@@ -485,7 +496,9 @@ def for_circuit_tracer(model_dir: Path, out: Path) -> Path:
 )
 def test_circuit_tracer_loads_our_clt_and_computes_a_graph(clt_store, tiny_model_dir, tmp_path):
     summary = train.run(train_cfg(clt_store, tmp_path / "run"))
-    export.run(ExportConfig(checkpoint=str(tmp_path / "run"), out_dir=str(tmp_path / "export")))
+    export.run(
+        ExportConfig(checkpoint=str(tmp_path / "run"), out_dir=str(tmp_path / "export"), format="circuit_tracer")
+    )
     sae = load_sae(summary.saes["clt"]["checkpoint"])
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, L, sae.cfg.d_in, generator=gen) / torch.tensor(sae.normalization_scale)[None, :, None]
@@ -496,7 +509,7 @@ def test_circuit_tracer_loads_our_clt_and_computes_a_graph(clt_store, tiny_model
             str(INTEROP_PYTHON),
             "-c",
             CIRCUIT_TRACER_SCRIPT,
-            str((tmp_path / "export" / "clt").resolve()),
+            str((tmp_path / "export").resolve()),
             str(for_circuit_tracer(tiny_model_dir("llama"), tmp_path / "model").resolve()),
             str(tmp_path / "probe.safetensors"),
         ],

@@ -318,5 +318,12 @@ def test_cross_layer_transcoder_cache_train_eval_export(tmp_path, tiny):
     sae_train(tmp_path, "eval", "checkpoint=runs/clt", "n_tokens=512", "out_dir=runs/clt-eval", "progress=false")
     metrics = json.loads((tmp_path / "runs/clt-eval/eval.json").read_text())["saes"]["clt"]["metrics"]
     assert {"fvu_0", "fvu_2", "ce_recovered"} <= set(metrics)
-    sae_train(tmp_path, "export", "checkpoint=runs/clt", "out_dir=runs/clt-export")
-    assert "model_kind: cross_layer_transcoder" in (tmp_path / "runs/clt-export/clt/config.yaml").read_text()
+    sae_train(
+        tmp_path,
+        "export",
+        "format=circuit_tracer",
+        "checkpoint=runs/clt",
+        "eval_dir=runs/clt-eval",
+        "out_dir=runs/clt-ct",
+    )
+    assert "model_kind: cross_layer_transcoder" in (tmp_path / "runs/clt-ct/config.yaml").read_text()
