@@ -373,24 +373,35 @@ def test_resume_after_sigterm_equals_uninterrupted(clt_store, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def _torchrun(store: Path, out: Path, ranks: int, *extra: str) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    args = [f"store={store}", f"out_dir={out}", "sae=clt", "sites=[blocks.*.mlp.hook_in]", "sae.k=4", *extra]
+    args += ["sae.expansion_factor=4", "n_tokens=4096", "batch_size=256", "dtype=float32", "progress=false"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([*launcher, "-m", "sae_train.cli", "train", *args], env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_two_ranks_equal_one_process(clt_store, tmp_path):
     """torchrun (gloo): the per-layer BatchTopK selection is global across ranks, so two ranks
     train what one process trains."""
-
-    def run(out: Path, ranks: int) -> dict[str, torch.Tensor]:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-        args = [f"store={clt_store}", f"out_dir={out}", "sae=clt", "sites=[blocks.*.mlp.hook_in]", "sae.k=4"]
-        args += ["sae.expansion_factor=4", "n_tokens=4096", "batch_size=256", "dtype=float32", "progress=false"]
-        env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        done = subprocess.run(
-            [*launcher, "-m", "sae_train.cli", "train", *args], env=env, capture_output=True, timeout=300
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        return load_file(str(out / "clt" / TRAINING_WEIGHTS_FILE))
-
-    one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
+    _torchrun(clt_store, tmp_path / "one", 1)
+    _torchrun(clt_store, tmp_path / "two", 2)
+    one, two = (load_file(str(tmp_path / run / "clt" / TRAINING_WEIGHTS_FILE)) for run in ("one", "two"))
     for key in one:
         torch.testing.assert_close(two[key].float(), one[key].float(), rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_clts_spread_over_ranks_equal_one_process(clt_store, tmp_path):
+    """parallel.saes=true: a sweep's two CLTs, one per rank, each fed every layer's rows by the
+    router, end as one process trains them."""
+    sweep = "+sweep.k=[2,4]"
+    _torchrun(clt_store, tmp_path / "one", 1, sweep)
+    _torchrun(clt_store, tmp_path / "spread", 2, sweep, "parallel.saes=true")
+    for tag in ("clt/k=2", "clt/k=4"):
+        one, spread = (load_file(str(tmp_path / run / tag / TRAINING_WEIGHTS_FILE)) for run in ("one", "spread"))
+        for key in one:
+            torch.testing.assert_close(spread[key].float(), one[key].float(), rtol=1e-4, atol=1e-5, msg=f"{tag} {key}")
 
 
 def test_warmed_up_step_records_no_sync_op(clt_store, tmp_path, monkeypatch):
