@@ -1,7 +1,8 @@
 """The training loop: several SAEs on one activation stream, single process or DDP.
 
 Per step every SAE takes its site's batch (normalised by its own constant; a transcoder also
-its target site's rows of the same tokens, normalised by the target's constant), computes its loss
+its target site's rows of the same tokens, normalised by the target's constant; a cross-layer
+transcoder every layer's source and target, each by its own constant), computes its loss
 and gradients, and starts averaging them over ranks (in place, fp32, asynchronously); then ONE
 small all-reduce carries every SAE's batch statistics (loss terms, FVU sums, L0, which latents
 fired) and the stop flags. Every rank therefore makes the same decisions (clip, step, dead
