@@ -27,16 +27,25 @@ compute at inference, where the number of active latents varies per token around
 `topk` transcoder has no threshold and is refused. circuit-tracer zeroes position 0 in
 attribution: train without BOS activations (the default, `text.exclude_special_tokens`).
 
+A cross-layer transcoder (sae=clt; 0.5.0's `transcoder/cross_layer_transcoder.py`
+`_load_state_dict`) is one directory of `config.yaml` (model_kind: cross_layer_transcoder) and,
+per layer l, `W_enc_{l}.safetensors` with `W_enc_{l} [d_t, d_model]`, `b_enc_{l}`, `b_dec_{l}`
+and `threshold_{l}` (always JumpReLU: its inference threshold), and `W_dec_{l}.safetensors` with
+`W_dec_{l} [d_t, L - l, d_model]`. Layer j's output is b_dec_j plus W_dec_{s}[:, j - s] of every
+active latent of layers s <= j: our folded inference exactly. Its loader reads no skip
+connection, so a CLT trained with sae.skip=true is refused rather than exported without it.
+
 Layout: helpers shared by every model_kind (the model's layer count and hook names, the
 nonlinearity's tensor, config.yaml, writing the directory whole, the checked conversion) and one
-writer per kind: `transcoder_set_files` here; a cross-layer transcoder's writer produces its
-`W_enc_{i}`/`W_dec_{i}` files and goes through the same `write_directory`.
+writer per kind, `transcoder_set_files` and `cross_layer_files`, both going through
+`write_directory`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -62,6 +71,7 @@ from sae_train.lm.model import read_model_config
 from sae_train.lm.sites import family_of_type, layer_of
 from sae_train.provenance import public_model_name
 from sae_train.sae import SAE, load_sae
+from sae_train.sae.clt import CrossLayerTranscoder
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +81,9 @@ INPUT_HOOK = "mlp.hook_in"
 SOURCE_KIND, TARGET_KIND = "mlp.hook_in", "hook_mlp_out"
 """The sites a circuit-tracer transcoder reads and writes, in our names (blocks.L.<kind>)."""
 THRESHOLD = "activation_function.threshold"
+CROSS_LAYER_KIND = "cross_layer_transcoder"
+_LAYER_FILE = re.compile(r"(layer|W_enc|W_dec)_\d+\.safetensors")
+"""The per-layer files of either kind: an export may replace them."""
 
 
 # ---------------------------------------------------------------------------------- shared helpers
@@ -158,11 +171,7 @@ def _check_out_dir(out: Path, ours: set[str]) -> None:
     """out_dir is replaced whole: refuse one holding anything an export of this kind did not write."""
     if not out.is_dir():
         return
-    foreign = sorted(
-        p.name
-        for p in out.iterdir()
-        if p.name not in ours and not (p.name.startswith("layer_") and p.name.endswith(".safetensors"))
-    )
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours and not _LAYER_FILE.fullmatch(p.name))
     if foreign:
         raise UserError(
             f"out_dir={out} holds {', '.join(foreign[:5])}, which a circuit-tracer export did not write; the "
@@ -264,6 +273,65 @@ def transcoder_set_files(layers: dict[int, tuple[Path, dict[str, Any], SAE]]) ->
     return files
 
 
+# ---------------------------------------------------------------------------------- cross-layer transcoders
+
+
+def check_cross_layer(directory: Path, meta: dict[str, Any], sae: CrossLayerTranscoder, layout: ModelLayout) -> None:
+    """A CLT circuit-tracer loads: MLP input -> MLP output at every layer 0..L-1 of the model, no skip."""
+    sources, targets = list(meta.get("sites") or []), list(meta.get("targets") or [])
+    if sources != [f"blocks.{i}.{SOURCE_KIND}" for i in range(layout.n_layers)] or targets != [
+        f"blocks.{i}.{TARGET_KIND}" for i in range(layout.n_layers)
+    ]:
+        raise UserError(
+            f"Cross-layer transcoder {directory} reads {sources} and writes {targets}; circuit-tracer needs every "
+            f"layer 0..{layout.n_layers - 1} of model {layout.name}, each MLP's input ({INPUT_HOOK}) to its output. "
+            f"Train it with sae=clt sites=[blocks.*.{SOURCE_KIND}] over the whole model."
+        )
+    if sae.cfg.skip:
+        raise UserError(
+            f"Cross-layer transcoder {directory} has a skip connection (sae.skip=true), which circuit-tracer 0.5.0's "
+            "CLT loader never reads (it loads W_enc_*/W_dec_* files only), so its graphs would miss the skip term. "
+            "Train the CLT with sae.skip=false to export it for circuit-tracer."
+        )
+
+
+def cross_layer_files(sae: CrossLayerTranscoder) -> dict[str, dict[str, Tensor]]:
+    """W_enc_{l} and W_dec_{l}.safetensors of a folded CLT, checked against circuit-tracer's math."""
+    if not sae.folded:
+        raise ValueError("cross_layer_files converts the folded CLT (acting on raw activations)")
+    files = {}
+    for i in range(sae.n_layers):
+        files[f"W_enc_{i}.safetensors"] = {
+            f"W_enc_{i}": _plain(sae.W_enc[i].T),
+            f"b_enc_{i}": _plain(sae.b_enc[i]),
+            f"b_dec_{i}": _plain(sae.b_dec[i]),
+            f"threshold_{i}": _plain(sae.threshold[i]),
+        }
+        files[f"W_dec_{i}.safetensors"] = {f"W_dec_{i}": _plain(sae.decoder(i))}
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.tensor(sae.normalization_scale, dtype=torch.float32).expand(sae.n_layers)
+    x = torch.randn(128, sae.n_layers, sae.cfg.d_in, generator=gen) / (sae.cfg.d_in**0.5 * scale[None, :, None])
+    check_conversion(sae, cross_layer_reference(files, x), x, "circuit-tracer")
+    return files
+
+
+def cross_layer_reference(files: dict[str, dict[str, Tensor]], x: Tensor) -> tuple[Tensor, Tensor]:
+    """(latents [B, L, d_t], outputs [B, L, d_model]) that circuit-tracer's CrossLayerTranscoder
+    computes for raw inputs x [B, L, d_model] from a CLT's files: its math written out plainly."""
+    L = x.shape[1]
+    enc = [files[f"W_enc_{i}.safetensors"] for i in range(L)]
+    dec = [files[f"W_dec_{i}.safetensors"][f"W_dec_{i}"] for i in range(L)]
+    latents = []
+    for i in range(L):
+        z = torch.nn.functional.linear(x[:, i].float(), enc[i][f"W_enc_{i}"], enc[i][f"b_enc_{i}"])
+        latents.append(z * (z > enc[i][f"threshold_{i}"]))
+    out = torch.stack([enc[j][f"b_dec_{j}"].expand(x.shape[0], -1) for j in range(L)], dim=1).clone()
+    for s in range(L):
+        for j in range(s, L):
+            out[:, j] += latents[s] @ dec[s][:, j - s]
+    return torch.stack(latents, dim=1), out
+
+
 # ---------------------------------------------------------------------------------- the model
 
 
@@ -315,7 +383,7 @@ class CircuitTracerSummary:
         return "\n".join(lines)
 
 
-def _readme(layout: ModelLayout, rows: list[dict[str, Any]], repo_id: str) -> str:
+def _readme(title: str, intro: str, layout: ModelLayout, rows: list[dict[str, Any]], repo_id: str) -> str:
     evaluated = any(r.get("metrics") for r in rows)
     header = ["layer", "checkpoint", "architecture", "d_sae", "skip"] + (["L0", "FVU", "CE recovered"] * evaluated)
     table = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -330,10 +398,9 @@ def _readme(layout: ModelLayout, rows: list[dict[str, Any]], repo_id: str) -> st
     where = repo_id or "/absolute/path/to/this/directory"
     return "\n".join(
         [
-            f"# Transcoder set for {layout.name} (circuit-tracer)",
+            f"# {title} for {layout.name} (circuit-tracer)",
             "",
-            f"One transcoder per layer (0..{layout.n_layers - 1}) from the MLP's input (`{INPUT_HOOK}`) to its "
-            f"output (`{layout.output_hook}`), trained with sae-train, normalisations folded in.",
+            intro,
             "",
             *table,
             "",
@@ -351,8 +418,63 @@ def _readme(layout: ModelLayout, rows: list[dict[str, Any]], repo_id: str) -> st
     )
 
 
+def _row(layer: int, directory: Path, meta: dict[str, Any], sae: SAE, metrics: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "layer": layer,
+        "checkpoint": meta.get("tag") or directory.name,
+        "architecture": sae.cfg.architecture,
+        "d_sae": sae.cfg.d_sae,
+        "skip": sae.cfg.skip,
+        "metrics": metrics,
+    }
+
+
+def _transcoder_set(
+    entries: list[tuple[Path, dict[str, Any], SAE]], layout: ModelLayout, results: EvalResults | None, repo_id: str
+) -> tuple[dict[str, dict[str, Tensor]], list[dict[str, Any]], str]:
+    """(files, README rows, README) of a transcoder set."""
+    layers = transcoder_set_layers(entries, layout)
+    rows = []
+    for layer, (directory, meta, sae) in layers.items():
+        eval_name = results.match(meta) if results else None
+        metrics = dict(results.entries[eval_name].get("metrics") or {}) if results and eval_name else {}
+        rows.append(_row(layer, directory, meta, sae, metrics))
+    intro = (
+        f"One transcoder per layer (0..{layout.n_layers - 1}) from the MLP's input (`{INPUT_HOOK}`) to its "
+        f"output (`{layout.output_hook}`), trained with sae-train, normalisations folded in."
+    )
+    return transcoder_set_files(layers), rows, _readme("Transcoder set", intro, layout, rows, repo_id)
+
+
+def _cross_layer(
+    entry: tuple[Path, dict[str, Any], SAE], layout: ModelLayout, results: EvalResults | None, repo_id: str
+) -> tuple[dict[str, dict[str, Tensor]], list[dict[str, Any]], str]:
+    """(files, README rows: one per layer with that layer's eval numbers, README) of a CLT."""
+    directory, meta, sae = entry
+    clt = cast(CrossLayerTranscoder, sae)
+    check_cross_layer(directory, meta, clt, layout)
+    eval_name = results.match(meta) if results else None
+    m = dict(results.entries[eval_name].get("metrics") or {}) if results and eval_name else {}
+
+    def layer_metrics(i: int) -> dict[str, Any]:
+        """Layer i's L0 and FVU (eval's `l0_<i>`, `fvu_<i>`), the replacement model's CE recovered."""
+        if not m:
+            return {}
+        return {k: m[f"{k}_{i}"] for k in ("l0", "fvu") if f"{k}_{i}" in m} | {"ce_recovered": m.get("ce_recovered")}
+
+    rows = [_row(i, directory, meta, sae, layer_metrics(i)) for i in range(clt.n_layers)]
+    intro = (
+        f"One cross-layer transcoder over layers 0..{layout.n_layers - 1}: an encoder per layer reading the MLP's "
+        f"input (`{INPUT_HOOK}`), decoders to that layer's MLP output (`{layout.output_hook}`) and every later "
+        "one's, JumpReLU thresholds, trained with sae-train, normalisations folded in. CE recovered is the "
+        "replacement model's (every MLP output replaced at once)."
+    )
+    return cross_layer_files(clt), rows, _readme("Cross-layer transcoder", intro, layout, rows, repo_id)
+
+
 def run(cfg: ExportConfig) -> CircuitTracerSummary:
-    """Export the transcoder set at cfg.checkpoint in circuit-tracer's layout (and push it)."""
+    """Export the transcoder set or the cross-layer transcoder at cfg.checkpoint in
+    circuit-tracer's layout (and push it)."""
     token = None
     if cfg.push_to_hub:
         from sae_train.hub import resolve_token
@@ -362,33 +484,30 @@ def run(cfg: ExportConfig) -> CircuitTracerSummary:
     _check_out_dir(out, {CONFIG_FILE, README})
     results: EvalResults | None = read_eval(cfg.eval_dir) if cfg.eval_dir else None
     layout = model_layout(plans[0].meta)
-    layers = transcoder_set_layers([(p.directory, p.meta, load_sae(p.directory)) for p in plans], layout)
-    rows = []
-    for layer, (directory, meta, sae) in layers.items():
-        eval_name = results.match(meta) if results else None
-        rows.append(
-            {
-                "layer": layer,
-                "checkpoint": meta.get("tag") or directory.name,
-                "architecture": sae.cfg.architecture,
-                "d_sae": sae.cfg.d_sae,
-                "skip": sae.cfg.skip,
-                "metrics": dict(results.entries[eval_name].get("metrics") or {}) if results and eval_name else {},
-            }
+    entries = [(p.directory, p.meta, load_sae(p.directory)) for p in plans]
+    cross_layer = [e for e in entries if e[2].cross_layer]
+    if cross_layer and len(entries) > 1:
+        raise UserError(
+            f"{cfg.checkpoint} holds {len(entries)} checkpoints, among them cross-layer transcoder {cross_layer[0][0]}; "
+            "a circuit-tracer directory holds one CLT or one transcoder set. Pass checkpoint= that CLT's directory."
         )
-    files = write_directory(
-        out, transcoder_set_files(layers), write_config("transcoder_set", layout), _readme(layout, rows, cfg.repo_id)
+    model_kind = CROSS_LAYER_KIND if cross_layer else "transcoder_set"
+    files, rows, readme = (
+        _cross_layer(cross_layer[0], layout, results, cfg.repo_id)
+        if cross_layer
+        else _transcoder_set(entries, layout, results, cfg.repo_id)
     )
-    log.info("exported %d transcoders -> %s", len(layers), out)
+    names = write_directory(out, files, write_config(model_kind, layout), readme)
+    log.info("exported %s (%d layers) -> %s", model_kind, len(rows), out)
     summary = CircuitTracerSummary(
-        out_dir=str(out), model_kind="transcoder_set", model_name=layout.name, layers=rows, files=files
+        out_dir=str(out), model_kind=model_kind, model_name=layout.name, layers=rows, files=names
     )
     if cfg.push_to_hub:
         from sae_train.hub import push
 
         summary.repo_id = cfg.repo_id
         try:
-            summary.commit_url = push(out, cfg.repo_id, private=cfg.private, token=token, paths=files)
+            summary.commit_url = push(out, cfg.repo_id, private=cfg.private, token=token, paths=names)
         except UserError as err:
             raise UserError(f"{err}\nThe export in {out} is complete; run the same command again to push it.") from None
     return summary

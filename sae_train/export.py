@@ -35,7 +35,7 @@ from sae_train import __version__
 from sae_train.atomic import drop_previous, staging_dir, swap_dir, write_text_atomic
 from sae_train.errors import UserError
 from sae_train.provenance import provenance, public_record, public_source
-from sae_train.sae import SAE, load_sae, load_sae_cfg
+from sae_train.sae import ARCHITECTURES, SAE, load_sae, load_sae_cfg
 from sae_train.sae.checkpoint import CFG_FILE as CHECKPOINT_CFG
 from sae_train.sae.checkpoint import find_checkpoints
 from sae_train.sae.saelens import (
@@ -70,11 +70,13 @@ class ExportConfig:
     training run's out_dir, a sweep): every checkpoint below it is exported."""
     out_dir: str = "runs/export"
     """Export root: one folder per SAE (named by its tag) and README.md. Other content stays.
-    format=circuit_tracer: the transcoder set's directory itself (replaced whole)."""
+    format=circuit_tracer: the transcoder set's (or cross-layer transcoder's) directory itself
+    (replaced whole)."""
     format: str = "saelens"
     """saelens: one SAELens v6 folder per SAE. circuit_tracer: a transcoder set (a run's
     transcoders at every layer, blocks.L.mlp.hook_in -> blocks.L.hook_mlp_out) as one
-    circuit-tracer directory, config.yaml + layer_{i}.safetensors (sae_train/circuit_tracer.py)."""
+    circuit-tracer directory, config.yaml + layer_{i}.safetensors, or a cross-layer transcoder
+    (sae=clt) as config.yaml + W_enc_{i}/W_dec_{i}.safetensors (sae_train/circuit_tracer.py)."""
     eval_dir: str = ""
     """out_dir of `sae-train eval` on these checkpoints: its numbers go into the model card, and
     per-latent firing frequencies (when it recorded them) into sparsity.safetensors. Empty = the
@@ -214,6 +216,14 @@ def find_checkpoints_to_export(cfg: ExportConfig) -> tuple[Path, list[_Plan]]:
 def _plan(cfg: ExportConfig) -> tuple[Path, list[_Plan]]:
     """Everything checkable before writing: checkpoints, their cfg.json, folder names, out_dir."""
     out, plans = find_checkpoints_to_export(cfg)
+    cross_layer = [
+        p.directory for p in plans if getattr(ARCHITECTURES.get(str(p.meta.get("architecture"))), "cross_layer", False)
+    ]
+    if cross_layer:
+        raise UserError(
+            f"Checkpoint {cross_layer[0]} is a cross-layer transcoder, which SAELens has no layout for. Export it "
+            "for circuit-tracer: `sae-train export format=circuit_tracer checkpoint=<its directory> out_dir=...`."
+        )
     names: dict[str, Path] = {}
     for p in plans:
         if p.name in names:
@@ -340,7 +350,9 @@ def probe_batch(sae: SAE, n: int = 256) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     d_in = sae.cfg.d_in
     centre = 0.0 if sae.cfg.is_transcoder else sae.b_dec.detach().float()
-    return centre + torch.randn(n, d_in, generator=gen) / (d_in**0.5 * sae.normalization_scale)
+    scale = sae.normalization_scale
+    assert isinstance(scale, float)  # one site, one scale (a cross-layer transcoder's probe: circuit_tracer.py)
+    return centre + torch.randn(n, d_in, generator=gen) / (d_in**0.5 * scale)
 
 
 @torch.no_grad()

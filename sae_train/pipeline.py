@@ -61,7 +61,7 @@ def periodic_eval(cfg: train.TrainConfig, lm: LanguageModel | None = None) -> tr
     def callback(info: train.StepInfo) -> dict[str, dict[str, float]] | None:
         if not info.is_main or (info.step % every and info.step != info.n_steps):
             return None
-        return periodic({run.tag: (run.site, run.inference()) for run in info.runs})
+        return periodic({run.tag: (run.layers or run.site, run.inference()) for run in info.runs})
 
     return callback
 

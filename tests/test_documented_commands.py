@@ -295,3 +295,35 @@ def test_transcoder_set_live_then_eval_and_circuit_tracer_export(home, tiny):
         "layer_1.safetensors",
         "layer_2.safetensors",
     ]
+
+
+def test_cross_layer_transcoder_cache_train_eval_export(tmp_path, tiny):
+    """README, Cross-layer transcoders: cache every layer's MLP input and output, train `sae=clt`
+    over `blocks.*.mlp.hook_in` (from the store and live), eval, export for circuit-tracer."""
+    layers = [f"blocks.{i}.{kind}" for i in range(3) for kind in ("mlp.hook_in", "hook_mlp_out")]
+    sae_train(
+        tmp_path,
+        "cache",
+        *tiny,
+        f"sites=[{','.join(layers)}]",
+        "n_tokens=4096",
+        "text.context_size=32",
+        "out_dir=runs/acts-mlp",
+        "tokens_per_shard=1024",
+        "progress=false",
+    )
+    clt = ["sae=clt", "sites=[blocks.*.mlp.hook_in]", "sae.k=4", "sae.d_sae=64", *TRAIN]
+    sae_train(tmp_path, "train", "store=runs/acts-mlp", *clt, "out_dir=runs/clt")
+    sae_train(tmp_path, "train", "source=live", *tiny, *clt, "out_dir=runs/clt-live")
+    sae_train(tmp_path, "eval", "checkpoint=runs/clt", "n_tokens=512", "out_dir=runs/clt-eval", "progress=false")
+    metrics = json.loads((tmp_path / "runs/clt-eval/eval.json").read_text())["saes"]["clt"]["metrics"]
+    assert {"fvu_0", "fvu_2", "ce_recovered"} <= set(metrics)
+    sae_train(
+        tmp_path,
+        "export",
+        "format=circuit_tracer",
+        "checkpoint=runs/clt",
+        "eval_dir=runs/clt-eval",
+        "out_dir=runs/clt-ct",
+    )
+    assert "model_kind: cross_layer_transcoder" in (tmp_path / "runs/clt-ct/config.yaml").read_text()

@@ -29,6 +29,9 @@ from tests.tiny import write_corpus
 
 TEXT = TextConfig(context_size=32)
 
+SITE_ARCHS = sorted(a for a, cls in ARCHITECTURES.items() if not cls.cross_layer)
+"""The architectures reading one site (cross-layer transcoders: tests/test_clt.py)."""
+
 
 def load(path: Path) -> LanguageModel:
     return LanguageModel.load(ModelConfig(name=str(path), dtype="float32", device="cpu"))
@@ -213,7 +216,7 @@ def eval_config(checkpoint: Path, out: Path, **kw) -> EvalConfig:
 def test_sweep_at_two_sites_in_one_call(lm, corpus, tmp_path):
     run_dir = tmp_path / "run"
     resid, mlp = "blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"
-    for i, arch in enumerate(sorted(ARCHITECTURES)):
+    for i, arch in enumerate(SITE_ARCHS):
         save_checkpoint(run_dir / resid / f"arch={arch}", lm, corpus, resid, arch, seed=i)
     save_checkpoint(run_dir / mlp, lm, corpus, mlp, "topk", seed=9)
     save_checkpoint(temporary(run_dir / mlp), lm, corpus, mlp, "topk", seed=10)  # a trainer's half-done save
@@ -221,7 +224,7 @@ def test_sweep_at_two_sites_in_one_call(lm, corpus, tmp_path):
 
     summary = run(eval_config(run_dir, out))  # the model comes from the checkpoints' record
 
-    names = [mlp] + [f"{resid}/arch={a}" for a in sorted(ARCHITECTURES)]  # sorted by path
+    names = [mlp] + [f"{resid}/arch={a}" for a in SITE_ARCHS]  # sorted by path
     assert list(summary.saes) == names
     report = json.loads((out / "eval.json").read_text())
     assert list(report["saes"]) == names
@@ -253,7 +256,7 @@ def test_sweep_at_two_sites_in_one_call(lm, corpus, tmp_path):
     at_resid = [report["saes"][n]["metrics"] for n in names[1:]]
     assert len({m["ce_clean"] for m in at_resid}) == 1 and len({m["ce_zero"] for m in at_resid}) == 1
     cost = report["cost"]
-    n = len(ARCHITECTURES) + 3  # clean, zero and mean ablation + one splice per SAE
+    n = len(SITE_ARCHS) + 3  # clean, zero and mean ablation + one splice per SAE
     assert cost[resid] == {"n_layers": 3, "resume_layer": 2, "conditions": n, **layer_forwards(3, 2, n)}
     assert cost[mlp]["conditions"] == 4 and cost[mlp]["shared"] == 3 + 3 * 3
 

@@ -205,6 +205,7 @@ def test_sharded_step_equals_one_process(arch, n, dead):
     "overrides, says",
     [
         ({"sae": SAEConfig(architecture="matryoshka")}, "cannot be split by latent"),
+        ({"sae": SAEConfig(architecture="clt", target="blocks.{layer}.hook_mlp_out")}, "clt cannot be split by latent"),
         ({"sae": SAEConfig(architecture="relu")}, "resample_every=0"),
         ({"eval_every_tokens": 4096}, "eval_every_tokens=0"),
     ],

@@ -18,7 +18,7 @@ def test_defaults_are_valid_and_resolve():
 @pytest.mark.parametrize(
     "kwargs, needle",
     [
-        ({"architecture": "gated"}, "batchtopk, jumprelu, matryoshka, relu, topk"),
+        ({"architecture": "gated"}, "batchtopk, clt, jumprelu, matryoshka, relu, topk"),
         ({"k": 0}, "k=0"),
         ({"k": -3}, "k=-3"),
         ({"d_in": 16, "d_sae": 64, "k": 65}, "at most d_sae = 64"),
@@ -50,7 +50,7 @@ def test_resolving_to_a_different_width_is_an_error():
 
 
 def test_every_architecture_is_registered_once():
-    assert set(ARCHITECTURES) == {"relu", "topk", "batchtopk", "matryoshka", "jumprelu"}
+    assert set(ARCHITECTURES) == {"relu", "topk", "batchtopk", "matryoshka", "jumprelu", "clt"}
     for name, cls in ARCHITECTURES.items():
         assert cls.architecture == name
 

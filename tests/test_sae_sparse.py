@@ -14,6 +14,9 @@ from tests.test_sae_math import _kw, data, make, perturb
 
 DTYPES = [torch.float32, torch.bfloat16]
 
+SITE_ARCHS = sorted(a for a, cls in ARCHITECTURES.items() if not cls.cross_layer)
+"""The architectures reading one site (cross-layer transcoders: tests/test_clt.py)."""
+
 
 def _rows(B, N, dtype, ties, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -119,7 +122,7 @@ def _step(sae, x, dead, n=2):
 
 
 @pytest.mark.parametrize("compute", DTYPES)
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("arch", SITE_ARCHS)
 def test_torch_path_has_no_sync(arch, compute):
     sae = perturb(make(arch, compute=compute, **_kw({})))
     sae.impl = "torch"
@@ -183,7 +186,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @cuda
 @pytest.mark.parametrize("compute", DTYPES)
 @pytest.mark.parametrize("pattern", ["none", "some", "all"])
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("arch", SITE_ARCHS)
 def test_cuda_step_equals_cpu(arch, pattern, compute):
     """Same weights, a tie-free batch: losses, reconstruction and every gradient (fp32 rtol 1e-4,
     bf16 2e-2 of the largest entry)."""
@@ -204,7 +207,7 @@ def test_cuda_step_equals_cpu(arch, pattern, compute):
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("arch", SITE_ARCHS)
 def test_cuda_step_has_no_sync(arch):
     """The GPU twin of test_torch_path_has_no_sync: CUDA itself raises on a synchronising call."""
     sae = perturb(make(arch, d_in=64, d_sae=1024, compute=torch.bfloat16, **_kw({}))).to("cuda")
@@ -223,7 +226,7 @@ def test_cuda_step_has_no_sync(arch):
 # ----------------------------------------------------------------------------- memory: chunks
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("arch", SITE_ARCHS)
 def test_encode_and_init_run_in_chunks(monkeypatch, arch):
     """No [n, d_sae] temporary beyond one chunk's rows (the encode output aside); same results."""
     from sae_train.sae import base

@@ -10,9 +10,42 @@ from __future__ import annotations
 from sae_train.errors import UserError
 from sae_train.lm import LanguageModel, Site
 from sae_train.sae import SAE
-from sae_train.sae.checkpoint import Checkpoint, load_checkpoints, recorded
+from sae_train.sae.checkpoint import CFG_FILE, Checkpoint, load_checkpoints, recorded
 
-__all__ = ["Checkpoint", "group_by_site", "load_checkpoints", "recorded"]
+__all__ = ["Checkpoint", "cross_layer_pairs", "group_by_site", "load_checkpoints", "recorded"]
+
+
+def cross_layer_pairs(c: Checkpoint, lm: LanguageModel) -> list[tuple[Site, Site]]:
+    """The (source, target) sites of each layer of cross-layer transcoder checkpoint `c`
+    (cfg.json's `sites` and `targets`), checked against the model like `group_by_site` does."""
+    sites, targets = c.meta.get("sites"), c.meta.get("targets")
+    if (
+        not isinstance(sites, list)
+        or not isinstance(targets, list)
+        or not len(sites) == len(targets) == c.sae.cfg.n_layers
+    ):
+        raise UserError(
+            f"Checkpoint {c.path}: a cross-layer transcoder's {CFG_FILE} must list its {c.sae.cfg.n_layers} source "
+            "'sites' and 'targets'; sae-train train writes both. The file is incomplete."
+        )
+    model = lm.identity.get("name", "")
+    pairs = []
+    for source, target in zip(sites, targets):
+        resolved = []
+        for name, dim in ((source, "d_in"), (target, "d_out")):
+            try:
+                site = lm.site(name)
+            except UserError as err:
+                raise UserError(f"Checkpoint {c.path} uses site '{name}', which model '{model}' lacks. {err}") from err
+            width = lm.site_width(site)
+            if width != getattr(c.sae.cfg, dim):
+                raise UserError(
+                    f"Checkpoint {c.path} has {dim}={getattr(c.sae.cfg, dim)}, but model '{model}' has width "
+                    f"{width} at '{name}'. Pass the model it was trained on (model.name=...)."
+                )
+            resolved.append(site)
+        pairs.append((resolved[0], resolved[1]))
+    return pairs
 
 
 def group_by_site(checkpoints: list[Checkpoint], lm: LanguageModel) -> list[tuple[Site, Site | None, dict[str, SAE]]]:

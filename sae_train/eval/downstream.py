@@ -20,7 +20,6 @@ read in that same forward (the MLP's actual input). The ablations ablate the tar
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -103,6 +102,11 @@ class SiteEvaluator:
         self.spliced = {name: LossStats() for name in self.saes}
 
     @property
+    def label(self) -> str:
+        """The site, or source->target for transcoders (the report's cost entries)."""
+        return self.site.name if self.source is None else f"{self.source.name}->{self.site.name}"
+
+    @property
     def n_conditions(self) -> int:
         """Downstream forwards per batch: clean, each SAE, each ablation."""
         return 1 + len(self.saes) + len(self.ablations)
@@ -175,7 +179,8 @@ class ReplacementEvaluator:
     """CE and KL with every transcoder of a set spliced in at once: each target (an MLP's output)
     replaced by its transcoder applied to its source as computed in that same forward, so errors
     compound through the layers as in circuit tracing's replacement model (per-site numbers
-    splice one transcoder at a time). Two full forwards per batch: clean and replaced.
+    splice one transcoder at a time). Two full forwards per batch: clean and replaced. The
+    splice is `LanguageModel.splice_chain`, as for a cross-layer transcoder (eval/layers.py).
 
     `transcoders`: (source, target, name, inference transcoder) with distinct targets.
     """
@@ -184,19 +189,23 @@ class ReplacementEvaluator:
         targets = [target.name for _, target, _, _ in transcoders]
         if len(set(targets)) != len(targets):
             raise ValueError(f"one transcoder per target site, got targets {targets}")
-        self.transcoders = list(transcoders)
+        # forward order, as splice_chain reads the pairs
+        self.transcoders = sorted(transcoders, key=lambda t: (t[1].resume_layer, t[0].resume_layer))
         self.clean, self.replaced = LossStats(), LossStats()
 
     @torch.no_grad()
     def add_batch(self, lm: LanguageModel, input_ids: Tensor, counted: Tensor) -> None:
         scored = counted[:, 1:]
         targets = input_ids[:, 1:][scored]
-        clean = next_token_log_probs(lm.model(input_ids=input_ids, use_cache=False).logits, scored)
+        clean = next_token_log_probs(lm.forward(input_ids).logits, scored)
         self.clean.update(clean, clean, targets)
-        with ExitStack() as stack:
-            for source, target, _, sae in self.transcoders:
-                stack.enter_context(lm.splice_from(source, target, _transcode_at(counted, sae)))
-            logits = lm.model(input_ids=input_ids, use_cache=False).logits
+        swaps = [_transcode_at(counted, sae) for _, _, _, sae in self.transcoders]
+
+        def replace(i: int, sources: list[Tensor], target: Tensor) -> Tensor:
+            return swaps[i](sources[i], target)
+
+        with lm.splice_chain([(source, target) for source, target, _, _ in self.transcoders], replace):
+            logits = lm.forward(input_ids).logits
         self.replaced.update(next_token_log_probs(logits, scored), clean, targets)
 
     def results(self) -> dict[str, Any]:

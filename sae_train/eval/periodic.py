@@ -9,12 +9,12 @@ stage that owns both wires it in as a trainer callback, e.g.
     def callback(info: StepInfo) -> dict[str, dict[str, float]] | None:
         if info.step % every and info.step != info.n_steps:
             return None
-        return periodic({run.tag: (run.site, run.inference()) for run in info.runs})
+        return periodic({run.tag: (run.layers or run.site, run.inference()) for run in info.runs})
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import torch
@@ -22,6 +22,7 @@ import torch
 from sae_train.data import DataConfig, TextConfig, TokenSpec
 from sae_train.data.packing import keep_mask
 from sae_train.eval.downstream import SiteEvaluator
+from sae_train.eval.layers import CrossLayerEvaluator
 from sae_train.eval.tokens import held_out_windows
 from sae_train.lm import LanguageModel
 from sae_train.sae import SAE
@@ -49,17 +50,23 @@ class PeriodicEval:
         return cls(lm, windows, text, batch_size)
 
     @torch.no_grad()
-    def __call__(self, saes: Mapping[str, tuple[str, SAE]]) -> dict[str, dict[str, float]]:
+    def __call__(self, saes: Mapping[str, tuple[str | Sequence[tuple[str, str]], SAE]]) -> dict[str, dict[str, float]]:
         """saes: tag -> (site name, inference SAE acting on raw activations, i.e. `sae.fold(scale)`);
-        each SAE is moved to the model's device (pass copies, as fold makes)."""
+        for a cross-layer transcoder, its (source, target) sites per layer instead of the site.
+        Each SAE is moved to the model's device (pass copies, as fold makes)."""
         by_site: dict[tuple[str, str], dict[str, SAE]] = {}  # (site read, target: "" for SAEs)
+        evaluators: list[SiteEvaluator | CrossLayerEvaluator] = []
         for tag, (site, sae) in saes.items():
             if not sae.folded:
                 raise ValueError(
                     f"{tag}: pass the folded inference copy (sae.fold(scale)), which acts on raw activations"
                 )
-            by_site.setdefault((site, sae.cfg.target), {})[tag] = sae.to(self.lm.device)
-        evaluators = [
+            if isinstance(site, str):
+                by_site.setdefault((site, sae.cfg.target), {})[tag] = sae.to(self.lm.device)
+            else:
+                pairs = [(self.lm.site(source), self.lm.site(target)) for source, target in site]
+                evaluators.append(CrossLayerEvaluator(pairs, tag, sae.to(self.lm.device), ablations=("zero",)))
+        evaluators += [
             SiteEvaluator(
                 self.lm.site(target or site), group, ablations=("zero",), source=self.lm.site(site) if target else None
             )

@@ -18,9 +18,10 @@ from tqdm import tqdm
 from sae_train.data import DataConfig, TextConfig, TokenSpec
 from sae_train.data.packing import keep_mask
 from sae_train.errors import UserError
-from sae_train.eval.checkpoints import Checkpoint, group_by_site, load_checkpoints, recorded
+from sae_train.eval.checkpoints import Checkpoint, cross_layer_pairs, group_by_site, load_checkpoints, recorded
 from sae_train.eval.config import EvalConfig
 from sae_train.eval.downstream import ReplacementEvaluator, SiteEvaluator, layer_forwards
+from sae_train.eval.layers import CrossLayerEvaluator
 from sae_train.eval.metrics import density_histogram
 from sae_train.eval.report import EvalSummary, write_report
 from sae_train.eval.tokens import held_out_windows
@@ -94,11 +95,19 @@ def run(cfg: EvalConfig, lm: LanguageModel | None = None) -> EvalSummary:
     _check_model(lm, recorded_model)
     data = data_config(None if cfg.data is not None else recorded(checkpoints, "data"), cfg.data)
     text = text_config(recorded(checkpoints, "text"), cfg.context_size)
-    groups = group_by_site(checkpoints, lm)  # before reading any text: a wrong site fails fast
+    # before reading any text: a wrong site fails fast
+    groups = group_by_site([c for c in checkpoints if not c.sae.cross_layer], lm)
+    cross_layer = [(c, cross_layer_pairs(c, lm)) for c in checkpoints if c.sae.cross_layer]
     windows = held_out_windows(lm.tokenizer, data, text, cfg.n_tokens)
     tokens = TokenSpec.from_tokenizer(lm.tokenizer, text)
 
-    evaluators = [SiteEvaluator(site, saes, downstream=cfg.downstream, source=source) for site, source, saes in groups]
+    evaluators: list[SiteEvaluator | CrossLayerEvaluator] = [
+        SiteEvaluator(site, saes, downstream=cfg.downstream, source=source) for site, source, saes in groups
+    ]
+    evaluators += [
+        CrossLayerEvaluator(pairs, c.name, c.sae.to(lm.device).eval(), downstream=cfg.downstream)
+        for c, pairs in cross_layer
+    ]
     replacement = _replacement(groups) if cfg.downstream else None
     counted_tokens = predictions = 0
     for batch in tqdm(windows.split(cfg.batch_size), desc="eval", unit="batch", disable=not cfg.progress):
@@ -124,7 +133,7 @@ def run(cfg: EvalConfig, lm: LanguageModel | None = None) -> EvalSummary:
                 by_name[name], by_name[name].site, metrics, density_histogram(stats.frequency, stats.n)
             )
         if cfg.downstream:
-            cost[site.name if evaluator.source is None else f"{evaluator.source.name}->{site.name}"] = {
+            cost[evaluator.label] = {
                 "n_layers": lm.n_layers,
                 "resume_layer": site.resume_layer,
                 "conditions": evaluator.n_conditions,

@@ -5,6 +5,8 @@ Operations on resolved `Site`s:
 - `splice`: replace a site's value by f(value) for the whole forward pass;
 - `splice_from`: replace a target site's value by f(source value, target value), the source read
   earlier in the same forward pass (a transcoder replacing an MLP's output from its actual input);
+- `splice_chain`: the same for many (source, target) pairs at once, target i from sources 0..i
+  (every layer's MLP output replaced by a cross-layer transcoder, or by a transcoder per layer);
 - `SharedPrefix`: the fast twin of both for comparing many replacements on one batch.
   The clean forward runs once; each replacement then reruns only the layers from the site on,
   the earlier layers being stubbed to return their cached output. Tests pin it to `splice`.
@@ -122,6 +124,45 @@ def splice_from(model: nn.Module, source: Site, target: Site, fn: SourceSpliceFn
 
     with _site_hook(model, source, record), _site_hook(model, target, replace):
         yield
+
+
+ChainSpliceFn = Callable[[int, list[torch.Tensor], torch.Tensor], torch.Tensor]
+"""(i, the activations of sources 0..i in this pass, target i's activation) -> target i's replacement."""
+
+
+@contextmanager
+def splice_chain(model: nn.Module, pairs: Sequence[tuple[Site, Site]], fn: ChainSpliceFn) -> Iterator[None]:
+    """Within the block, every forward pass sees fn(i, sources, y) at the target of pairs[i]
+    (every i at once), where sources are the activations of the source sites of pairs[0..i] read
+    in that same pass: each replaced target feeds the later sources. Each source must be computed
+    before its target, and the pairs listed in forward order (a cross-layer transcoder: source i
+    = blocks.i.mlp.hook_in, target i = blocks.i.hook_mlp_out; a transcoder per layer likewise)."""
+    seen: list[torch.Tensor | None] = [None] * len(pairs)
+
+    def record(i: int) -> Callable[[torch.Tensor], None]:
+        def keep(x: torch.Tensor) -> None:
+            seen[i] = x.detach().clone()  # clone: a later module may modify the buffer in place
+
+        return keep
+
+    def replace(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def swap(y: torch.Tensor) -> torch.Tensor:
+            sources = seen[: i + 1]
+            if any(x is None for x in sources):
+                raise RuntimeError(
+                    f"site {pairs[i][1].name} was reached before the sources {[p[0].name for p in pairs[: i + 1]]} "
+                    "in the forward pass; a chain splice reads sites computed earlier"
+                )
+            return fn(i, sources, y).to(y.dtype)  # type: ignore[arg-type]
+
+        return swap
+
+    with ExitStack() as stack:
+        for i, (source, target) in enumerate(pairs):
+            stack.enter_context(_site_hook(model, source, record(i)))
+            stack.enter_context(_site_hook(model, target, replace(i)))
+        yield
+        seen[:] = [None] * len(pairs)
 
 
 @contextmanager

@@ -282,5 +282,13 @@ class LanguageModel:
     def splice_from(self, source: Site, target: Site, fn: hooks.SourceSpliceFn) -> AbstractContextManager[None]:
         return hooks.splice_from(self.model, source, target, fn)
 
+    def splice_chain(self, pairs: Sequence[tuple[Site, Site]], fn: hooks.ChainSpliceFn) -> AbstractContextManager[None]:
+        return hooks.splice_chain(self.model, pairs, fn)
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        """The model's output (logits) on input_ids, under whatever splices are active."""
+        with torch.no_grad():
+            return hooks._forward(self.model, input_ids)
+
     def shared_prefix(self, site: Site, input_ids: torch.Tensor, sources: Sequence[Site] = ()) -> hooks.SharedPrefix:
         return hooks.SharedPrefix(self.model, self.layers, site, input_ids, sources)

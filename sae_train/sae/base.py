@@ -143,6 +143,12 @@ class SAE(nn.Module, abc.ABC):
     shard: LatentShard | None = None
     """Set on a latent shard (an SAE holding a contiguous range of a wider SAE's latents): its
     training forward then selects and decodes together with the other shards (sae/shard.py)."""
+    gemm_weight_names: ClassVar[tuple[str, ...]] = ("W_enc", "W_dec")
+    """The parameters the GEMMs read in compute_dtype (`gemm_weight`): the optimizer step writes
+    their bf16 copies (train/update.py)."""
+    cross_layer: ClassVar[bool] = False
+    """Whether it reads one site per layer at once (a cross-layer transcoder, sae/clt.py): one
+    SAE per run over all its sites, `forward` on [B, L, d_in] with targets [B, L, d_out]."""
 
     def __init__(self, cfg: SAEConfig, *, compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -161,9 +167,16 @@ class SAE(nn.Module, abc.ABC):
         # activations; normalization_scale is the scale folded into it (x_raw * scale = x_norm),
         # target_normalization_scale the target's (a transcoder's; the same for an SAE).
         self.folded = False
-        self.normalization_scale = self.target_normalization_scale = 1.0
+        # Cross-layer transcoders record one scale per layer.
+        self.normalization_scale: float | list[float] = 1.0
+        self.target_normalization_scale: float | list[float] = 1.0
+        self._gemm_copies = _GemmCopies()  # see gemm_weight
+        self._init_parameters(torch.Generator().manual_seed(cfg.seed))
+
+    def _init_parameters(self, gen: torch.Generator) -> None:
+        """Create the parameters (and buffers) at their initial values, drawn from `gen`."""
+        cfg = self.cfg
         d_in, d_out, d_sae = cfg.d_in, cfg.d_out, cfg.d_sae
-        gen = torch.Generator().manual_seed(cfg.seed)
         W_dec = torch.randn(d_sae, d_out, generator=gen)
         W_dec *= self._decoder_init_norm() / W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
@@ -178,9 +191,14 @@ class SAE(nn.Module, abc.ABC):
         if cfg.skip:
             self.W_skip = nn.Parameter(torch.zeros(d_in, d_out))
             self.inference_tensors = (*type(self).inference_tensors, "W_skip")
-        self._gemm_copies = _GemmCopies()  # see gemm_weight
 
     # ------------------------------------------------------------------ architecture hooks
+
+    @property
+    def n_latents(self) -> int:
+        """Latents tracked for dead-latent revival (`SAEOutput.fired`, `dead_mask`): d_sae, or
+        one block of d_sae per layer for a cross-layer transcoder."""
+        return self.cfg.d_sae
 
     @property
     def unit_norm_decoder(self) -> bool:
@@ -353,8 +371,10 @@ class SAE(nn.Module, abc.ABC):
         The norm constraint is re-imposed after the step anyway; without this projection Adam
         would spend the step partly on a direction that constrain_ undoes.
         """
+        if not self.unit_norm_decoder:
+            return
         g = self.W_dec.grad
-        if not self.unit_norm_decoder or g is None:
+        if g is None:
             return
         w = self.W_dec
         # This runs every step: on CPU vecdot makes a [d_sae, d_in] product first, a row norm does not.

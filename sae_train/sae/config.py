@@ -29,8 +29,9 @@ class SAEConfig:
 
     architecture: str = "topk"
     """"relu" (L1 penalty), "topk" (k per token, Gao et al. 2024), "batchtopk" (k*B per batch,
-    Bussmann et al. 2024), "matryoshka" (BatchTopK with nested prefixes, Bussmann et al. 2025)
-    or "jumprelu" (learned thresholds + L0 penalty, Rajamanoharan et al. 2024). See
+    Bussmann et al. 2024), "matryoshka" (BatchTopK with nested prefixes, Bussmann et al. 2025),
+    "jumprelu" (learned thresholds + L0 penalty, Rajamanoharan et al. 2024) or "clt" (a
+    cross-layer transcoder over many layers, BatchTopK per layer, Ameisen et al. 2025). See
     sae_train/sae/registry.py."""
 
     d_in: int = 0
@@ -50,6 +51,10 @@ class SAEConfig:
     skip: bool = False
     """Transcoders: add a linear skip connection x @ W_skip ([d_in, d_out], zero at init) to the
     output (Paulo et al. 2025, "Transcoders beat sparse autoencoders")."""
+
+    n_layers: int = 0
+    """clt: the layers a cross-layer transcoder spans (one encoder each; d_sae latents per layer).
+    0 = the number of its sites, filled in by the trainer."""
 
     expansion_factor: int = 8
     """d_sae / d_in when d_sae is 0."""
@@ -128,7 +133,7 @@ class SAEConfig:
             raise bad(
                 "architecture", f"one of {', '.join(sorted(ARCHITECTURES))}", "Set sae.architecture to one of them."
             )
-        for name in ("d_in", "d_sae", "d_out", "aux_k", "seed"):
+        for name in ("d_in", "d_sae", "d_out", "n_layers", "aux_k", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise bad(name, "an integer >= 0 (0 = automatic)", f"Fix sae.{name}.")
         if not isinstance(self.expansion_factor, int) or self.expansion_factor < 1:

@@ -7,7 +7,7 @@ same way before its config is built.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -15,6 +15,7 @@ from torch import Tensor
 from sae_train.errors import UserError
 from sae_train.sae.base import SAE
 from sae_train.sae.batchtopk import BatchTopKSAE
+from sae_train.sae.clt import CrossLayerTranscoder
 from sae_train.sae.config import SAEConfig
 from sae_train.sae.jumprelu import JumpReLUSAE
 from sae_train.sae.matryoshka import MatryoshkaSAE
@@ -33,7 +34,7 @@ def register(cls: type[SAE]) -> type[SAE]:
     return cls
 
 
-for _builtin in (ReLUSAE, TopKSAE, BatchTopKSAE, MatryoshkaSAE, JumpReLUSAE):
+for _builtin in (ReLUSAE, TopKSAE, BatchTopKSAE, MatryoshkaSAE, JumpReLUSAE, CrossLayerTranscoder):
     register(_builtin)
 
 
@@ -58,8 +59,8 @@ def load_folded(
     cfg: SAEConfig,
     tensors: Mapping[str, Tensor],
     *,
-    normalization_scale: float = 1.0,
-    target_normalization_scale: float | None = None,
+    normalization_scale: float | Sequence[float] = 1.0,
+    target_normalization_scale: float | Sequence[float] | None = None,
     compute_dtype: torch.dtype = torch.float32,
     source: str = "SAE weights",
 ) -> SAE:
@@ -74,11 +75,16 @@ def load_folded(
     sae = create_sae(cfg, compute_dtype=compute_dtype)
     load_weights(sae, tensors, sae.inference_tensors, source=source)
     sae.folded = True
-    sae.normalization_scale = float(normalization_scale)
-    sae.target_normalization_scale = float(
+    sae.normalization_scale = _scale(normalization_scale)
+    sae.target_normalization_scale = _scale(
         normalization_scale if target_normalization_scale is None else target_normalization_scale
     )
     return sae
+
+
+def _scale(value: float | Sequence[float]) -> float | list[float]:
+    """A recorded normalisation scale: one number, or one per layer (a cross-layer transcoder)."""
+    return [float(v) for v in value] if isinstance(value, Sequence) else float(value)
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """The training loop: several SAEs on one activation stream, single process or DDP.
 
 Per step every SAE takes its site's batch (normalised by its own constant; a transcoder also
-its target site's rows of the same tokens, normalised by the target's constant), computes its loss
+its target site's rows of the same tokens, normalised by the target's constant; a cross-layer
+transcoder every layer's source and target, each by its own constant), computes its loss
 and gradients, and starts averaging them over ranks (in place, fp32, asynchronously); then ONE
 small all-reduce carries every SAE's batch statistics (loss terms, FVU sums, L0, which latents
 fired) and the stop flags. Every rank therefore makes the same decisions (clip, step, dead
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -37,7 +38,18 @@ from sae_train.atomic import staging_dir
 from sae_train.errors import UserError
 from sae_train.lm.model import resolve_dtype
 from sae_train.provenance import provenance
-from sae_train.sae import SAE, SAEConfig, SAEOutput, create_sae, kernels, load_folded, load_weights, save_sae, sparse
+from sae_train.sae import (
+    ARCHITECTURES,
+    SAE,
+    SAEConfig,
+    SAEOutput,
+    create_sae,
+    kernels,
+    load_folded,
+    load_weights,
+    save_sae,
+    sparse,
+)
 from sae_train.sae import checkpoint as ckpt
 from sae_train.sae.kernels import keep_freed_memory
 from sae_train.train.config import TrainConfig, comparable
@@ -68,8 +80,12 @@ class SAESlot:
     """The site the SAE reads."""
     target: str
     """The site it reconstructs: `site` for an SAE, sae.cfg.target for a transcoder."""
+    layers: tuple[tuple[str, str], ...] = ()
+    """A cross-layer transcoder (`SAE.cross_layer`): the (source, target) sites of each of its
+    layers, in layer order (`site` and `target` are layer 0's); empty for every other SAE."""
     d_sae: int
-    """The whole SAE's latents (sae.cfg.d_sae, or more when sae is one latent shard of it)."""
+    """The whole SAE's tracked latents (`SAE.n_latents`: d_sae, L * d_sae for a cross-layer
+    transcoder; more than sae.cfg.d_sae when sae is one latent shard of it)."""
     lr: float
     directory: Path
     since_fired: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
@@ -93,6 +109,12 @@ class SAESlot:
         return self.since_fired >= after_tokens
 
     @property
+    def all_sites(self) -> tuple[str, ...]:
+        """Every site the SAE reads: its sources and targets."""
+        pairs = self.layers or ((self.site, self.target),)
+        return tuple(dict.fromkeys(site for pair in pairs for site in pair))
+
+    @property
     def stats_size(self) -> int:
         """Elements of its part of the step statistics (`Trainer._batch_stats`)."""
         return len(self.loss_names) + 3 + sum(self.stat_sizes) + self.d_sae
@@ -112,14 +134,15 @@ class SAERun(SAESlot):
     """The fraction of each global batch this rank trains it on."""
     bound_seconds: float
     """Time of the dense GEMMs of one step on this machine (the roofline)."""
-    scale: float = 1.0
-    """Normalisation constant: the SAE sees x * scale, which has unit mean L2 norm."""
-    target_scale: float = 1.0
+    scale: float | list[float] = 1.0
+    """Normalisation constant: the SAE sees x * scale, which has unit mean L2 norm (a cross-layer
+    transcoder: one per layer)."""
+    target_scale: float | list[float] = 1.0
     """The target's (a transcoder's target is y * target_scale, of unit mean norm; = scale for an SAE)."""
 
     def inference(self) -> SAE:
         """The inference copy acting on raw activations (`SAE.fold` with this run's scales)."""
-        return self.sae.fold(self.scale, self.target_scale if self.target != self.site else None)
+        return self.sae.fold(self.scale, self.target_scale if self.target != self.site else None)  # type: ignore[arg-type]
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -188,17 +211,38 @@ def enable_tf32() -> None:
         matmul.allow_tf32 = True
 
 
-def sae_plan(cfg: TrainConfig, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str, str, dict[str, Any]]]:
-    """(tag, site read, site written, SAE-field overrides) for every SAE of the run: (source,
-    target) pairs x sweep combinations."""
+CROSS_LAYER_TAG = "clt"
+"""The tag (checkpoint directory) of a run's cross-layer transcoder, which reads every site."""
+
+Plan = list[tuple[str, tuple[tuple[str, str], ...], dict[str, Any]]]
+"""(tag, (site read, site written) pairs, SAE-field overrides) per SAE of the run: one pair for
+an SAE or a transcoder, one per layer for a cross-layer transcoder."""
+
+
+def sae_plan(cfg: TrainConfig, pairs: Sequence[tuple[str, str]]) -> Plan:
+    """Every SAE of the run: (source, target) pairs x sweep combinations -- or, for a
+    cross-layer architecture, one SAE per sweep combination reading all the pairs."""
     keys = sorted(cfg.sweep)
-    plan = []
-    for site, target in pairs:
+    cross_layer = ARCHITECTURES[cfg.sae.architecture].cross_layer
+    groups = [(CROSS_LAYER_TAG, tuple(pairs))] if cross_layer else [(site, ((site, target),)) for site, target in pairs]
+    plan: Plan = []
+    for name, read in groups:
         for values in itertools.product(*(cfg.sweep[k] for k in keys)):
             overrides = dict(zip(keys, values))
             suffix = "-".join(f"{k}={v}" for k, v in overrides.items())
-            plan.append((f"{site}/{suffix}" if suffix else site, site, target, overrides))
+            plan.append((f"{name}/{suffix}" if suffix else name, read, overrides))
     return plan
+
+
+def check_layer_widths(layers: Sequence[tuple[str, str]], width: Callable[[str], int]) -> None:
+    """A cross-layer transcoder's sources share one width, and its targets another."""
+    for side, name in ((0, "source"), (1, "target")):
+        widths = {pair[side]: width(pair[side]) for pair in layers}
+        if len(set(widths.values())) > 1:
+            raise UserError(
+                f"A cross-layer transcoder needs one width for all its {name} sites; got {widths}. "
+                "Pick sites of one kind (sites=[blocks.*.mlp.hook_in], sae.target=blocks.{layer}.hook_mlp_out)."
+            )
 
 
 class Trainer:
@@ -236,10 +280,10 @@ class Trainer:
         self.wandb_id = self.logger.run_id
 
     # ---- set-up -------------------------------------------------------------------------
-    def _place(self, plan: list[tuple[str, str, str, dict[str, Any]]]) -> None:
+    def _place(self, plan: Plan) -> None:
         """Decide which ranks train which SAEs (train/placement.py) and build this rank's:
         `runs` (the SAEs trained here) and `slots` (every SAE of the run, `runs` among them)."""
-        configs = [self._sae_config(site, target, overrides) for _, site, target, overrides in plan]
+        configs = [self._sae_config(pairs, overrides) for _, pairs, overrides in plan]
         with torch.device("meta"):  # shapes, parameter counts and default lrs, without memory
             shapes = [create_sae(sae_cfg, compute_dtype=self.compute_dtype) for sae_cfg, _ in configs]
         self.placement = Placement.build(
@@ -251,31 +295,37 @@ class Trainer:
         groups = self.placement.owner_dists(self.dist)
         owned = set(self.placement.owned(self.dist.rank))
         self.slots: list[SAESlot] = []
-        for index, ((tag, site, _, _), (sae_cfg, lr), shape) in enumerate(zip(plan, configs, shapes)):
+        for index, ((tag, pairs, _), (sae_cfg, lr), shape) in enumerate(zip(plan, configs, shapes)):
             slot = SAESlot(
                 tag=tag,
-                site=site,
-                target=sae_cfg.target or site,
-                d_sae=sae_cfg.d_sae,
+                site=pairs[0][0],
+                target=pairs[0][1],
+                layers=pairs if shape.cross_layer else (),
+                d_sae=shape.n_latents,
                 lr=lr or shape.default_lr(),
                 directory=self.out_dir / tag,
-                since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=self.dist.device),
+                since_fired=torch.zeros(shape.n_latents, dtype=torch.long, device=self.dist.device),
             )
             if index in owned:
                 slot = self._build_run(slot, index, sae_cfg, groups[self.placement.owners[index]])
             self.slots.append(slot)
         self.runs = [slot for slot in self.slots if isinstance(slot, SAERun)]
-        self.router = Router(self.placement, [tuple(dict.fromkeys((s.site, s.target))) for s in self.slots], self.dist)
+        self.router = Router(self.placement, [slot.all_sites for slot in self.slots], self.dist)
         if any(len(group) < self.dist.world_size for group in self.placement.owners):  # some rank lacks some SAE
             self._exchange_layouts()
 
-    def _sae_config(self, site: str, target: str, overrides: dict[str, Any]) -> tuple[SAEConfig, float]:
-        """The resolved config of the SAE reading `site` and writing `target` with sweep
-        `overrides`, and its lr (0: the architecture's default)."""
+    def _sae_config(self, pairs: tuple[tuple[str, str], ...], overrides: dict[str, Any]) -> tuple[SAEConfig, float]:
+        """The resolved config of the SAE reading and writing the (source, target) `pairs` (one
+        per layer for a cross-layer transcoder) with sweep `overrides`, and its lr (0: the
+        architecture's default)."""
+        site, target = pairs[0]
         d_in = self.source.d_in(site)
         overrides = dict(overrides)
         lr = overrides.pop("lr", self.cfg.lr)
         sae_cfg = replace(self.cfg.sae, **overrides, target="" if target == site else target)
+        if ARCHITECTURES[sae_cfg.architecture].cross_layer:
+            check_layer_widths(pairs, self.source.d_in)
+            sae_cfg = replace(sae_cfg, n_layers=len(pairs))
         if sae_cfg.d_in not in (0, d_in):
             raise UserError(
                 f"sae.d_in={sae_cfg.d_in} does not match site {site} of the data, whose activations have "
@@ -300,11 +350,12 @@ class Trainer:
             fused=self.dist.device.type in ("cpu", "cuda"),
         )
         share = self.placement.share(index, self.dist.rank)
+        rows = (
+            round(share * self.cfg.batch_size) if self.shards is None else self.cfg.batch_size // self.shards.data_ranks
+        )
         bound = _step_gemm_seconds(
             sae.cfg.architecture,
-            round(share * self.cfg.batch_size)
-            if self.shards is None
-            else self.cfg.batch_size // self.shards.data_ranks,
+            rows * max(1, len(slot.layers)),  # a cross-layer transcoder's L encoder GEMMs
             sae.cfg.d_in,
             sae.cfg.d_sae,
             self.compute_dtype,
@@ -322,10 +373,11 @@ class Trainer:
         statistics alike when some do not train every SAE: one all-gather, at start-up."""
         gen, mine = torch.Generator().manual_seed(0), {}
         for run in self.runs:
-            x = torch.randn(2, run.sae.cfg.d_in, generator=gen).to(self.dist.device)
+            rows = (2, len(run.layers)) if run.layers else (2,)  # a cross-layer transcoder: [B, L, d]
+            x = torch.randn(*rows, run.sae.cfg.d_in, generator=gen).to(self.dist.device)
             y = None
             if run.target != run.site:
-                y = torch.randn(2, self.source.d_in(run.target), generator=gen).to(self.dist.device)
+                y = torch.randn(*rows, self.source.d_in(run.target), generator=gen).to(self.dist.device)
             out = run.sae(x, target=y)
             mine[run.index] = (tuple(out.losses), tuple(v.numel() for v in out.stats.values()))
         for layouts in self.dist.gather_objects(mine):
@@ -341,6 +393,9 @@ class Trainer:
         scatters each shard its range)."""
         sample = self.source.sample(self.cfg.init_tokens) if any(r.dist.is_main for r in self.runs) else None
         for run in self.runs:
+            if run.layers:
+                self._initialise_layers(run, sample)
+                continue
             scales = torch.zeros(2, dtype=torch.float64, device=self.dist.device)  # source's, target's
             # latent shards: rank 0 initialises the whole SAE once, in host memory, then scatters its ranges
             init = run.sae if self.shards is None or not run.dist.is_main else self.shards.whole_sae(run.sae)
@@ -367,6 +422,31 @@ class Trainer:
             for tensor in itertools.chain(run.sae.parameters(), run.sae.buffers()):
                 run.dist.broadcast_(tensor.data)
                 torch.autograd.graph.increment_version(tensor)  # .data writes skip the version counter
+
+    def _initialise_layers(self, run: SAERun, sample: dict[str, torch.Tensor] | None) -> None:
+        """`_initialise` for a cross-layer transcoder (never latent-sharded): one constant per
+        source and target site."""
+        scales = torch.zeros(2, len(run.layers), dtype=torch.float64, device=self.dist.device)  # sources', targets'
+        if run.dist.is_main:
+            assert sample is not None
+            stacked = []
+            for side in range(2):
+                rows = []
+                for layer, pair in enumerate(run.layers):
+                    x = sample[pair[side]].to(self.dist.device, torch.float32)
+                    mean_norm = float(x.norm(dim=1).mean())
+                    if not math.isfinite(mean_norm) or mean_norm == 0.0:
+                        raise self.source.nonfinite_error(pair[side], 0, len(x), sample=True) or UserError(
+                            f"Activations of {pair[side]} have mean norm {mean_norm}; the data is degenerate."
+                        )
+                    scales[side, layer] = 1.0 / mean_norm
+                    rows.append(x / mean_norm)
+                stacked.append(torch.stack(rows, dim=1))
+            run.sae.init_from_data(stacked[0], stacked[1])
+        run.scale, run.target_scale = run.dist.broadcast_(scales).tolist()
+        for tensor in itertools.chain(run.sae.parameters(), run.sae.buffers()):
+            run.dist.broadcast_(tensor.data)
+            torch.autograd.graph.increment_version(tensor)  # .data writes skip the version counter
 
     def _restore(self) -> bool:
         state = ckpt.read_run_state(self.out_dir)
@@ -454,15 +534,18 @@ class Trainer:
         step late on every rank alike, so the host never waits for the step it just queued.
         """
         sparsity = sparsity_factor(self.step, self.n_steps, self.cfg.sparsity_warmup)
-        needed = {site for slot in self.slots for site in (slot.site, slot.target)}
+        needed = {site for slot in self.slots for site in slot.all_sites}
         batch = {site: batch[site].to(self.dist.device, non_blocking=True) for site in needed}  # once per site
         routed = self.router.route(batch)  # each SAE's rows to the ranks that train it
         stats, outs, finishers = [], [], []
         for run in self.runs:
-            x, var = self._normalised(routed[run.site], run.scale)
-            y = None
-            if run.target != run.site:  # a transcoder: the FVU's variance is the target's
-                y, var = self._normalised(routed[run.target], run.target_scale)
+            if run.layers:  # a cross-layer transcoder: every layer's source and target
+                x, y, var = self._normalised_layers(routed, run)
+            else:
+                x, var = self._normalised(routed[run.site], cast(float, run.scale))
+                y = None
+                if run.target != run.site:  # a transcoder: the FVU's variance is the target's
+                    y, var = self._normalised(routed[run.target], cast(float, run.target_scale))
             run.sae.max_dead = run.dead_bound
             dead = None if run.dead_bound == 0 else run.dead_mask(self.cfg.dead_after_tokens)
             with sparse.selection_span(run.dist.group, run.dist.world_size):
@@ -528,11 +611,7 @@ class Trainer:
                 start = self._pending_start
                 stop = start + self.cfg.batch_size
                 raise next(
-                    (
-                        err
-                        for site in dict.fromkeys((slot.site, slot.target))
-                        if (err := self.source.nonfinite_error(site, start, stop))
-                    ),
+                    (err for site in slot.all_sites if (err := self.source.nonfinite_error(site, start, stop))),
                     None,
                 ) or UserError(
                     f"Non-finite loss for SAE {slot.tag} at step {self._pending_step} ({losses}). Training stopped; the "
@@ -555,6 +634,22 @@ class Trainer:
             return x, torch.tensor(var, dtype=torch.float64)
         x = raw.float() * scale
         return x, torch.linalg.vector_norm(x - x.mean(0)).square()
+
+    @classmethod
+    @torch.no_grad()
+    def _normalised_layers(
+        cls, batch: dict[str, torch.Tensor], run: SAERun
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A cross-layer transcoder's inputs [B, L, d_in] and targets [B, L, d_out], each site
+        scaled by its own constant, and the targets' variance summed over layers."""
+        assert isinstance(run.scale, list) and isinstance(run.target_scale, list)
+        xs = [cls._normalised(batch[source], scale)[0] for (source, _), scale in zip(run.layers, run.scale)]
+        ys, var = [], torch.zeros((), dtype=torch.float64, device=xs[0].device)
+        for (_, target), scale in zip(run.layers, run.target_scale):
+            y, v = cls._normalised(batch[target], scale)
+            ys.append(y)
+            var = var + v.to(var.device)
+        return torch.stack(xs, dim=1), torch.stack(ys, dim=1), var
 
     @staticmethod
     @torch.no_grad()
@@ -634,8 +729,8 @@ class Trainer:
                     run.dead_mask(self.cfg.dead_after_tokens),
                     sample,
                     run.dist,
-                    (run.site, run.scale),
-                    (run.target, run.target_scale),
+                    (run.site, cast(float, run.scale)),  # cross-layer transcoders revive by AuxK
+                    (run.target, cast(float, run.target_scale)),
                     self._generator(run),
                 )
                 if count:
@@ -799,7 +894,9 @@ class Trainer:
         return None if whole is None or optimizer is None else (whole, optimizer)
 
     def _inference_metadata(self, run: SAERun) -> dict[str, Any]:
+        layers = {"sites": [s for s, _ in run.layers], "targets": [t for _, t in run.layers]} if run.layers else {}
         return {
+            **layers,
             "site": run.site,
             "tag": run.tag,
             "normalization_scale": run.scale,

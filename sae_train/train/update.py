@@ -32,8 +32,6 @@ import torch
 
 from sae_train.sae import SAE, kernels
 
-_SHADOWED = ("W_enc", "W_dec")  # parameters the GEMMs read in compute_dtype
-
 
 def reference_update(sae: SAE, optimizer: torch.optim.Optimizer, grad_clip: float) -> None:
     """One optimizer step the plain way (any device, optimizer and dtype)."""
@@ -116,7 +114,7 @@ def fused_update(sae: SAE, optimizer: torch.optim.Adam, grad_clip: float) -> Non
     clip = min(grad_clip / (math.sqrt(total) + 1e-6), 1.0) if grad_clip > 0 else 1.0
     # pass 2: Adam (+ decoder renormalisation, + bf16 copies for the next forward's GEMMs)
     bf16_copies = sae.compute_dtype == torch.bfloat16
-    shadowed = {id(getattr(sae, n)): n for n in _SHADOWED}
+    shadowed = {id(getattr(sae, n)): n for n in sae.gemm_weight_names}
     for group in optimizer.param_groups:
         beta1, beta2 = group["betas"]
         for p in group["params"]:
@@ -140,7 +138,7 @@ def write_gemm_copies(sae: SAE) -> None:
     """CUDA, bf16 GEMMs: cast W_enc/W_dec once after the step, for every GEMM of the next step
     to share (`SAE.gemm_weight`); the caching allocator hands back last step's blocks."""
     if sae.W_enc.device.type == "cuda" and sae.compute_dtype == torch.bfloat16 and sae.W_enc.dtype == torch.float32:
-        for name in _SHADOWED:
+        for name in sae.gemm_weight_names:
             sae.set_gemm_weight(name, getattr(sae, name).detach().to(torch.bfloat16))
 
 
