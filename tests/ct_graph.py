@@ -42,7 +42,8 @@ def main() -> None:
             if f"x_{layer}" in inputs:
                 outputs[f"out_{layer}"] = transcoders[layer](inputs[f"x_{layer}"]).float().contiguous()
     save_file(outputs, str(out / "outputs.safetensors"))
-    graph = attribute(prompt, model, max_n_logits=5, batch_size=256)
+    # Its dense edge matrix is [max_feature_nodes, all nodes]: bounded as in circuit-tracer's demos.
+    graph = attribute(prompt, model, max_n_logits=5, batch_size=256, max_feature_nodes=4096)
     done = time.perf_counter()
     layers = graph.active_features[:, 0].tolist()
     report = {
