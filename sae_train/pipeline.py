@@ -23,9 +23,10 @@ from sae_train import inspect as inspect_stage
 from sae_train.atomic import write_json_atomic
 from sae_train.data import DataConfig, TextConfig
 from sae_train.errors import UserError
-from sae_train.eval.stage import data_config, model_config, text_config
+from sae_train.eval.stage import data_config, text_config
 from sae_train.hub import resolve_token
 from sae_train.lm import LanguageModel, ModelConfig
+from sae_train.lm.model import model_config
 from sae_train.sae.checkpoint import CFG_FILE, WEIGHTS_FILE, find_checkpoints, read_run_state
 from sae_train.store import ActivationStore
 from sae_train.train.logger import MetricsLogger

@@ -18,11 +18,11 @@ from sae_train.data import DataConfig, TextConfig, TokenSpec, iter_documents
 from sae_train.data.packing import keep_mask
 from sae_train.errors import UserError
 from sae_train.eval import EvalConfig, PeriodicEval, SiteEvaluator, layer_forwards, run
-from sae_train.eval.checkpoints import load_checkpoints, recorded
 from sae_train.eval.stage import data_config
 from sae_train.eval.tokens import held_out_windows
 from sae_train.lm import LanguageModel, ModelConfig
 from sae_train.sae import ARCHITECTURES, SAEConfig, create_sae, load_sae, load_sae_cfg, save_sae
+from sae_train.sae.checkpoint import load_checkpoints, recorded
 from sae_train.train import TrainConfig
 from sae_train.train import run as train
 from tests.tiny import write_corpus

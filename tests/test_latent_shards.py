@@ -17,11 +17,16 @@ import torch
 from safetensors.torch import load_file
 
 from sae_train.errors import UserError
-from sae_train.eval.checkpoints import load_checkpoints
 from sae_train.export import ExportConfig, run
 from sae_train.sae import SAEConfig, create_sae, kernels, sparse
 from sae_train.sae.base import SAE
-from sae_train.sae.checkpoint import OPTIMIZER_FILE, RUN_STATE_FILE, TRAINING_WEIGHTS_FILE, WEIGHTS_FILE
+from sae_train.sae.checkpoint import (
+    OPTIMIZER_FILE,
+    RUN_STATE_FILE,
+    TRAINING_WEIGHTS_FILE,
+    WEIGHTS_FILE,
+    load_checkpoints,
+)
 from sae_train.sae.shard import LatentShard, shard_of
 from sae_train.train import update
 from sae_train.train.config import ParallelConfig, TrainConfig

@@ -10,9 +10,9 @@ from __future__ import annotations
 from sae_train.errors import UserError
 from sae_train.lm import LanguageModel, Site
 from sae_train.sae import SAE
-from sae_train.sae.checkpoint import CFG_FILE, Checkpoint, load_checkpoints, recorded
+from sae_train.sae.checkpoint import CFG_FILE, Checkpoint
 
-__all__ = ["Checkpoint", "cross_layer_pairs", "group_by_site", "load_checkpoints", "recorded"]
+__all__ = ["cross_layer_pairs", "group_by_site"]
 
 
 def cross_layer_pairs(c: Checkpoint, lm: LanguageModel) -> list[tuple[Site, Site]]:
@@ -53,29 +53,10 @@ def group_by_site(checkpoints: list[Checkpoint], lm: LanguageModel) -> list[tupl
     that each SAE fits its sites. SAEs group by their site (read = spliced: None); transcoders
     by (source, target): they read the source and are spliced at the target."""
     groups: dict[tuple[str, str], tuple[Site, Site | None, dict[str, SAE]]] = {}
-    widths: dict[str, int] = {}
-    model = lm.identity.get("name", "")
-
-    def resolve(c: Checkpoint, name: str, dim: str, what: str) -> Site:
-        width = getattr(c.sae.cfg, dim)
-        try:
-            site = lm.site(name)
-        except UserError as err:
-            raise UserError(f"Checkpoint {c.path} {what} site '{name}', which model '{model}' lacks. {err}") from err
-        if site.name not in widths:
-            widths[site.name] = lm.site_width(site)
-        if width != widths[site.name]:
-            raise UserError(
-                f"Checkpoint {c.path} has {dim}={width} for the site it {what}, '{site.name}', but model '{model}' has "
-                f"width {widths[site.name]} there. The SAE was trained on another model or site; pass the "
-                "model it was trained on (model.name=...) or the right checkpoint."
-            )
-        return site
-
     for c in checkpoints:
         cfg = c.sae.cfg
-        source = resolve(c, c.site, "d_in", "reads")
-        target = resolve(c, cfg.target, "d_out", "writes") if cfg.is_transcoder else None
+        source = lm.checked_site(c.site, "d_in", cfg.d_in, f"Checkpoint {c.path}")
+        target = lm.checked_site(cfg.target, "d_out", cfg.d_out, f"Checkpoint {c.path}") if cfg.is_transcoder else None
         key = (source.name, cfg.target)
         spliced, read = (source, None) if target is None else (target, source)
         groups.setdefault(key, (spliced, read, {}))[2][c.name] = c.sae.to(lm.device).eval()

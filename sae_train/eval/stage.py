@@ -18,7 +18,7 @@ from tqdm import tqdm
 from sae_train.data import DataConfig, TextConfig, TokenSpec
 from sae_train.data.packing import keep_mask
 from sae_train.errors import UserError
-from sae_train.eval.checkpoints import Checkpoint, cross_layer_pairs, group_by_site, load_checkpoints, recorded
+from sae_train.eval.checkpoints import cross_layer_pairs, group_by_site
 from sae_train.eval.config import EvalConfig
 from sae_train.eval.downstream import ReplacementEvaluator, SiteEvaluator, layer_forwards
 from sae_train.eval.layers import CrossLayerEvaluator
@@ -29,6 +29,7 @@ from sae_train.lm import LanguageModel, Site
 from sae_train.lm.model import model_config
 from sae_train.provenance import provenance
 from sae_train.sae import SAE
+from sae_train.sae.checkpoint import Checkpoint, load_checkpoints, recorded
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from tqdm import tqdm
 from sae_train.atomic import drop_previous, staging_dir, swap_dir
 from sae_train.data import TokenSpec
 from sae_train.errors import UserError
-from sae_train.eval.checkpoints import Checkpoint, group_by_site, load_checkpoints, recorded
-from sae_train.eval.stage import data_config, model_config, text_config
+from sae_train.eval.checkpoints import group_by_site
+from sae_train.eval.stage import data_config, text_config
 from sae_train.eval.tokens import held_out_windows
 from sae_train.inspect import browser, circuit_tracer
 from sae_train.inspect.config import InspectConfig
@@ -34,9 +34,10 @@ from sae_train.inspect.records import LogitTokens, RecordBuilder, logit_tokens, 
 from sae_train.inspect.rows import Rows, check_store, live_rows, store_rows
 from sae_train.inspect.stream import LatentStats
 from sae_train.lm import LanguageModel
-from sae_train.lm.model import resolve_dtype
+from sae_train.lm.model import model_config, resolve_dtype
 from sae_train.lm.unembed import logit_lens
 from sae_train.provenance import provenance
+from sae_train.sae.checkpoint import Checkpoint, load_checkpoints, recorded
 from sae_train.store import ActivationStore
 
 log = logging.getLogger(__name__)

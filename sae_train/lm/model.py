@@ -253,6 +253,24 @@ class LanguageModel:
         probe = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         return int(self.capture([site], probe)[site.name].shape[-1])
 
+    def checked_site(self, name: str, dim: str, width: int, owner: str) -> Site:
+        """Site `name` of this model, after checking it has `width` (the owner's `dim`, e.g.
+        d_in): what a dictionary trained elsewhere (`owner`, named in the errors) needs before it
+        reads or writes the site."""
+        model = self.identity.get("name", "")
+        try:
+            site = self.site(name)
+        except UserError as err:
+            raise UserError(f"{owner} uses site '{name}', which model '{model}' lacks. {err}") from err
+        actual = self.site_width(site)
+        if actual != width:
+            raise UserError(
+                f"{owner} has {dim}={width} for site '{name}', but model '{model}' has width {actual} there: it was "
+                "trained on another model or site. Pass the model it was trained on (model.name=...) or the right "
+                "checkpoint."
+            )
+        return site
+
     def capture(self, sites: Sequence[Site], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return hooks.capture(self.model, sites, input_ids)
 
@@ -278,9 +296,6 @@ class LanguageModel:
 
     def splice(self, site: Site, fn: hooks.SpliceFn) -> AbstractContextManager[None]:
         return hooks.splice(self.model, site, fn)
-
-    def splice_from(self, source: Site, target: Site, fn: hooks.SourceSpliceFn) -> AbstractContextManager[None]:
-        return hooks.splice_from(self.model, source, target, fn)
 
     def splice_chain(self, pairs: Sequence[tuple[Site, Site]], fn: hooks.ChainSpliceFn) -> AbstractContextManager[None]:
         return hooks.splice_chain(self.model, pairs, fn)

@@ -20,7 +20,6 @@ from transformers import GenerationConfig
 
 from sae_train.atomic import write_json_atomic
 from sae_train.data import TextConfig, TokenSpec
-from sae_train.errors import UserError
 from sae_train.lm import LanguageModel
 from sae_train.lm.model import model_config
 from sae_train.provenance import provenance
@@ -75,20 +74,11 @@ def _wrap(text: str, width: int) -> list[str]:
 def _check_sites(c: Checkpoint, lm: LanguageModel) -> tuple[str, str]:
     """(site read, site steered) of `c` in lm, after checking their widths."""
     cfg = c.sae.cfg
-    sites = [(c.site, cfg.d_in)] + ([(cfg.target, cfg.d_out)] if cfg.is_transcoder else [])
-    for name, width in sites:
-        try:
-            site = lm.site(name)
-        except UserError as err:
-            model = lm.identity.get("name", "")
-            raise UserError(f"Checkpoint {c.path} uses site '{name}', which model '{model}' lacks. {err}") from err
-        actual = lm.site_width(site)
-        if actual != width:
-            raise UserError(
-                f"Checkpoint {c.path} has width {width} at site '{name}', but the model has {actual} there: it was "
-                "trained on another model. Pass the model it was trained on (model.name=...)."
-            )
-    return c.site, sites[-1][0]
+    lm.checked_site(c.site, "d_in", cfg.d_in, f"Checkpoint {c.path}")
+    if not cfg.is_transcoder:
+        return c.site, c.site
+    lm.checked_site(cfg.target, "d_out", cfg.d_out, f"Checkpoint {c.path}")
+    return c.site, cfg.target
 
 
 def _prompt_ids(lm: LanguageModel, prompt: str, text: dict[str, Any] | None) -> torch.Tensor:
