@@ -336,17 +336,38 @@ def test_jumprelu_threshold_learns():
     assert not torch.equal(sae.threshold, before) and (sae.threshold >= 0).all()
 
 
-def test_batchtopk_threshold_ema():
-    sae = make("batchtopk", batchtopk_threshold_beta=0.5)
+def test_batchtopk_threshold_follows_recent_steps():
+    """The inference threshold is the polynomial-decay average of each step's smallest kept
+    activation: the first step sets it, step s of t weighs (s+1)...(s+8) / ((t+1)...(t+9)) * 9,
+    and the factor is capped at batchtopk_threshold_beta (then a plain EMA)."""
+    for beta in (0.999, 0.95):
+        sae = make("batchtopk", batchtopk_threshold_beta=beta)
+        seen, ref = [], 0.0
+        for t in range(40):
+            out = sae(data(seed=t))
+            sae.after_step(out)
+            m = out.stats["min_kept"].item()
+            seen.append(m)
+            factor = min(t / (t + 9), beta)
+            ref = factor * ref + (1 - factor) * m
+            assert torch.allclose(sae.threshold, torch.full_like(sae.threshold, ref), rtol=1e-5)
+        if beta == 0.999:  # never capped in 40 steps: the closed form of the average
+            t = len(seen) - 1
+            w = [9 * math.prod(range(s + 1, s + 9)) / math.prod(range(t + 1, t + 10)) for s in range(t + 1)]
+            assert abs(sum(w) - 1) < 1e-9
+            assert sae.threshold[0].item() == pytest.approx(sum(wi * mi for wi, mi in zip(w, seen, strict=True)), rel=1e-5)
+
+
+def test_batchtopk_threshold_tracks_a_moving_cut():
+    """A cut that moves during training (here 1 for 200 steps, then 3 for 40) is followed: the last
+    sixth of the run holds ~80% of the weight (1 - (200/240)**9), where a 0.999 EMA would hold 4%."""
+    sae = make("batchtopk")
     out = sae(data())
-    sae.after_step(out)
-    first = out.stats["min_kept"].item()
-    assert torch.allclose(sae.threshold, torch.full_like(sae.threshold, first))
-    out2 = sae(data(seed=3))
-    sae.after_step(out2)
-    assert torch.allclose(
-        sae.threshold, torch.full_like(sae.threshold, 0.5 * first + 0.5 * out2.stats["min_kept"].item())
-    )
+    for t in range(240):
+        out.stats["min_kept"] = torch.tensor(1.0 if t < 200 else 3.0)
+        sae.after_step(out)
+    assert 2.55 < sae.threshold[0].item() < 2.7
+    assert int(sae.threshold_updates) == 240
 
 
 def test_auxk_only_reaches_dead_latents():

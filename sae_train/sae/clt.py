@@ -11,8 +11,8 @@ On x [B, L, d_in] (x[:, l]: layer l's MLP input) it computes
     y_hat_j = sum over s <= j of f_s @ W_dec_s[:, j - s] + b_dec[j]  (+ x_j @ W_skip[j])
 the reconstruction of layer j's MLP output. Training selects BatchTopK per layer (the k * B
 largest pre-activations of each layer's batch: k latents per token and layer on average);
-inference is f = z * [z > threshold] per latent, the threshold an EMA of the smallest kept
-activation of each layer (BatchTopK's estimator). That is JumpReLU, exactly what circuit-tracer
+inference is f = z * [z > threshold] per latent, the threshold a running average of the smallest
+kept activation of each layer (BatchTopK's `track_threshold`). That is JumpReLU, exactly what circuit-tracer
 computes from `threshold_{l}`, so the export is exact.
 
 Loss: the sum over layers of each layer's MSE (every source and target site normalised to unit
@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from sae_train.errors import UserError
 from sae_train.sae import sparse
 from sae_train.sae.base import CHUNK_TOKENS, SAE, SAEOutput, SparseLatents, geometric_median
+from sae_train.sae.batchtopk import track_threshold
 from sae_train.sae.config import SAEConfig, config_error
 from sae_train.sae.ops import auxk_ratio
 
@@ -289,13 +290,10 @@ class CrossLayerTranscoder(SAE):
         out.stats["min_kept"] = torch.stack(min_kept)
         return out
 
-    @torch.no_grad()
     def after_step(self, out: SAEOutput) -> None:
-        """Fold each layer's smallest kept activation of this batch into its threshold (EMA)."""
+        """Fold each layer's smallest kept activation of this batch into its threshold."""
         m = out.stats["min_kept"].to(self.threshold)[:, None]
-        beta = self.cfg.batchtopk_threshold_beta
-        self.threshold.copy_(torch.where(self.threshold_updates == 0, m, self.threshold * beta + (1 - beta) * m))
-        self.threshold_updates += 1
+        track_threshold(self.threshold, self.threshold_updates, m, self.cfg.batchtopk_threshold_beta)
 
     @torch.no_grad()
     def constrain_extra_(self) -> None:

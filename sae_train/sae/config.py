@@ -99,8 +99,9 @@ class SAEConfig:
     """topk/batchtopk/matryoshka: weight of the AuxK loss (OpenAI, 1/32)."""
 
     batchtopk_threshold_beta: float = 0.999
-    """batchtopk, matryoshka: EMA factor of the inference threshold, the running mean of the
-    smallest activation kept per batch (dictionary_learning's estimator)."""
+    """batchtopk, matryoshka, clt: the inference threshold averages the smallest activation kept
+    per batch (dictionary_learning's statistic) over about the last tenth of the run, and over at
+    most the last ~1/(1 - beta) steps: beta caps the averaging factor (`batchtopk.track_threshold`)."""
 
     matryoshka_prefixes: list[float] = field(default_factory=lambda: [0.0625, 0.25, 1.0])
     """matryoshka: the nested prefixes, each reconstructing the input from latents 0..m-1

@@ -193,7 +193,7 @@ def topk_rows(z: Tensor, bias: Tensor, k: int, colmask: Tensor | None = None) ->
 @dataclass
 class BatchSelection:
     """The entries a TopK-family step selected, in CSR (row-major), with what BatchTopK adds: the
-    padding mask under DDP and the statistic its threshold EMA needs."""
+    padding mask under DDP and the statistic its inference threshold tracks."""
 
     offsets: Tensor  # [B+1]
     ids: Tensor  # [nnz] latent ids, ascending within a token
