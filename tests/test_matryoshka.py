@@ -10,7 +10,7 @@ from sae_train.errors import UserError
 from sae_train.sae import SAEConfig, create_sae, load_sae
 from sae_train.sae.matryoshka import prefix_widths
 from sae_train.train import TrainConfig, run
-from tests.synthetic import recovered_fraction, true_directions, write_store
+from tests.synthetic import recovered_fraction, sample, true_directions, write_store
 
 
 def make(**cfg):
@@ -131,9 +131,12 @@ def test_folded_sae_reproduces_training_outputs():
 def test_first_prefix_learns_the_most_frequent_features(tmp_path):
     """64 true features with firing rates falling geometrically from 0.25 to 0.0125 (feature i
     more frequent than i+1). The nested loss puts frequent features in the first latents; plain
-    BatchTopK on the same data and initialisation (seed 1: not the true directions) does not."""
+    BatchTopK on the same data and initialisation (seed 1: not the true directions) does not.
+    Both checkpoints' inference thresholds give L0 ~ k on fresh rows of the training distribution."""
     dirs = true_directions(64, 32)
-    store = write_store(tmp_path / "store", dirs, 65_536, p=(0.25 * torch.logspace(0, -1.3, 64)).tolist())
+    p = (0.25 * torch.logspace(0, -1.3, 64)).tolist()
+    store = write_store(tmp_path / "store", dirs, 65_536, p=p)
+    fresh = sample(16_384, dirs, p, 0.02, torch.Generator().manual_seed(7))
     first = {}
     for arch in ("matryoshka", "batchtopk"):
         sae_cfg = SAEConfig(architecture=arch, k=4, expansion_factor=2, seed=1, matryoshka_prefixes=[0.25, 1.0])
@@ -148,7 +151,11 @@ def test_first_prefix_learns_the_most_frequent_features(tmp_path):
                 sae=sae_cfg,
             )
         )
-        W_dec = load_sae(summary.saes["synthetic"]["checkpoint"]).W_dec.detach()
+        sae = load_sae(summary.saes["synthetic"]["checkpoint"])
+        with torch.no_grad():
+            l0 = (sae.encode(fresh) > 0).sum(1).float().mean().item()
+        assert 3.6 < l0 < 4.4, (arch, l0)  # k 4
+        W_dec = sae.W_dec.detach()
         best = (dirs @ W_dec[:16].T).max(0)  # the true feature closest to each of the first 16 latents
         first[arch] = int(((best.values > 0.9) & (best.indices < 24)).sum())
         if arch == "matryoshka":
