@@ -1,4 +1,4 @@
-"""Run circuit-tracer on an exported transcoder set, as a user would; executed by the interop venv's
+"""Run circuit-tracer on an exported transcoder set or CLT, as a user would; executed by the interop venv's
 python (`make interop`), never imported by the suite (sae_train is not installed there).
 
     python tests/ct_graph.py MODEL_DIR SET_DIR INPUTS OUT_DIR [PROMPT]
@@ -6,7 +6,7 @@ python (`make interop`), never imported by the suite (sae_train is not installed
 MODEL_DIR and SET_DIR are absolute local paths (offline: HF_HUB_OFFLINE=1). INPUTS is a
 safetensors file with `input_ids` [1, T] and, per layer l, `x_{l}` [n, d_model]. Writes to OUT_DIR
 `outputs.safetensors` (`acts` [L, T, d_t]: circuit-tracer's transcoder activations on input_ids,
-position 0 zeroed as it does; `out_{l}`: its transcoder l applied to x_{l}) and `graph.json` (the
+position 0 zeroed as it does; `out_{l}`: its transcoder l applied to x_{l}, for a set) and `graph.json` (the
 attribution graph for PROMPT: active features per layer, node counts, seconds).
 """
 
@@ -34,11 +34,12 @@ def main() -> None:
     )
     loaded = time.perf_counter()
     inputs = load_file(inputs_file)
-    transcoders = model.transcoders._module  # the TranscoderSet behind nnsight's envoy
+    transcoders = model.transcoders._module  # the TranscoderSet or CrossLayerTranscoder behind nnsight's envoy
+    n_layers = transcoders.n_layers
     _, acts = model.get_activations(inputs["input_ids"])
     outputs = {"acts": acts.float().contiguous()}
     with torch.no_grad():
-        for layer in range(len(transcoders)):
+        for layer in range(n_layers):
             if f"x_{layer}" in inputs:
                 outputs[f"out_{layer}"] = transcoders[layer](inputs[f"x_{layer}"]).float().contiguous()
     save_file(outputs, str(out / "outputs.safetensors"))
@@ -47,10 +48,10 @@ def main() -> None:
     done = time.perf_counter()
     layers = graph.active_features[:, 0].tolist()
     report = {
-        "n_layers": len(transcoders),
+        "n_layers": n_layers,
         "d_transcoder": transcoders.d_transcoder,
         "active_features": len(layers),
-        "active_per_layer": [layers.count(i) for i in range(len(transcoders))],
+        "active_per_layer": [layers.count(i) for i in range(n_layers)],
         "positions": sorted(set(graph.active_features[:, 1].tolist())),
         "nodes": int(graph.adjacency_matrix.shape[0]),
         "logit_targets": len(graph.logit_targets),
