@@ -47,7 +47,7 @@ from sae_train.errors import UserError
 from sae_train.sae import sparse
 from sae_train.sae.base import CHUNK_TOKENS, SAE, SAEOutput, SparseLatents, geometric_median
 from sae_train.sae.config import SAEConfig, config_error
-from sae_train.sae.ops import auxk_ratio
+from sae_train.sae.ops import auxk_ratio, batch_topk_selection
 
 
 class CrossLayerTranscoder(SAE):
@@ -216,12 +216,13 @@ class CrossLayerTranscoder(SAE):
         xl = x.transpose(0, 1).contiguous()  # [L, B, d_in]: each layer's rows contiguous
         W_gemm, b_enc = self.gemm_weight("W_enc"), self.b_enc.detach()
         aux_k = min(self.cfg.aux_k, d_sae)
+        select = batch_topk_selection if self._fast_path(x) else sparse.batch_topk  # the C kernel, or PyTorch
         layers, pres, mains, auxes, min_kept = [], [], [], [], []
         start = 0
         with torch.no_grad():
             for s in range(L):
                 z = xl[s].to(self._gemm_dtype) @ W_gemm[s]
-                sel = sparse.batch_topk(z, b_enc[s], self.cfg.k, world)
+                sel = select(z, b_enc[s], self.cfg.k, world)
                 ids, rows, pre = sel.ids, sel.rows, sel.values
                 n_main = ids.numel()
                 main = sparse.ByLatent(ids, d_sae)
@@ -245,21 +246,21 @@ class CrossLayerTranscoder(SAE):
                 start += ids.numel()
                 del z
         pre = _LayerPreacts.apply(torch.cat(pres), xl, layers, self.W_enc, self.b_enc)
-        x_hat = torch.zeros(B, L, d_out, dtype=self._acc_dtype, device=x.device) + self.b_dec
-        values, ids_all, offsets_all = [], [], []
+        decoded, values, ids_all, offsets_all = [], [], [], []
         for s, ((main, rows, offsets, keep, n_main), (lo, _, _, _)) in enumerate(zip(mains, layers)):
             vals = torch.relu(pre[lo : lo + n_main])
             if keep is not None:
                 vals = torch.where(keep, vals, torch.zeros_like(vals))
             table = self.decoder(s).view(d_sae, (L - s) * d_out)
-            x_hat[:, s:] += sparse.SparseDecode.apply(vals, table, main, rows, offsets).view(B, L - s, d_out)
+            decoded.append(sparse.SparseDecode.apply(vals, table, main, rows, offsets))
             values.append(vals.detach())
             ids_all.append(main.ids)
             offsets_all.append(offsets[:-1] + sum(v.numel() for v in values[:-1]))
+        x_hat = _LayerSum.apply(self.b_dec, *decoded)
         mse = (x_hat - target).pow(2).sum(-1).mean(0).sum()
         auxk = x_hat.new_zeros(())
         if dead_mask is not None:
-            e_hat = torch.zeros_like(x_hat)
+            parts = []
             a_offsets = torch.arange(0, B * aux_k + 1, aux_k, device=x.device)
             for s, ((a_ids, a_rows, valid), (lo, hi, _, _), (_, _, _, _, n_main)) in enumerate(
                 zip(auxes, layers, mains)
@@ -268,16 +269,15 @@ class CrossLayerTranscoder(SAE):
                 a_vals = torch.where(valid, torch.relu(a_pre), torch.zeros_like(a_pre))
                 table = self.decoder(s).view(d_sae, (L - s) * d_out)
                 groups = sparse.ByLatent(a_ids, d_sae)
-                e_hat[:, s:] += sparse.SparseDecode.apply(a_vals, table, groups, a_rows, a_offsets).view(
-                    B, L - s, d_out
-                )
+                parts.append(sparse.SparseDecode.apply(a_vals, table, groups, a_rows, a_offsets))
+            e_hat = _LayerSum.apply(None, *parts)
             e = (target - x_hat).detach()
             auxk = torch.where(dead_mask.any(), auxk_ratio(e_hat.flatten(1), e.flatten(1)), auxk)
         loss = mse + self.cfg.aux_coefficient * auxk
         vals_cat, ids_cat = torch.cat(values), torch.cat(ids_all)
         offsets_cat = torch.cat([*offsets_all, vals_cat.new_full((1,), vals_cat.numel(), dtype=offsets_all[0].dtype)])
         active = (vals_cat != 0).float()
-        layer_of = torch.arange(L, device=x.device).repeat_interleave(values[0].numel())  # k * B entries per layer
+        layer_of = torch.cat([torch.full((v.numel(),), s, device=x.device) for s, v in enumerate(values)])
         counts = torch.zeros(self.n_latents, device=x.device).index_add_(0, layer_of * d_sae + ids_cat, active)
         out = SAEOutput(
             x_hat,
@@ -356,6 +356,30 @@ class CrossLayerTranscoder(SAE):
         sae.folded = True
         sae.normalization_scale, sae.target_normalization_scale = sc.tolist(), t.tolist()
         return sae
+
+
+class _LayerSum(torch.autograd.Function):
+    """y [B, L, d_out] with y[:, j] = bias[j] + sum over s <= j of parts[s][:, j - s], from each
+    source layer's decode parts[s] [B, (L - s) d_out] (bias [L, d_out] or None: 0). The
+    backward hands parts[s] the view g[:, s:] of the output's gradient: accumulating into
+    slices of y in place would make autograd clone and zero-fill the whole [B, L, d_out]
+    gradient once per layer."""
+
+    @staticmethod
+    def forward(ctx, bias: Tensor | None, *parts: Tensor) -> Tensor:  # type: ignore[override]
+        B, L = parts[0].shape[0], len(parts)
+        d_out = parts[0].shape[1] // L
+        y = parts[0].new_zeros(B, L, d_out) if bias is None else bias.expand(B, L, d_out).contiguous()
+        for s, part in enumerate(parts):
+            y[:, s:] += part.view(B, L - s, d_out)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        B, L = g.shape[0], g.shape[1]
+        grad_bias = g.sum(0) if ctx.has_bias else None
+        return grad_bias, *(g[:, s:].reshape(B, -1) for s in range(L))
 
 
 class _LayerPreacts(torch.autograd.Function):
