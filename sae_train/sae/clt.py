@@ -246,21 +246,21 @@ class CrossLayerTranscoder(SAE):
                 start += ids.numel()
                 del z
         pre = _LayerPreacts.apply(torch.cat(pres), xl, layers, self.W_enc, self.b_enc)
-        decoded, values, ids_all, offsets_all = [], [], [], []
+        x_hat = torch.zeros(B, L, d_out, dtype=self._acc_dtype, device=x.device) + self.b_dec
+        values, ids_all, offsets_all = [], [], []
         for s, ((main, rows, offsets, keep, n_main), (lo, _, _, _)) in enumerate(zip(mains, layers)):
             vals = torch.relu(pre[lo : lo + n_main])
             if keep is not None:
                 vals = torch.where(keep, vals, torch.zeros_like(vals))
             table = self.decoder(s).view(d_sae, (L - s) * d_out)
-            decoded.append(sparse.SparseDecode.apply(vals, table, main, rows, offsets))
+            x_hat = _DecodeInto.apply(x_hat, s, vals, table, main, rows, offsets)
             values.append(vals.detach())
             ids_all.append(main.ids)
             offsets_all.append(offsets[:-1] + sum(v.numel() for v in values[:-1]))
-        x_hat = _LayerSum.apply(self.b_dec, *decoded)
         mse = (x_hat - target).pow(2).sum(-1).mean(0).sum()
         auxk = x_hat.new_zeros(())
         if dead_mask is not None:
-            parts = []
+            e_hat = torch.zeros_like(x_hat)
             a_offsets = torch.arange(0, B * aux_k + 1, aux_k, device=x.device)
             for s, ((a_ids, a_rows, valid), (lo, hi, _, _), (_, _, _, _, n_main)) in enumerate(
                 zip(auxes, layers, mains)
@@ -269,8 +269,7 @@ class CrossLayerTranscoder(SAE):
                 a_vals = torch.where(valid, torch.relu(a_pre), torch.zeros_like(a_pre))
                 table = self.decoder(s).view(d_sae, (L - s) * d_out)
                 groups = sparse.ByLatent(a_ids, d_sae)
-                parts.append(sparse.SparseDecode.apply(a_vals, table, groups, a_rows, a_offsets))
-            e_hat = _LayerSum.apply(None, *parts)
+                e_hat = _DecodeInto.apply(e_hat, s, a_vals, table, groups, a_rows, a_offsets)
             e = (target - x_hat).detach()
             auxk = torch.where(dead_mask.any(), auxk_ratio(e_hat.flatten(1), e.flatten(1)), auxk)
         loss = mse + self.cfg.aux_coefficient * auxk
@@ -358,28 +357,34 @@ class CrossLayerTranscoder(SAE):
         return sae
 
 
-class _LayerSum(torch.autograd.Function):
-    """y [B, L, d_out] with y[:, j] = bias[j] + sum over s <= j of parts[s][:, j - s], from each
-    source layer's decode parts[s] [B, (L - s) d_out] (bias [L, d_out] or None: 0). The
-    backward hands parts[s] the view g[:, s:] of the output's gradient: accumulating into
-    slices of y in place would make autograd clone and zero-fill the whole [B, L, d_out]
-    gradient once per layer."""
+class _DecodeInto(torch.autograd.Function):
+    """y[:, s:] += the sparse decode (`sparse.SparseDecode`) of source layer s's entries over its
+    decoder viewed as [d_sae, (L - s) d_out], in place on y [B, L, d_out]; returns y. The layers'
+    decodes accumulate in one buffer, each freed once added, and the backward passes the output's
+    gradient on as it is, giving layer s the slice g[:, s:]: an in-place slice sum through
+    autograd would clone and zero-fill the whole [B, L, d_out] gradient once per layer, and
+    summing L separate decodes would hold all L(L+1)/2 [B, d_out] blocks at once."""
 
     @staticmethod
-    def forward(ctx, bias: Tensor | None, *parts: Tensor) -> Tensor:  # type: ignore[override]
-        B, L = parts[0].shape[0], len(parts)
-        d_out = parts[0].shape[1] // L
-        y = parts[0].new_zeros(B, L, d_out) if bias is None else bias.expand(B, L, d_out).contiguous()
-        for s, part in enumerate(parts):
-            y[:, s:] += part.view(B, L - s, d_out)
-        ctx.has_bias = bias is not None
+    def forward(
+        ctx, y: Tensor, s: int, values: Tensor, table: Tensor, groups: sparse.ByLatent, rows: Tensor, offsets: Tensor
+    ) -> Tensor:  # type: ignore[override]
+        B, L, d_out = y.shape
+        part = F.embedding_bag(
+            groups.ids, table, offsets, mode="sum", per_sample_weights=values, include_last_offset=True
+        )
+        y[:, s:] += part.view(B, L - s, d_out)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(values, table, rows, offsets)
+        ctx.groups, ctx.s = groups, s
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        B, L = g.shape[0], g.shape[1]
-        grad_bias = g.sum(0) if ctx.has_bias else None
-        return grad_bias, *(g[:, s:].reshape(B, -1) for s in range(L))
+        values, table, rows, offsets = ctx.saved_tensors
+        mine = g[:, ctx.s :].reshape(g.shape[0], -1)
+        grads = sparse.decode_backward(mine, values, table, ctx.groups, rows, offsets, ctx.needs_input_grad[2:4])
+        return g, None, *grads, None, None, None
 
 
 class _LayerPreacts(torch.autograd.Function):
