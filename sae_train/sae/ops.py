@@ -106,8 +106,8 @@ def _batch_topk_global(z: Tensor, bias: Tensor, n_keep: int, world: int) -> tupl
 
 def batch_topk_selection(z: Tensor, bias: Tensor, k: int, world: int = 1) -> sparse.BatchSelection:
     """`sparse.batch_topk(z, bias, k, world)` through the C kernel where it applies (one process,
-    CPU, kernels available): ~100x faster on a [4096, 1152] batch, whose k*B of 4.7M entries
-    torch.topk and the ranking sorts select slowly. The kernel lists the positive entries of the
+    CPU, kernels available): 1 ms against 280 ms on one thread for k = 16 over a [4096, 1152]
+    batch, whose k*B of 4.7M entries torch.topk and the ranking sorts select slowly. The kernel lists the positive entries of the
     selection only, those the PyTorch one lists with the rest (ReLU makes them 0, without
     gradient): the same reconstruction, gradients, L0, fired latents and smallest kept value."""
     if world > 1 or not kernels.supports(z) or not kernels.available():
