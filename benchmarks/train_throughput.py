@@ -23,9 +23,9 @@ family, five GEMMs for ReLU/JumpReLU. Targets: TopK step <= 2x its roofline, ReL
 Our step and the roofline GEMMs are timed alternately in one loop, so host noise hits both
 alike; the ratio is best step / best roofline over N rounds (medians shown too).
 --transcoder times each architecture as a skip transcoder instead (sae.target set, sae.skip:
-it reads the batch and reconstructs a second site of the same width, y = tanh(x)): the
-plain-PyTorch step, since the fused kernels assume the target is the input (the roofline shown
-is still the SAE's, so the ratio is the price of that fallback; no other library is timed).
+it reads the batch and reconstructs a second site of the same width, y = tanh(x); the
+roofline shown is still the SAE's, so the ratio includes the skip term's two GEMMs; no other
+library is timed).
 Other libraries run forward + backward + Adam (their minimal step, in the same dtype via CPU
 autocast with fp32 master weights, like ours); no dead latents exist at initialisation, so
 nobody pays for AuxK (--dead-frac 0.03 shows what it costs us).

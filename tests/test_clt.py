@@ -29,9 +29,10 @@ from sae_train.eval.downstream import next_token_log_probs
 from sae_train.eval.layers import CrossLayerEvaluator
 from sae_train.export import ExportConfig
 from sae_train.lm import LanguageModel, ModelConfig
-from sae_train.sae import SAEConfig, create_sae, load_sae, load_sae_cfg, save_sae
+from sae_train.sae import SAEConfig, create_sae, kernels, load_sae, load_sae_cfg, save_sae
 from sae_train.sae.checkpoint import RUN_STATE_FILE, TRAINING_WEIGHTS_FILE
 from sae_train.sae.clt import CrossLayerTranscoder
+from sae_train.sae.kernels import batch_topk
 from sae_train.train import StepInfo, TrainConfig, Trainer, build_source
 from sae_train.train.dist import Dist
 from tests.syncs import record_sync_ops
@@ -125,6 +126,37 @@ def test_training_forward_and_gradients_match_a_naive_loop_over_layers(skip, dea
     assert float(out.l0) == pytest.approx(n_active / x.shape[0])
     fired = torch.cat([(f != 0).any(0) for f in latents])
     assert torch.equal(out.fired, fired)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the C kernels are not built here")
+def test_the_kernel_selection_trains_as_the_pytorch_one(monkeypatch):
+    """On CPU each layer's BatchTopK selection runs in the C kernel (which lists the positive
+    entries only): the same reconstruction, losses, gradients, L0, fired latents and smallest
+    kept values as the PyTorch selection."""
+    calls = []
+    monkeypatch.setattr(kernels, "batch_topk", lambda *a: calls.append(1) or batch_topk(*a))
+    x, y = data(64)
+    dead = torch.rand(L * D_SAE, generator=torch.Generator().manual_seed(3)) < 0.4
+    results = []
+    for impl in ("auto", "torch"):
+        sae = clt(skip=True)
+        sae.impl = impl
+        with torch.no_grad():
+            sae.b_enc[0] -= 4.0  # layer 0: fewer positive pre-activations than k per token
+        out = sae(x, target=y, dead_mask=dead)
+        out.losses["loss"].backward()
+        results.append((out, {n: p.grad.clone() for n, p in sae.named_parameters()}))
+    assert len(calls) == L  # one kernel selection per layer, on the "auto" pass only
+    (fast, g_fast), (ref, g_ref) = results
+    torch.testing.assert_close(fast.x_hat, ref.x_hat, rtol=0, atol=0)
+    for name in ref.losses:
+        torch.testing.assert_close(fast.losses[name], ref.losses[name], rtol=0, atol=0)
+    torch.testing.assert_close(fast.stats["min_kept"], ref.stats["min_kept"], rtol=0, atol=0)
+    assert float(fast.l0) == float(ref.l0) and torch.equal(fast.fired, ref.fired)
+    assert fast.latents.values.numel() < ref.latents.values.numel()  # the non-positive entries left out
+    torch.testing.assert_close(fast.latents.to_dense(), ref.latents.to_dense(), rtol=0, atol=0)
+    for name in g_ref:
+        torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_inference_is_jumprelu_per_layer_and_decodes_to_every_later_layer():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+from dataclasses import replace
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,9 @@ from sae_train.sae import SAEConfig, create_sae, load_sae
 from sae_train.sae import checkpoint as ckpt
 from sae_train.sae.checkpoint import LEGACY_RUN_STATE_FILE, RUN_STATE_FILE, TRAINING_WEIGHTS_FILE
 from sae_train.store import ActivationStore, ShuffledBatches, StoreWriter
-from sae_train.train import Preempted, StepInfo, TrainConfig, run
+from sae_train.train import Preempted, StepInfo, TrainConfig, build_source, run
+from sae_train.train.dist import Dist
+from sae_train.train.sources import _finite
 from tests.store_util import overwrite_rows
 from tests.synthetic import recovered_fraction, true_directions, write_store
 
@@ -320,6 +324,33 @@ def test_live_source_trains_and_resumes(tiny_model_dir, tmp_path):
         assert torch.equal(a[key], b[key]), key
     provenance = json.loads((Path(whole.saes[site]["checkpoint"]) / "cfg.json").read_text())["source"]
     assert provenance["source"] == "live" and provenance["data"]["split"] == "train"
+
+
+@pytest.mark.parametrize("batch_size", [256, 1536])  # a block (992 kept rows) holds several batches, or part of one
+def test_live_batches_cut_the_blocks_one_after_the_other(tiny_model_dir, tmp_path, batch_size):
+    """The live stream is its shuffled blocks concatenated and cut into batches (a batch may span
+    blocks), from any position: what a resume relies on."""
+    cfg = replace(live_cfg(tiny_model_dir("llama"), tmp_path), batch_size=batch_size, n_tokens=8192)
+    source = build_source(cfg, Dist(rank=0, world_size=1, device=torch.device("cpu")))
+    site = "blocks.1.hook_resid_post"
+    blocks = [rows[site] for rows in islice(source._blocks(0, 0, 1), 10)]
+    assert 0 < len(blocks[0]) < 1024  # BOS rows left out: the blocks do not divide into batches
+    stream = torch.cat(blocks)
+    for position in (0, 3 * batch_size, 700):
+        batches = source.batches(position)
+        for i in range(3):
+            start = position + i * batch_size
+            assert torch.equal(next(batches)[site], stream[start : start + batch_size]), (position, i)
+            assert source.position == start + batch_size
+
+
+def test_the_live_finiteness_check_is_exact():
+    """Live blocks are checked through their sum; a finite block whose sum overflows passes."""
+    big = torch.full((64, 8), 3e38, dtype=torch.bfloat16)
+    assert not torch.isfinite(big.sum()) and _finite(big)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        assert not _finite(big.index_fill(0, torch.tensor([5]), bad))
+    assert _finite(torch.randn(64, 8, dtype=torch.bfloat16))
 
 
 def test_non_finite_live_activations_are_named(tiny_model_dir, tmp_path, monkeypatch):

@@ -101,23 +101,32 @@ def test_forward_and_gradients_match_a_naive_dense_transcoder(arch, skip):
 
 @pytest.mark.skipif(not kernels.available(), reason="the fused CPU kernels are not built here")
 @pytest.mark.parametrize("skip", [False, True])
-@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
-def test_fused_step_of_relu_family_transcoders_matches_the_torch_step(arch, skip):
-    """ReLU/JumpReLU transcoders train through the fused kernels (the encoder's centring zeroed):
-    same outputs, losses and gradients as the plain-PyTorch step."""
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_step_of_transcoders_matches_the_torch_step(arch, skip):
+    """Transcoders of every architecture train through the fused kernels (the encoder's centring
+    zeroed; the TopK family's decode against the target): same outputs, losses (AuxK included)
+    and gradients as the plain-PyTorch step."""
     x, y = data(128)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[::3] = True
     results = []
     for impl in ("auto", "torch"):
         sae = transcoder(arch, skip)
         sae.impl = impl
         assert sae._fast_path(x) == (impl == "auto")
-        out = sae(x, target=y, sparsity_scale=0.5)
+        if impl == "auto":  # the fused step, not a fallback to the PyTorch one
+            sae._forward_torch = None  # type: ignore[method-assign]
+        out = sae(x, target=y, dead_mask=dead, sparsity_scale=0.5)
         out.losses["loss"].backward()
         results.append((out, {n: p.grad.clone() for n, p in sae.named_parameters()}))
     (fast, g_fast), (ref, g_ref) = results
     torch.testing.assert_close(fast.x_hat, ref.x_hat, rtol=1e-5, atol=1e-5)
+    assert set(fast.losses) == set(ref.losses)
     for name in ref.losses:
         torch.testing.assert_close(fast.losses[name], ref.losses[name], rtol=1e-5, atol=1e-6)
+    if arch in ("topk", "batchtopk"):
+        assert ref.losses["auxk"] > 0
+        torch.testing.assert_close(fast.stats, ref.stats)
     for name in g_ref:
         torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
 

@@ -48,7 +48,7 @@ from sae_train.sae import sparse
 from sae_train.sae.base import CHUNK_TOKENS, SAE, SAEOutput, SparseLatents, geometric_median
 from sae_train.sae.batchtopk import track_threshold
 from sae_train.sae.config import SAEConfig, config_error
-from sae_train.sae.ops import auxk_ratio
+from sae_train.sae.ops import auxk_ratio, batch_topk_selection
 
 
 class CrossLayerTranscoder(SAE):
@@ -217,12 +217,13 @@ class CrossLayerTranscoder(SAE):
         xl = x.transpose(0, 1).contiguous()  # [L, B, d_in]: each layer's rows contiguous
         W_gemm, b_enc = self.gemm_weight("W_enc"), self.b_enc.detach()
         aux_k = min(self.cfg.aux_k, d_sae)
+        select = batch_topk_selection if self._fast_path(x) else sparse.batch_topk  # the C kernel, or PyTorch
         layers, pres, mains, auxes, min_kept = [], [], [], [], []
         start = 0
         with torch.no_grad():
             for s in range(L):
                 z = xl[s].to(self._gemm_dtype) @ W_gemm[s]
-                sel = sparse.batch_topk(z, b_enc[s], self.cfg.k, world)
+                sel = select(z, b_enc[s], self.cfg.k, world)
                 ids, rows, pre = sel.ids, sel.rows, sel.values
                 n_main = ids.numel()
                 main = sparse.ByLatent(ids, d_sae)
@@ -253,7 +254,7 @@ class CrossLayerTranscoder(SAE):
             if keep is not None:
                 vals = torch.where(keep, vals, torch.zeros_like(vals))
             table = self.decoder(s).view(d_sae, (L - s) * d_out)
-            x_hat[:, s:] += sparse.SparseDecode.apply(vals, table, main, rows, offsets).view(B, L - s, d_out)
+            x_hat = _DecodeInto.apply(x_hat, s, vals, table, main, rows, offsets)
             values.append(vals.detach())
             ids_all.append(main.ids)
             offsets_all.append(offsets[:-1] + sum(v.numel() for v in values[:-1]))
@@ -269,16 +270,14 @@ class CrossLayerTranscoder(SAE):
                 a_vals = torch.where(valid, torch.relu(a_pre), torch.zeros_like(a_pre))
                 table = self.decoder(s).view(d_sae, (L - s) * d_out)
                 groups = sparse.ByLatent(a_ids, d_sae)
-                e_hat[:, s:] += sparse.SparseDecode.apply(a_vals, table, groups, a_rows, a_offsets).view(
-                    B, L - s, d_out
-                )
+                e_hat = _DecodeInto.apply(e_hat, s, a_vals, table, groups, a_rows, a_offsets)
             e = (target - x_hat).detach()
             auxk = torch.where(dead_mask.any(), auxk_ratio(e_hat.flatten(1), e.flatten(1)), auxk)
         loss = mse + self.cfg.aux_coefficient * auxk
         vals_cat, ids_cat = torch.cat(values), torch.cat(ids_all)
         offsets_cat = torch.cat([*offsets_all, vals_cat.new_full((1,), vals_cat.numel(), dtype=offsets_all[0].dtype)])
         active = (vals_cat != 0).float()
-        layer_of = torch.arange(L, device=x.device).repeat_interleave(values[0].numel())  # k * B entries per layer
+        layer_of = torch.cat([torch.full((v.numel(),), s, device=x.device) for s, v in enumerate(values)])
         counts = torch.zeros(self.n_latents, device=x.device).index_add_(0, layer_of * d_sae + ids_cat, active)
         out = SAEOutput(
             x_hat,
@@ -354,6 +353,36 @@ class CrossLayerTranscoder(SAE):
         sae.folded = True
         sae.normalization_scale, sae.target_normalization_scale = sc.tolist(), t.tolist()
         return sae
+
+
+class _DecodeInto(torch.autograd.Function):
+    """y[:, s:] += the sparse decode (`sparse.SparseDecode`) of source layer s's entries over its
+    decoder viewed as [d_sae, (L - s) d_out], in place on y [B, L, d_out]; returns y. The layers'
+    decodes accumulate in one buffer, each freed once added, and the backward passes the output's
+    gradient on as it is, giving layer s the slice g[:, s:]: an in-place slice sum through
+    autograd would clone and zero-fill the whole [B, L, d_out] gradient once per layer, and
+    summing L separate decodes would hold all L(L+1)/2 [B, d_out] blocks at once."""
+
+    @staticmethod
+    def forward(
+        ctx, y: Tensor, s: int, values: Tensor, table: Tensor, groups: sparse.ByLatent, rows: Tensor, offsets: Tensor
+    ) -> Tensor:  # type: ignore[override]
+        B, L, d_out = y.shape
+        part = F.embedding_bag(
+            groups.ids, table, offsets, mode="sum", per_sample_weights=values, include_last_offset=True
+        )
+        y[:, s:] += part.view(B, L - s, d_out)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(values, table, rows, offsets)
+        ctx.groups, ctx.s = groups, s
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        values, table, rows, offsets = ctx.saved_tensors
+        mine = g[:, ctx.s :].reshape(g.shape[0], -1)
+        grads = sparse.decode_backward(mine, values, table, ctx.groups, rows, offsets, ctx.needs_input_grad[2:4])
+        return g, None, *grads, None, None, None
 
 
 class _LayerPreacts(torch.autograd.Function):

@@ -30,7 +30,7 @@ Gradients: autograd, with two custom pieces.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -398,14 +398,25 @@ class SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        values, table, ids, rows, offsets = ctx.saved_tensors
-        g = g.contiguous()
-        grad_values = grad_table = None
-        if ctx.needs_input_grad[0]:  # offset2bag (the bag of each entry) is `rows`
-            grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(g, table, ids, offsets, rows, 0, -1)
-        if ctx.needs_input_grad[1]:
-            order, bags = ctx.groups.get()
-            grad_table = F.embedding_bag(
-                rows[order], g, bags, mode="sum", per_sample_weights=values[order], include_last_offset=True
-            )
-        return grad_values, grad_table, None, None, None
+        values, table, _, rows, offsets = ctx.saved_tensors
+        grads = decode_backward(g, values, table, ctx.groups, rows, offsets, ctx.needs_input_grad[:2])
+        return *grads, None, None, None
+
+
+def decode_backward(
+    g: Tensor, values: Tensor, table: Tensor, groups: ByLatent, rows: Tensor, offsets: Tensor, needs: Sequence[bool]
+) -> tuple[Tensor | None, Tensor | None]:
+    """`SparseDecode`'s gradients (of the values, of the table; each where `needs` says) from the
+    output's gradient g [B, D]."""
+    g = g.contiguous()
+    grad_values = grad_table = None
+    if needs[0]:  # offset2bag (the bag of each entry) is `rows`
+        grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            g, table, groups.ids, offsets, rows, 0, -1
+        )
+    if needs[1]:
+        order, bags = groups.get()
+        grad_table = F.embedding_bag(
+            rows[order], g, bags, mode="sum", per_sample_weights=values[order], include_last_offset=True
+        )
+    return grad_values, grad_table

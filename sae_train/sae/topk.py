@@ -32,6 +32,7 @@ class TopKSAE(SAE):
     revival = "auxk"
     step_gemms = ("encoder",)  # decode and backward are sparse
     saelens_architecture = saelens_training_architecture = "topk"
+    fused_transcoders = True
     batch_selection: ClassVar[bool] = False  # k*B over the batch (BatchTopK) instead of k per token
 
     @classmethod
@@ -156,12 +157,14 @@ class TopKSAE(SAE):
         return out
 
     def _forward_fast(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
-        """The fused CPU step (sae/ops.py); SAEs only (the TopK family has no fused transcoder step)."""
+        """The fused CPU step (sae/ops.py), for an SAE (target = x) and a transcoder alike."""
         dead = None if dead_mask is None else dead_mask.nonzero().squeeze(1)  # CPU only: no sync to avoid
         dead = dead if dead is not None and dead.numel() else None
         aux_k = 0 if dead is None else min(self.cfg.aux_k, dead.numel())
         spec = SparseSpec(self.batch_selection, self.cfg.k, self.gemm_weights(), dead, aux_k, sparse.selection_world())
-        x_hat, mse, auxk, vals = SparseSAEFunction.apply(x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, spec)
+        x_hat, mse, auxk, vals = SparseSAEFunction.apply(
+            x, target, self._encoder_centre(), self.W_enc, self.b_enc, self.W_dec, self.b_dec, spec
+        )
         assert spec.idx is not None and spec.offsets is not None  # set by the forward
         out = self._output(x, x_hat, {"mse": mse}, auxk, SparseLatents(vals, spec.idx, spec.offsets, self.cfg.d_sae))
         if spec.min_kept is not None:

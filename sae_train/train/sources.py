@@ -190,6 +190,18 @@ def _ranges(rows: np.ndarray, limit: int = 8) -> str:
     return text + (f" and {len(runs) - limit} more runs" if len(runs) > limit else "")
 
 
+def _rows(tensors: dict[str, torch.Tensor]) -> int:
+    """Rows of each of the (equally long) tensors; 0 for none."""
+    return len(next(iter(tensors.values()))) if tensors else 0
+
+
+def _finite(x: torch.Tensor) -> bool:
+    """Whether every entry of x is finite. A sum is finite only if every entry is (NaN and inf
+    propagate), and summing costs ~30x less than `isfinite(x).all()` on CPU bf16; only a
+    non-finite sum (those entries, or an overflow of finite ones) takes the exact test."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 class LiveSource:
     """Activations computed on the fly, shuffled within blocks of `buffer_tokens` tokens.
 
@@ -246,12 +258,18 @@ class LiveSource:
                 return
 
     def _block_rows(self, windows: list[torch.Tensor], block: int, rank: int) -> dict[str, torch.Tensor]:
+        """The block's kept rows of every site, shuffled, in fp32: one gather per site (the kept
+        tokens in permuted order, `index_select`: ~3x faster than boolean then fancy indexing),
+        then the conversion."""
         batch = torch.stack(windows)
         rows = self.lm.capture_rows(self._sites, batch, 16 * self.text.context_size)
-        keep = keep_mask(batch.flatten(), self._tokens)
-        kept = {name: site_rows[keep] for name, site_rows in rows.items()}
-        for name, x in kept.items():  # one check per block of windows, not per training step
-            if not bool(torch.isfinite(x).all()):
+        kept = keep_mask(batch.flatten(), self._tokens).nonzero().squeeze(1)
+        rng = np.random.default_rng([self.seed, rank, block])
+        order = kept[torch.from_numpy(rng.permutation(kept.numel()))]
+        out = {}
+        for name, site_rows in rows.items():
+            x = site_rows.index_select(0, order)
+            if not _finite(x):  # one check per block of windows, not per training step
                 model = self.lm.identity
                 raise UserError(
                     f"Model {model['name']} ({model['dtype']}) produced non-finite activations (NaN or inf) at site "
@@ -259,9 +277,8 @@ class LiveSource:
                     "Nothing was trained on them. This is usually the model overflowing its dtype: use "
                     "model.dtype=float32 (or bfloat16; float16 overflows easily)."
                 )
-        rng = np.random.default_rng([self.seed, rank, block])
-        order = torch.from_numpy(rng.permutation(int(keep.sum())))
-        return {name: x[order].float() for name, x in kept.items()}
+            out[name] = x.float()
+        return out
 
     def _blocks(self, start_block: int, rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
         """Rank `rank` of `world`'s shuffled blocks of rows, from block `start_block` on."""
@@ -279,17 +296,26 @@ class LiveSource:
         local_start = position // self.dist.world_size
         start_block, skip = self._locate(local_start)
         self._position = position
-        pending: dict[str, torch.Tensor] | None = None
+        size = self.local_batch
+        head: dict[str, torch.Tensor] = {}  # the rows short of a batch that the last block left
         for rows in self._blocks(start_block, self.dist.rank, self.dist.world_size):
             if skip:
                 rows = {k: v[skip:] for k, v in rows.items()}
                 skip = 0
-            pending = rows if pending is None else {k: torch.cat([pending[k], rows[k]]) for k in rows}
-            while len(next(iter(pending.values()))) >= self.local_batch:
-                batch = {k: v[: self.local_batch] for k, v in pending.items()}
-                pending = {k: v[self.local_batch :] for k, v in pending.items()}
-                self._position += self.local_batch * self.dist.world_size
-                yield batch
+            if _rows(head):  # a batch straddling blocks: the only rows copied
+                need = size - _rows(head)
+                if _rows(rows) < need:
+                    head = {k: torch.cat([head[k], v]) for k, v in rows.items()}
+                    continue
+                self._position += size * self.dist.world_size
+                yield {k: torch.cat([head[k], v[:need]]) for k, v in rows.items()}
+                rows = {k: v[need:] for k, v in rows.items()}
+            start = 0
+            while _rows(rows) - start >= size:
+                self._position += size * self.dist.world_size
+                yield {k: v[start : start + size] for k, v in rows.items()}
+                start += size
+            head = {k: v[start:] for k, v in rows.items()}
 
     def _locate(self, local_rows: int) -> tuple[int, int]:
         """(block, rows to skip in it) for a rank-local row offset, counting kept tokens per block."""
