@@ -579,3 +579,24 @@ def test_a_topk_transcoder_is_not_exported_to_saelens(tmp_path):
     save_sae(sae.fold(1.0, 1.0), tmp_path / "ckpt", {"site": SOURCE})
     with pytest.raises(UserError, match="SAELens has no topk transcoder.*batchtopk"):
         export.run(ExportConfig(checkpoint=str(tmp_path / "ckpt"), out_dir=str(tmp_path / "export")))
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_init_centres_a_transcoders_pre_activations(arch):
+    """An MLP input has a large mean (here 3x the spread). A transcoder does not subtract b_dec
+    from its input, so init_from_data sets b_enc = -mean(x) @ W_enc (sparsify's fix): every
+    latent's pre-activation is centred on the sample and nearly every latent is selected in the
+    first batch (uncentred, the mean decides which latents can ever fire)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, D_IN, generator=gen) + 3 * torch.randn(D_IN, generator=gen)
+    y = torch.tanh(x @ torch.randn(D_IN, D_OUT, generator=gen))
+    sae = create_sae(SAEConfig(architecture=arch, target=TARGET, k=4, d_sae=D_SAE).resolved(D_IN, D_OUT))
+    sae.impl = "torch"
+    sae.init_from_data(x, y)
+    z = sae._preact(x)
+    assert z.mean(0).abs().max() < 1e-4 * z.std(0).min()
+    fired = (sae(x, target=y).latents.to_dense() > 0).any(0)
+    assert fired.float().mean() > 0.9
+    # the least-squares scale still holds: x_hat - b_dec is the best multiple of itself
+    r = sae(x, target=y).x_hat - sae.b_dec
+    assert float((r * (y - sae.b_dec)).sum() / (r * r).sum()) == pytest.approx(1.0, rel=1e-3)

@@ -301,11 +301,15 @@ class SAE(nn.Module, abc.ABC):
         """Data-dependent initialisation from a sample x [n, d_in] (normalised units) and, for
         a transcoder, the target's rows [n, d_out].
 
-        b_dec: geometric median / mean / zeros (cfg.b_dec_init) of the target. For unit-norm
-        decoders, W_enc is then scaled by the least-squares factor for the sample: x_hat - b_dec
-        is proportional to that scale (ReLU and top-k are positively homogeneous, b_enc = 0,
-        W_skip = 0), and with it a ReLU SAE does not start at MSE ~ (d_sae/2d_in + 1)^2. The
-        forward runs `CHUNK_TOKENS` tokens at a time (BatchTopK selects within each chunk).
+        b_dec: geometric median / mean / zeros (cfg.b_dec_init) of the target. A transcoder,
+        whose input b_dec does not centre, gets b_enc = -mean(x) @ W_enc, centring its
+        pre-activations on the sample (as sparsify does): uncentred, the input's mean gives each
+        latent a fixed offset, and half of a layer-8 MLP transcoder's latents never fired. For
+        unit-norm decoders, W_enc and b_enc are then scaled by the least-squares factor for the
+        sample: x_hat - b_dec is proportional to it (ReLU and top-k are positively homogeneous in
+        the pre-activation, W_skip = 0), and with it a ReLU SAE does not start at MSE ~
+        (d_sae/2d_in + 1)^2. The forward runs `CHUNK_TOKENS` tokens at a time (BatchTopK selects
+        within each chunk).
         """
         x = self._check_input(x)
         y = self._check_target(x, target)
@@ -315,6 +319,8 @@ class SAE(nn.Module, abc.ABC):
             self.b_dec.copy_(y.mean(0))
         else:
             self.b_dec.zero_()
+        if self.cfg.is_transcoder:
+            self.b_enc.copy_(-(x.mean(0) @ self.W_enc.float()))
         if not self.unit_norm_decoder:
             return
         num, denom = x.new_zeros(()), x.new_zeros(())
@@ -323,9 +329,9 @@ class SAE(nn.Module, abc.ABC):
             num += (r * (y_chunk - self.b_dec)).sum()
             denom += (r * r).sum()
         scale = torch.where(denom > 0, num / denom, torch.ones_like(num))
-        self.W_enc.mul_(
-            torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale)).to(self.W_enc.dtype)
-        )
+        scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+        self.W_enc.mul_(scale.to(self.W_enc.dtype))
+        self.b_enc.mul_(scale.to(self.b_enc.dtype))
 
     @torch.no_grad()
     def constrain_(self) -> None:

@@ -302,9 +302,10 @@ class CrossLayerTranscoder(SAE):
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor, target: Tensor | None = None) -> None:
-        """b_dec[l] from layer l's targets (cfg.b_dec_init), then W_enc scaled by the
-        least-squares factor of the sample's reconstruction (as `SAE.init_from_data`: BatchTopK
-        per layer is invariant to one factor on every encoder, b_enc being 0)."""
+        """b_dec[l] from layer l's targets (cfg.b_dec_init), b_enc[l] = -mean(x_l) @ W_enc[l]
+        (each layer's pre-activations centred on the sample, as a transcoder's), then W_enc and
+        b_enc scaled by the least-squares factor of the sample's reconstruction (as
+        `SAE.init_from_data`: BatchTopK per layer is positively homogeneous in the pre-activation)."""
         x = self._check_layers(x, self.cfg.d_in, "input")
         y = self._check_layers(target, self.cfg.d_out, "target")
         for i in range(self.n_layers):
@@ -314,6 +315,7 @@ class CrossLayerTranscoder(SAE):
                 self.b_dec[i] = y[:, i].mean(0)
             else:
                 self.b_dec[i] = 0
+            self.b_enc[i] = -(x[:, i].mean(0) @ self.W_enc[i])
         num, denom = x.new_zeros(()), x.new_zeros(())
         rows = max(1, CHUNK_TOKENS // self.n_layers)
         for chunk, y_chunk in zip(x.split(rows), y.split(rows)):
@@ -321,7 +323,9 @@ class CrossLayerTranscoder(SAE):
             num += (r * (y_chunk - self.b_dec)).sum()
             denom += (r * r).sum()
         scale = torch.where(denom > 0, num / denom, torch.ones_like(num))
-        self.W_enc.mul_(torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale)))
+        scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+        self.W_enc.mul_(scale)
+        self.b_enc.mul_(scale)
 
     @torch.no_grad()
     def fold(self, scale: float | Sequence[float], target_scale: float | Sequence[float] | None = None) -> SAE:
