@@ -355,7 +355,9 @@ def test_batchtopk_threshold_follows_recent_steps():
             t = len(seen) - 1
             w = [9 * math.prod(range(s + 1, s + 9)) / math.prod(range(t + 1, t + 10)) for s in range(t + 1)]
             assert abs(sum(w) - 1) < 1e-9
-            assert sae.threshold[0].item() == pytest.approx(sum(wi * mi for wi, mi in zip(w, seen, strict=True)), rel=1e-5)
+            assert sae.threshold[0].item() == pytest.approx(
+                sum(wi * mi for wi, mi in zip(w, seen, strict=True)), rel=1e-5
+            )
 
 
 def test_batchtopk_threshold_tracks_a_moving_cut():
