@@ -603,5 +603,5 @@ def test_init_centres_a_transcoders_pre_activations(arch):
     fired = (sae(x, target=y).latents.to_dense() > 0).any(0)
     assert fired.float().mean() > 0.9
     # the least-squares scale still holds: x_hat - b_dec is the best multiple of itself
-    r = sae(x, target=y).x_hat - sae.b_dec
+    r = sae(x, target=y).x_hat.detach() - sae.b_dec.detach()
     assert float((r * (y - sae.b_dec)).sum() / (r * r).sum()) == pytest.approx(1.0, rel=1e-3)
