@@ -604,4 +604,4 @@ def test_init_centres_a_transcoders_pre_activations(arch):
     assert fired.float().mean() > 0.9
     # the least-squares scale still holds: x_hat - b_dec is the best multiple of itself
     r = sae(x, target=y).x_hat.detach() - sae.b_dec.detach()
-    assert float((r * (y - sae.b_dec)).sum() / (r * r).sum()) == pytest.approx(1.0, rel=1e-3)
+    assert float((r * (y - sae.b_dec.detach())).sum() / (r * r).sum()) == pytest.approx(1.0, rel=1e-3)
