@@ -113,8 +113,12 @@ def main() -> None:
         (clt,) = (entry["metrics"] for entry in report["saes"].values())
         n_layers = 1 + max(int(key.rsplit("_", 1)[1]) for key in clt if key.startswith("fvu_"))
         layers = {i: {"fvu": clt[f"fvu_{i}"], "l0": clt[f"l0_{i}"]} for i in range(n_layers)}
-        replaced = {"saes": ["clt"] * n_layers, "ce_clean": clt.get("ce_clean"), "ce_replaced": clt.get("ce_sae")}
-        replaced |= {"kl": clt.get("kl")}
+        replaced = {
+            "saes": ["clt"] * n_layers,
+            "ce_clean": clt["ce_clean"],
+            "ce_replaced": clt["ce_sae"],
+            "kl": clt["kl"],
+        }
     graph = None
     interop_python = args.interop / "bin" / "python"
     if interop_python.is_file():

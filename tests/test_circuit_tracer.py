@@ -135,18 +135,28 @@ def test_exported_tensors_under_circuit_tracers_math_reproduce_ours(arch, skip):
 # ------------------------------------------------------------------------------------ a trained set
 
 
-def train_set(model_dir: Path, corpus: Path, out: Path, *, arch: str = "batchtopk", skip: bool = True, **sae) -> Path:
+def train_set(
+    model_dir: Path,
+    corpus: Path,
+    out: Path,
+    *,
+    arch: str = "batchtopk",
+    skip: bool = True,
+    sites: list[str] = SET["sites"],
+    target: str = SET["target"],
+    n_tokens: int = 2048,
+    **sae,
+) -> Path:
+    """Live-trained dictionaries of a tiny model: by default a BatchTopK skip-transcoder set."""
     train.run(
         TrainConfig(
             source="live",
             model=ModelConfig(name=str(model_dir), dtype="float32", device="cpu"),
             data=DataConfig(source="files", path=str(corpus)),
             text=TextConfig(context_size=32),
-            sites=SET["sites"],
-            sae=SAEConfig(
-                **({"architecture": arch, "k": 4, "expansion_factor": 4, "skip": skip} | sae), target=SET["target"]
-            ),
-            n_tokens=2048,
+            sites=sites,
+            sae=SAEConfig(**({"architecture": arch, "k": 4, "expansion_factor": 4, "skip": skip} | sae), target=target),
+            n_tokens=n_tokens,
             batch_size=256,
             live_buffer_tokens=2048,
             dtype="float32",
@@ -208,20 +218,15 @@ def test_bad_sets_are_refused_with_the_fix(trained_set, tiny_model_dir, tmp_path
         ct_export(mixed, tmp_path / "out2")
 
     saes = tmp_path / "saes"  # SAEs on the residual stream are no MLP transcoders
-    train.run(
-        TrainConfig(
-            source="live",
-            model=ModelConfig(name=str(model_dir), dtype="float32", device="cpu"),
-            data=DataConfig(source="files", path=str(corpus)),
-            text=TextConfig(context_size=32),
-            sites=["blocks.*.hook_resid_post"],
-            sae=SAEConfig(architecture="batchtopk", k=4, expansion_factor=2),
-            n_tokens=512,
-            batch_size=256,
-            dtype="float32",
-            progress=False,
-            out_dir=str(saes),
-        )
+    train_set(
+        model_dir,
+        corpus,
+        saes,
+        sites=["blocks.*.hook_resid_post"],
+        target="",
+        skip=False,
+        expansion_factor=2,
+        n_tokens=512,
     )
     with pytest.raises(UserError, match=r"reads blocks.0.hook_resid_post.*MLP input.*format=saelens"):
         ct_export(saes, tmp_path / "out3")

@@ -62,10 +62,9 @@ def run_state(out: Path) -> dict:
     return json.loads((out / "run_state.json").read_text())
 
 
-def test_train_ddp_two_agents_rendezvous_and_checkpoint(cluster, store, tmp_path):
-    """--ntasks-per-node=2 on one node: two torchrun agents, one worker each, one gloo group."""
-    out = tmp_path / "sae"
-    job = cluster.run(
+def two_agent_train(cluster, store: Path, out: Path, tmp_path: Path, *overrides: str, env: dict | None = None):
+    """train_ddp.sbatch on one node with two agents (one worker each) for 16 steps of 512 tokens."""
+    return cluster.run(
         [
             "--nodes=1",
             "--ntasks-per-node=2",
@@ -76,12 +75,19 @@ def test_train_ddp_two_agents_rendezvous_and_checkpoint(cluster, store, tmp_path
             f"out_dir={out}",
             "n_tokens=8192",
             "batch_size=512",
+            *overrides,
             *TINY_TRAIN,
         ],
-        env=job_env(LOGLEVEL="INFO"),
+        env=env if env is not None else job_env(),
         log_dir=tmp_path,
         timeout=150,
     )
+
+
+def test_train_ddp_two_agents_rendezvous_and_checkpoint(cluster, store, tmp_path):
+    """--ntasks-per-node=2 on one node: two torchrun agents, one worker each, one gloo group."""
+    out = tmp_path / "sae"
+    job = two_agent_train(cluster, store, out, tmp_path, env=job_env(LOGLEVEL="INFO"))
     log = job.output()
     assert job.ok, job.log()
     assert "2 agent(s) x 1 worker(s)" in log, job.log()
@@ -96,25 +102,7 @@ def test_train_ddp_spreads_a_sweep_over_the_agents(cluster, store, tmp_path):
     """The README's spread sweep in small: three SAEs on two agents' workers, each training its
     own; rank 0 commits a checkpoint holding all three."""
     out = tmp_path / "sae"
-    job = cluster.run(
-        [
-            "--nodes=1",
-            "--ntasks-per-node=2",
-            "--time=10",  # more than the notice's 5 minutes (#SBATCH --signal=B:USR1@300), or it comes at once
-            f"--chdir={tmp_path}",
-            str(TRAIN_DDP),
-            f"store={store}",
-            f"out_dir={out}",
-            "n_tokens=8192",
-            "batch_size=512",
-            "parallel.saes=true",
-            "+sweep.expansion_factor=[2,4,8]",
-            *TINY_TRAIN,
-        ],
-        env=job_env(),
-        log_dir=tmp_path,
-        timeout=150,
-    )
+    job = two_agent_train(cluster, store, out, tmp_path, "parallel.saes=true", "+sweep.expansion_factor=[2,4,8]")
     assert job.ok, job.log()
     state = run_state(out)
     assert state["step"] == state["n_steps"] == 16 and len(state["saes"]) == 3
