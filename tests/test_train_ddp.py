@@ -171,3 +171,56 @@ def test_gradients_are_reduced_in_fp32_in_place_and_statistics_apart(store, tmp_
     assert sorted(n for _, n, _ in grads) == sorted([d_in * d_sae, d_sae * d_in, d_sae, d_in])
     assert all(dtype == "torch.float32" and is_grad for dtype, _, is_grad in grads)
     assert stats[0] == "torch.float64" and stats[1] < 2 * d_sae and not stats[2]
+
+
+def _live_run_threads(rank: int, model: Path, corpus: Path, out: Path, port: int) -> None:
+    """Rank `rank` of 2 as torchrun starts it: a live run (the model loaded after the process
+    group exists), then the names of the threads left in the process, to out/r{rank}.json."""
+    from sae_train.data import DataConfig, TextConfig
+    from sae_train.lm.model import ModelConfig
+    from sae_train.sae import SAEConfig
+    from sae_train.train import TrainConfig, run
+
+    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    os.environ.update({name: str(value) for name, value in env.items()})
+    torch.set_num_threads(1)
+    run(
+        TrainConfig(
+            source="live",
+            model=ModelConfig(name=str(model), dtype="float32", device="cpu"),
+            data=DataConfig(source="files", path=str(corpus)),
+            text=TextConfig(context_size=32),
+            sites=["blocks.1.hook_resid_post"],
+            out_dir=str(out / "run"),
+            n_tokens=1024,
+            batch_size=256,
+            live_buffer_tokens=512,
+            dtype="float32",
+            progress=False,
+            sae=SAEConfig(architecture="topk", k=4, expansion_factor=2),
+        )
+    )
+    threads = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+    (out / f"r{rank}.json").write_text(json.dumps(threads))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through /proc (Linux)")
+def test_a_finished_run_leaves_no_process_group_threads(tiny_model_dir, tmp_path):
+    """Loading a Hugging Face model after init_process_group imports torch.distributed.nn, whose
+    functions would keep the world group (default arguments); then its gloo threads outlived
+    `shutdown` and, running while the interpreter exited, now and then aborted a rank
+    ("terminate called without an active exception")."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from tests.tiny import write_corpus
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = (tiny_model_dir("llama"), write_corpus(tmp_path / "corpus"), tmp_path, port)
+    mp.spawn(_live_run_threads, args=args, nprocs=2)
+    for rank in (0, 1):
+        threads = json.loads((tmp_path / f"r{rank}.json").read_text())
+        assert not [name for name in threads if "gloo" in name], threads

@@ -19,6 +19,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
+import torch.distributed.nn  # noqa: F401 - before init_process_group: see `init_distributed`
 from torch import nn
 
 from sae_train.distenv import torchrun
@@ -123,7 +124,13 @@ class Dist:
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Dist:
     """Join the process group torchrun (or srun + torchrun) describes in the environment; a
     plain `python`/`sae-train` run is a world of one. NCCL on CUDA, gloo on CPU. A collective
-    waits at most `timeout_s` for the other ranks."""
+    waits at most `timeout_s` for the other ranks.
+
+    torch.distributed.nn is imported (at the top of this module) before the group exists: its
+    functions take `group=group.WORLD` as a default argument, so imported later (Hugging Face's
+    from_pretrained imports it) they would hold the world group for good, `shutdown` could not
+    free it, and its gloo threads would still run while the interpreter exits, which now and
+    then aborts the rank ("terminate called without an active exception")."""
     dev = resolve_device(device)
     job = torchrun()
     if job.world_size <= 1:
@@ -136,5 +143,6 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Dist:
 
 
 def shutdown(dist: Dist) -> None:
+    """Destroy the process groups, joining their threads (none left to race the interpreter's exit)."""
     if dist.world_size > 1 and tdist.is_initialized():
         tdist.destroy_process_group()
