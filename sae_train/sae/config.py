@@ -118,7 +118,8 @@ class SAEConfig:
     massive-norm outlier tokens of LMs), "mean" or "zeros"."""
 
     decoder_init_norm: float = 0.1
-    """relu + l1_decnorm: initial norm of each decoder row (Anthropic, April 2024). The other
+    """relu + l1_decnorm: initial norm of each decoder row (Anthropic, April 2024). BatchTopK and
+    Matryoshka transcoders start their free rows at zero (sae/batchtopk.py); the other
     architectures keep unit-norm rows."""
 
     seed: int = 0
