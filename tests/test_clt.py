@@ -171,6 +171,28 @@ def test_inference_is_jumprelu_per_layer_and_decodes_to_every_later_layer():
         torch.testing.assert_close(y[:, j], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_init_centres_every_layer_and_the_first_step_fits_only_the_decoders():
+    """Each layer's pre-activations are centred on the init sample (MLP inputs have a large
+    mean) and the decoders start at zero, free: the first gradient fits the decoders and leaves
+    the encoders where init put them (pushed from step 1 by unit-norm decoders, a fifth of an
+    8-layer SmolLM2 CLT's latents died)."""
+    cfg = SAEConfig(architecture="clt", target=TEMPLATE, k=K, d_sae=D_SAE, n_layers=L)
+    sae = create_sae(cfg.resolved(D_IN, D_OUT))
+    x, y = data(400)
+    x = x + 3 * torch.randn(L, D_IN, generator=torch.Generator().manual_seed(5))
+    sae.init_from_data(x, y)
+    z = torch.einsum("bld,lds->bls", x, sae.W_enc) + sae.b_enc
+    assert z.mean(0).abs().max() < 1e-4 * z.std(0).min()
+    assert all(not sae.decoder(s).any() for s in range(L)) and not sae.unit_norm_decoder
+    sae(x, target=y).losses["loss"].backward()
+    assert all(sae.decoder(s).grad.abs().sum() > 0 for s in range(L))
+    assert not sae.W_enc.grad.any() and not sae.b_enc.grad.any()
+    with torch.no_grad():  # no norm constraint: a decoder keeps the norm the optimizer gives it
+        sae.decoder(0).fill_(0.25)
+    sae.constrain_()
+    assert torch.all(sae.decoder(0) == 0.25)
+
+
 def test_thresholds_track_each_layers_smallest_kept_activation():
     sae = clt()
     sae.threshold.zero_()
