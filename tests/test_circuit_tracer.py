@@ -36,7 +36,7 @@ from sae_train.sae import SAEConfig, load_sae
 from sae_train.store import ActivationStore, StoreWriter
 from sae_train.train import TrainConfig
 from tests.test_transcoder import _rewrite_target_rows, transcoder
-from tests.tiny import write_corpus
+from tests.tiny import live_train_cfg, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 INTEROP = Path(os.environ.get("SAE_TRAIN_INTEROP", REPO / ".venv-interop"))
@@ -148,22 +148,8 @@ def train_set(
     **sae,
 ) -> Path:
     """Live-trained dictionaries of a tiny model: by default a BatchTopK skip-transcoder set."""
-    train.run(
-        TrainConfig(
-            source="live",
-            model=ModelConfig(name=str(model_dir), dtype="float32", device="cpu"),
-            data=DataConfig(source="files", path=str(corpus)),
-            text=TextConfig(context_size=32),
-            sites=sites,
-            sae=SAEConfig(**({"architecture": arch, "k": 4, "expansion_factor": 4, "skip": skip} | sae), target=target),
-            n_tokens=n_tokens,
-            batch_size=256,
-            live_buffer_tokens=2048,
-            dtype="float32",
-            progress=False,
-            out_dir=str(out),
-        )
-    )
+    cfg = SAEConfig(**({"architecture": arch, "k": 4, "expansion_factor": 4, "skip": skip} | sae), target=target)
+    train.run(live_train_cfg(model_dir, corpus, out, sites, cfg, n_tokens=n_tokens, live_buffer_tokens=2048))
     return out
 
 

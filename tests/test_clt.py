@@ -22,7 +22,7 @@ from sae_train import cache, export, pipeline, train
 from sae_train import eval as eval_stage
 from sae_train.cache import CacheConfig
 from sae_train.circuit_tracer import ModelLayout, check_cross_layer, cross_layer_files, cross_layer_reference
-from sae_train.data import DataConfig, TextConfig
+from sae_train.data import TextConfig
 from sae_train.errors import UserError
 from sae_train.eval import EvalConfig
 from sae_train.eval.downstream import next_token_log_probs
@@ -36,7 +36,7 @@ from sae_train.sae.kernels import batch_topk
 from sae_train.train import StepInfo, TrainConfig, Trainer, build_source
 from sae_train.train.dist import Dist
 from tests.syncs import record_sync_ops
-from tests.tiny import write_corpus
+from tests.tiny import live_train_cfg, write_corpus
 
 L, D_IN, D_OUT, D_SAE, K = 3, 10, 8, 24, 3
 TEMPLATE = "blocks.{layer}.hook_mlp_out"
@@ -477,22 +477,10 @@ def test_warmed_up_step_records_no_sync_op(clt_store, tmp_path, monkeypatch):
 
 
 def test_trains_live_over_every_layer(tiny_model_dir, tmp_path):
-    model = ModelConfig(name=str(tiny_model_dir("llama")), dtype="float32", device="cpu")
+    sae = SAEConfig(architecture="clt", k=4, expansion_factor=2, target=TEMPLATE)
+    corpus = write_corpus(tmp_path / "corpus")
     summary = train.run(
-        TrainConfig(
-            source="live",
-            model=model,
-            data=DataConfig(source="files", path=str(write_corpus(tmp_path / "corpus"))),
-            text=TextConfig(context_size=32),
-            sites=["blocks.*.mlp.hook_in"],
-            out_dir=str(tmp_path / "live"),
-            n_tokens=2048,
-            batch_size=256,
-            live_buffer_tokens=1024,
-            dtype="float32",
-            progress=False,
-            sae=SAEConfig(architecture="clt", k=4, expansion_factor=2, target=TEMPLATE),
-        )
+        live_train_cfg(tiny_model_dir("llama"), corpus, tmp_path / "live", ["blocks.*.mlp.hook_in"], sae)
     )
     meta = load_sae_cfg(summary.saes["clt"]["checkpoint"])
     assert meta["sites"] == SOURCES and meta["targets"] == TARGETS

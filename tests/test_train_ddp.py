@@ -176,28 +176,17 @@ def test_gradients_are_reduced_in_fp32_in_place_and_statistics_apart(store, tmp_
 def _live_run_threads(rank: int, model: Path, corpus: Path, out: Path, port: int) -> None:
     """Rank `rank` of 2 as torchrun starts it: a live run (the model loaded after the process
     group exists), then the names of the threads left in the process, to out/r{rank}.json."""
-    from sae_train.data import DataConfig, TextConfig
-    from sae_train.lm.model import ModelConfig
     from sae_train.sae import SAEConfig
-    from sae_train.train import TrainConfig, run
+    from sae_train.train import run
+    from tests.tiny import live_train_cfg
 
     env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     os.environ.update({name: str(value) for name, value in env.items()})
     torch.set_num_threads(1)
+    sae = SAEConfig(architecture="topk", k=4, expansion_factor=2)
     run(
-        TrainConfig(
-            source="live",
-            model=ModelConfig(name=str(model), dtype="float32", device="cpu"),
-            data=DataConfig(source="files", path=str(corpus)),
-            text=TextConfig(context_size=32),
-            sites=["blocks.1.hook_resid_post"],
-            out_dir=str(out / "run"),
-            n_tokens=1024,
-            batch_size=256,
-            live_buffer_tokens=512,
-            dtype="float32",
-            progress=False,
-            sae=SAEConfig(architecture="topk", k=4, expansion_factor=2),
+        live_train_cfg(
+            model, corpus, out / "run", ["blocks.1.hook_resid_post"], sae, n_tokens=1024, live_buffer_tokens=512
         )
     )
     threads = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]

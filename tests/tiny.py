@@ -9,7 +9,11 @@ import torch
 import transformers as T
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from sae_train.data import DataConfig, TextConfig
 from sae_train.data.sources import stdlib_root
+from sae_train.lm import ModelConfig
+from sae_train.sae import SAEConfig
+from sae_train.train import TrainConfig
 
 SPECIAL = ["<|bos|>", "<|eos|>", "<|pad|>"]
 VOCAB = 384
@@ -101,3 +105,21 @@ def write_corpus(directory: Path, n_files: int = 30, n_words: int = 120, seed: i
     for i in range(n_files):
         (directory / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(n_words)))
     return directory
+
+
+def live_train_cfg(
+    model_dir: Path, corpus: Path, out_dir: Path, sites: list[str], sae: SAEConfig, **fields
+) -> TrainConfig:
+    """A live training run of the tiny model in model_dir over a write_corpus directory: windows
+    of 32 tokens, batches of 256, fp32, quiet; `fields` override the rest of TrainConfig."""
+    defaults = {"n_tokens": 2048, "batch_size": 256, "live_buffer_tokens": 1024, "dtype": "float32", "progress": False}
+    return TrainConfig(
+        source="live",
+        model=ModelConfig(name=str(model_dir), dtype="float32", device="cpu"),
+        data=DataConfig(source="files", path=str(corpus)),
+        text=TextConfig(context_size=32),
+        sites=sites,
+        out_dir=str(out_dir),
+        sae=sae,
+        **(defaults | fields),
+    )
