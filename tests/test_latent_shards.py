@@ -383,12 +383,15 @@ def test_live_source_on_two_shards_equals_one_process(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("arch", ["topk", "relu"])
 def test_sharded_transcoder_step_equals_one_process(arch):
-    """A transcoder (no skip connection): b_dec is an output bias only, its gradient on shard 0."""
+    """A transcoder (no skip connection): b_dec is an output bias only, its gradient on shard 0;
+    TopK's rows, rescaled to their shared mean norm after a step, take the whole SAE's mean."""
     cfg = SAEConfig(architecture=arch, k=4, d_sae=64, target="out", l1_coefficient=0.05).resolved(16, 12)
     full = create_sae(cfg)
     full.impl = "torch"
     gen = torch.Generator().manual_seed(5)
     x, y = torch.randn(32, 16, generator=gen), torch.randn(32, 12, generator=gen)
+    with torch.no_grad():  # rows of unequal norms, as after an optimizer step
+        full.W_dec.copy_(torch.randn(64, 12, generator=gen) * torch.rand(64, 1, generator=gen))
     out = full(x, target=y)
     out.losses["loss"].backward()
     shards = shards_of(full, 2)
@@ -400,6 +403,9 @@ def test_sharded_transcoder_step_equals_one_process(arch):
     for name, p in full.named_parameters():
         got = _join(full, [dict(s.named_parameters())[name].grad for s in shards], name)
         torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    full.constrain_()
+    in_threads([s.constrain_ for s in shards])
+    torch.testing.assert_close(_join(full, [s.W_dec.detach() for s in shards], "W_dec"), full.W_dec.detach())
 
 
 @pytest.mark.parametrize("step", [update.fused_update, update.reference_update])

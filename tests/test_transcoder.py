@@ -581,15 +581,21 @@ def test_a_topk_transcoder_is_not_exported_to_saelens(tmp_path):
         export.run(ExportConfig(checkpoint=str(tmp_path / "ckpt"), out_dir=str(tmp_path / "export")))
 
 
+def _mlp_like(n: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """An MLP input with a large mean (3x the spread) and an output computed from it."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, D_IN, generator=gen) + 3 * torch.randn(D_IN, generator=gen)
+    return x, torch.tanh(x @ torch.randn(D_IN, D_OUT, generator=gen))
+
+
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 def test_init_centres_a_transcoders_pre_activations(arch):
-    """An MLP input has a large mean (here 3x the spread). A transcoder does not subtract b_dec
-    from its input, so init_from_data sets b_enc = -mean(x) @ W_enc (sparsify's fix): every
-    latent's pre-activation is centred on the sample and nearly every latent is selected in the
-    first batch (uncentred, the mean decides which latents can ever fire)."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4096, D_IN, generator=gen) + 3 * torch.randn(D_IN, generator=gen)
-    y = torch.tanh(x @ torch.randn(D_IN, D_OUT, generator=gen))
+    """A transcoder does not subtract b_dec from its input, so init_from_data sets b_enc =
+    -mean(x) @ W_enc (sparsify's fix): every latent's pre-activation is centred on the sample and
+    nearly every latent is selected in the first batch (uncentred, the mean decides which
+    latents can ever fire). The decoder starts at zero, so the first gradient fits the decoder
+    and leaves the encoder where init put it."""
+    x, y = _mlp_like()
     sae = create_sae(SAEConfig(architecture=arch, target=TARGET, k=4, d_sae=D_SAE).resolved(D_IN, D_OUT))
     sae.impl = "torch"
     sae.init_from_data(x, y)
@@ -597,17 +603,45 @@ def test_init_centres_a_transcoders_pre_activations(arch):
     assert z.mean(0).abs().max() < 1e-4 * z.std(0).min()
     fired = (sae(x, target=y).latents.to_dense() > 0).any(0)
     assert fired.float().mean() > 0.9
-    if arch == "topk":
-        # unit-norm rows pointing along the centred target weighted by the latent's ReLU'd pre-activation
-        aligned = torch.relu(z).t() @ (y - sae.b_dec)
-        cos = torch.nn.functional.cosine_similarity(sae.W_dec, aligned, dim=1)
-        assert cos.min() > 1 - 1e-5
-        # the least-squares scale still holds: x_hat - b_dec is the best multiple of itself
-        r = sae(x, target=y).x_hat.detach() - sae.b_dec.detach()
-        assert float((r * (y - sae.b_dec.detach())).sum() / (r * r).sum()) == pytest.approx(1.0, rel=1e-3)
-    else:
-        # free rows starting at zero: the first gradient fits the decoder and leaves the encoder alone
-        assert not sae.unit_norm_decoder and torch.equal(sae.W_dec, torch.zeros_like(sae.W_dec))
-        sae(x, target=y).losses["loss"].backward()
-        assert sae.W_dec.grad.abs().sum() > 0
-        assert not sae.W_enc.grad.any() and not sae.b_enc.grad.any()
+    assert not sae.unit_norm_decoder and torch.equal(sae.W_dec, torch.zeros_like(sae.W_dec))
+    sae(x, target=y).losses["loss"].backward()
+    assert sae.W_dec.grad.abs().sum() > 0
+    assert not sae.W_enc.grad.any() and not sae.b_enc.grad.any()
+
+
+def test_a_topk_transcoders_rows_share_one_norm_so_its_fold_keeps_the_ranking():
+    """Per-token top-k survives only a uniform rescaling: after each step a TopK transcoder's
+    rows take their mean norm (rows still at zero stay there), BatchTopK's stay free; folding
+    (zero rows scaled like the others) then reproduces the training forward."""
+    x, y = _mlp_like(512)
+    for arch in ("topk", "batchtopk"):
+        sae = create_sae(SAEConfig(architecture=arch, target=TARGET, k=4, d_sae=D_SAE).resolved(D_IN, D_OUT))
+        with torch.no_grad():
+            sae.W_dec[1:].copy_(torch.randn(D_SAE - 1, D_OUT, generator=torch.Generator().manual_seed(1)))
+            sae.W_enc.add_(0.3 * torch.randn(D_IN, D_SAE, generator=torch.Generator().manual_seed(2)))
+        free = sae.W_dec.norm(dim=1)
+        sae.constrain_()
+        norms = sae.W_dec.norm(dim=1)
+        if arch == "batchtopk":
+            assert torch.equal(norms, free)
+            continue
+        assert norms[0] == 0 and torch.allclose(norms[1:], free[1:].mean().expand(D_SAE - 1))
+        sae.impl = "torch"
+        out = sae(x * 2.0, target=y * 0.5)
+        folded = sae.fold(2.0, 0.5)
+        _, y_hat = folded.reconstruct(x)
+        torch.testing.assert_close(y_hat, out.x_hat.detach() / 0.5, rtol=1e-4, atol=1e-4)
+
+
+def test_a_unit_norm_transcoders_decoder_starts_along_what_its_latents_fire_on():
+    """ReLU (L1) rows stay unit-norm: each starts along the centred target weighted by its
+    latent's ReLU'd pre-activation, and the encoder takes the least-squares scale."""
+    x, y = _mlp_like()
+    sae = create_sae(SAEConfig(architecture="relu", target=TARGET, d_sae=D_SAE).resolved(D_IN, D_OUT))
+    sae.impl = "torch"
+    sae.init_from_data(x, y)
+    z = sae._preact(x)
+    aligned = torch.relu(z).t() @ (y - sae.b_dec)
+    assert torch.nn.functional.cosine_similarity(sae.W_dec, aligned, dim=1).min() > 1 - 1e-5
+    r = sae(x, target=y).x_hat.detach() - sae.b_dec.detach()
+    assert float((r * (y - sae.b_dec.detach())).sum() / (r * r).sum()) == pytest.approx(1.0, rel=1e-3)

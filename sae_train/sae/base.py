@@ -415,8 +415,9 @@ class SAE(nn.Module, abc.ABC):
         norms), W_enc' = W_enc * n * scale / t, b_enc' = b_enc * n / t, W_dec' = W_dec / n,
         b_dec' = b_dec / t, W_skip' = W_skip * scale / t reproduce
         training_model(x_raw * scale).x_hat / t, and thresholds scale like latents (an SAE's
-        centring x - b_dec folds the same way: b_dec' = b_dec / scale). Rows with zero norm are
-        left as they are (they decode to nothing anyway).
+        centring x - b_dec folds the same way: b_dec' = b_dec / scale). A row with zero norm decodes
+        to nothing; its latent is scaled by the mean of the other rows' norms, which keeps a TopK
+        transcoder's shared-norm ranking (sae/topk.py) and changes nothing else.
         """
         if self.folded:
             raise ValueError("this SAE is already folded; fold the training model instead")
@@ -427,7 +428,8 @@ class SAE(nn.Module, abc.ABC):
             raise ValueError("an SAE has one normalization scale (its input is its target)")
         sae = copy.deepcopy(self)
         norms = sae.W_dec.norm(dim=1)
-        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+        mean = norms.sum() / (norms > 0).sum().clamp_min(1)
+        norms = torch.where(norms > 0, norms, torch.where(mean > 0, mean, torch.ones_like(mean)))
         latent_scale = norms / t
         sae.W_enc.mul_(norms * (scale / t))
         sae.b_enc.mul_(latent_scale)

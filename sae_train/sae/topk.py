@@ -5,6 +5,14 @@ Decoder rows stay unit-norm during training. That is what makes `fold` exact: fo
 decoder norms n_i into the encoder multiplies pre-activation i by n_i, and only a uniform
 factor (all n_i = 1, then the normalisation scale) leaves the per-token ranking unchanged.
 
+A transcoder's rows start at zero instead and share one norm, which training sets (each step
+rescales every row to their mean norm: still a uniform factor, so `fold` stays exact). The
+encoder's gradient is the decoder times the residual, so the first steps fit the decoder to what
+the centred latents fire on while the encoder stays where init put it; unit-norm rows, random
+or aligned with the data, push the encoder from step 1 and a third of the latents die within
+~30 steps (SmolLM2 layer-8 MLP, 1M tokens: 4.7% dead on 20k held-out tokens against 34.7%,
+FVU 0.219 against 0.232). BatchTopK's rows are free (sae/batchtopk.py).
+
 AuxK (OpenAI; as in sparsify): when the trainer marks dead latents, the top
 min(aux_k, n_dead) pre-activations among them (ReLU'd) reconstruct the detached residual
 e = x - x_hat, auxk = ||e_hat - e||^2 / ||e - mean(e)||^2 over the batch (0 when no latent is
@@ -46,6 +54,26 @@ class TopKSAE(SAE):
             raise config_error(
                 cfg, "k", f"at most d_sae = {d_sae}", "Lower sae.k or raise sae.d_sae / sae.expansion_factor."
             )
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        return not self.cfg.is_transcoder
+
+    def _decoder_init_norm(self) -> float:
+        return 0.0 if self.cfg.is_transcoder else 1.0
+
+    @torch.no_grad()
+    def constrain_extra_(self) -> None:
+        """A transcoder's rows to their mean norm (rows still at zero stay there), over every
+        latent shard; no host sync."""
+        if not self.cfg.is_transcoder or self.batch_selection:
+            return
+        norms = self.W_dec.norm(dim=1)
+        total = torch.stack([norms.sum(), (norms > 0).sum().to(norms.dtype)])
+        if self.shard is not None:
+            total = self.shard.sum(total)[0]
+        common = total[0] / total[1].clamp_min(1)
+        self.W_dec.mul_(torch.where(norms > 0, common / norms.clamp_min(1e-30), torch.ones_like(norms))[:, None])
 
     # ------------------------------------------------------------------ selection (torch path)
 
