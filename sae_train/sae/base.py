@@ -304,9 +304,10 @@ class SAE(nn.Module, abc.ABC):
         b_dec: geometric median / mean / zeros (cfg.b_dec_init) of the target. A transcoder,
         whose input b_dec does not centre, gets b_enc = -mean(x) @ W_enc, centring its
         pre-activations on the sample (as sparsify does; uncentred, the input's mean would give
-        each latent a fixed offset), and decoder rows aligned with what its latents fire on
-        (`_align_decoder`). For unit-norm decoders, W_enc and b_enc are then scaled by the
-        least-squares factor for the sample: x_hat - b_dec is proportional to it (ReLU and top-k
+        each latent a fixed offset). Decoders that are not unit-norm (a TopK-family transcoder's
+        start at zero) are left as they are. A unit-norm transcoder decoder (ReLU, JumpReLU) gets
+        rows aligned with what its latents fire on (`_align_decoder`); for unit-norm decoders,
+        W_enc and b_enc are then scaled by the least-squares factor for the sample: x_hat - b_dec is proportional to it (ReLU and top-k
         are positively homogeneous in the pre-activation, W_skip = 0), and with it a ReLU SAE
         does not start at MSE ~ (d_sae/2d_in + 1)^2. The forward runs `CHUNK_TOKENS` tokens at a
         time (BatchTopK selects within each chunk).
@@ -340,8 +341,9 @@ class SAE(nn.Module, abc.ABC):
         """A transcoder's decoder row i := the centred target averaged over the sample, weighted
         by latent i's ReLU'd (centred) pre-activation, at unit norm: firing helps from step 0,
         where a random decoder independent of the encoder makes every firing latent add noise
-        (SmolLM2 layer-8 MLP, BatchTopK, 1M tokens: training FVU 0.224 -> 0.197, latents dead
-        at the end 44% -> 33%). A latent positive nowhere keeps its random row."""
+        (measured when BatchTopK transcoders still had unit-norm rows, SmolLM2 layer-8 MLP, 1M
+        tokens: training FVU 0.224 -> 0.197, latents dead at the end 44% -> 33%). A latent
+        positive nowhere keeps its random row."""
         M = torch.zeros_like(self.W_dec)
         for chunk, y_chunk in zip(x.split(CHUNK_TOKENS), y.split(CHUNK_TOKENS)):
             M += torch.relu(self._preact(chunk)).t() @ (y_chunk - self.b_dec)

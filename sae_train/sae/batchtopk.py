@@ -73,6 +73,10 @@ class BatchTopKSAE(TopKSAE):
     def _fold_extra(self, latent_scale: Tensor) -> None:
         self.threshold.mul_(latent_scale)
 
+    @torch.no_grad()
+    def constrain_extra_(self) -> None:
+        """None: a transcoder's rows stay free (each latent's threshold folds with its norm)."""
+
     def after_step(self, out: SAEOutput) -> None:
         """Fold this batch's smallest kept activation into the inference threshold."""
         m = out.stats["min_kept"].to(self.threshold)

@@ -118,9 +118,9 @@ class SAEConfig:
     massive-norm outlier tokens of LMs), "mean" or "zeros"."""
 
     decoder_init_norm: float = 0.1
-    """relu + l1_decnorm: initial norm of each decoder row (Anthropic, April 2024). BatchTopK and
-    Matryoshka transcoders start their free rows at zero (sae/batchtopk.py); the other
-    architectures keep unit-norm rows."""
+    """relu + l1_decnorm: initial norm of each decoder row (Anthropic, April 2024). TopK-family
+    transcoders start their rows at zero (sae/topk.py); the other architectures keep unit-norm
+    rows."""
 
     seed: int = 0
     """Seed of the parameter initialisation (independent of the global RNG)."""

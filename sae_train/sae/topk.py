@@ -66,7 +66,7 @@ class TopKSAE(SAE):
     def constrain_extra_(self) -> None:
         """A transcoder's rows to their mean norm (rows still at zero stay there), over every
         latent shard; no host sync."""
-        if not self.cfg.is_transcoder or self.batch_selection:
+        if not self.cfg.is_transcoder:
             return
         norms = self.W_dec.norm(dim=1)
         total = torch.stack([norms.sum(), (norms > 0).sum().to(norms.dtype)])
