@@ -50,7 +50,7 @@ from sae_train.train.roofline import step_gemms
 
 D_IN, D_SAE, BATCH, K = 576, 4608, 4096, 32
 ARCHS = ["topk", "batchtopk", "matryoshka", "relu", "jumprelu"]
-TARGET = {"topk": 2.0, "batchtopk": 2.0, "matryoshka": 6.0, "relu": 1.3, "jumprelu": 1.3}
+TARGET = {"topk": 2.0, "batchtopk": 2.0, "matryoshka": 2.5, "relu": 1.3, "jumprelu": 1.3}
 SITE, TARGET_SITE = "x", "y"
 
 

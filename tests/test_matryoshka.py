@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sae_train.errors import UserError
-from sae_train.sae import SAEConfig, create_sae, load_sae
+from sae_train.sae import SAEConfig, create_sae, kernels, load_sae
 from sae_train.sae.matryoshka import prefix_widths
 from sae_train.train import TrainConfig, run
 from tests.synthetic import recovered_fraction, sample, true_directions, write_store
@@ -107,6 +107,35 @@ def test_matches_saelens_matryoshka_training_sae():
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         g, ref = getattr(ours, name).grad, getattr(theirs, name).grad
         assert torch.allclose(g, ref, rtol=1e-4, atol=1e-6 * ref.abs().max()), name
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the fused CPU kernels are not built here")
+def test_fused_step_matches_the_torch_step_with_a_gradient_through_x_hat():
+    """The fused step decodes every prefix from (token, level) bags: same losses, per-prefix MSEs
+    and gradients as the plain-PyTorch step, also when x_hat itself carries a gradient."""
+    x = batch(96)
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[::7] = True
+    probe = torch.randn(96, 16, generator=torch.Generator().manual_seed(5))
+    results = []
+    for impl in ("auto", "torch"):
+        sae = make(matryoshka_weights=[3, 0, 1])
+        with torch.no_grad():
+            for p in sae.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+        sae.impl = impl
+        if impl == "auto":  # the fused step, not a fallback to the PyTorch one
+            sae._forward_torch = None  # type: ignore[method-assign]
+        out = sae(x, dead_mask=dead)
+        (out.losses["loss"] + (out.x_hat * probe).sum()).backward()
+        results.append((out, {n: p.grad.clone() for n, p in sae.named_parameters()}))
+    (fast, g_fast), (ref, g_ref) = results
+    assert ref.losses["auxk"] > 0 and list(fast.losses) == list(ref.losses)
+    for name in ref.losses:
+        torch.testing.assert_close(fast.losses[name], ref.losses[name], rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(fast.x_hat, ref.x_hat, rtol=1e-5, atol=1e-5)
+    for name in g_ref:
+        torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_folded_sae_reproduces_training_outputs():

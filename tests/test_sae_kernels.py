@@ -105,9 +105,10 @@ def test_sparse_products_match_dense(table_dtype, D):
     assert torch.allclose(x_hat, dense @ Tf + bias, **tol)
     assert torch.allclose(sse, ((x_hat - target) ** 2).sum(1), rtol=1e-4)
     G = torch.randn(B, D, generator=g)
-    for grad, scale in [(G, 0.0), (None, 0.3), (G, 0.3)]:
-        g_eff = (0 if grad is None else grad) + scale * (x_hat - target)
-        gv, g_out, colsum = kernels.decode_backward(offsets, idx, grad, x_hat, target, scale, T)
+    for grad, scale, mse in [(G, 0.0, True), (None, 0.3, True), (G, 0.3, True), (G, 0.3, False)]:
+        g_eff = (0 if grad is None else grad) + (scale * (x_hat - target) if mse else 0)
+        args = (x_hat, target) if mse else (None, None)  # no MSE term: g = grad
+        gv, g_out, colsum = kernels.decode_backward(offsets, idx, grad, *args, scale, T)
         assert torch.allclose(gv, (g_eff @ Tf.t()).gather(1, idx.view(B, k)).view(-1), **tol)
         assert torch.allclose(g_out.float(), g_eff.to(table_dtype).float(), rtol=1e-2, atol=1e-5)
         assert torch.allclose(colsum, g_eff.sum(0), **tol)

@@ -101,7 +101,7 @@ def test_forward_and_gradients_match_a_naive_dense_transcoder(arch, skip):
 
 @pytest.mark.skipif(not kernels.available(), reason="the fused CPU kernels are not built here")
 @pytest.mark.parametrize("skip", [False, True])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", (*ARCHS, "matryoshka"))
 def test_fused_step_of_transcoders_matches_the_torch_step(arch, skip):
     """Transcoders of every architecture train through the fused kernels (the encoder's centring
     zeroed; the TopK family's decode against the target): same outputs, losses (AuxK included)
@@ -124,7 +124,7 @@ def test_fused_step_of_transcoders_matches_the_torch_step(arch, skip):
     assert set(fast.losses) == set(ref.losses)
     for name in ref.losses:
         torch.testing.assert_close(fast.losses[name], ref.losses[name], rtol=1e-5, atol=1e-6)
-    if arch in ("topk", "batchtopk"):
+    if arch in ("topk", "batchtopk", "matryoshka"):
         assert ref.losses["auxk"] > 0
         torch.testing.assert_close(fast.stats, ref.stats)
     for name in g_ref:

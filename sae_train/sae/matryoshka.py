@@ -21,9 +21,11 @@ The prefix decodes cost one sparse decode, not L dense ones: the selection lists
 latents in ascending order, so a token's entries below m_1, then in [m_1, m_2), ... are
 consecutive runs; one embedding bag sums each run (token b, level l) into D[b, l] and the
 prefix reconstructions are b_dec + cumsum_l D[b, l]. Everything else is BatchTopK's sparse
-PyTorch step (sae/sparse.py: selection global across DDP ranks, sparse encoder gradients, AuxK
-on the full reconstruction's residual), on every device. Inference, the learned threshold and
-the SAELens export (as JumpReLU) are BatchTopK's: the nesting only shapes training.
+step (selection global across DDP ranks, sparse encoder gradients, AuxK on the full
+reconstruction's residual): in plain PyTorch (sae/sparse.py) on CUDA, through the fused CPU
+kernels (sae/ops.py, `Levels`: the same bags, one CSR product) on CPU, where it runs at ~85% of
+BatchTopK's speed instead of ~40%. Inference, the learned threshold and the SAELens export (as
+JumpReLU) are BatchTopK's: the nesting only shapes training.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ import torch
 from torch import Tensor
 
 from sae_train.sae import sparse
-from sae_train.sae.base import SAEOutput
 from sae_train.sae.batchtopk import BatchTopKSAE
 from sae_train.sae.config import SAEConfig, config_error
+from sae_train.sae.ops import Levels
 
 
 def prefix_widths(prefixes: Sequence[float], d_sae: int) -> list[int]:
@@ -108,9 +110,16 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     # ------------------------------------------------------------------ forward
 
-    def _forward_fast(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
-        """No fused kernel computes the nested losses: the sparse PyTorch step on every device."""
-        return self._forward_torch(x, target, dead_mask, sparsity_scale)
+    def _levels(self) -> Levels:
+        return Levels(self.level_starts, tuple(self.level_weights))
+
+    def _fast_terms(self, mse: Tensor, levels: Levels | None) -> dict[str, Tensor]:
+        assert levels is not None and levels.mses is not None  # filled in by the fused forward
+        return self._level_terms(levels.mses, mse)
+
+    def _level_terms(self, mses: Tensor, nested: Tensor) -> dict[str, Tensor]:
+        """The loss terms from every prefix's MSE [L] and their weighted sum."""
+        return {"mse": mses[-1], "nested_mse": nested, **{f"mse_{m}": mses[i] for i, m in enumerate(self.widths[:-1])}}
 
     def _reconstruction_loss(self, terms: dict[str, Tensor]) -> Tensor:
         return terms["nested_mse"]
@@ -134,5 +143,4 @@ class MatryoshkaSAE(BatchTopKSAE):
         x_hats = parts.view(B, L, -1).cumsum(1) + self.b_dec  # [B, L, d_out]: every prefix's reconstruction
         mses = (x_hats - target[:, None]).pow(2).sum(-1).mean(0)  # [L]
         nested = sum((w * mse for w, mse in zip(self.level_weights, mses.unbind())), mses.new_zeros(()))
-        terms = {"mse": mses[-1], "nested_mse": nested, **{f"mse_{m}": mses[i] for i, m in enumerate(self.widths[:-1])}}
-        return x_hats[:, -1], terms
+        return x_hats[:, -1], self._level_terms(mses, nested)

@@ -31,7 +31,7 @@ from torch import Tensor
 from sae_train.sae import kernels, sparse
 from sae_train.sae.base import SAE, SAEOutput, SparseLatents
 from sae_train.sae.config import SAEConfig, config_error
-from sae_train.sae.ops import SparseSAEFunction, SparseSpec, auxk_ratio
+from sae_train.sae.ops import Levels, SparseSAEFunction, SparseSpec, auxk_ratio
 
 
 class TopKSAE(SAE):
@@ -142,6 +142,14 @@ class TopKSAE(SAE):
         x_hat, _ = self._decoded(sparse.SparseDecode.apply(vals, W_dec, groups, rows, offsets))
         return x_hat, {"mse": self._mse(x_hat, target)}
 
+    def _levels(self) -> Levels | None:
+        """Nested prefixes the fused step reconstructs from (Matryoshka); None: one reconstruction."""
+        return None
+
+    def _fast_terms(self, mse: Tensor, levels: Levels | None) -> dict[str, Tensor]:
+        """The fused step's loss terms from its loss output (and `_levels`, filled in)."""
+        return {"mse": mse}
+
     def _forward_torch(self, x: Tensor, target: Tensor, dead_mask: Tensor | None, sparsity_scale: float) -> SAEOutput:
         """The sparse step in plain PyTorch (sae/sparse.py): encoder GEMM, selection, embedding-bag
         decode; every gradient from the selected entries only. `target`: x for an SAE."""
@@ -190,11 +198,13 @@ class TopKSAE(SAE):
         dead = dead if dead is not None and dead.numel() else None
         aux_k = 0 if dead is None else min(self.cfg.aux_k, dead.numel())
         spec = SparseSpec(self.batch_selection, self.cfg.k, self.gemm_weights(), dead, aux_k, sparse.selection_world())
+        spec.levels = self._levels()
         x_hat, mse, auxk, vals = SparseSAEFunction.apply(
             x, target, self._encoder_centre(), self.W_enc, self.b_enc, self.W_dec, self.b_dec, spec
         )
         assert spec.idx is not None and spec.offsets is not None  # set by the forward
-        out = self._output(x, x_hat, {"mse": mse}, auxk, SparseLatents(vals, spec.idx, spec.offsets, self.cfg.d_sae))
+        terms = self._fast_terms(mse, spec.levels)
+        out = self._output(x, x_hat, terms, auxk, SparseLatents(vals, spec.idx, spec.offsets, self.cfg.d_sae))
         if spec.min_kept is not None:
             out.stats["min_kept"] = spec.min_kept
         return out

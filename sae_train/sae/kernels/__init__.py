@@ -336,19 +336,29 @@ def csr_decode(
 
 
 def decode_backward(
-    offsets: Tensor, idx: Tensor, grad: Tensor | None, x_hat: Tensor, target: Tensor, scale: float, table: Tensor
+    offsets: Tensor,
+    idx: Tensor,
+    grad: Tensor | None,
+    x_hat: Tensor | None,
+    target: Tensor | None,
+    scale: float,
+    table: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of `csr_decode` plus scale * ||x_hat - target||^2 / 2 (the MSE).
 
-    With g = grad + scale * (x_hat - target) (grad may be None), returns (<g[r], table[idx[e]]>
-    per entry [nnz], g in table's dtype [R, D], column sums of g in fp32 [D]).
+    With g = grad + scale * (x_hat - target) (grad, or x_hat and target, may be None), returns
+    (<g[r], table[idx[e]]> per entry [nnz], g in table's dtype [R, D], column sums of g in fp32 [D]).
     """
-    _check(x_hat, torch.float32, "x_hat")
-    _check(target, torch.float32, "target")
+    rows = x_hat if x_hat is not None else grad
+    if rows is None or (x_hat is None) != (target is None):
+        raise ValueError("decode_backward: give grad, or x_hat and target, or all three")
+    if x_hat is not None and target is not None:
+        _check(x_hat, torch.float32, "x_hat")
+        _check(target, torch.float32, "target")
     _check(table, tuple(_DT), "table")
     if grad is not None:
         _check(grad, torch.float32, "grad")
-    R, D = x_hat.shape
+    R, D = rows.shape
     nt = _threads()
     out = torch.empty(idx.numel(), dtype=torch.float32)
     g = torch.empty(R, D, dtype=table.dtype)
