@@ -23,8 +23,8 @@ consecutive runs; one embedding bag sums each run (token b, level l) into D[b, l
 prefix reconstructions are b_dec + cumsum_l D[b, l]. Everything else is BatchTopK's sparse
 step (selection global across DDP ranks, sparse encoder gradients, AuxK on the full
 reconstruction's residual): in plain PyTorch (sae/sparse.py) on CUDA, through the fused CPU
-kernels (sae/ops.py, `Levels`: the same bags, one CSR product) on CPU, where it runs at ~85% of
-BatchTopK's speed instead of ~40%. Inference, the learned threshold and the SAELens export (as
+kernels (sae/ops.py, `Levels`: the same bags, one CSR product) on CPU, where it runs at ~80% of
+BatchTopK's speed instead of ~30%. Inference, the learned threshold and the SAELens export (as
 JumpReLU) are BatchTopK's: the nesting only shapes training.
 """
 
