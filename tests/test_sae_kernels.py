@@ -88,6 +88,33 @@ def test_batch_topk_recovers_from_a_bad_cut():
 
 
 @pytest.mark.parametrize("table_dtype", DTYPES)
+def test_sparse_products_read_and_write_column_slices(table_dtype):
+    """A cross-layer transcoder's decode reads and writes [B, L, d] buffers one layer's slice at
+    a time: tables, outputs and gradients whose rows are further apart than their width."""
+    B, N, k, D, W = 29, 64, 5, 48, 3 * 48
+    g = torch.Generator().manual_seed(7)
+    idx, val = kernels.topk_rows(torch.randn(B, N, generator=g), torch.zeros(N), k)
+    offsets, idx, val = torch.arange(0, B * k + 1, k), idx.view(-1), val.view(-1)
+    dense = torch.zeros(B, N).scatter(1, idx.view(B, k), val.view(B, k))
+    wide = torch.randn(N, W, generator=g).to(table_dtype)
+    table = wide[:, D : 2 * D]  # rows W apart
+    tol = dict(atol=1e-4, rtol=1e-5)
+    assert torch.allclose(kernels.csr_spmm(offsets, idx, val, table), dense @ table.float(), **tol)
+    out = torch.randn(B, W, generator=g)
+    before = out.clone()
+    kernels.csr_spmm(offsets, idx, val, table, out=out[:, D : 2 * D], accumulate=True)
+    assert torch.equal(out[:, :D], before[:, :D]) and torch.equal(out[:, 2 * D :], before[:, 2 * D :])
+    assert torch.allclose(out[:, D : 2 * D], before[:, D : 2 * D] + dense @ table.float(), **tol)
+    grad = torch.randn(B, W, generator=g)[:, D : 2 * D]
+    gv, g_out, colsum = kernels.decode_backward(offsets, idx, grad, None, None, 0.0, table.contiguous())
+    assert torch.allclose(gv, (grad @ table.float().t()).gather(1, idx.view(B, k)).view(-1), **tol)
+    assert torch.allclose(g_out.float(), grad.to(table_dtype).float()) and torch.allclose(colsum, grad.sum(0), **tol)
+    assert torch.equal(kernels.csr_sddmm(offsets, idx, grad, table.contiguous()), gv)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        kernels.csr_spmm(offsets, idx, val, wide.t()[:D])  # columns, not rows, contiguous
+
+
+@pytest.mark.parametrize("table_dtype", DTYPES)
 @pytest.mark.parametrize("D", [40, 300, 576])  # < one register block; block + tail; 2 blocks + tail
 def test_sparse_products_match_dense(table_dtype, D):
     B, N, k = 37, 200, 6

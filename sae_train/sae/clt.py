@@ -28,7 +28,10 @@ Decode is sparse: layer s's selected entries go through one embedding bag over W
 as [d_sae, (L - s) d_out], so a token costs k (L - s) d_out multiply-adds per source layer,
 k L (L + 1) / 2 d_out in all -- the L^2 of a CLT, in the decoders only; the encoders are L
 GEMMs of [B, d_in] x [d_in, d_sae]. Gradients come from the selected entries alone
-(sae/sparse.py's embedding-bag backward, per layer into one W_enc gradient).
+(sae/sparse.py's embedding-bag backward, per layer into one W_enc gradient). On CPU the same
+products run in the C kernels (sae/kernels: selection, decode into the [B, L, d_out] buffer's
+slice, the values' and decoders' gradients, the encoders' from each layer's CSR blocks), as the
+fused step of the other TopK-family architectures does.
 
 Folding (Contract 2) is exact for any nonlinearity: W_enc[l] *= scale_l, decoder slices to
 layer j and b_dec[j] divided by the target scale t_j, W_skip[j] *= scale_j / t_j; then each
@@ -46,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae_train.errors import UserError
-from sae_train.sae import sparse
+from sae_train.sae import kernels, sparse
 from sae_train.sae.base import SAE, SAEOutput, SparseLatents, geometric_median
 from sae_train.sae.batchtopk import track_threshold
 from sae_train.sae.config import SAEConfig, config_error
@@ -217,30 +220,33 @@ class CrossLayerTranscoder(SAE):
         xl = x.transpose(0, 1).contiguous()  # [L, B, d_in]: each layer's rows contiguous
         W_gemm, b_enc = self.gemm_weight("W_enc"), self.b_enc.detach()
         aux_k = min(self.cfg.aux_k, d_sae)
-        select = batch_topk_selection if self._fast_path(x) else sparse.batch_topk  # the C kernel, or PyTorch
+        fused = self._fast_path(x)  # the C kernels: selection, decodes and their gradients
+        select = batch_topk_selection if fused else sparse.batch_topk
         layers, pres, mains, auxes, min_kept = [], [], [], [], []
         start = 0
+        a_offsets = torch.arange(0, B * aux_k + 1, aux_k, device=x.device)
         with torch.no_grad():
             for s in range(L):
                 z = xl[s].to(self._gemm_dtype) @ W_gemm[s]
                 sel = select(z, b_enc[s], self.cfg.k, world)
                 ids, rows, pre = sel.ids, sel.rows, sel.values
                 n_main = ids.numel()
-                main = sparse.ByLatent(ids, d_sae)
-                every = main
+                main = None if fused else sparse.ByLatent(ids, d_sae)
+                every, blocks = main, [(sel.offsets, ids)]
                 if dead_mask is not None:
                     dead = dead_mask[s * d_sae : (s + 1) * d_sae]
                     a_ids, a_pre = sparse.topk_rows(z, b_enc[s], aux_k, dead)
                     a_ids, a_rows = a_ids.view(-1), torch.arange(B * aux_k, device=x.device) // aux_k
                     auxes.append((a_ids, a_rows, dead[a_ids]))
+                    blocks.append((a_offsets, a_ids))
                     ids, rows, pre = (
                         torch.cat([ids, a_ids]),
                         torch.cat([rows, a_rows]),
                         torch.cat([pre, a_pre.view(-1)]),
                     )
-                    every = sparse.ByLatent(ids, d_sae)
-                mains.append((main, sel.rows, sel.offsets, sel.keep, n_main))
-                layers.append((start, start + ids.numel(), rows, every))
+                    every = None if fused else sparse.ByLatent(ids, d_sae)
+                mains.append((main, sel.ids, sel.rows, sel.offsets, sel.keep, n_main))
+                layers.append((start, start + ids.numel(), rows, every, blocks if fused else None))
                 pres.append(pre)
                 assert sel.min_kept is not None  # batch_topk always reports it
                 min_kept.append(sel.min_kept)
@@ -249,28 +255,25 @@ class CrossLayerTranscoder(SAE):
         pre = _LayerPreacts.apply(torch.cat(pres), xl, layers, self.W_enc, self.b_enc)
         x_hat = torch.zeros(B, L, d_out, dtype=self._acc_dtype, device=x.device) + self.b_dec
         values, ids_all, offsets_all = [], [], []
-        for s, ((main, rows, offsets, keep, n_main), (lo, _, _, _)) in enumerate(zip(mains, layers)):
+        for s, ((main, ids, rows, offsets, keep, n_main), (lo, *_)) in enumerate(zip(mains, layers)):
             vals = torch.relu(pre[lo : lo + n_main])
             if keep is not None:
                 vals = torch.where(keep, vals, torch.zeros_like(vals))
             table = self.decoder(s).view(d_sae, (L - s) * d_out)
-            x_hat = _DecodeInto.apply(x_hat, s, vals, table, main, rows, offsets)
+            x_hat = _DecodeInto.apply(x_hat, s, vals, table, ids, main, rows, offsets)
             values.append(vals.detach())
-            ids_all.append(main.ids)
+            ids_all.append(ids)
             offsets_all.append(offsets[:-1] + sum(v.numel() for v in values[:-1]))
-        mse = (x_hat - target).pow(2).sum(-1).mean(0).sum()
+        mse = F.mse_loss(x_hat, target, reduction="sum") / B  # summed over layers; one pass each way
         auxk = x_hat.new_zeros(())
         if dead_mask is not None:
             e_hat = torch.zeros_like(x_hat)
-            a_offsets = torch.arange(0, B * aux_k + 1, aux_k, device=x.device)
-            for s, ((a_ids, a_rows, valid), (lo, hi, _, _), (_, _, _, _, n_main)) in enumerate(
-                zip(auxes, layers, mains)
-            ):
+            for s, ((a_ids, a_rows, valid), (lo, hi, *_), (*_, n_main)) in enumerate(zip(auxes, layers, mains)):
                 a_pre = pre[lo + n_main : hi]
                 a_vals = torch.where(valid, torch.relu(a_pre), torch.zeros_like(a_pre))
                 table = self.decoder(s).view(d_sae, (L - s) * d_out)
-                groups = sparse.ByLatent(a_ids, d_sae)
-                e_hat = _DecodeInto.apply(e_hat, s, a_vals, table, groups, a_rows, a_offsets)
+                groups = None if fused else sparse.ByLatent(a_ids, d_sae)
+                e_hat = _DecodeInto.apply(e_hat, s, a_vals, table, a_ids, groups, a_rows, a_offsets)
             e = (target - x_hat).detach()
             auxk = torch.where(dead_mask.any(), auxk_ratio(e_hat.flatten(1), e.flatten(1)), auxk)
         loss = mse + self.cfg.aux_coefficient * auxk
@@ -342,45 +345,67 @@ class CrossLayerTranscoder(SAE):
 
 
 class _DecodeInto(torch.autograd.Function):
-    """y[:, s:] += the sparse decode (`sparse.SparseDecode`) of source layer s's entries over its
-    decoder viewed as [d_sae, (L - s) d_out], in place on y [B, L, d_out]; returns y. The layers'
-    decodes accumulate in one buffer, each freed once added, and the backward passes the output's
-    gradient on as it is, giving layer s the slice g[:, s:]: an in-place slice sum through
-    autograd would clone and zero-fill the whole [B, L, d_out] gradient once per layer, and
-    summing L separate decodes would hold all L(L+1)/2 [B, d_out] blocks at once."""
+    """y[:, s:] += the sparse decode (`sparse.SparseDecode`) of source layer s's entries (CSR
+    `offsets`, latent `ids`) over its decoder viewed as [d_sae, (L - s) d_out], in place on y
+    [B, L, d_out]; returns y. The layers' decodes accumulate in one buffer, each freed once added,
+    and the backward passes the output's gradient on as it is, giving layer s the slice g[:, s:]:
+    an in-place slice sum through autograd would clone and zero-fill the whole [B, L, d_out]
+    gradient once per layer, and summing L separate decodes would hold all L(L+1)/2 [B, d_out]
+    blocks at once. With `groups` (the entries grouped by latent) it runs embedding bags; without,
+    the C kernels, which read and write the slice in place (rows L d_out apart) and group the
+    entries by latent with one counting pass instead of a sort."""
 
     @staticmethod
     def forward(
-        ctx, y: Tensor, s: int, values: Tensor, table: Tensor, groups: sparse.ByLatent, rows: Tensor, offsets: Tensor
+        ctx,
+        y: Tensor,
+        s: int,
+        values: Tensor,
+        table: Tensor,
+        ids: Tensor,
+        groups: sparse.ByLatent | None,
+        rows: Tensor,
+        offsets: Tensor,
     ) -> Tensor:  # type: ignore[override]
         B, L, d_out = y.shape
-        part = F.embedding_bag(
-            groups.ids, table, offsets, mode="sum", per_sample_weights=values, include_last_offset=True
-        )
-        y[:, s:] += part.view(B, L - s, d_out)
+        if groups is None:
+            kernels.csr_spmm(offsets, ids, values, table, out=y[:, s:].flatten(1), accumulate=True)
+        else:
+            part = F.embedding_bag(ids, table, offsets, mode="sum", per_sample_weights=values, include_last_offset=True)
+            y[:, s:] += part.view(B, L - s, d_out)
         ctx.mark_dirty(y)
-        ctx.save_for_backward(values, table, rows, offsets)
+        ctx.save_for_backward(values, table, ids, rows, offsets)
         ctx.groups, ctx.s = groups, s
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        values, table, rows, offsets = ctx.saved_tensors
-        mine = g[:, ctx.s :].reshape(g.shape[0], -1)
-        grads = sparse.decode_backward(mine, values, table, ctx.groups, rows, offsets, ctx.needs_input_grad[2:4])
-        return g, None, *grads, None, None, None
+        values, table, ids, rows, offsets = ctx.saved_tensors
+        if ctx.groups is not None:
+            mine = g[:, ctx.s :].reshape(g.shape[0], -1)
+            grads = sparse.decode_backward(mine, values, table, ctx.groups, rows, offsets, ctx.needs_input_grad[2:4])
+            return g, None, *grads, None, None, None, None
+        g = g.contiguous()
+        mine = g[:, ctx.s :].flatten(1)
+        g_values = kernels.csr_sddmm(offsets, ids, mine, table)
+        coff, crow, perm = kernels.csr_transpose(offsets, ids, table.shape[0])
+        g_table = kernels.csr_spmm(coff, crow, values, mine, perm=perm)
+        return g, None, g_values, g_table, None, None, None, None
 
 
 class _LayerPreacts(torch.autograd.Function):
     """The selected pre-activations of every layer (`pre`, all layers' entries concatenated, as
     the selection computed them without autograd) as a function of W_enc [L, d_in, d_sae] and
-    b_enc [L, d_sae]: `sparse.SparsePreact`'s embedding-bag backward per layer, written into one
-    gradient (a per-layer slice of the parameter would give every layer a full-size gradient)."""
+    b_enc [L, d_sae]: `sparse.SparsePreact`'s embedding-bag backward per layer (or, where the
+    layer lists its entries as CSR blocks by token, the C kernels' sparse product), written into
+    one gradient (a per-layer slice of the parameter would give every layer a full-size gradient)."""
 
     @staticmethod
     def forward(ctx, pre: Tensor, xl: Tensor, layers: list, W_enc: Tensor, b_enc: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(xl)
-        ctx.layers = layers  # per layer: (start, stop, token of each entry, ByLatent of its entries)
+        ctx.layers = (
+            layers  # per layer: (start, stop, token of each entry, ByLatent of its entries or None, CSR blocks or None)
+        )
         ctx.shapes = W_enc.shape, b_enc.shape
         return pre.view_as(pre)
 
@@ -391,7 +416,19 @@ class _LayerPreacts(torch.autograd.Function):
         d_in = w_shape[1]
         grad_W = gp.new_zeros(w_shape)
         grad_b = gp.new_zeros(b_shape)
-        for i, (start, stop, rows, groups) in enumerate(ctx.layers):
+        for i, (start, stop, rows, groups, blocks) in enumerate(ctx.layers):
+            if blocks is not None:  # the C kernels: each CSR block (main, AuxK's) by latent, summed in place
+                sums = torch.zeros(len(blocks), w_shape[2])
+                for j, (offsets, ids) in enumerate(blocks):
+                    coff, crow, perm = kernels.csr_transpose(offsets, ids, w_shape[2])
+                    n = ids.numel()
+                    kernels.csr_spmm(
+                        coff, crow, gp[start : start + n], xl[i], perm=perm, out=grad_W[i],
+                        transpose_out=True, accumulate=True, val_sum=sums[j],
+                    )  # fmt: skip
+                    start += n
+                grad_b[i] = sums.sum(0)
+                continue
             order, bags = groups.get()
             table = torch.cat([xl[i], xl.new_ones(xl.shape[1], 1)], dim=1).to(gp.dtype)
             g = F.embedding_bag(

@@ -111,7 +111,7 @@ _SIGNATURES = {
     "sae_csr_spmm": (None, [_I64, _P, _P, _P, _P, _P, _I32, _I64, _I64, _P, _I64, _I32, _I32, _P, _I32]),
     "sae_gemv": (None, [_P, _P, _P, _I64, _I64, _I32]),
     "sae_csr_decode": (None, [_I64, _P, _P, _P, _P, _I32, _I64, _P, _P, _P, _P, _I32]),
-    "sae_decode_backward": (None, [_I64, _P, _P, _P, _P, _P, _F32, _P, _I32, _I64, _P, _P, _I32, _P, _I32]),
+    "sae_decode_backward": (None, [_I64, _P, _P, _P, _I64, _P, _P, _F32, _P, _I32, _I64, _P, _P, _I32, _P, _I32]),
     "sae_decode_train": (None, [_I64, _P, _P, _P, _P, _I32, _I64, _P, _P, _P, _P, _P, _P, _I32, _P, _I32]),
     "sae_csr_transpose": (None, [_I64, _I64, _P, _P, _P, _P, _P, _P, _I32]),
     "sae_auxk_residual": (None, [_P, _P, _P, _P, _I32, _I64, _I64, _P, _I32]),
@@ -182,10 +182,14 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _check(t: Tensor, dtype: torch.dtype | tuple[torch.dtype, ...], name: str) -> None:
+def _check(t: Tensor, dtype: torch.dtype | tuple[torch.dtype, ...], name: str, *, rows: bool = False) -> None:
+    """A CPU tensor of one of `dtypes`, contiguous (rows=True: a matrix whose rows are, at any
+    row stride, e.g. a column slice)."""
     dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
-    if t.device.type != "cpu" or t.dtype not in dtypes or not t.is_contiguous():
-        raise ValueError(f"{name}: expected a contiguous CPU tensor of {dtypes}, got {t.dtype} {t.device}")
+    laid_out = t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1] if rows else t.is_contiguous()
+    if t.device.type != "cpu" or t.dtype not in dtypes or not laid_out:
+        what = "a CPU matrix with contiguous rows" if rows else "a contiguous CPU tensor"
+        raise ValueError(f"{name}: expected {what} of {dtypes}, got {t.dtype} {t.device} {tuple(t.stride())}")
 
 
 def _threads() -> int:
@@ -279,7 +283,8 @@ def csr_spmm(
 ) -> Tensor:
     """out[r] = sum_{e in row r} val[perm[e] or e] * table[idx[e]]: CSR [R, T] times table [T, D].
 
-    table may be fp32 or bf16 (accumulation is fp32). With transpose_out the result is
+    table may be fp32 or bf16 (accumulation is fp32); table and out (without transpose_out) may
+    be column slices of wider matrices (rows at any stride). With transpose_out the result is
     written as out[:, r] of a [D, R] matrix (no extra pass); with accumulate it is added to
     `out` instead of overwriting it. val_sum [R] fp32, when given, receives each row's sum of
     values in entry order (for a CSC from `csr_transpose`, exactly what index_add_ over the
@@ -288,11 +293,11 @@ def csr_spmm(
     for t, n in ((offsets, "offsets"), (idx, "idx")):
         _check(t, torch.int64, n)
     _check(val, torch.float32, "val")
-    _check(table, tuple(_DT), "table")
+    _check(table, tuple(_DT), "table", rows=True)
     R, D = offsets.numel() - 1, table.shape[1]
     if out is None:
         out = (torch.zeros if accumulate else torch.empty)((D, R) if transpose_out else (R, D))
-    _check(out, torch.float32, "out")
+    _check(out, torch.float32, "out", rows=not transpose_out)
     if perm is not None:
         _check(perm, torch.int64, "perm")
     if val_sum is not None:
@@ -300,8 +305,8 @@ def csr_spmm(
         if val_sum.numel() != R:
             raise ValueError(f"val_sum: expected {R} values, got {val_sum.numel()}")
     _lib_or_raise().sae_csr_spmm(
-        R, _ptr(offsets), _ptr(idx), _ptr(val), _ptr(perm), _ptr(table), _DT[table.dtype], D, D,
-        _ptr(out), out.shape[1], int(transpose_out), int(accumulate), _ptr(val_sum), _threads(),
+        R, _ptr(offsets), _ptr(idx), _ptr(val), _ptr(perm), _ptr(table), _DT[table.dtype], D, table.stride(0),
+        _ptr(out), out.stride(0), int(transpose_out), int(accumulate), _ptr(val_sum), _threads(),
     )  # fmt: skip
     return out
 
@@ -346,8 +351,9 @@ def decode_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of `csr_decode` plus scale * ||x_hat - target||^2 / 2 (the MSE).
 
-    With g = grad + scale * (x_hat - target) (grad, or x_hat and target, may be None), returns
-    (<g[r], table[idx[e]]> per entry [nnz], g in table's dtype [R, D], column sums of g in fp32 [D]).
+    With g = grad + scale * (x_hat - target) (grad, or x_hat and target, may be None; grad may be
+    a column slice), returns (<g[r], table[idx[e]]> per entry [nnz], g in table's dtype [R, D],
+    column sums of g in fp32 [D]).
     """
     rows = x_hat if x_hat is not None else grad
     if rows is None or (x_hat is None) != (target is None):
@@ -357,17 +363,32 @@ def decode_backward(
         _check(target, torch.float32, "target")
     _check(table, tuple(_DT), "table")
     if grad is not None:
-        _check(grad, torch.float32, "grad")
+        _check(grad, torch.float32, "grad", rows=True)
     R, D = rows.shape
     nt = _threads()
     out = torch.empty(idx.numel(), dtype=torch.float32)
     g = torch.empty(R, D, dtype=table.dtype)
     col = torch.zeros(nt, D, dtype=torch.float32)
     _lib_or_raise().sae_decode_backward(
-        R, _ptr(offsets), _ptr(idx), _ptr(grad), _ptr(x_hat), _ptr(target), scale, _ptr(table), _DT[table.dtype], D,
+        R, _ptr(offsets), _ptr(idx), _ptr(grad), D if grad is None else grad.stride(0), _ptr(x_hat), _ptr(target),
+        scale, _ptr(table), _DT[table.dtype], D,
         _ptr(out), _ptr(g), _DT[g.dtype], _ptr(col), nt,
     )  # fmt: skip
     return out, g, col.sum(0)
+
+
+def csr_sddmm(offsets: Tensor, idx: Tensor, grad: Tensor, table: Tensor) -> Tensor:
+    """<grad[r], table[idx[e]]> for every entry e of row r [nnz]: the values' gradient of a CSR
+    product (`csr_spmm`) whose output has gradient grad [R, D] (fp32; rows at any stride)."""
+    _check(grad, torch.float32, "grad", rows=True)
+    _check(table, tuple(_DT), "table")
+    R, D = grad.shape
+    out = torch.empty(idx.numel(), dtype=torch.float32)
+    _lib_or_raise().sae_decode_backward(
+        R, _ptr(offsets), _ptr(idx), _ptr(grad), grad.stride(0), None, None, 0.0, _ptr(table), _DT[table.dtype], D,
+        _ptr(out), None, _DT[table.dtype], None, _threads(),
+    )  # fmt: skip
+    return out
 
 
 def scale_moments(x: Tensor, scale: float) -> tuple[Tensor, float]:

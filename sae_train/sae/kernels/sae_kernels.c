@@ -1402,13 +1402,13 @@ static void sddmm_range(void *p, int64_t lo, int64_t hi, int tid) {
 }
 
 /* The decode's backward w.r.t. the latents with the MSE gradient folded in: the gradient of
- * x_hat is g = G + s * (xh - x) (G may be NULL; s = 2 dL/dmse / B); writes g to gout (dtype
+ * x_hat is g = G + s * (xh - x) (G may be NULL, else rows ldg floats apart; s = 2 dL/dmse / B); writes g to gout (dtype
  * gdtype, the table of the W_dec gradient), its per-thread column sums to col_g [nthreads,
  * D] (the b_dec gradient through x_hat), and out[e] = <g[r], T[idx[e]]>. */
-void sae_decode_backward(int64_t R, const int64_t *off, const int64_t *idx, const float *G, const float *xh,
-                         const float *x, float s, const void *T, int tdtype, int64_t D, float *out, void *gout,
-                         int gdtype, float *col_g, int nthreads) {
-    sddmm_ctx c = {.off = off, .idx = idx, .G = G, .T = T, .tdtype = tdtype, .ldg = D, .ldt = D, .D = D, .out = out,
+void sae_decode_backward(int64_t R, const int64_t *off, const int64_t *idx, const float *G, int64_t ldg,
+                         const float *xh, const float *x, float s, const void *T, int tdtype, int64_t D, float *out,
+                         void *gout, int gdtype, float *col_g, int nthreads) {
+    sddmm_ctx c = {.off = off, .idx = idx, .G = G, .T = T, .tdtype = tdtype, .ldg = ldg, .ldt = D, .D = D, .out = out,
                    .xh = xh, .x = x, .s = s, .gout = gout, .gdtype = gdtype, .col_g = col_g};
     run_by_nnz(sddmm_range, &c, R, off, nthreads, 1);
 }
