@@ -367,6 +367,15 @@ def test_trains_one_clt_over_every_layer_of_a_store_and_exports_it(clt_store, tm
     meta = load_sae_cfg(ckpt)
     assert meta["sites"] == SOURCES and meta["targets"] == TARGETS and meta["n_layers"] == L
     assert len(meta["normalization_scale"]) == len(meta["target_normalization_scale"]) == L
+    # the init sample is the whole (small) store: sources to unit mean norm, targets to unit variance
+    rows = {
+        n: torch.cat([load_file(f)[n].double() for f in sorted(clt_store.glob("*.safetensors"))])
+        for n in SOURCES + TARGETS
+    }
+    mean_norms = [float(rows[n].norm(dim=1).mean()) for n in SOURCES]
+    spreads = [float((rows[n] - rows[n].mean(0)).pow(2).sum(1).mean().sqrt()) for n in TARGETS]
+    assert meta["normalization_scale"] == pytest.approx([1 / m for m in mean_norms], rel=1e-5)
+    assert meta["target_normalization_scale"] == pytest.approx([1 / v for v in spreads], rel=1e-5)
     sae = load_sae(ckpt)
     assert isinstance(sae, CrossLayerTranscoder) and sae.cfg.d_sae == 4 * sae.cfg.d_in
     evaluation = eval_stage.run(

@@ -15,10 +15,16 @@ inference is f = z * [z > threshold] per latent, the threshold a running average
 kept activation of each layer (BatchTopK's `track_threshold`). That is JumpReLU, exactly what circuit-tracer
 computes from `threshold_{l}`, so the export is exact.
 
-Loss: the sum over layers of each layer's MSE (every source and target site normalised to unit
-mean norm by its own constant), plus aux_coefficient * AuxK: the dead latents of every layer
-(top aux_k of each layer's dead pre-activations) reconstruct the detached residual of all
-layers. The decoders are free and start at zero, as a BatchTopK transcoder's (sae/batchtopk.py):
+Loss: the sum over layers of each layer's MSE, plus aux_coefficient * AuxK. Every source site
+is normalised to unit mean norm by its own constant, as an SAE's input; every target site to
+unit variance (the trainer's `_initialise_layers`), so the summed MSE is the sum of the layers'
+FVUs. The encoders serve every later layer, so the targets' scales weigh the layers against each
+other: at unit mean norm, SmolLM2's layer 2 (massive activations: 4.9x the variance of the
+others per unit norm) outweighed the rest, and layer 0, whose MLP the model needs most, lagged a
+per-layer transcoder the most (8 layers, 400k tokens, seeds 0/1: spliced CE 2.6281/2.6308 ->
+2.6202/2.6081, KL 0.411/0.401 -> 0.399/0.389, layer 0's FVU 0.128 -> 0.120). AuxK: the dead
+latents of every layer (top aux_k of each layer's dead pre-activations) reconstruct the detached
+residual of all layers. The decoders are free and start at zero, as a BatchTopK transcoder's (sae/batchtopk.py):
 the first steps fit them to what the centred latents fire on while the encoders stay where init
 put them; renormalised to unit norm after every step instead, a fifth of the latents died
 (SmolLM2-135M, 8 layers, 400k tokens: 21.8% dead at the end against 0.3%, FVU

@@ -425,7 +425,10 @@ class Trainer:
 
     def _initialise_layers(self, run: SAERun, sample: dict[str, torch.Tensor] | None) -> None:
         """`_initialise` for a cross-layer transcoder (never latent-sharded): one constant per
-        source and target site."""
+        source and target site. Sources go to unit mean norm as every SAE input does; targets to
+        unit variance (mean squared distance from their mean), which makes the CLT's summed MSE
+        the sum of its layers' FVUs: the encoders, which serve every later layer, then weigh each
+        layer by how much of it they leave unexplained rather than by its norm (sae/clt.py)."""
         scales = torch.zeros(2, len(run.layers), dtype=torch.float64, device=self.dist.device)  # sources', targets'
         if run.dist.is_main:
             assert sample is not None
@@ -439,8 +442,10 @@ class Trainer:
                         raise self.source.nonfinite_error(pair[side], 0, len(x), sample=True) or UserError(
                             f"Activations of {pair[side]} have mean norm {mean_norm}; the data is degenerate."
                         )
-                    scales[side, layer] = 1.0 / mean_norm
-                    rows.append(x / mean_norm)
+                    spread = float((x - x.mean(0)).pow(2).sum(1).mean().sqrt()) if side else mean_norm
+                    spread = spread if spread > 0 else mean_norm  # a constant target keeps its norm
+                    scales[side, layer] = 1.0 / spread
+                    rows.append(x / spread)
                 stacked.append(torch.stack(rows, dim=1))
             run.sae.init_from_data(stacked[0], stacked[1])
         run.scale, run.target_scale = run.dist.broadcast_(scales).tolist()
