@@ -216,6 +216,8 @@ class SparseSAEFunction(torch.autograd.Function):
       dL/dtarget     = -2 (x_hat - target) / B * dL/dmse   (AuxK's residual is a constant)
     AuxK runs densely on the dead columns only (aux_k ~ 10k would make a sparse decode cost
     more than these [B, n_dead] GEMMs) and adds its gradients in place to those rows/columns.
+    With spec.levels (Matryoshka) the mse output is the weighted sum of every prefix's MSE
+    (`_nested_decode`, `_nested_backward`); x_hat stays the full reconstruction.
     """
 
     @staticmethod
