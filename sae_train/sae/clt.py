@@ -409,9 +409,8 @@ class _LayerPreacts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre: Tensor, xl: Tensor, layers: list, W_enc: Tensor, b_enc: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(xl)
-        ctx.layers = (
-            layers  # per layer: (start, stop, token of each entry, ByLatent of its entries or None, CSR blocks or None)
-        )
+        # per layer: (start, stop, token of each entry, ByLatent of its entries or None, CSR blocks or None)
+        ctx.layers = layers
         ctx.shapes = W_enc.shape, b_enc.shape
         return pre.view_as(pre)
 

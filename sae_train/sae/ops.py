@@ -285,20 +285,20 @@ class SparseSAEFunction(torch.autograd.Function):
         spec: SparseSpec = ctx.spec
         scale = 0.0 if g_mse is None else 2.0 * float(g_mse) / target.shape[0]
         grad_target = None
-        if ctx.nested is not None:  # entries in (token, level) bags: crow counts bags, not tokens
+        # Matryoshka's entries sit in (token, level) bags: crow then counts bags, not tokens
+        row_offsets = spec.offsets if ctx.nested is None else ctx.nested[0]
+        coff, crow, perm = kernels.csr_transpose(row_offsets, spec.idx, W_enc.shape[1])
+        if ctx.nested is not None:
             bags, res = ctx.nested
             gv, g, g_colsum, grad_target = _nested_backward(bags, spec.idx, res, g_xhat, scale, spec.levels, Wd)
-            coff, crow, perm = kernels.csr_transpose(bags, spec.idx, W_enc.shape[1])
             grad_W_dec = kernels.csr_spmm(coff, crow, vals, g, perm=perm)
             crow = crow // res.shape[1]
             grad_target = grad_target if ctx.needs_input_grad[1] else None
         elif g_xhat is None and ctx.resid is not None:  # g = scale * res: scale what the forward prepared
-            coff, crow, perm = kernels.csr_transpose(spec.offsets, spec.idx, W_enc.shape[1])
             dots, res, res_colsum = ctx.resid
             gv, g_colsum = dots * scale, res_colsum * scale  # not in place: backward may run again
             grad_W_dec = kernels.csr_spmm(coff, crow, vals * scale, res, perm=perm)
         else:
-            coff, crow, perm = kernels.csr_transpose(spec.offsets, spec.idx, W_enc.shape[1])
             grad = None if g_xhat is None else g_xhat.contiguous()
             gv, g, g_colsum = kernels.decode_backward(spec.offsets, spec.idx, grad, x_hat, target, scale, Wd)
             grad_W_dec = kernels.csr_spmm(coff, crow, vals, g, perm=perm)

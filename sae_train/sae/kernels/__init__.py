@@ -351,9 +351,8 @@ def decode_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of `csr_decode` plus scale * ||x_hat - target||^2 / 2 (the MSE).
 
-    With g = grad + scale * (x_hat - target) (grad, or x_hat and target, may be None; grad may be
-    a column slice), returns (<g[r], table[idx[e]]> per entry [nnz], g in table's dtype [R, D],
-    column sums of g in fp32 [D]).
+    With g = grad + scale * (x_hat - target) (grad, or x_hat and target, may be None), returns
+    (<g[r], table[idx[e]]> per entry [nnz], g in table's dtype [R, D], column sums of g in fp32 [D]).
     """
     rows = x_hat if x_hat is not None else grad
     if rows is None or (x_hat is None) != (target is None):
@@ -363,15 +362,14 @@ def decode_backward(
         _check(target, torch.float32, "target")
     _check(table, tuple(_DT), "table")
     if grad is not None:
-        _check(grad, torch.float32, "grad", rows=True)
+        _check(grad, torch.float32, "grad")
     R, D = rows.shape
     nt = _threads()
     out = torch.empty(idx.numel(), dtype=torch.float32)
     g = torch.empty(R, D, dtype=table.dtype)
     col = torch.zeros(nt, D, dtype=torch.float32)
     _lib_or_raise().sae_decode_backward(
-        R, _ptr(offsets), _ptr(idx), _ptr(grad), D if grad is None else grad.stride(0), _ptr(x_hat), _ptr(target),
-        scale, _ptr(table), _DT[table.dtype], D,
+        R, _ptr(offsets), _ptr(idx), _ptr(grad), D, _ptr(x_hat), _ptr(target), scale, _ptr(table), _DT[table.dtype], D,
         _ptr(out), _ptr(g), _DT[g.dtype], _ptr(col), nt,
     )  # fmt: skip
     return out, g, col.sum(0)
