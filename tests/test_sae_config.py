@@ -6,6 +6,7 @@ from omegaconf.errors import ConfigKeyError
 
 from sae_train.errors import UserError
 from sae_train.sae import ARCHITECTURES, SAEConfig
+from sae_train.train.config import comparable
 
 
 def test_defaults_are_valid_and_resolve():
@@ -31,12 +32,30 @@ def test_defaults_are_valid_and_resolve():
         ({"b_dec_init": "median"}, "geometric_median, mean, zeros"),
         ({"expansion_factor": 0}, "expansion_factor"),
         ({"batchtopk_threshold_beta": 1.0}, "batchtopk_threshold_beta"),
+        ({"k_anneal": 1.5}, "k_anneal=1.5"),
+        ({"k_anneal": -0.1}, "k_anneal=-0.1"),
     ],
 )
 def test_bad_values_name_the_field_and_the_fix(kwargs, needle):
     with pytest.raises(UserError, match="SAE config") as err:
         SAEConfig(**kwargs)
     assert needle in str(err.value)
+
+
+def test_k_anneal_defaults_to_the_architectures_choice_for_a_transcoder_and_0_for_an_sae():
+    """Resolved configs (cfg.json) record the fraction used; runs saved before the field existed
+    trained without it, so a resumed TopK transcoder must say so (its default is not 0)."""
+    target = "blocks.0.hook_mlp_out"
+    for arch, expected in (("topk", 0.2), ("matryoshka", 0.2), ("batchtopk", 0.0), ("clt", 0.0), ("relu", 0.0)):
+        assert SAEConfig(architecture=arch, target=target).resolved(16, 8).k_anneal == expected
+    for arch in ("topk", "matryoshka"):
+        assert SAEConfig(architecture=arch).resolved(16).k_anneal == 0.0
+    assert SAEConfig(target=target, k_anneal=0).resolved(16, 8).k_anneal == 0.0
+    assert SAEConfig(k_anneal=0.5).resolved(16).k_anneal == 0.5
+    old_sae, old_transcoder = {"sae": {"k": 32}}, {"sae": {"k": 32, "target": "blocks.0.hook_mlp_out"}}
+    assert comparable(old_sae) == comparable({"sae": {"k": 32, "k_anneal": None}})
+    assert comparable(old_transcoder) != comparable({"sae": {**old_transcoder["sae"], "k_anneal": None}})
+    assert comparable(old_transcoder) == comparable({"sae": {**old_transcoder["sae"], "k_anneal": 0}})
 
 
 def test_k_larger_than_d_sae_is_caught_when_resolving():

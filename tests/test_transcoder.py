@@ -5,6 +5,7 @@ and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from sae_train.hub import load_exported
 from sae_train.lm import LanguageModel, ModelConfig
 from sae_train.sae import SAE, SAEConfig, create_sae, kernels, load_sae, load_sae_cfg, save_sae
 from sae_train.sae.saelens import from_saelens
+from sae_train.sae.topk import annealed_k
 from sae_train.store import StoreWriter, shardfile
 from sae_train.train import TrainConfig
 from sae_train.train.dist import Dist
@@ -357,6 +359,30 @@ def cache_two_sites(model_dir: Path, out: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "clt"])
+def test_k_anneals_from_2k_to_k_over_the_first_part_of_a_transcoders_run(arch, impl):
+    """`SAE.progress` (the trainer sets it) drives the training selection's size on both paths;
+    inference keeps k."""
+    k, B, L = 5, 32, 3
+    cfg = SAEConfig(architecture=arch, target=TARGET, k=k, d_sae=D_SAE, n_layers=L if arch == "clt" else 0)
+    cfg = dataclasses.replace(cfg.resolved(D_IN, D_OUT), k_anneal=0.2)  # BatchTopK's and a CLT's default: 0
+    assert [annealed_k(cfg, p) for p in (0.0, 0.05, 0.1, 0.2, 0.9)] == [10, 9, 8, 5, 5]
+    assert annealed_k(dataclasses.replace(cfg, k_anneal=0.0), 0.0) == k
+    assert annealed_k(dataclasses.replace(cfg, k=40), 0.0) == D_SAE  # never more than the latents
+    sae = create_sae(cfg)
+    sae.impl = impl
+    x, y = data(B)
+    if arch == "clt":
+        x, y = x[:, None].expand(B, L, D_IN), y[:, None].expand(B, L, D_OUT)
+    rows = B * (L if arch == "clt" else 1)
+    for progress, expected in ((0.0, 2 * k), (0.1, 8), (0.5, k)):
+        sae.progress = progress
+        assert sae(x, target=y).latents.indices.numel() == rows * expected
+    if arch == "topk":
+        assert (sae.encode(x) > 0).sum(1).eq(k).all()
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_trains_from_a_two_site_store_evaluates_and_exports(family, tiny_model_dir, tmp_path):
     cache_two_sites(tiny_model_dir(family), tmp_path / "acts")
@@ -374,6 +400,7 @@ def test_trains_from_a_two_site_store_evaluates_and_exports(family, tiny_model_d
     assert list(summary.saes) == [SOURCE]  # the target is no training site
     logged = [json.loads(line) for line in (tmp_path / "tc" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["fvu"] < 0.5 * logged[0]["fvu"] and logged[-1]["fvu"] < 0.5
+    assert logged[0]["l0"] > 1.2 * 8 >= logged[-1]["l0"]  # k annealed over the first fifth (sae.k_anneal)
 
     ckpt = Path(summary.saes[SOURCE]["checkpoint"])
     sae = load_sae(ckpt)

@@ -113,6 +113,9 @@ class SAE(nn.Module, abc.ABC):
     [B, max_dead] slice of the pre-activations (`torch.nonzero_static`) instead of all d_sae
     columns, with the same result as long as the bound holds (dead latents beyond the first
     max_dead by id would sit out). None: no bound. Architectures without AuxK ignore it."""
+    progress: float = 1.0
+    """The fraction of the run done before this step, set by the trainer before each step (as
+    max_dead): what an architecture's own schedule reads (`topk.annealed_k`). 1 outside training."""
     config_fields: ClassVar[frozenset[str]] = frozenset()
     """The architecture-specific SAEConfig fields it reads (k, l1_coefficient, ...); the
     generic ones (d_in, d_sae, b_dec_init, seed, ...) apply to every architecture."""
@@ -146,6 +149,9 @@ class SAE(nn.Module, abc.ABC):
     gemm_weight_names: ClassVar[tuple[str, ...]] = ("W_enc", "W_dec")
     """The parameters the GEMMs read in compute_dtype (`gemm_weight`): the optimizer step writes
     their bf16 copies (train/update.py)."""
+    transcoder_k_anneal: ClassVar[float] = 0.0
+    """`SAEConfig.k_anneal`'s default for a transcoder (an SAE's is 0): the measured default of
+    the architectures that read it (sae/topk.py)."""
     cross_layer: ClassVar[bool] = False
     """Whether it reads one site per layer at once (a cross-layer transcoder, sae/clt.py): one
     SAE per run over all its sites, `forward` on [B, L, d_in] with targets [B, L, d_out]."""

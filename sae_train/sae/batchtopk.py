@@ -24,7 +24,7 @@ from torch import Tensor
 from sae_train.sae import sparse
 from sae_train.sae.base import SAEOutput
 from sae_train.sae.config import SAEConfig
-from sae_train.sae.topk import TopKSAE
+from sae_train.sae.topk import TopKSAE, annealed_k
 
 RECENT = 9
 """The threshold's average weighs step s of t about as s**(RECENT - 1): its mean age is t / (RECENT + 1)."""
@@ -53,6 +53,7 @@ class BatchTopKSAE(TopKSAE):
     # at inference z * [z > threshold]: SAELens's JumpReLU (as SAELens exports its own BatchTopK)
     saelens_architecture, saelens_training_architecture = "jumprelu", "batchtopk"
     batch_selection = True
+    transcoder_k_anneal = 0.0  # its free rows keep the latents alive (sae/topk.py)
     threshold: Tensor
     threshold_updates: Tensor
 
@@ -62,10 +63,11 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
 
     def _select_torch(self, z: Tensor, world: int) -> sparse.BatchSelection:
+        k = annealed_k(self.cfg, self.progress)
         if self.shard is not None:  # the global batch's blocks: data ranks x latent shards
             comm = self.shard.comm
-            return sparse.batch_topk(z, self.b_enc.detach(), self.cfg.k, comm.data_ranks, comm.batch_gather)
-        return sparse.batch_topk(z, self.b_enc.detach(), self.cfg.k, world)
+            return sparse.batch_topk(z, self.b_enc.detach(), k, comm.data_ranks, comm.batch_gather)
+        return sparse.batch_topk(z, self.b_enc.detach(), k, world)
 
     def _activation(self, z: Tensor) -> Tensor:
         return z * (z > self.threshold).to(z.dtype)

@@ -60,11 +60,12 @@ from sae_train.sae.base import SAE, SAEOutput, SparseLatents, geometric_median
 from sae_train.sae.batchtopk import track_threshold
 from sae_train.sae.config import SAEConfig, config_error
 from sae_train.sae.ops import auxk_ratio, batch_topk_selection
+from sae_train.sae.topk import annealed_k
 
 
 class CrossLayerTranscoder(SAE):
     architecture = "clt"
-    config_fields = frozenset({"k", "aux_k", "aux_coefficient", "batchtopk_threshold_beta", "n_layers"})
+    config_fields = frozenset({"k", "aux_k", "aux_coefficient", "batchtopk_threshold_beta", "n_layers", "k_anneal"})
     revival = "auxk"
     step_gemms = ("encoder",)  # per layer; the trainer times L of them. Decode and backward are sparse.
     saelens_architecture = saelens_training_architecture = "clt"  # no SAELens equivalent: export for circuit-tracer
@@ -225,7 +226,7 @@ class CrossLayerTranscoder(SAE):
         world = sparse.selection_world()
         xl = x.transpose(0, 1).contiguous()  # [L, B, d_in]: each layer's rows contiguous
         W_gemm, b_enc = self.gemm_weight("W_enc"), self.b_enc.detach()
-        aux_k = min(self.cfg.aux_k, d_sae)
+        aux_k, k = min(self.cfg.aux_k, d_sae), annealed_k(self.cfg, self.progress)
         fused = self._fast_path(x)  # the C kernels: selection, decodes and their gradients
         select = batch_topk_selection if fused else sparse.batch_topk
         layers, pres, mains, auxes, min_kept = [], [], [], [], []
@@ -234,7 +235,7 @@ class CrossLayerTranscoder(SAE):
         with torch.no_grad():
             for s in range(L):
                 z = xl[s].to(self._gemm_dtype) @ W_gemm[s]
-                sel = select(z, b_enc[s], self.cfg.k, world)
+                sel = select(z, b_enc[s], k, world)
                 ids, rows, pre = sel.ids, sel.rows, sel.values
                 n_main = ids.numel()
                 main = None if fused else sparse.ByLatent(ids, d_sae)

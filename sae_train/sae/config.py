@@ -62,6 +62,13 @@ class SAEConfig:
     k: int = 32
     """topk: active latents per token; batchtopk, matryoshka: the average over a batch."""
 
+    k_anneal: float | None = None
+    """topk, batchtopk, matryoshka, clt: the fraction of the run over which the training k falls
+    linearly from 2k to k (`topk.annealed_k`); 0 = k from the first step. None = the
+    architecture's default for a transcoder (`transcoder_k_anneal`: 0.2 for topk and
+    matryoshka, measured in sae/topk.py), 0 for an SAE, whose encoder starts as its decoder's
+    transpose (annealing would cost it FVU)."""
+
     sparsity: str = "l1"
     """relu only. "l1": lambda * sum_i f_i with unit-norm decoder rows (constrained every
     step). "l1_decnorm": lambda * sum_i f_i * ||W_dec[i]|| with free decoder norms (Anthropic,
@@ -175,6 +182,10 @@ class SAEConfig:
             )
         if not self.target and self.d_in and not self.d_out:
             self.d_out = self.d_in  # an SAE writes what it reads (cfg.json of older versions lacks d_out)
+        if self.k_anneal is not None and (not isinstance(self.k_anneal, (int, float)) or not 0 <= self.k_anneal <= 1):
+            raise bad(
+                "k_anneal", "a fraction of the run in [0, 1] (or null: the default)", "Use e.g. 0.2, or 0 for none."
+            )
         if not 0 <= self.batchtopk_threshold_beta < 1:
             raise bad("batchtopk_threshold_beta", "a number in [0, 1)", "Use e.g. 0.999.")
         ARCHITECTURES[self.architecture].check_config(self)
@@ -185,13 +196,18 @@ class SAEConfig:
         return bool(self.target)
 
     @property
+    def k_anneal_fraction(self) -> float:
+        """k_anneal with its default filled in (`default_k_anneal`)."""
+        return default_k_anneal(self.architecture, self.target) if self.k_anneal is None else float(self.k_anneal)
+
+    @property
     def is_resolved(self) -> bool:
         """Whether d_in and d_out (hence d_sae and aux_k) are known."""
         return self.d_in > 0 and self.d_out > 0
 
     def resolved(self, d_in: int, d_out: int = 0) -> SAEConfig:
-        """A copy with d_in, d_out (the target's width; d_in for an SAE), d_sae and aux_k filled
-        in (validated again)."""
+        """A copy with d_in, d_out (the target's width; d_in for an SAE), d_sae, aux_k and
+        k_anneal filled in (validated again)."""
         for name, have, got in (("d_in", self.d_in, d_in), ("d_out", self.d_out, d_out)):
             if have and got and have != got:
                 raise UserError(
@@ -205,6 +221,7 @@ class SAEConfig:
             d_out=d_out if self.target else d_in,
             d_sae=self.d_sae or self.expansion_factor * d_in,
             aux_k=self.aux_k or max(1, d_out // 2),
+            k_anneal=self.k_anneal_fraction,
         )
 
     def to_dict(self) -> dict:
@@ -221,3 +238,11 @@ class SAEConfig:
             raise UserError(f"{source}: {exc}") from exc
         except TypeError as exc:
             raise UserError(f"{source}: cannot build an SAE config from it ({exc}).") from exc
+
+
+def default_k_anneal(architecture: str, target: str) -> float:
+    """`SAEConfig.k_anneal`'s default: the architecture's `transcoder_k_anneal` for a transcoder
+    (a `target`), 0 for an SAE."""
+    from sae_train.sae.registry import ARCHITECTURES  # late: the registry imports this module
+
+    return ARCHITECTURES[architecture].transcoder_k_anneal if target else 0.0

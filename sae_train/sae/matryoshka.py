@@ -54,6 +54,7 @@ def prefix_widths(prefixes: Sequence[float], d_sae: int) -> list[int]:
 class MatryoshkaSAE(BatchTopKSAE):
     architecture = "matryoshka"
     config_fields = BatchTopKSAE.config_fields | {"matryoshka_prefixes", "matryoshka_weights"}
+    transcoder_k_anneal = 0.2  # its tail latents die without it (sae/topk.py)
     # inherited step_gemms ("encoder"): the decode and every gradient are sparse on the fast path
     saelens_architecture, saelens_training_architecture = "jumprelu", "matryoshka_batchtopk"
     shardable_latents = False  # its prefixes nest over the whole latent range, one decode per prefix

@@ -12,6 +12,7 @@ from sae_train.errors import UserError
 from sae_train.lm import ModelConfig
 from sae_train.lm.sites import LAYER_FIELD, expand_sites, layer_target
 from sae_train.sae import SAEConfig
+from sae_train.sae.config import default_k_anneal
 
 SOURCES = ("store", "live")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
@@ -214,7 +215,8 @@ _LEGACY_TEXT_KEYS = ("context_size", "prepend_bos", "exclude_special_tokens")
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The fields of a TrainConfig dict that a resumed run must share with the original (the rest
     may change). Runs written by older versions compare in today's shape: text settings saved at
-    the top level as the `text` block, SAE fields added since (e.g. `target`) as their defaults."""
+    the top level as the `text` block, SAE fields added since (e.g. `target`) as their defaults,
+    except `k_anneal`, which they ran without (a transcoder's default is not 0), compared filled in."""
     free = {
         "progress",
         "log_every",
@@ -230,5 +232,8 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     if "text" not in out and any(k in out for k in _LEGACY_TEXT_KEYS):
         out["text"] = {k: out.pop(k) for k in _LEGACY_TEXT_KEYS if k in out}
     if isinstance(out.get("sae"), dict):
-        out["sae"] = {**dataclasses.asdict(SAEConfig()), **out["sae"]}
+        sae = {**dataclasses.asdict(SAEConfig()), "k_anneal": 0.0, **out["sae"]}  # runs before k_anneal: none
+        if sae["k_anneal"] is None:
+            sae["k_anneal"] = default_k_anneal(sae["architecture"], sae["target"])
+        out["sae"] = sae
     return out

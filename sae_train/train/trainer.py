@@ -551,7 +551,7 @@ class Trainer:
                 y = None
                 if run.target != run.site:  # a transcoder: the FVU's variance is the target's
                     y, var = self._normalised(routed[run.target], cast(float, run.target_scale))
-            run.sae.max_dead = run.dead_bound
+            run.sae.max_dead, run.sae.progress = run.dead_bound, self.step / self.n_steps
             dead = None if run.dead_bound == 0 else run.dead_mask(self.cfg.dead_after_tokens)
             with sparse.selection_span(run.dist.group, run.dist.world_size):
                 out = run.sae(x, target=y, dead_mask=dead, sparsity_scale=sparsity)
