@@ -29,7 +29,7 @@ from sae_train.eval.downstream import next_token_log_probs
 from sae_train.eval.layers import CrossLayerEvaluator
 from sae_train.export import ExportConfig
 from sae_train.lm import LanguageModel, ModelConfig
-from sae_train.sae import SAEConfig, create_sae, kernels, load_sae, load_sae_cfg, save_sae
+from sae_train.sae import SAEConfig, create_sae, kernels, load_sae, load_sae_cfg, save_sae, sparse
 from sae_train.sae.checkpoint import RUN_STATE_FILE, TRAINING_WEIGHTS_FILE
 from sae_train.sae.clt import CrossLayerTranscoder
 from sae_train.sae.kernels import batch_topk
@@ -126,6 +126,32 @@ def test_training_forward_and_gradients_match_a_naive_loop_over_layers(skip, dea
     assert float(out.l0) == pytest.approx(n_active / x.shape[0])
     fired = torch.cat([(f != 0).any(0) for f in latents])
     assert torch.equal(out.fired, fired)
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+def test_auxk_picks_at_most_each_layers_dead_latents(impl, monkeypatch):
+    """A pick beyond a layer's dead latents decodes nothing (to every later layer): each layer
+    picks min(aux_k, its dead latents) per token and one without dead latents none, with the
+    naive loop's result (which picks aux_k everywhere)."""
+    picks, topk_rows = [], sparse.topk_rows
+
+    def counted(z, bias, k, colmask=None):
+        if colmask is not None:  # AuxK's selection among a layer's dead latents
+            picks.append(k)
+        return topk_rows(z, bias, k, colmask)
+
+    monkeypatch.setattr(sparse, "topk_rows", counted)
+    sae = clt()
+    sae.impl = impl
+    dead = torch.zeros(L, D_SAE, dtype=torch.bool)
+    dead[0, [3, 17]] = True
+    dead[2, :10] = True
+    x, y = data()
+    out = sae(x, target=y, dead_mask=dead.flatten())
+    assert picks == [2, sae.cfg.aux_k] and sae.cfg.aux_k < 10  # layers 0 and 2
+    ref, loss, *_ = naive_forward(sae, x, y, dead.flatten())
+    torch.testing.assert_close(out.x_hat, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.losses["loss"], loss, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not kernels.available(), reason="the C kernels are not built here")

@@ -226,12 +226,12 @@ class CrossLayerTranscoder(SAE):
         world = sparse.selection_world()
         xl = x.transpose(0, 1).contiguous()  # [L, B, d_in]: each layer's rows contiguous
         W_gemm, b_enc = self.gemm_weight("W_enc"), self.b_enc.detach()
-        aux_k, k = min(self.cfg.aux_k, d_sae), annealed_k(self.cfg, self.progress)
+        k = annealed_k(self.cfg, self.progress)
+        aux_ks = [0] * L if dead_mask is None else self._aux_ks(dead_mask)
         fused = self._fast_path(x)  # the C kernels: selection, decodes and their gradients
         select = batch_topk_selection if fused else sparse.batch_topk
         layers, pres, mains, auxes, min_kept = [], [], [], [], []
         start = 0
-        a_offsets = torch.arange(0, B * aux_k + 1, aux_k, device=x.device)
         with torch.no_grad():
             for s in range(L):
                 z = xl[s].to(self._gemm_dtype) @ W_gemm[s]
@@ -240,11 +240,12 @@ class CrossLayerTranscoder(SAE):
                 n_main = ids.numel()
                 main = None if fused else sparse.ByLatent(ids, d_sae)
                 every, blocks = main, [(sel.offsets, ids)]
-                if dead_mask is not None:
-                    dead = dead_mask[s * d_sae : (s + 1) * d_sae]
+                if aux_ks[s]:
+                    aux_k, dead = aux_ks[s], dead_mask[s * d_sae : (s + 1) * d_sae]
                     a_ids, a_pre = sparse.topk_rows(z, b_enc[s], aux_k, dead)
                     a_ids, a_rows = a_ids.view(-1), torch.arange(B * aux_k, device=x.device) // aux_k
-                    auxes.append((a_ids, a_rows, dead[a_ids]))
+                    a_offsets = torch.arange(0, B * aux_k + 1, aux_k, device=x.device)
+                    auxes.append((a_ids, a_rows, a_offsets, dead[a_ids]))
                     blocks.append((a_offsets, a_ids))
                     ids, rows, pre = (
                         torch.cat([ids, a_ids]),
@@ -275,7 +276,9 @@ class CrossLayerTranscoder(SAE):
         auxk = x_hat.new_zeros(())
         if dead_mask is not None:
             e_hat = torch.zeros_like(x_hat)
-            for s, ((a_ids, a_rows, valid), (lo, hi, *_), (*_, n_main)) in enumerate(zip(auxes, layers, mains)):
+            with_aux = [s for s in range(L) if aux_ks[s]]
+            for s, (a_ids, a_rows, a_offsets, valid) in zip(with_aux, auxes):
+                (lo, hi, *_), (*_, n_main) = layers[s], mains[s]
                 a_pre = pre[lo + n_main : hi]
                 a_vals = torch.where(valid, torch.relu(a_pre), torch.zeros_like(a_pre))
                 table = self.decoder(s).view(d_sae, (L - s) * d_out)
@@ -298,6 +301,17 @@ class CrossLayerTranscoder(SAE):
         )
         out.stats["min_kept"] = torch.stack(min_kept)
         return out
+
+    def _aux_ks(self, dead_mask: Tensor) -> list[int]:
+        """AuxK's picks per token in each layer: aux_k, at most the layer's dead latents (a pick
+        beyond them decodes nothing, and every pick costs a decode to each later layer: at 30
+        layers the 288 default picks were most of the step). Counted where the mask is on the
+        host; on a device bounded by `max_dead` instead, which needs no sync."""
+        L, d_sae = self.n_layers, self.cfg.d_sae
+        cap = min(self.cfg.aux_k, d_sae)
+        if dead_mask.device.type == "cpu":
+            return [min(cap, n) for n in dead_mask.view(L, d_sae).sum(1).tolist()]
+        return [cap if self.max_dead is None else min(cap, self.max_dead)] * L
 
     def after_step(self, out: SAEOutput) -> None:
         """Fold each layer's smallest kept activation of this batch into its threshold."""
