@@ -228,6 +228,7 @@ class CrossLayerTranscoder(SAE):
         W_gemm, b_enc = self.gemm_weight("W_enc"), self.b_enc.detach()
         k = annealed_k(self.cfg, self.progress)
         aux_ks = [0] * L if dead_mask is None else self._aux_ks(dead_mask)
+        layer_dead = [] if dead_mask is None else list(dead_mask.view(L, d_sae))
         fused = self._fast_path(x)  # the C kernels: selection, decodes and their gradients
         select = batch_topk_selection if fused else sparse.batch_topk
         layers, pres, mains, auxes, min_kept = [], [], [], [], []
@@ -241,7 +242,7 @@ class CrossLayerTranscoder(SAE):
                 main = None if fused else sparse.ByLatent(ids, d_sae)
                 every, blocks = main, [(sel.offsets, ids)]
                 if aux_ks[s]:
-                    aux_k, dead = aux_ks[s], dead_mask[s * d_sae : (s + 1) * d_sae]
+                    aux_k, dead = aux_ks[s], layer_dead[s]
                     a_ids, a_pre = sparse.topk_rows(z, b_enc[s], aux_k, dead)
                     a_ids, a_rows = a_ids.view(-1), torch.arange(B * aux_k, device=x.device) // aux_k
                     a_offsets = torch.arange(0, B * aux_k + 1, aux_k, device=x.device)
