@@ -227,11 +227,12 @@ class CrossLayerTranscoder(SAE):
         xl = x.transpose(0, 1).contiguous()  # [L, B, d_in]: each layer's rows contiguous
         W_gemm, b_enc = self.gemm_weight("W_enc"), self.b_enc.detach()
         k = annealed_k(self.cfg, self.progress)
-        aux_ks = [0] * L if dead_mask is None else self._aux_ks(dead_mask)
-        layer_dead = [] if dead_mask is None else list(dead_mask.view(L, d_sae))
+        layer_dead = None if dead_mask is None else dead_mask.view(L, d_sae)
+        aux_ks = [0] * L if layer_dead is None else self._aux_ks(layer_dead)
         fused = self._fast_path(x)  # the C kernels: selection, decodes and their gradients
         select = batch_topk_selection if fused else sparse.batch_topk
-        layers, pres, mains, auxes, min_kept = [], [], [], [], []
+        layers, pres, mains, min_kept = [], [], [], []
+        auxes: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}  # layers with AuxK picks
         start = 0
         with torch.no_grad():
             for s in range(L):
@@ -242,11 +243,12 @@ class CrossLayerTranscoder(SAE):
                 main = None if fused else sparse.ByLatent(ids, d_sae)
                 every, blocks = main, [(sel.offsets, ids)]
                 if aux_ks[s]:
+                    assert layer_dead is not None  # picks only where a mask came
                     aux_k, dead = aux_ks[s], layer_dead[s]
                     a_ids, a_pre = sparse.topk_rows(z, b_enc[s], aux_k, dead)
                     a_ids, a_rows = a_ids.view(-1), torch.arange(B * aux_k, device=x.device) // aux_k
                     a_offsets = torch.arange(0, B * aux_k + 1, aux_k, device=x.device)
-                    auxes.append((a_ids, a_rows, a_offsets, dead[a_ids]))
+                    auxes[s] = (a_ids, a_rows, a_offsets, dead[a_ids])
                     blocks.append((a_offsets, a_ids))
                     ids, rows, pre = (
                         torch.cat([ids, a_ids]),
@@ -277,8 +279,7 @@ class CrossLayerTranscoder(SAE):
         auxk = x_hat.new_zeros(())
         if dead_mask is not None:
             e_hat = torch.zeros_like(x_hat)
-            with_aux = [s for s in range(L) if aux_ks[s]]
-            for s, (a_ids, a_rows, a_offsets, valid) in zip(with_aux, auxes):
+            for s, (a_ids, a_rows, a_offsets, valid) in auxes.items():
                 (lo, hi, *_), (*_, n_main) = layers[s], mains[s]
                 a_pre = pre[lo + n_main : hi]
                 a_vals = torch.where(valid, torch.relu(a_pre), torch.zeros_like(a_pre))
@@ -303,16 +304,16 @@ class CrossLayerTranscoder(SAE):
         out.stats["min_kept"] = torch.stack(min_kept)
         return out
 
-    def _aux_ks(self, dead_mask: Tensor) -> list[int]:
-        """AuxK's picks per token in each layer: aux_k, at most the layer's dead latents (a pick
-        beyond them decodes nothing, and every pick costs a decode to each later layer: at 30
-        layers the 288 default picks were most of the step). Counted where the mask is on the
-        host; on a device bounded by `max_dead` instead, which needs no sync."""
-        L, d_sae = self.n_layers, self.cfg.d_sae
-        cap = min(self.cfg.aux_k, d_sae)
-        if dead_mask.device.type == "cpu":
-            return [min(cap, n) for n in dead_mask.view(L, d_sae).sum(1).tolist()]
-        return [cap if self.max_dead is None else min(cap, self.max_dead)] * L
+    def _aux_ks(self, layer_dead: Tensor) -> list[int]:
+        """AuxK's picks per token in each layer (layer_dead: bool [L, d_sae]): aux_k, at most the
+        layer's dead latents (a pick beyond them decodes nothing, and every pick costs a decode to
+        each later layer: at 30 layers the 288 default picks were most of the step). Counted
+        where the mask is on the host; on a device bounded by `max_dead` instead, which needs no
+        sync."""
+        cap = min(self.cfg.aux_k, self.cfg.d_sae)
+        if layer_dead.device.type == "cpu":
+            return [min(cap, n) for n in layer_dead.sum(1).tolist()]
+        return [cap if self.max_dead is None else min(cap, self.max_dead)] * self.n_layers
 
     def after_step(self, out: SAEOutput) -> None:
         """Fold each layer's smallest kept activation of this batch into its threshold."""
