@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -133,6 +134,28 @@ def store_spec(cfg: CacheConfig, lm: LanguageModel, tokens: TokenSpec, windows_p
     }
 
 
+def check_space(cfg: CacheConfig, widths: dict[str, int], windows_left: list[int]) -> None:
+    """Refuse a cache whose shards still to write (`windows_left`: each one's windows, every
+    rank's, as ranks share the store's disk) cannot fit on out_dir's disk, before any forward
+    pass: the writer stops cleanly on a full disk, but only after the forwards before it. Each
+    token is counted as stored (activations, int32 token id and position); a window holds
+    context_size tokens at most."""
+    per_token = sum(widths.values()) * DTYPES[cfg.store_dtype].itemsize + 8
+    tokens_left = sum(windows_left) * cfg.text.context_size
+    need, free = tokens_left * per_token, shutil.disk_usage(cfg.out_dir).free
+    if need <= free:
+        return
+    fits = cfg.n_tokens - tokens_left + free // per_token
+    smaller = ", or store_dtype=bfloat16 (half of float32)" if cfg.store_dtype == "float32" else ""
+    raise UserError(
+        f"Caching the {tokens_left:,} tokens left ({len(widths)} site(s), {per_token:,} bytes a token in "
+        f"{cfg.store_dtype}) needs about {need / 2**30:,.1f} GiB in {cfg.out_dir}, whose disk has "
+        f"{free / 2**30:,.1f} GiB free; nothing has been computed. Free some space, or lower n_tokens (about "
+        f"{max(fits, 0):,} fit), or cache fewer sites{smaller}, then rerun. (A corpus smaller than n_tokens "
+        "makes a smaller store: then set n_tokens to its size.)"
+    )
+
+
 def _shard_rows(
     lm: LanguageModel, sites: list[Site], windows: torch.Tensor, batch_tokens: int, tokens: TokenSpec
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -183,7 +206,9 @@ def run(cfg: CacheConfig, lm: LanguageModel | None = None) -> CacheSummary:
         ThreadPoolExecutor(1, thread_name_prefix="store-writer") as background,
     ):
         done = writer.done
-        mine = [i for i in range(math.ceil(n_windows / per_shard)) if i % world == rank]
+        n_shards = math.ceil(n_windows / per_shard)
+        check_space(cfg, widths, [min(per_shard, n_windows - i * per_shard) for i in range(n_shards) if i not in done])
+        mine = [i for i in range(n_shards) if i % world == rank]
         todo = sum(1 for i in mine if i not in done)
         log.info("rank %d/%d: %d of my %d shards to compute", rank, world, todo, len(mine))
 

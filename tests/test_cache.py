@@ -5,10 +5,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
@@ -235,3 +237,31 @@ def test_disk_full_keeps_finished_shards_and_resumes(tiny_model_dir, tmp_path, m
     assert partial.n_shards < 4
     assert not [p for p in (tmp_path / "acts").iterdir() if ".tmp" in p.name]
     assert cache.run(cfg).n_shards == 4
+
+
+def test_a_cache_the_disk_cannot_hold_is_refused_before_any_forward(tiny_model_dir, tmp_path, monkeypatch):
+    """The bytes left to write (every token stored: float32 activations, int32 id and position)
+    against the disk's free space: over it, the run stops before any forward pass and says how
+    many tokens fit; shards already stored do not count against a rerun that extends them."""
+    model = tiny_model_dir("gpt2")
+    cfg = config(model, tmp_path / "acts", sites=["blocks.1.hook_resid_post"])  # 2048 tokens, 4 shards
+    lm = LanguageModel.load(cfg.model)
+    width = lm.site_width(lm.site("blocks.1.hook_resid_post"))
+    per_token = 4 * width + 8
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda path: usage._replace(free=1024 * per_token + 100))
+    real_rows = cache._shard_rows
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a forward pass ran before the space check")
+
+    monkeypatch.setattr(cache, "_shard_rows", no_forward)
+    gib = 2048 * per_token / 2**30
+    with pytest.raises(
+        UserError, match=rf"2,048 tokens left .*{per_token:,} bytes a token.*{gib:,.1f} GiB.*about 1,024 fit"
+    ):
+        cache.run(cfg)
+    assert not list((tmp_path / "acts").glob("*.safetensors"))
+    monkeypatch.setattr(cache, "_shard_rows", real_rows)
+    assert cache.run(replace(cfg, n_tokens=1024)).n_shards == 2
+    assert cache.run(cfg).n_shards == 4  # 1,024 tokens left: they fit
