@@ -399,11 +399,10 @@ def evaluate_cross_layer(ours_dir: Path, theirs: ForeignCLT, n_tokens: int) -> t
     on the same held-out windows: {label: metrics}, tokens counted. The windows, model, data
     and text are what `sae-train eval checkpoint=ours_dir` reads."""
     from sae_train.data import TokenSpec
-    from sae_train.data.packing import keep_mask
     from sae_train.eval.checkpoints import cross_layer_pairs
     from sae_train.eval.config import EvalConfig
     from sae_train.eval.layers import CrossLayerEvaluator
-    from sae_train.eval.stage import data_config, text_config
+    from sae_train.eval.stage import data_config, evaluate_windows, text_config
     from sae_train.eval.tokens import held_out_windows
     from sae_train.lm import LanguageModel
     from sae_train.lm.model import model_config
@@ -418,12 +417,8 @@ def evaluate_cross_layer(ours_dir: Path, theirs: ForeignCLT, n_tokens: int) -> t
         "ours": CrossLayerEvaluator(pairs, "ours", ours.sae.eval()),
         "clt-training": CrossLayerEvaluator(pairs, "clt-training", theirs),  # type: ignore[arg-type]
     }
-    tokens, counted_tokens = TokenSpec.from_tokenizer(lm.tokenizer, text), 0
-    for batch in windows.split(EvalConfig.batch_size):
-        counted = keep_mask(batch, tokens)
-        for evaluator in evaluators.values():
-            evaluator.add_batch(lm, batch, counted)
-        counted_tokens += int(counted.sum())
+    tokens = TokenSpec.from_tokenizer(lm.tokenizer, text)
+    counted_tokens, _ = evaluate_windows(lm, windows, tokens, list(evaluators.values()), EvalConfig.batch_size)
     return {label: e.results(EvalConfig.dense_threshold)[label] for label, e in evaluators.items()}, counted_tokens
 
 

@@ -33,7 +33,7 @@ from sae_train.errors import UserError
 from sae_train.lm import LanguageModel, ModelConfig, Site
 from sae_train.lm.sites import expand_sites, model_site_names
 from sae_train.store import StoreWriter
-from sae_train.store.manifest import DTYPES
+from sae_train.store.manifest import DTYPES, RESERVED
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def check_space(cfg: CacheConfig, widths: dict[str, int], windows_left: list[int
     pass: the writer stops cleanly on a full disk, but only after the forwards before it. Each
     token is counted as stored (activations, int32 token id and position); a window holds
     context_size tokens at most."""
-    per_token = sum(widths.values()) * DTYPES[cfg.store_dtype].itemsize + 8
+    per_token = sum(widths.values()) * DTYPES[cfg.store_dtype].itemsize + 4 * len(RESERVED)  # RESERVED: int32
     tokens_left = sum(windows_left) * cfg.text.context_size
     need, free = tokens_left * per_token, shutil.disk_usage(cfg.out_dir).free
     if need <= free:

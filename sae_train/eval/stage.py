@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
@@ -87,6 +88,31 @@ def _replacement(groups: list[tuple[Site, Site | None, dict[str, SAE]]]) -> Repl
     return ReplacementEvaluator([(s, t, *next(iter(saes.items()))) for s, t, saes in transcoders])
 
 
+class BatchEvaluator(Protocol):
+    def add_batch(self, lm: LanguageModel, input_ids: torch.Tensor, counted: torch.Tensor) -> None: ...
+
+
+def evaluate_windows(
+    lm: LanguageModel,
+    windows: torch.Tensor,
+    tokens: TokenSpec,
+    evaluators: Sequence[BatchEvaluator],
+    batch_size: int,
+    progress: bool = False,
+) -> tuple[int, int]:
+    """Feed the held-out windows to every evaluator, batch_size windows at a time on lm's
+    device, each with the mask of the positions counted; returns (tokens counted, predictions)."""
+    counted_tokens = predictions = 0
+    for batch in tqdm(windows.split(batch_size), desc="eval", unit="batch", disable=not progress):
+        input_ids = batch.to(lm.device)
+        counted = keep_mask(input_ids, tokens)
+        for evaluator in evaluators:
+            evaluator.add_batch(lm, input_ids, counted)
+        counted_tokens += int(counted.sum())
+        predictions += int(counted[:, 1:].sum())
+    return counted_tokens, predictions
+
+
 def run(cfg: EvalConfig, lm: LanguageModel | None = None) -> EvalSummary:
     """Evaluate the checkpoint(s) at cfg.checkpoint; writes the report to cfg.out_dir and returns
     it (the CLI prints `summary.table()`). Pass `lm` to reuse a loaded model."""
@@ -110,16 +136,9 @@ def run(cfg: EvalConfig, lm: LanguageModel | None = None) -> EvalSummary:
         for c, pairs in cross_layer
     ]
     replacement = _replacement(groups) if cfg.downstream else None
-    counted_tokens = predictions = 0
-    for batch in tqdm(windows.split(cfg.batch_size), desc="eval", unit="batch", disable=not cfg.progress):
-        input_ids = batch.to(lm.device)
-        counted = keep_mask(input_ids, tokens)
-        for evaluator in evaluators:
-            evaluator.add_batch(lm, input_ids, counted)
-        if replacement is not None:
-            replacement.add_batch(lm, input_ids, counted)
-        counted_tokens += int(counted.sum())
-        predictions += int(counted[:, 1:].sum())
+    counted_tokens, predictions = evaluate_windows(
+        lm, windows, tokens, [*evaluators, *([replacement] if replacement else [])], cfg.batch_size, cfg.progress
+    )
 
     by_name = {c.name: c for c in checkpoints}
     entries: dict[str, dict[str, Any]] = {}
